@@ -1,0 +1,212 @@
+/**
+ * Message schemas of the wire contract, with validators. Every message is JSON (UTF-8);
+ * certificates and CSRs are PEM strings. A validator either returns the typed message or
+ * throws a LeafgateError (`malformed_json` / `bad_request`), so every entry point -- the
+ * gateway's topic handler and the authority's HTTP routes -- refuses bad input the same way.
+ */
+import { LeafgateError } from './errors.ts';
+import { isValidDeviceId } from './topics.ts';
+
+export const AUTH_METHODS = ['pki-signature', 'ddkg'] as const;
+export type AuthMethod = (typeof AUTH_METHODS)[number];
+
+export type KeyType = 'ec' | 'rsa';
+export interface KeySpec {
+  keyType: KeyType;
+  /** Curve size for EC (256 = P-256, 384 = P-384), modulus bits for RSA. */
+  keySize: number;
+}
+
+/** Size caps, applied before any parsing beyond JSON. */
+export const LIMITS = {
+  /** Bytes of one onboarding message (register/auth/csr) on the wire. */
+  onboardingPayloadBytes: 16 * 1024,
+  /** Bytes of one telemetry message. */
+  telemetryPayloadBytes: 64 * 1024,
+  pemChars: 12 * 1024,
+  requestIdChars: 64,
+  signatureChars: 2048,
+  enrollmentCodeChars: 128,
+  groupChars: 64,
+} as const;
+
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
+const GROUP_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
+const BASE64_PATTERN = /^[A-Za-z0-9+/]+={0,2}$/;
+
+/** Device -> gateway: start onboarding. */
+export interface RegisterMessage {
+  requestId: string;
+  method: AuthMethod;
+  /** Device group whose policy applies; the authority's default group when absent. */
+  group?: string;
+  /** pki-signature: the birth certificate (PEM) from the manufacturer CA. */
+  birthCert?: string;
+  /** ddkg: one-time enrollment code for the first enrollment, when the policy asks for one. */
+  enrollmentCode?: string;
+  /** Key types the device can generate, most preferred first. */
+  keyPreference?: KeySpec[];
+}
+
+/** Gateway -> device: prove possession. */
+export interface ChallengeMessage {
+  requestId: string;
+  challengeId: string;
+  /** base64, 32 random bytes. */
+  nonce: string;
+  expiresAt: string;
+  method: AuthMethod;
+  /** ddkg: base64 authority salt for HKDF (RFC 5869); stable per device. */
+  salt?: string;
+}
+
+/** Device -> gateway: the signed challenge. */
+export interface AuthMessage {
+  requestId: string;
+  challengeId: string;
+  /** base64 signature over `challengeSigningInput(...)`: ECDSA (DER) or RSASSA-PKCS1-v1_5, SHA-256. */
+  signature: string;
+  /** ddkg: the re-derived public key (SPKI PEM); required at first enrollment. */
+  publicKey?: string;
+}
+
+/** Gateway -> device: what certificate to request. */
+export interface InstructionMessage {
+  requestId: string;
+  subject: { commonName: string };
+  keyType: KeyType;
+  keySize: number;
+  sans: { dns: string[]; uri: string[] };
+  validityDays: number;
+  /** The CSR must arrive before this time, or the device authenticates again. */
+  csrDeadline: string;
+}
+
+/** Device -> gateway: the PKCS#10 request (RFC 2986). */
+export interface CsrMessage {
+  requestId: string;
+  csr: string;
+}
+
+/** Gateway -> device: the issued certificate. */
+export interface CertMessage {
+  requestId: string;
+  certificate: string;
+  /** Issuing CA first, then up to the root. */
+  chain: string[];
+  serial: string;
+  notBefore: string;
+  notAfter: string;
+}
+
+/** Gateway -> device: the request is queued; the answer follows on its topic. */
+export interface PendingMessage {
+  requestId: string;
+  retryAfterMs: number;
+}
+
+/** Gateway -> authority bodies: the device message plus the device id the gateway vouches for. */
+export type DeviceScoped<T> = T & { deviceId: string };
+
+/** Bytes every auth method signs: binds the answer to device, challenge and nonce. */
+export function challengeSigningInput(deviceId: string, challengeId: string, nonce: string): Buffer {
+  return Buffer.from(`leafgate-auth-v1\n${deviceId}\n${challengeId}\n${nonce}`, 'utf8');
+}
+
+// ---- validation ------------------------------------------------------------------------
+
+type Obj = Record<string, unknown>;
+
+function bad(message: string): never {
+  throw new LeafgateError('bad_request', message);
+}
+
+/** Parses a JSON payload that must be an object; size is checked by the caller's cap. */
+export function parseJsonObject(payload: Buffer | string): Obj {
+  let value: unknown;
+  try {
+    value = JSON.parse(typeof payload === 'string' ? payload : payload.toString('utf8'));
+  } catch {
+    throw new LeafgateError('malformed_json');
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new LeafgateError('malformed_json');
+  return value as Obj;
+}
+
+function onlyKeys(o: Obj, allowed: readonly string[]): void {
+  for (const k of Object.keys(o)) if (!allowed.includes(k)) bad(`unknown field ${JSON.stringify(k.slice(0, 40))}`);
+}
+
+function str(o: Obj, key: string, max: number, pattern?: RegExp): string {
+  const v = o[key];
+  if (typeof v !== 'string' || v.length === 0) bad(`${key} must be a non-empty string`);
+  if (v.length > max) bad(`${key} exceeds ${max} characters`);
+  if (pattern && !pattern.test(v)) bad(`${key} has invalid characters`);
+  return v;
+}
+
+function optStr(o: Obj, key: string, max: number, pattern?: RegExp): string | undefined {
+  return o[key] === undefined ? undefined : str(o, key, max, pattern);
+}
+
+function pem(o: Obj, key: string, label: string): string {
+  const v = str(o, key, LIMITS.pemChars);
+  if (!v.includes(`-----BEGIN ${label}-----`)) bad(`${key} must be a PEM ${label}`);
+  return v;
+}
+
+export function requestIdOf(o: Obj): string | undefined {
+  const v = o.requestId;
+  return typeof v === 'string' && REQUEST_ID_PATTERN.test(v) ? v : undefined;
+}
+
+export function isKeySpec(v: unknown): v is KeySpec {
+  if (v === null || typeof v !== 'object') return false;
+  const k = v as Obj;
+  return (k.keyType === 'ec' || k.keyType === 'rsa') && Number.isInteger(k.keySize) && Object.keys(k).length === 2;
+}
+
+export function validateRegister(o: Obj): RegisterMessage {
+  onlyKeys(o, ['requestId', 'method', 'group', 'birthCert', 'enrollmentCode', 'keyPreference', 'deviceId']);
+  const requestId = str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN);
+  const method = o.method;
+  if (!AUTH_METHODS.includes(method as AuthMethod)) bad(`method must be one of ${AUTH_METHODS.join(', ')}`);
+  const msg: RegisterMessage = { requestId, method: method as AuthMethod };
+  const group = optStr(o, 'group', LIMITS.groupChars, GROUP_PATTERN);
+  if (group !== undefined) msg.group = group;
+  if (method === 'pki-signature') msg.birthCert = pem(o, 'birthCert', 'CERTIFICATE');
+  else if (o.birthCert !== undefined) bad('birthCert is only used with pki-signature');
+  const code = optStr(o, 'enrollmentCode', LIMITS.enrollmentCodeChars);
+  if (code !== undefined) msg.enrollmentCode = code;
+  if (o.keyPreference !== undefined) {
+    const kp = o.keyPreference;
+    if (!Array.isArray(kp) || kp.length === 0 || kp.length > 8 || !kp.every(isKeySpec)) bad('keyPreference must be 1-8 {keyType, keySize} objects');
+    msg.keyPreference = kp.map((k) => ({ keyType: k.keyType, keySize: k.keySize }));
+  }
+  return msg;
+}
+
+export function validateAuth(o: Obj): AuthMessage {
+  onlyKeys(o, ['requestId', 'challengeId', 'signature', 'publicKey', 'deviceId']);
+  const msg: AuthMessage = {
+    requestId: str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN),
+    challengeId: str(o, 'challengeId', 64, REQUEST_ID_PATTERN),
+    signature: str(o, 'signature', LIMITS.signatureChars, BASE64_PATTERN),
+  };
+  if (o.publicKey !== undefined) msg.publicKey = pem(o, 'publicKey', 'PUBLIC KEY');
+  return msg;
+}
+
+export function validateCsr(o: Obj): CsrMessage {
+  onlyKeys(o, ['requestId', 'csr', 'deviceId']);
+  return {
+    requestId: str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN),
+    csr: pem(o, 'csr', 'CERTIFICATE REQUEST'),
+  };
+}
+
+/** Authority side: the device id the gateway vouches for, checked before anything else. */
+export function deviceIdOf(o: Obj): string {
+  if (!isValidDeviceId(o.deviceId)) throw new LeafgateError('invalid_device_id');
+  return o.deviceId;
+}

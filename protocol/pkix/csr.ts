@@ -1,0 +1,178 @@
+/**
+ * PKCS#10 certification requests (RFC 2986): built by devices, parsed and verified by the
+ * authority. Verification uses node:crypto on the exact DER of CertificationRequestInfo.
+ */
+import { createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
+import * as der from './der.ts';
+import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
+import { fromPem, toPem } from './pem.ts';
+import { keyDescription, signatureAlgorithmFor, type KeyDescription } from './keys.ts';
+
+export interface SubjectAltNames {
+  dns: string[];
+  uri: string[];
+  ip: string[];
+  email: string[];
+}
+
+export interface CsrBuildOptions {
+  commonName: string;
+  sans?: { dns?: string[]; uri?: string[] };
+  privateKey: KeyObject;
+  publicKey: KeyObject;
+}
+
+export function encodeName(commonName: string): Buffer {
+  return der.seq(der.setOf(der.seq(der.oid(OID.commonName), der.utf8String(commonName))));
+}
+
+export function encodeSan(sans: { dns?: string[]; uri?: string[] }): Buffer {
+  const names: Buffer[] = [];
+  for (const d of sans.dns ?? []) names.push(der.tlv(0x82, Buffer.from(d, 'ascii'))); // dNSName [2]
+  for (const u of sans.uri ?? []) names.push(der.tlv(0x86, Buffer.from(u, 'ascii'))); // uniformResourceIdentifier [6]
+  return der.seq(...names);
+}
+
+/** Builds a PEM CSR with CN and optional SANs, signed with SHA-256. */
+export function buildCsr(opts: CsrBuildOptions): string {
+  const spki = opts.publicKey.export({ type: 'spki', format: 'der' });
+  const attrs: Buffer[] = [];
+  const sans = opts.sans ?? {};
+  if ((sans.dns?.length ?? 0) + (sans.uri?.length ?? 0) > 0) {
+    const ext = der.seq(der.oid(OID.subjectAltName), der.octetString(encodeSan(sans)));
+    attrs.push(der.seq(der.oid(OID.extensionRequest), der.setOf(der.seq(ext))));
+  }
+  const info = der.seq(der.integer(0), encodeName(opts.commonName), spki, der.contextTag(0, Buffer.concat(attrs)));
+  const { algorithm, hash } = signatureAlgorithmFor(opts.privateKey);
+  const signature = sign(hash, info, opts.privateKey);
+  return toPem(der.seq(info, algorithm, der.bitString(signature)), 'CERTIFICATE REQUEST');
+}
+
+export interface ParsedCsr {
+  /** DER of the whole request. */
+  der: Buffer;
+  /** Subject attributes in order, as [OID, value]. */
+  subject: Array<[string, string]>;
+  commonName: string | undefined;
+  /** DER of the subject Name, copied verbatim into a certificate. */
+  subjectDer: Buffer;
+  /** DER of SubjectPublicKeyInfo, copied verbatim into a certificate. */
+  spkiDer: Buffer;
+  publicKey: KeyObject;
+  key: KeyDescription;
+  signatureAlgorithm: string;
+  sans: SubjectAltNames;
+  /** OIDs of every extension requested, with its critical flag. */
+  requestedExtensions: Array<{ oid: string; critical: boolean }>;
+}
+
+/** Parses and verifies a PEM CSR. Throws DerError for anything malformed or unverifiable. */
+export function parseCsr(pem: string): ParsedCsr {
+  const raw = fromPem(pem, 'CERTIFICATE REQUEST');
+  return parseCsrDer(raw);
+}
+
+export function parseCsrDer(raw: Buffer): ParsedCsr {
+  const outer = der.expectTag(der.parseDer(raw), der.TAG.SEQUENCE, 'CertificationRequest');
+  const [infoNode, algNode, sigNode, ...extra] = der.children(outer);
+  if (extra.length) throw new der.DerError('unexpected fields after signature');
+  der.expectTag(infoNode, der.TAG.SEQUENCE, 'CertificationRequestInfo');
+  const [versionNode, subjectNode, spkiNode, attrsNode, ...extraInfo] = der.children(infoNode);
+  if (extraInfo.length) throw new der.DerError('unexpected fields in CertificationRequestInfo');
+  if (der.decodeInteger(versionNode) !== 0n) throw new der.DerError('CSR version must be 0 (v1)');
+  der.expectTag(subjectNode, der.TAG.SEQUENCE, 'subject');
+  der.expectTag(spkiNode, der.TAG.SEQUENCE, 'subjectPKInfo');
+  der.expectTag(attrsNode, 0xa0, 'attributes');
+
+  const subject: Array<[string, string]> = [];
+  for (const rdn of der.children(subjectNode)) {
+    der.expectTag(rdn, der.TAG.SET, 'RelativeDistinguishedName');
+    for (const atv of der.children(rdn)) {
+      const [type, value] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
+      if (!value) throw new der.DerError('attribute value missing');
+      subject.push([der.decodeOid(type), der.decodeString(value)]);
+    }
+  }
+
+  let publicKey: KeyObject;
+  try {
+    publicKey = createPublicKey({ key: spkiNode.raw, format: 'der', type: 'spki' });
+  } catch {
+    throw new der.DerError('subject public key cannot be read');
+  }
+  const key = keyDescription(publicKey);
+
+  const [algOid, algParams] = der.children(der.expectTag(algNode, der.TAG.SEQUENCE, 'signatureAlgorithm'));
+  const signatureAlgorithm = der.decodeOid(algOid);
+  const alg = SIGNATURE_ALGORITHMS[signatureAlgorithm];
+  if (!alg) throw new der.DerError(`signature algorithm ${signatureAlgorithm} is not accepted`);
+  if (alg.keyType !== key.keyType) throw new der.DerError('signature algorithm does not match the key type');
+  if (alg.keyType === 'ec' && algParams) throw new der.DerError('ECDSA algorithm identifier must have no parameters');
+  const signature = der.decodeBitString(sigNode);
+  let ok = false;
+  try {
+    ok = verify(alg.hash, infoNode.raw, publicKey, signature);
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new der.DerError('CSR signature does not verify');
+
+  const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
+  const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
+  for (const attr of der.children(attrsNode)) {
+    const [typeNode, valuesNode] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
+    const type = der.decodeOid(typeNode);
+    der.expectTag(valuesNode, der.TAG.SET, 'attribute values');
+    if (type !== OID.extensionRequest) continue; // e.g. challengePassword: not used, not trusted
+    for (const exts of der.children(valuesNode)) {
+      for (const ext of der.children(der.expectTag(exts, der.TAG.SEQUENCE, 'Extensions'))) {
+        const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
+        const extOid = der.decodeOid(parts[0]);
+        let critical = false;
+        let valueNode = parts[1];
+        if (valueNode?.tag === der.TAG.BOOLEAN) {
+          critical = valueNode.value[0] !== 0;
+          valueNode = parts[2];
+        }
+        der.expectTag(valueNode, der.TAG.OCTET_STRING, 'extnValue');
+        requestedExtensions.push({ oid: extOid, critical });
+        if (extOid === OID.subjectAltName) readSan(valueNode.value, sans);
+      }
+    }
+  }
+
+  return {
+    der: raw,
+    subject,
+    commonName: subject.find(([o]) => o === OID.commonName)?.[1],
+    subjectDer: subjectNode.raw,
+    spkiDer: spkiNode.raw,
+    publicKey,
+    key,
+    signatureAlgorithm,
+    sans,
+    requestedExtensions,
+  };
+}
+
+function readSan(value: Buffer, into: SubjectAltNames): void {
+  for (const gn of der.children(der.expectTag(der.parseDer(value), der.TAG.SEQUENCE, 'GeneralNames'))) {
+    switch (gn.tag) {
+      case 0x82:
+        into.dns.push(gn.value.toString('latin1'));
+        break;
+      case 0x86:
+        into.uri.push(gn.value.toString('latin1'));
+        break;
+      case 0x81:
+        into.email.push(gn.value.toString('latin1'));
+        break;
+      case 0x87:
+        into.ip.push(gn.value.length === 4 ? [...gn.value].join('.') : gn.value.toString('hex'));
+        break;
+      default:
+        // otherName, directoryName, ...: recorded as an unsupported SAN so the policy refuses it
+        into.uri.push(`unsupported:[${gn.tag & 0x1f}]`);
+    }
+  }
+}

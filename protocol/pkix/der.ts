@@ -1,0 +1,228 @@
+/**
+ * A small, strict DER (X.690) encoder and decoder: just what PKCS#10, X.509 and CRLs need.
+ * The decoder rejects indefinite lengths, non-minimal lengths, lengths past the buffer and
+ * deep nesting, so hostile input fails fast with a clear reason instead of allocating.
+ */
+
+export const TAG = {
+  BOOLEAN: 0x01,
+  INTEGER: 0x02,
+  BIT_STRING: 0x03,
+  OCTET_STRING: 0x04,
+  NULL: 0x05,
+  OID: 0x06,
+  ENUMERATED: 0x0a,
+  UTF8_STRING: 0x0c,
+  PRINTABLE_STRING: 0x13,
+  IA5_STRING: 0x16,
+  UTC_TIME: 0x17,
+  GENERALIZED_TIME: 0x18,
+  SEQUENCE: 0x30,
+  SET: 0x31,
+} as const;
+
+export class DerError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'DerError';
+  }
+}
+
+// ---- encoder -----------------------------------------------------------------------------
+
+function lengthBytes(len: number): Buffer {
+  if (len < 0x80) return Buffer.from([len]);
+  const bytes: number[] = [];
+  for (let n = len; n > 0; n = Math.floor(n / 256)) bytes.unshift(n & 0xff);
+  return Buffer.from([0x80 | bytes.length, ...bytes]);
+}
+
+export function tlv(tag: number, content: Buffer): Buffer {
+  return Buffer.concat([Buffer.from([tag]), lengthBytes(content.length), content]);
+}
+
+export const seq = (...items: Buffer[]): Buffer => tlv(TAG.SEQUENCE, Buffer.concat(items));
+
+/** SET OF with DER ordering (X.690 11.6): elements sorted by their encodings. */
+export const setOf = (...items: Buffer[]): Buffer => tlv(TAG.SET, Buffer.concat([...items].sort(Buffer.compare)));
+
+export const nullValue = (): Buffer => Buffer.from([TAG.NULL, 0]);
+
+export const bool = (v: boolean): Buffer => Buffer.from([TAG.BOOLEAN, 1, v ? 0xff : 0]);
+
+/** INTEGER from a non-negative bigint or unsigned big-endian bytes, minimal two's complement. */
+export function integer(v: bigint | number | Buffer): Buffer {
+  let bytes: Buffer;
+  if (Buffer.isBuffer(v)) {
+    let i = 0;
+    while (i < v.length - 1 && v[i] === 0) i++;
+    bytes = v.subarray(i);
+  } else {
+    let n = BigInt(v);
+    if (n < 0n) throw new DerError('negative INTEGER not supported');
+    const hex = n.toString(16);
+    bytes = Buffer.from(hex.length % 2 ? '0' + hex : hex, 'hex');
+  }
+  if (bytes.length === 0) bytes = Buffer.from([0]);
+  if (bytes[0] & 0x80) bytes = Buffer.concat([Buffer.from([0]), bytes]);
+  return tlv(TAG.INTEGER, bytes);
+}
+
+export function oid(dotted: string): Buffer {
+  const parts = dotted.split('.').map((p) => BigInt(p));
+  if (parts.length < 2) throw new DerError(`bad OID ${dotted}`);
+  const out: number[] = [];
+  const encodeArc = (arc: bigint) => {
+    const stack: number[] = [Number(arc & 0x7fn)];
+    for (let n = arc >> 7n; n > 0n; n >>= 7n) stack.unshift(Number(n & 0x7fn) | 0x80);
+    out.push(...stack);
+  };
+  encodeArc(parts[0] * 40n + parts[1]);
+  for (const p of parts.slice(2)) encodeArc(p);
+  return tlv(TAG.OID, Buffer.from(out));
+}
+
+export const octetString = (b: Buffer): Buffer => tlv(TAG.OCTET_STRING, b);
+export const bitString = (b: Buffer, unusedBits = 0): Buffer => tlv(TAG.BIT_STRING, Buffer.concat([Buffer.from([unusedBits]), b]));
+export const utf8String = (s: string): Buffer => tlv(TAG.UTF8_STRING, Buffer.from(s, 'utf8'));
+export const printableString = (s: string): Buffer => tlv(TAG.PRINTABLE_STRING, Buffer.from(s, 'ascii'));
+export const ia5String = (s: string): Buffer => tlv(TAG.IA5_STRING, Buffer.from(s, 'ascii'));
+export const enumerated = (n: number): Buffer => tlv(TAG.ENUMERATED, Buffer.from([n]));
+
+/** Context-specific tag [n]; constructed for EXPLICIT wrappers and constructed IMPLICIT types. */
+export const contextTag = (n: number, content: Buffer, constructed = true): Buffer => tlv((constructed ? 0xa0 : 0x80) | n, content);
+
+/** RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050, always Zulu, no fractions. */
+export function time(d: Date): Buffer {
+  const iso = d.toISOString(); // YYYY-MM-DDTHH:MM:SS.sssZ
+  const compact = iso.slice(0, 19).replace(/[-:T]/g, '') + 'Z';
+  const year = d.getUTCFullYear();
+  if (year >= 1950 && year < 2050) return tlv(TAG.UTC_TIME, Buffer.from(compact.slice(2), 'ascii'));
+  return tlv(TAG.GENERALIZED_TIME, Buffer.from(compact, 'ascii'));
+}
+
+// ---- decoder -----------------------------------------------------------------------------
+
+export interface DerNode {
+  tag: number;
+  /** Whole element: header + content. */
+  raw: Buffer;
+  /** Content octets. */
+  value: Buffer;
+  constructed: boolean;
+}
+
+const MAX_DEPTH = 32;
+
+/** Reads one element at `offset`; returns it and the offset after it. */
+export function readElement(buf: Buffer, offset = 0): { node: DerNode; next: number } {
+  if (offset + 2 > buf.length) throw new DerError('truncated header');
+  const tag = buf[offset];
+  if ((tag & 0x1f) === 0x1f) throw new DerError('high tag numbers are not used here');
+  let len = buf[offset + 1];
+  let header = 2;
+  if (len & 0x80) {
+    const n = len & 0x7f;
+    if (n === 0) throw new DerError('indefinite length is not DER');
+    if (n > 4) throw new DerError('length too large');
+    if (offset + 2 + n > buf.length) throw new DerError('truncated length');
+    len = 0;
+    for (let i = 0; i < n; i++) len = len * 256 + buf[offset + 2 + i];
+    if (buf[offset + 2] === 0 || len < 0x80) throw new DerError('non-minimal length');
+    header += n;
+  }
+  const start = offset + header;
+  const end = start + len;
+  if (end > buf.length) throw new DerError('element runs past the end of the input');
+  return {
+    node: { tag, raw: buf.subarray(offset, end), value: buf.subarray(start, end), constructed: (tag & 0x20) !== 0 },
+    next: end,
+  };
+}
+
+/** Parses a buffer that must hold exactly one element. */
+export function parseDer(buf: Buffer): DerNode {
+  const { node, next } = readElement(buf, 0);
+  if (next !== buf.length) throw new DerError('trailing data after the outer element');
+  return node;
+}
+
+export function children(node: DerNode, depth = 0): DerNode[] {
+  if (!node.constructed) throw new DerError(`tag 0x${node.tag.toString(16)} is not constructed`);
+  if (depth > MAX_DEPTH) throw new DerError('nesting too deep');
+  const out: DerNode[] = [];
+  for (let off = 0; off < node.value.length; ) {
+    const { node: child, next } = readElement(node.value, off);
+    out.push(child);
+    off = next;
+  }
+  return out;
+}
+
+export function expectTag(node: DerNode | undefined, tag: number, what: string): DerNode {
+  if (!node) throw new DerError(`${what} is missing`);
+  if (node.tag !== tag) throw new DerError(`${what}: expected tag 0x${tag.toString(16)}, got 0x${node.tag.toString(16)}`);
+  return node;
+}
+
+export function decodeOid(node: DerNode): string {
+  expectTag(node, TAG.OID, 'OID');
+  const b = node.value;
+  if (b.length === 0 || b.length > 64) throw new DerError('bad OID length');
+  const arcs: bigint[] = [];
+  let cur = 0n;
+  for (let i = 0; i < b.length; i++) {
+    if (cur === 0n && b[i] === 0x80) throw new DerError('non-minimal OID arc');
+    cur = (cur << 7n) | BigInt(b[i] & 0x7f);
+    if (!(b[i] & 0x80)) {
+      arcs.push(cur);
+      cur = 0n;
+    } else if (i === b.length - 1) throw new DerError('truncated OID');
+  }
+  const first = arcs[0] < 80n ? arcs[0] / 40n : 2n;
+  const second = arcs[0] - first * 40n;
+  return [first, second, ...arcs.slice(1)].join('.');
+}
+
+export function decodeInteger(node: DerNode): bigint {
+  expectTag(node, TAG.INTEGER, 'INTEGER');
+  if (node.value.length === 0) throw new DerError('empty INTEGER');
+  let n = BigInt('0x' + node.value.toString('hex'));
+  if (node.value[0] & 0x80) n -= 1n << BigInt(node.value.length * 8);
+  return n;
+}
+
+export function decodeString(node: DerNode): string {
+  switch (node.tag) {
+    case TAG.UTF8_STRING:
+      return node.value.toString('utf8');
+    case TAG.PRINTABLE_STRING:
+    case TAG.IA5_STRING:
+    case 0x14: // TeletexString, read as latin1 for display only
+      return node.value.toString('latin1');
+    case 0x1e: // BMPString
+      return Buffer.from(node.value).swap16().toString('utf16le');
+    default:
+      throw new DerError(`tag 0x${node.tag.toString(16)} is not a string type`);
+  }
+}
+
+export function decodeBitString(node: DerNode): Buffer {
+  expectTag(node, TAG.BIT_STRING, 'BIT STRING');
+  if (node.value.length === 0) throw new DerError('empty BIT STRING');
+  if (node.value[0] > 7) throw new DerError('bad unused-bits count');
+  return node.value.subarray(1);
+}
+
+export function decodeTime(node: DerNode): Date {
+  const s = node.value.toString('ascii');
+  let m: RegExpMatchArray | null;
+  if (node.tag === TAG.UTC_TIME && (m = s.match(/^(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)Z$/))) {
+    const yy = Number(m[1]);
+    return new Date(Date.UTC(yy >= 50 ? 1900 + yy : 2000 + yy, Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]), Number(m[6])));
+  }
+  if (node.tag === TAG.GENERALIZED_TIME && (m = s.match(/^(\d{4})(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)Z$/))) {
+    return new Date(Date.UTC(Number(m[1]), Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]), Number(m[6])));
+  }
+  throw new DerError('bad time encoding');
+}

@@ -1,0 +1,58 @@
+/**
+ * Topic names of the gateway broker. One root, one segment for the device, then the
+ * direction, so the ACL is a single prefix rule: a device publishes under `up/` and
+ * subscribes under `down/` of its own id, nothing else.
+ */
+export const TOPIC_ROOT = 'lg/v1';
+
+export const UP_KINDS = ['register', 'auth', 'csr', 'telemetry'] as const;
+export const DOWN_KINDS = ['challenge', 'instruction', 'pending', 'cert', 'error', 'revoked'] as const;
+export type UpKind = (typeof UP_KINDS)[number];
+export type DownKind = (typeof DOWN_KINDS)[number];
+
+/** Onboarding topics a bootstrap session (no operational cert yet) may publish to. */
+export const BOOTSTRAP_UP_KINDS: readonly UpKind[] = ['register', 'auth', 'csr'];
+
+export const DEVICE_ID_MAX_LENGTH = 128;
+/**
+ * Letters, digits and `. _ : -`, starting with a letter or digit. This is a subset of what
+ * IoT Hub accepts for device ids and excludes every MQTT special character (`/ + #`),
+ * whitespace, NUL and `$`, so a valid id can be spliced into a topic or a CN unescaped.
+ */
+const DEVICE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:-]*$/;
+
+export function isValidDeviceId(id: unknown): id is string {
+  return typeof id === 'string' && id.length >= 1 && id.length <= DEVICE_ID_MAX_LENGTH && DEVICE_ID_PATTERN.test(id);
+}
+
+export function upTopic(deviceId: string, kind: UpKind, ...rest: string[]): string {
+  return [TOPIC_ROOT, deviceId, 'up', kind, ...rest].join('/');
+}
+
+export function downTopic(deviceId: string, kind: DownKind): string {
+  return `${TOPIC_ROOT}/${deviceId}/down/${kind}`;
+}
+
+/** Filter a device subscribes to in order to get every answer addressed to it. */
+export function downFilter(deviceId: string): string {
+  return `${TOPIC_ROOT}/${deviceId}/down/#`;
+}
+
+export interface ParsedTopic {
+  deviceId: string;
+  direction: 'up' | 'down';
+  kind: string;
+  /** Levels after the kind, e.g. the sub-topic of `telemetry/...`. */
+  rest: string[];
+}
+
+/** Splits a concrete topic (no wildcards) of our tree; null when it is not one of ours. */
+export function parseTopic(topic: string): ParsedTopic | null {
+  const parts = topic.split('/');
+  if (parts.length < 5 || parts[0] !== 'lg' || parts[1] !== 'v1') return null;
+  const [, , deviceId, direction, kind, ...rest] = parts;
+  if (!isValidDeviceId(deviceId)) return null;
+  if (direction !== 'up' && direction !== 'down') return null;
+  if (kind.length === 0) return null;
+  return { deviceId, direction, kind, rest };
+}
