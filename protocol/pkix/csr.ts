@@ -3,6 +3,7 @@
  * authority. Verification uses node:crypto on the exact DER of CertificationRequestInfo.
  */
 import { createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
+import { isIPv4, isIPv6 } from 'node:net';
 import * as der from './der.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
@@ -17,7 +18,7 @@ export interface SubjectAltNames {
 
 export interface CsrBuildOptions {
   commonName: string;
-  sans?: { dns?: string[]; uri?: string[] };
+  sans?: { dns?: string[]; uri?: string[]; ip?: string[] };
   privateKey: KeyObject;
   publicKey: KeyObject;
 }
@@ -26,11 +27,29 @@ export function encodeName(commonName: string): Buffer {
   return der.seq(der.setOf(der.seq(der.oid(OID.commonName), der.utf8String(commonName))));
 }
 
-export function encodeSan(sans: { dns?: string[]; uri?: string[] }): Buffer {
+export function encodeSan(sans: { dns?: string[]; uri?: string[]; ip?: string[] }): Buffer {
   const names: Buffer[] = [];
   for (const d of sans.dns ?? []) names.push(der.tlv(0x82, Buffer.from(d, 'ascii'))); // dNSName [2]
   for (const u of sans.uri ?? []) names.push(der.tlv(0x86, Buffer.from(u, 'ascii'))); // uniformResourceIdentifier [6]
+  for (const ip of sans.ip ?? []) names.push(der.tlv(0x87, ipBytes(ip))); // iPAddress [7]
   return der.seq(...names);
+}
+
+function ipBytes(ip: string): Buffer {
+  if (isIPv4(ip)) return Buffer.from(ip.split('.').map(Number));
+  if (!isIPv6(ip)) throw new der.DerError(`bad IP address ${ip}`);
+  const [head, tail = ''] = ip.split('::');
+  const h = head ? head.split(':') : [];
+  const t = ip.includes('::') ? (tail ? tail.split(':') : []) : [];
+  const groups = [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
+  return Buffer.from(groups.map((g) => g.padStart(4, '0')).join(''), 'hex');
+}
+
+function ipText(b: Buffer): string {
+  if (b.length === 4) return [...b].join('.');
+  const groups: string[] = [];
+  for (let i = 0; i < b.length; i += 2) groups.push(b.readUInt16BE(i).toString(16));
+  return groups.join(':');
 }
 
 /** Builds a PEM CSR with CN and optional SANs, signed with SHA-256. */
@@ -38,7 +57,7 @@ export function buildCsr(opts: CsrBuildOptions): string {
   const spki = opts.publicKey.export({ type: 'spki', format: 'der' });
   const attrs: Buffer[] = [];
   const sans = opts.sans ?? {};
-  if ((sans.dns?.length ?? 0) + (sans.uri?.length ?? 0) > 0) {
+  if ((sans.dns?.length ?? 0) + (sans.uri?.length ?? 0) + (sans.ip?.length ?? 0) > 0) {
     const ext = der.seq(der.oid(OID.subjectAltName), der.octetString(encodeSan(sans)));
     attrs.push(der.seq(der.oid(OID.extensionRequest), der.setOf(der.seq(ext))));
   }
@@ -168,7 +187,7 @@ function readSan(value: Buffer, into: SubjectAltNames): void {
         into.email.push(gn.value.toString('latin1'));
         break;
       case 0x87:
-        into.ip.push(gn.value.length === 4 ? [...gn.value].join('.') : gn.value.toString('hex'));
+        into.ip.push(ipText(gn.value));
         break;
       default:
         // otherName, directoryName, ...: recorded as an unsupported SAN so the policy refuses it

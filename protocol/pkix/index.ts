@@ -3,3 +3,4 @@ export { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 export { toPem, fromPem, allPem } from './pem.ts';
 export { buildCsr, parseCsr, parseCsrDer, encodeName, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
 export { keyDescription, signatureAlgorithmFor, keySpecLabel, type KeyDescription } from './keys.ts';
+export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
