@@ -103,15 +103,7 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
   der.expectTag(spkiNode, der.TAG.SEQUENCE, 'subjectPKInfo');
   der.expectTag(attrsNode, 0xa0, 'attributes');
 
-  const subject: Array<[string, string]> = [];
-  for (const rdn of der.children(subjectNode)) {
-    der.expectTag(rdn, der.TAG.SET, 'RelativeDistinguishedName');
-    for (const atv of der.children(rdn)) {
-      const [type, value] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
-      if (!value) throw new der.DerError('attribute value missing');
-      subject.push([der.decodeOid(type), der.decodeString(value)]);
-    }
-  }
+  const subject = decodeName(subjectNode);
 
   let publicKey: KeyObject;
   try {
@@ -172,6 +164,29 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
     sans,
     requestedExtensions,
   };
+}
+
+/** Name (RFC 5280 4.1.2.4) as [OID, value] pairs in order. */
+export function decodeName(nameNode: der.DerNode): Array<[string, string]> {
+  der.expectTag(nameNode, der.TAG.SEQUENCE, 'Name');
+  const out: Array<[string, string]> = [];
+  for (const rdn of der.children(nameNode)) {
+    der.expectTag(rdn, der.TAG.SET, 'RelativeDistinguishedName');
+    for (const atv of der.children(rdn)) {
+      const [type, value] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
+      if (!value) throw new der.DerError('attribute value missing');
+      out.push([der.decodeOid(type), der.decodeString(value)]);
+    }
+  }
+  return out;
+}
+
+/** Subject of a DER certificate as [OID, value] pairs (not the display string, which can be spoofed). */
+export function certificateSubject(certDer: Buffer): Array<[string, string]> {
+  const [tbs] = der.children(der.parseDer(certDer));
+  const fields = der.children(tbs);
+  const offset = fields[0].tag === 0xa0 ? 1 : 0;
+  return decodeName(fields[offset + 4]);
 }
 
 function readSan(value: Buffer, into: SubjectAltNames): void {

@@ -1,6 +1,6 @@
 export * as der from './der.ts';
 export { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 export { toPem, fromPem, allPem } from './pem.ts';
-export { buildCsr, parseCsr, parseCsrDer, encodeName, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
+export { buildCsr, parseCsr, parseCsrDer, encodeName, decodeName, certificateSubject, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
 export { keyDescription, signatureAlgorithmFor, keySpecLabel, type KeyDescription } from './keys.ts';
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';

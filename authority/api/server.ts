@@ -1,0 +1,120 @@
+/**
+ * The authority's HTTPS API (fastify). Gateways authenticate with mutual TLS: TLS checks
+ * the chain, then every /v1/devices route checks that the peer certificate is the current
+ * certificate of an active gateway. Enrollment and the CA bundle need no client cert.
+ */
+import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify';
+import type { TLSSocket } from 'node:tls';
+import type { Logger } from 'pino';
+import { LeafgateError, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
+import type { CaConnector } from '../ca/index.ts';
+import type { GatewayEnrollment } from '../gateways.ts';
+import type { DeviceOnboarding } from '../onboarding.ts';
+import type { AuthorityStore } from '../store/index.ts';
+
+export interface ApiDeps {
+  onboarding: DeviceOnboarding;
+  enrollment: GatewayEnrollment;
+  ca: CaConnector;
+  store: AuthorityStore;
+  logger: Logger;
+  tls: { key: string; cert: string; ca: string[] };
+  bodyLimitBytes: number;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    gatewayId?: string;
+  }
+}
+
+const FASTIFY_CODES: Record<string, ErrorCode> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: 'payload_too_large',
+  FST_ERR_CTP_INVALID_JSON_BODY: 'malformed_json',
+  FST_ERR_CTP_EMPTY_JSON_BODY: 'malformed_json',
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: 'bad_request',
+  FST_ERR_VALIDATION: 'bad_request',
+};
+
+const objectBody = { body: { type: 'object' } } as const;
+
+// The instance type varies with the https server and logger generics; callers only listen/close.
+export async function buildAuthorityApi(deps: ApiDeps) {
+  const app = Fastify({
+    loggerInstance: deps.logger,
+    disableRequestLogging: true,
+    bodyLimit: deps.bodyLimitBytes,
+    https: {
+      key: deps.tls.key,
+      cert: deps.tls.cert,
+      ca: deps.tls.ca,
+      requestCert: true,
+      // Enrollment must work before the gateway has a certificate; routes enforce mTLS.
+      rejectUnauthorized: false,
+      minVersion: 'TLSv1.2',
+    },
+    // Slowloris guard: a client that never finishes its request is cut.
+    requestTimeout: 30_000,
+    connectionTimeout: 30_000,
+  });
+
+  // JSON parsing with our error codes (malformed_json) rather than fastify's wording.
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (_req, body, done) => {
+    try {
+      done(null, parseJsonObject(body as Buffer));
+    } catch (err) {
+      done(err as Error, undefined);
+    }
+  });
+
+  app.setErrorHandler((err: Error & { code?: string; statusCode?: number }, req, reply) => {
+    const e = err instanceof LeafgateError ? err : FASTIFY_CODES[err.code ?? ''] ? new LeafgateError(FASTIFY_CODES[err.code!], err.message) : toLeafgateError(err);
+    if (e.code === 'internal') req.log.error({ err }, 'request failed');
+    else req.log.info({ code: e.code, url: req.url, gatewayId: req.gatewayId }, e.message);
+    if (e.retryAfterMs !== undefined) reply.header('retry-after', Math.ceil(e.retryAfterMs / 1000));
+    void reply.status(e.status).send(e.toBody());
+  });
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send(new LeafgateError('not_found', `no route ${req.method} ${req.url.slice(0, 100)}`).toBody());
+  });
+
+  const requireGateway = async (req: FastifyRequest, _reply: FastifyReply) => {
+    const socket = req.raw.socket as TLSSocket;
+    const peer = socket.getPeerCertificate?.();
+    if (!peer || !peer.raw) throw new LeafgateError('client_cert_required');
+    if (!socket.authorized) throw new LeafgateError('unknown_gateway', `client certificate not trusted: ${socket.authorizationError}`);
+    const id = typeof peer.subject?.CN === 'string' ? peer.subject.CN : '';
+    const gw = id ? await deps.store.getGateway(id) : null;
+    if (!gw || gw.status !== 'active' || gw.certSerial !== peer.serialNumber.toUpperCase()) throw new LeafgateError('unknown_gateway');
+    req.gatewayId = gw.id;
+  };
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+
+  app.get('/v1/ca', async () => deps.ca.bundle());
+
+  app.post('/v1/gateways/enroll', { schema: objectBody }, async (req) => {
+    const body = req.body as Record<string, unknown>;
+    if (typeof body.token !== 'string' || body.token.length > 256) throw new LeafgateError('bad_request', 'token is required');
+    if (typeof body.csr !== 'string' || body.csr.length > 16 * 1024) throw new LeafgateError('bad_request', 'csr is required');
+    return deps.enrollment.enroll(body.token, body.csr);
+  });
+
+  app.register(async (scoped) => {
+    scoped.addHook('preHandler', requireGateway);
+    scoped.post('/v1/devices/register', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      return deps.onboarding.register(req.gatewayId!, deviceIdOf(body), validateRegister(body));
+    });
+    scoped.post('/v1/devices/auth', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      return deps.onboarding.auth(req.gatewayId!, deviceIdOf(body), validateAuth(body));
+    });
+    scoped.post('/v1/devices/csr', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      return deps.onboarding.csr(req.gatewayId!, deviceIdOf(body), validateCsr(body));
+    });
+  });
+
+  return app;
+}

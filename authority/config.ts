@@ -1,0 +1,74 @@
+/**
+ * Authority configuration: one typed object from defaults, a JSON file and the environment,
+ * validated at start-up and frozen. Defaults are documented in README (Configuration).
+ */
+import { readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { LeafgateError } from '../protocol/index.ts';
+import { DEFAULT_POLICY, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
+
+export interface AuthorityConfig {
+  /** CA material, TLS material and the SQLite file live here. */
+  dataDir: string;
+  /** Encrypts the CA private keys at rest. Env: LEAFGATE_CA_PASSPHRASE. */
+  caPassphrase: string;
+  listen: { host: string; port: number };
+  /** Names (DNS or IP) in the authority's TLS certificate. */
+  hostnames: string[];
+  /** Organization in CA names. */
+  organization: string;
+  /** SQLite file; default `<dataDir>/authority.db`. */
+  databaseFile: string;
+  challengeTtlSeconds: number;
+  /** Time a device has after authenticating to send its CSR. */
+  csrDeadlineSeconds: number;
+  /** Lifetime of a gateway certificate. */
+  gatewayCertDays: number;
+  /** Max request body on the HTTPS API. */
+  bodyLimitBytes: number;
+  /** Group used when a device names none. */
+  defaultGroup: string;
+  policies: Record<string, DevicePolicy>;
+}
+
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen'>> & {
+  listen?: Partial<AuthorityConfig['listen']>;
+  policies?: Record<string, Partial<DevicePolicy> & { manufacturerCAFiles?: string[] }>;
+};
+
+export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.ProcessEnv = process.env): Readonly<AuthorityConfig> {
+  const dataDir = resolve(input.dataDir ?? env.LEAFGATE_AUTHORITY_DATA ?? '.leafgate/authority');
+  const policies: Record<string, DevicePolicy> = {};
+  for (const [name, raw] of Object.entries(input.policies ?? { default: {} })) {
+    const { manufacturerCAFiles, ...rest } = raw;
+    const p = mergePolicy(DEFAULT_POLICY, rest);
+    if (manufacturerCAFiles?.length) p.pkiSignature.manufacturerCAs = [...p.pkiSignature.manufacturerCAs, ...manufacturerCAFiles.map((f) => readFileSync(f, 'utf8'))];
+    validatePolicy(name, p);
+    policies[name] = p;
+  }
+  const cfg: AuthorityConfig = {
+    dataDir,
+    caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
+    listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_AUTHORITY_PORT ?? 8443) },
+    hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
+    organization: input.organization ?? 'leafgate',
+    databaseFile: input.databaseFile ?? join(dataDir, 'authority.db'),
+    challengeTtlSeconds: input.challengeTtlSeconds ?? 120,
+    csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
+    gatewayCertDays: input.gatewayCertDays ?? 90,
+    bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
+    defaultGroup: input.defaultGroup ?? 'default',
+    policies,
+  };
+  if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);
+  if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
+  return Object.freeze(cfg);
+}
+
+export function loadAuthorityConfigFile(path: string): AuthorityConfigInput {
+  try {
+    return JSON.parse(readFileSync(path, 'utf8')) as AuthorityConfigInput;
+  } catch (err) {
+    throw new LeafgateError('internal', `cannot read config ${path}: ${(err as Error).message}`, { cause: err });
+  }
+}

@@ -1,0 +1,240 @@
+/**
+ * Device onboarding at the authority: register -> challenge, auth -> instruction,
+ * csr -> certificate. Each operation is a short list of named steps; every refusal is
+ * audited with its code; every answer is stored under (device, requestId) so a repeated
+ * request gets the same answer and never a second certificate.
+ */
+import { createHash, randomBytes, verify } from 'node:crypto';
+import {
+  LeafgateError,
+  challengeSigningInput,
+  pkix,
+  toLeafgateError,
+  type AuthMessage,
+  type CertMessage,
+  type ChallengeMessage,
+  type CsrMessage,
+  type InstructionMessage,
+  type RegisterMessage,
+} from '../protocol/index.ts';
+import { AUTH_METHOD_HANDLERS, type MethodContext } from './auth-methods/index.ts';
+import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
+import type { AuthorityConfig } from './config.ts';
+import { buildInstruction, checkCsrAgainstInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
+import type { AuthorityStore, DeviceRow, RequestRow } from './store/index.ts';
+
+export interface OnboardingDeps {
+  store: AuthorityStore;
+  ca: CaConnector;
+  config: Pick<AuthorityConfig, 'policies' | 'defaultGroup' | 'challengeTtlSeconds' | 'csrDeadlineSeconds'>;
+  /** Injected so expiry is tested without sleeping. */
+  now?: () => number;
+}
+
+type Kind = RequestRow['kind'];
+
+export function bodyHash(body: unknown): string {
+  return createHash('sha256').update(JSON.stringify(body)).digest('hex');
+}
+
+export class DeviceOnboarding {
+  private readonly store: AuthorityStore;
+  private readonly ca: CaConnector;
+  private readonly config: OnboardingDeps['config'];
+  private readonly now: () => number;
+  /** Serializes requests per device in this process; the store's keys guard across processes. */
+  private readonly locks = new Map<string, Promise<unknown>>();
+
+  constructor(deps: OnboardingDeps) {
+    this.store = deps.store;
+    this.ca = deps.ca;
+    this.config = deps.config;
+    this.now = deps.now ?? Date.now;
+  }
+
+  register(gatewayId: string, deviceId: string, msg: RegisterMessage): Promise<ChallengeMessage> {
+    return this.run('register', gatewayId, deviceId, msg.requestId, () => this.doRegister(gatewayId, deviceId, msg));
+  }
+
+  auth(gatewayId: string, deviceId: string, msg: AuthMessage): Promise<InstructionMessage> {
+    return this.run('auth', gatewayId, deviceId, msg.requestId, () => this.doAuth(gatewayId, deviceId, msg));
+  }
+
+  csr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
+    return this.run('csr', gatewayId, deviceId, msg.requestId, () => this.doCsr(gatewayId, deviceId, msg));
+  }
+
+  /** Per-device serialization plus the audit row for every refusal. */
+  private async run<T>(action: Kind, gatewayId: string, deviceId: string, requestId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(deviceId) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const tail = next.catch(() => undefined);
+    this.locks.set(deviceId, tail);
+    void tail.then(() => {
+      if (this.locks.get(deviceId) === tail) this.locks.delete(deviceId);
+    });
+    try {
+      return await next;
+    } catch (err) {
+      const e = toLeafgateError(err);
+      await this.store.appendAudit({
+        at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
+        detail: { message: e.message, ...(e.detail ?? {}) },
+      });
+      throw e;
+    }
+  }
+
+  private policyFor(group: string): DevicePolicy {
+    const p = this.config.policies[group];
+    if (!p) throw new LeafgateError('policy_violation', `unknown device group ${group}`);
+    return p;
+  }
+
+  /** Same requestId, same body: the stored answer. Same requestId, other body: a conflict. */
+  private async storedAnswer(deviceId: string, requestId: string, kind: Kind, hash: string): Promise<Record<string, unknown> | null> {
+    const r = await this.store.getRequest(deviceId, requestId);
+    if (!r) return null;
+    if (r.kind !== kind || r.bodyHash !== hash) throw new LeafgateError('request_conflict', `requestId ${requestId} was already used for another ${r.kind} request`);
+    return r.response;
+  }
+
+  private checkDeviceUsable(device: DeviceRow | null): void {
+    if (device?.status === 'disabled') throw new LeafgateError('device_disabled');
+  }
+
+  private async doRegister(gatewayId: string, deviceId: string, msg: RegisterMessage): Promise<ChallengeMessage> {
+    const hash = bodyHash(msg);
+    const stored = await this.storedAnswer(deviceId, msg.requestId, 'register', hash);
+    if (stored) return stored as unknown as ChallengeMessage;
+
+    const now = this.now();
+    const device = await this.store.getDevice(deviceId);
+    this.checkDeviceUsable(device);
+    const group = device?.groupName ?? msg.group ?? this.config.defaultGroup;
+    if (device && msg.group !== undefined && msg.group !== device.groupName) throw new LeafgateError('policy_violation', `device belongs to group ${device.groupName}`);
+    const policy = this.policyFor(group);
+    if (!policy.methods.includes(msg.method)) throw new LeafgateError('policy_violation', `group ${group} does not allow ${msg.method}`);
+    if (device && device.method !== msg.method) throw new LeafgateError('policy_violation', `device is enrolled with ${device.method}`);
+
+    const ctx: MethodContext = { store: this.store, policy, deviceId, group, gatewayId, device, now };
+    const begun = await AUTH_METHOD_HANDLERS[msg.method].begin(ctx, msg);
+    if (!device) {
+      await this.store.insertDevice({
+        id: deviceId, groupName: group, method: msg.method, status: 'registered', gatewayId, ddkgSalt: null, ddkgPublicKey: null, birthCertFingerprint: null,
+        createdAt: now, updatedAt: now, ...begun.deviceFields,
+      });
+    }
+    const challenge: ChallengeMessage = {
+      requestId: msg.requestId,
+      challengeId: randomBytes(16).toString('base64url'),
+      nonce: randomBytes(32).toString('base64'),
+      expiresAt: new Date(now + this.config.challengeTtlSeconds * 1000).toISOString(),
+      method: msg.method,
+    };
+    if (begun.salt) challenge.salt = begun.salt;
+    await this.store.insertChallenge({
+      id: challenge.challengeId, deviceId, gatewayId, method: msg.method, nonce: challenge.nonce,
+      context: { ...begun.context, keyPreference: msg.keyPreference ?? null, group }, expiresAt: now + this.config.challengeTtlSeconds * 1000, usedAt: null,
+    });
+    await this.store.insertRequest(
+      { deviceId, requestId: msg.requestId, kind: 'register', bodyHash: hash, response: challenge as unknown as Record<string, unknown>, createdAt: now },
+      { at: now, action: 'register', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: msg.method, group } },
+    );
+    return challenge;
+  }
+
+  /**
+   * Not replayable by design: the challenge is single-use, so a repeated answer -- from the
+   * device or from someone who captured it -- gets `replayed`, and the device registers again.
+   */
+  private async doAuth(gatewayId: string, deviceId: string, msg: AuthMessage): Promise<InstructionMessage> {
+    const now = this.now();
+    const challenge = await this.store.getChallenge(msg.challengeId);
+    if (!challenge || challenge.deviceId !== deviceId) throw new LeafgateError('challenge_expired', 'unknown challenge');
+    if (challenge.usedAt !== null) throw new LeafgateError('replayed');
+    if (challenge.expiresAt <= now) throw new LeafgateError('challenge_expired');
+    // Burn the challenge before verifying, so a wrong answer cannot be retried against it.
+    if (!(await this.store.useChallenge(challenge.id, now))) throw new LeafgateError('replayed');
+
+    const device = await this.store.getDevice(deviceId);
+    if (!device) throw new LeafgateError('not_authenticated', 'device is not registered');
+    this.checkDeviceUsable(device);
+    const group = device.groupName;
+    const policy = this.policyFor(group);
+    const ctx: MethodContext = { store: this.store, policy, deviceId, group, gatewayId, device, now };
+    const resolved = await AUTH_METHOD_HANDLERS[challenge.method].resolveKey(ctx, challenge, msg);
+    let ok = false;
+    try {
+      ok = verify('sha256', challengeSigningInput(deviceId, challenge.id, challenge.nonce), resolved.key, Buffer.from(msg.signature, 'base64'));
+    } catch {
+      ok = false;
+    }
+    if (!ok) throw new LeafgateError('auth_failed', 'challenge signature does not verify');
+    await resolved.onVerified();
+
+    const key = chooseKey(policy, (challenge.context.keyPreference as RegisterMessage['keyPreference']) ?? undefined);
+    const csrDeadline = new Date(now + this.config.csrDeadlineSeconds * 1000);
+    const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group, key, csrDeadline });
+    await this.store.insertAuthSession({ id: randomBytes(16).toString('base64url'), deviceId, gatewayId, instruction: instruction as unknown as Record<string, unknown>, expiresAt: csrDeadline.getTime(), usedAt: null });
+    await this.store.appendAudit({ at: now, action: 'auth', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: challenge.method, key: pkix.keySpecLabel(key) } });
+    return instruction;
+  }
+
+  private async doCsr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
+    const hash = bodyHash(msg);
+    const stored = await this.storedAnswer(deviceId, msg.requestId, 'csr', hash);
+    if (stored) return stored as unknown as CertMessage;
+
+    const now = this.now();
+    const session = await this.store.getLiveAuthSession(deviceId, now);
+    if (!session || session.gatewayId !== gatewayId) throw new LeafgateError('not_authenticated', 'no live authentication for this device');
+    const device = await this.store.getDevice(deviceId);
+    this.checkDeviceUsable(device);
+    const policy = this.policyFor(device!.groupName);
+
+    let csr: pkix.ParsedCsr;
+    try {
+      csr = pkix.parseCsr(msg.csr);
+    } catch (err) {
+      throw new LeafgateError('bad_csr', (err as Error).message);
+    }
+    const instruction = session.instruction as unknown as InstructionMessage;
+    checkCsrAgainstInstruction(csr, instruction);
+    const active = await this.store.countActiveCertificates(deviceId, now);
+    if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
+
+    const issued = this.ca.issue('device', {
+      subjectDer: csr.subjectDer,
+      spkiDer: csr.spkiDer,
+      profile: { kind: 'device', keyType: csr.key.keyType },
+      sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter: new Date(now + instruction.validityDays * 86_400_000),
+    });
+    const answer: CertMessage = {
+      requestId: msg.requestId,
+      certificate: issued.pem,
+      chain: issued.chain,
+      serial: issued.serial,
+      notBefore: issued.notBefore.toISOString(),
+      notAfter: issued.notAfter.toISOString(),
+    };
+    const recorded = await this.store.recordIssuance({
+      request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
+      certificate: {
+        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
+        status: 'active', requestId: msg.requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
+      },
+      authSessionId: session.id,
+      audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: issued.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+    });
+    if (!recorded) {
+      // Another node answered this requestId first: that answer is the only one that exists.
+      const winner = await this.storedAnswer(deviceId, msg.requestId, 'csr', hash);
+      if (winner) return winner as unknown as CertMessage;
+      throw new LeafgateError('internal', 'issuance lost a race and found no stored answer');
+    }
+    return answer;
+  }
+}

@@ -1,0 +1,129 @@
+/**
+ * Device policy: data per device group, enforced here and nowhere else. Steps run in a
+ * fixed order -- choose (key, names) when instructing, then validate the CSR against
+ * exactly that instruction before anything is signed.
+ */
+import { LeafgateError, pkix, type AuthMethod, type InstructionMessage, type KeySpec } from '../../protocol/index.ts';
+
+export interface DevicePolicy {
+  /** Auth methods a device of this group may use. */
+  methods: AuthMethod[];
+  /** Subject CN; `{deviceId}` and `{group}` are replaced. */
+  cnTemplate: string;
+  /** Allowed keys; the first is used when the device states no preference. */
+  keys: KeySpec[];
+  /** SAN templates put in the instruction; the CSR may carry these and nothing else. */
+  sans: { dns: string[]; uri: string[] };
+  validityDays: number;
+  /** Active (unexpired, unrevoked) certificates a device may hold at once. */
+  maxActiveCerts: number;
+  pkiSignature: {
+    /** Manufacturer CA certificates (PEM) that birth certificates must chain to. */
+    manufacturerCAs: string[];
+    /** Which birth-cert subject attribute must equal the device id. */
+    deviceIdFrom: 'CN' | 'serialNumber';
+  };
+  ddkg: {
+    /** How a first ddkg enrollment is approved (DESIGN.md: allow-list, one-time code, auto-approve). */
+    enrollment: 'allow-list' | 'one-time-code' | 'auto-approve';
+    /** Device id patterns; `*` matches any run of characters. */
+    allowList: string[];
+  };
+}
+
+export const DEFAULT_POLICY: DevicePolicy = {
+  methods: ['pki-signature', 'ddkg'],
+  cnTemplate: '{deviceId}',
+  keys: [
+    { keyType: 'ec', keySize: 256 },
+    { keyType: 'ec', keySize: 384 },
+    { keyType: 'rsa', keySize: 2048 },
+    { keyType: 'rsa', keySize: 3072 },
+    { keyType: 'rsa', keySize: 4096 },
+  ],
+  sans: { dns: [], uri: [] },
+  validityDays: 365,
+  maxActiveCerts: 2,
+  pkiSignature: { manufacturerCAs: [], deviceIdFrom: 'CN' },
+  ddkg: { enrollment: 'allow-list', allowList: [] },
+};
+
+const ALLOWED_KEYS = new Set(['ec-256', 'ec-384', 'rsa-2048', 'rsa-3072', 'rsa-4096']);
+
+/** Refuses a policy that would allow weak keys or nonsense values, at start-up. */
+export function validatePolicy(name: string, p: DevicePolicy): void {
+  const fail = (m: string) => {
+    throw new LeafgateError('internal', `policy ${name}: ${m}`);
+  };
+  if (!p.methods.length) fail('methods is empty');
+  for (const m of p.methods) if (m !== 'pki-signature' && m !== 'ddkg') fail(`unknown method ${m}`);
+  if (!p.cnTemplate.includes('{deviceId}')) fail('cnTemplate must contain {deviceId}');
+  if (!p.keys.length) fail('keys is empty');
+  for (const k of p.keys) if (!ALLOWED_KEYS.has(`${k.keyType}-${k.keySize}`)) fail(`key ${k.keyType}-${k.keySize} is not allowed (EC P-256/P-384, RSA 2048-4096)`);
+  if (!(p.validityDays >= 1 && p.validityDays <= 3650)) fail('validityDays must be 1..3650');
+  if (!(Number.isInteger(p.maxActiveCerts) && p.maxActiveCerts >= 1)) fail('maxActiveCerts must be >= 1');
+  if (!['allow-list', 'one-time-code', 'auto-approve'].includes(p.ddkg.enrollment)) fail('ddkg.enrollment is invalid');
+}
+
+export function mergePolicy(base: DevicePolicy, override: Partial<DevicePolicy> | undefined): DevicePolicy {
+  if (!override) return structuredClone(base);
+  return {
+    ...structuredClone(base),
+    ...override,
+    sans: { ...base.sans, ...override.sans },
+    pkiSignature: { ...base.pkiSignature, ...override.pkiSignature },
+    ddkg: { ...base.ddkg, ...override.ddkg },
+  } as DevicePolicy;
+}
+
+const fill = (template: string, deviceId: string, group: string) => template.replaceAll('{deviceId}', deviceId).replaceAll('{group}', group);
+
+export function chooseKey(policy: DevicePolicy, preference: KeySpec[] | undefined): KeySpec {
+  for (const want of preference ?? []) {
+    const hit = policy.keys.find((k) => k.keyType === want.keyType && k.keySize === want.keySize);
+    if (hit) return hit;
+  }
+  return policy.keys[0];
+}
+
+export function buildInstruction(policy: DevicePolicy, args: { requestId: string; deviceId: string; group: string; key: KeySpec; csrDeadline: Date }): InstructionMessage {
+  return {
+    requestId: args.requestId,
+    subject: { commonName: fill(policy.cnTemplate, args.deviceId, args.group) },
+    keyType: args.key.keyType,
+    keySize: args.key.keySize,
+    sans: { dns: policy.sans.dns.map((t) => fill(t, args.deviceId, args.group)), uri: policy.sans.uri.map((t) => fill(t, args.deviceId, args.group)) },
+    validityDays: policy.validityDays,
+    csrDeadline: args.csrDeadline.toISOString(),
+  };
+}
+
+/** Extensions a CSR may request; the issued profile decides their values anyway. */
+const TOLERATED_EXTENSIONS = new Set<string>([pkix.OID.subjectAltName, pkix.OID.keyUsage, pkix.OID.extKeyUsage, pkix.OID.subjectKeyIdentifier]);
+
+/** The CSR must match the instruction exactly: subject, key, names, extensions. */
+export function checkCsrAgainstInstruction(csr: pkix.ParsedCsr, instruction: InstructionMessage): void {
+  const refuse = (reason: string, detail: Record<string, unknown> = {}) => {
+    throw new LeafgateError('policy_violation', reason, { detail });
+  };
+  if (csr.subject.length !== 1 || csr.commonName === undefined) refuse('subject must be exactly one CN', { subject: csr.subject.map(([o]) => o) });
+  if (csr.commonName !== instruction.subject.commonName) refuse(`CN must be ${instruction.subject.commonName}`, { commonName: csr.commonName?.slice(0, 128) });
+  const key = csr.key;
+  if (key.keyType !== instruction.keyType || key.keySize !== instruction.keySize) {
+    refuse(`key must be ${pkix.keySpecLabel(instruction)}, got ${pkix.keySpecLabel(key)}`, { keyType: key.keyType, keySize: key.keySize });
+  }
+  const allowedDns = new Set(instruction.sans.dns);
+  const allowedUri = new Set(instruction.sans.uri);
+  for (const d of csr.sans.dns) if (!allowedDns.has(d)) refuse(`SAN DNS ${d.slice(0, 64)} is not allowed`);
+  for (const u of csr.sans.uri) if (!allowedUri.has(u)) refuse(`SAN URI ${u.slice(0, 64)} is not allowed`);
+  if (csr.sans.ip.length || csr.sans.email.length) refuse('IP and e-mail SANs are not allowed for devices');
+  for (const e of csr.requestedExtensions) {
+    if (!TOLERATED_EXTENSIONS.has(e.oid)) refuse(`requested extension ${e.oid} is not allowed`);
+  }
+}
+
+/** `*` glob over device ids; nothing else is special. */
+export function matchesPattern(id: string, pattern: string): boolean {
+  const re = new RegExp('^' + pattern.split('*').map((s) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('.*') + '$');
+  return re.test(id);
+}

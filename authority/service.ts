@@ -1,0 +1,86 @@
+/**
+ * Starts an authority: CA, store, TLS identity, HTTPS API. The TLS key of the API is made
+ * fresh at every start and never written to disk; gateways trust the root, not this key.
+ */
+import { generateKeyPairSync, randomBytes, X509Certificate } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { isIP } from 'node:net';
+import pino, { type Logger } from 'pino';
+import { pkix } from '../protocol/index.ts';
+import { buildAuthorityApi } from './api/server.ts';
+import { BACKDATE_MS, LocalCa } from './ca/index.ts';
+import type { AuthorityConfig } from './config.ts';
+import { GatewayEnrollment } from './gateways.ts';
+import { hashEnrollmentCode } from './auth-methods/index.ts';
+import { DeviceOnboarding } from './onboarding.ts';
+import { SqliteStore, type AuthorityStore } from './store/index.ts';
+
+export interface RunningAuthority {
+  url: string;
+  port: number;
+  ca: LocalCa;
+  store: AuthorityStore;
+  onboarding: DeviceOnboarding;
+  enrollment: GatewayEnrollment;
+  /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
+  rootFingerprint: string;
+  /** One-time ddkg enrollment code bound to a device. */
+  createEnrollmentCode(deviceId: string, group?: string, ttlSeconds?: number): Promise<string>;
+  close(): Promise<void>;
+}
+
+export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { logger?: Logger; now?: () => number } = {}): Promise<RunningAuthority> {
+  const logger = opts.logger ?? pino({ name: 'authority', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
+  mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+  const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+  const store = new SqliteStore(config.databaseFile);
+  const onboarding = new DeviceOnboarding({ store, ca, config, now: opts.now });
+  const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, now: opts.now });
+
+  const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const now = Date.now();
+  const tlsCert = ca.issue('infra', {
+    subjectDer: pkix.encodeName(`${config.organization} authority`),
+    spkiDer: tlsKey.publicKey.export({ type: 'spki', format: 'der' }),
+    profile: { kind: 'server', keyType: 'ec' },
+    sans: { dns: config.hostnames.filter((h) => !isIP(h)), ip: config.hostnames.filter((h) => isIP(h)) },
+    notBefore: new Date(now - BACKDATE_MS),
+    notAfter: new Date(now + 30 * 86_400_000),
+  });
+  const bundle = ca.bundle();
+  const app = await buildAuthorityApi({
+    onboarding,
+    enrollment,
+    ca,
+    store,
+    logger,
+    tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
+    bodyLimitBytes: config.bodyLimitBytes,
+  });
+  await app.listen({ host: config.listen.host, port: config.listen.port });
+  const address = app.server.address();
+  const port = typeof address === 'object' && address ? address.port : config.listen.port;
+  const host = config.listen.host === '0.0.0.0' || config.listen.host === '::' ? 'localhost' : config.listen.host;
+  const url = `https://${isIP(host) === 6 ? `[${host}]` : host}:${port}`;
+  logger.info({ url, root: ca.root.certificate.fingerprint256 }, 'authority listening');
+
+  return {
+    url,
+    port,
+    ca,
+    store,
+    onboarding,
+    enrollment,
+    rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
+    async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
+      const code = randomBytes(12).toString('base64url');
+      await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
+      return code;
+    },
+    async close() {
+      await app.close();
+      await store.close();
+    },
+  };
+}

@@ -1,0 +1,2 @@
+export { SqliteStore, listMigrations } from './sqlite.ts';
+export type * from './types.ts';

@@ -1,0 +1,132 @@
+/** Rows and the store contract. Every implementation (SQLite now, PostgreSQL next) passes one suite. */
+import type { AuthMethod } from '../../protocol/index.ts';
+
+export interface DeviceRow {
+  id: string;
+  groupName: string;
+  method: AuthMethod;
+  status: 'registered' | 'enrolled' | 'disabled';
+  gatewayId: string | null;
+  ddkgSalt: string | null;
+  ddkgPublicKey: string | null;
+  birthCertFingerprint: string | null;
+  createdAt: number;
+  updatedAt: number;
+}
+
+export interface ChallengeRow {
+  id: string;
+  deviceId: string;
+  gatewayId: string;
+  method: AuthMethod;
+  nonce: string;
+  context: Record<string, unknown>;
+  expiresAt: number;
+  usedAt: number | null;
+}
+
+export interface AuthSessionRow {
+  id: string;
+  deviceId: string;
+  gatewayId: string;
+  instruction: Record<string, unknown>;
+  expiresAt: number;
+  usedAt: number | null;
+}
+
+export interface RequestRow {
+  deviceId: string;
+  requestId: string;
+  kind: 'register' | 'auth' | 'csr';
+  bodyHash: string;
+  response: Record<string, unknown>;
+  createdAt: number;
+}
+
+export interface CertificateRow {
+  serial: string;
+  subjectId: string;
+  kind: 'device' | 'gateway' | 'server';
+  fingerprint: string;
+  notBefore: number;
+  notAfter: number;
+  status: 'active' | 'superseded' | 'revoked';
+  requestId: string | null;
+  pem: string;
+  revokedAt: number | null;
+  revocationReason: number | null;
+  createdAt: number;
+}
+
+export interface AuditEntry {
+  at: number;
+  action: string;
+  outcome: 'ok' | 'refused' | 'error';
+  code?: string | null;
+  deviceId?: string | null;
+  gatewayId?: string | null;
+  requestId?: string | null;
+  serial?: string | null;
+  detail?: Record<string, unknown> | null;
+}
+
+export interface AuditRow extends AuditEntry {
+  seq: number;
+}
+
+export interface GatewayRow {
+  id: string;
+  status: 'active' | 'disabled';
+  certSerial: string | null;
+  certFingerprint: string | null;
+  createdAt: number;
+  updatedAt: number;
+}
+
+/**
+ * Domain-level operations; each one that changes several rows is atomic in the store, so
+ * callers never hold a transaction across an await.
+ */
+export interface AuthorityStore {
+  close(): Promise<void>;
+
+  createEnrollmentToken(tokenHash: string, gatewayId: string, expiresAt: number): Promise<void>;
+  /** Marks the token used and returns its gateway id; null when unknown, used or expired. */
+  consumeEnrollmentToken(tokenHash: string, now: number): Promise<string | null>;
+  /** Records the gateway and its certificate (one transaction with the audit row). */
+  recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry): Promise<void>;
+  getGateway(id: string): Promise<GatewayRow | null>;
+
+  getDevice(id: string): Promise<DeviceRow | null>;
+  /** Inserts the device; returns false when it already exists. */
+  insertDevice(row: DeviceRow): Promise<boolean>;
+  updateDevice(id: string, patch: Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>, now: number): Promise<void>;
+
+  createEnrollmentCode(codeHash: string, deviceId: string, groupName: string, expiresAt: number): Promise<void>;
+  /** Atomically consumes a code bound to the device; false when unknown, used or expired. */
+  consumeEnrollmentCode(codeHash: string, deviceId: string, now: number): Promise<boolean>;
+
+  insertChallenge(row: ChallengeRow): Promise<void>;
+  getChallenge(id: string): Promise<ChallengeRow | null>;
+  /** Atomically marks the challenge used; false when it already was (a replay). */
+  useChallenge(id: string, now: number): Promise<boolean>;
+
+  insertAuthSession(row: AuthSessionRow): Promise<void>;
+  /** Newest unused, unexpired session of the device. */
+  getLiveAuthSession(deviceId: string, now: number): Promise<AuthSessionRow | null>;
+
+  getRequest(deviceId: string, requestId: string): Promise<RequestRow | null>;
+  /** Stores an answer; false when the (device, requestId) pair already exists. */
+  insertRequest(row: RequestRow, audit: AuditEntry): Promise<boolean>;
+
+  /**
+   * The issuance commit: request answer, certificate row, auth session consumed, audit row,
+   * all or nothing. False when the requestId was taken meanwhile (the caller returns that answer).
+   */
+  recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
+  countActiveCertificates(subjectId: string, now: number): Promise<number>;
+  listCertificates(filter: { subjectId?: string; status?: string; limit?: number }): Promise<CertificateRow[]>;
+
+  appendAudit(entry: AuditEntry): Promise<void>;
+  listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;
+}
