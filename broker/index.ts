@@ -1,0 +1,125 @@
+/**
+ * The gateway's embedded broker: aedes 1.x behind a TLS server. Devices may connect with
+ * or without a client certificate (bootstrap sessions have none), so TLS requests one but
+ * does not reject; the authentication plugin decides at CONNECT.
+ */
+import { Aedes, type AedesOptions, type Client } from 'aedes';
+import { once } from 'node:events';
+import tls from 'node:tls';
+import type { Logger } from 'pino';
+
+export interface BrokerTls {
+  key: string;
+  /** Server certificate followed by its chain. */
+  cert: string;
+  /** Anchors for client certificates (device CA + root). */
+  ca: string[];
+}
+
+export interface BrokerOptions {
+  host?: string;
+  port: number;
+  tls: BrokerTls;
+  hooks: Partial<AedesOptions>;
+  logger: Logger;
+  /** Hard cap on one MQTT packet; a bigger one closes the connection before it is buffered. */
+  maxPacketBytes?: number;
+  /** A client that has not finished the TLS handshake by then is cut. */
+  handshakeTimeoutMs?: number;
+  /** Time between TCP accept and CONNECT. */
+  connectTimeoutMs?: number;
+  maxConnections?: number;
+}
+
+export interface RunningBroker {
+  aedes: Aedes;
+  server: tls.Server;
+  port: number;
+  /** Replaces certificate/key/CA for new handshakes; live connections stay up. */
+  setTls(t: BrokerTls): void;
+  close(): Promise<void>;
+}
+
+/** Modern suites only (TLS 1.3 suites are always on in Node); forward secrecy, AEAD. */
+export const TLS_CIPHERS = [
+  'ECDHE-ECDSA-AES128-GCM-SHA256',
+  'ECDHE-RSA-AES128-GCM-SHA256',
+  'ECDHE-ECDSA-AES256-GCM-SHA384',
+  'ECDHE-RSA-AES256-GCM-SHA384',
+  'ECDHE-ECDSA-CHACHA20-POLY1305',
+  'ECDHE-RSA-CHACHA20-POLY1305',
+].join(':');
+
+function secureContextOptions(t: BrokerTls): tls.SecureContextOptions {
+  return { key: t.key, cert: t.cert, ca: t.ca, minVersion: 'TLSv1.2', ciphers: TLS_CIPHERS, honorCipherOrder: true };
+}
+
+/**
+ * mqtt-packet buffers a whole packet before aedes sees it, and has no size limit. Wrap its
+ * length step -- a private hook, kept here alone -- so an oversized declared length fails
+ * the parse (and the connection) before the body is read.
+ */
+function capPacketSize(client: Client, max: number): void {
+  const parser = (client as unknown as { _parser?: { _parseLength: () => boolean; packet: { length: number }; emit: (e: string, err: Error) => void } })._parser;
+  if (!parser || typeof parser._parseLength !== 'function') return;
+  const original = parser._parseLength.bind(parser);
+  parser._parseLength = () => {
+    const done = original();
+    if (done && parser.packet.length > max) {
+      parser.emit('error', new Error(`packet of ${parser.packet.length} bytes exceeds ${max}`));
+      return false;
+    }
+    return done;
+  };
+}
+
+export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
+  const aedes = await Aedes.createBroker({
+    ...opts.hooks,
+    id: undefined,
+    connectTimeout: opts.connectTimeoutMs ?? 10_000,
+    // Device ids are up to 128 characters; aedes applies this only to MQTT 3.1 clients.
+    maxClientsIdLength: 128,
+  });
+  const maxPacket = opts.maxPacketBytes ?? 256 * 1024;
+  const server = tls.createServer({
+    ...secureContextOptions(opts.tls),
+    requestCert: true,
+    rejectUnauthorized: false,
+    handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
+  });
+  if (opts.maxConnections) server.maxConnections = opts.maxConnections;
+  server.on('secureConnection', (socket) => {
+    const client = aedes.handle(socket);
+    capPacketSize(client, maxPacket);
+  });
+  server.on('tlsClientError', (err, socket) => {
+    opts.logger.debug({ err: err.message, remote: socket.remoteAddress }, 'TLS handshake failed');
+    socket.destroy();
+  });
+  aedes.on('clientError', (client, err) => {
+    opts.logger.debug({ clientId: client.id, err: err.message }, 'client error');
+  });
+  aedes.on('connectionError', (client, err) => {
+    opts.logger.debug({ clientId: client.id, err: err.message }, 'connection error');
+  });
+  server.listen(opts.port, opts.host ?? '0.0.0.0');
+  await once(server, 'listening');
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : opts.port;
+  return {
+    aedes,
+    server,
+    port,
+    setTls(t) {
+      server.setSecureContext(secureContextOptions(t));
+    },
+    async close() {
+      // Stop accepting first, then end every client, then wait for the listener to drain.
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      await new Promise<void>((resolve) => aedes.close(() => resolve()));
+      await (aedes as unknown as { persistence?: { destroy?: () => Promise<void> } }).persistence?.destroy?.();
+      await closed;
+    },
+  };
+}

@@ -1,0 +1,84 @@
+/**
+ * Gateway enrollment, step-ca style: fetch the authority's CA bundle without trust, accept
+ * it only if the root's SHA-256 fingerprint equals the one the operator was given, then
+ * send the one-time token with a CSR over TLS verified against that root. The gateway key
+ * is generated here and never leaves the gateway.
+ */
+import { X509Certificate, generateKeyPairSync } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import { join } from 'node:path';
+import { LeafgateError, pkix } from '../protocol/index.ts';
+import { AuthorityClient } from './authority-client.ts';
+
+export interface EnrollOptions {
+  authorityUrl: string;
+  token: string;
+  /** Root fingerprint, as printed by the authority (colon-separated hex, case-insensitive). */
+  rootFingerprint: string;
+  gatewayId: string;
+  dataDir: string;
+  /** Names devices use to reach the gateway broker (SANs of its TLS certificate). */
+  hostnames: string[];
+}
+
+export interface GatewayIdentityFiles {
+  key: string;
+  cert: string;
+  root: string;
+  deviceCa: string;
+  infraCa: string;
+  meta: string;
+}
+
+export function identityFiles(dataDir: string): GatewayIdentityFiles {
+  return {
+    key: join(dataDir, 'gateway.key.pem'),
+    cert: join(dataDir, 'gateway.crt.pem'),
+    root: join(dataDir, 'root-ca.pem'),
+    deviceCa: join(dataDir, 'device-ca.pem'),
+    infraCa: join(dataDir, 'infra-ca.pem'),
+    meta: join(dataDir, 'gateway.json'),
+  };
+}
+
+const normalize = (fp: string) => fp.replace(/:/g, '').toUpperCase();
+
+export async function enrollGateway(opts: EnrollOptions): Promise<{ certificate: string; notAfter: string }> {
+  // The only unverified request: its answer is checked against the pinned fingerprint.
+  const insecure = new AuthorityClient({ baseUrl: opts.authorityUrl, ca: '', verifyServer: false });
+  let bundle: { root: string; deviceCa: string; infraCa: string };
+  try {
+    bundle = await insecure.get('/v1/ca');
+  } finally {
+    insecure.close();
+  }
+  const root = new X509Certificate(bundle.root);
+  if (normalize(root.fingerprint256) !== normalize(opts.rootFingerprint)) {
+    throw new LeafgateError('unknown_gateway', `authority root fingerprint ${root.fingerprint256} does not match the pinned ${opts.rootFingerprint}`);
+  }
+  const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const csr = pkix.buildCsr({
+    commonName: opts.gatewayId,
+    sans: { dns: opts.hostnames.filter((h) => !isIP(h)), ip: opts.hostnames.filter((h) => isIP(h)) },
+    privateKey,
+    publicKey,
+  });
+  const client = new AuthorityClient({ baseUrl: opts.authorityUrl, ca: bundle.root });
+  let res: { certificate: string; chain: string[]; bundle: typeof bundle; notAfter: string };
+  try {
+    res = await client.post('/v1/gateways/enroll', { token: opts.token, csr });
+  } finally {
+    client.close();
+  }
+  const files = identityFiles(opts.dataDir);
+  mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+  writeFileSync(files.key, privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, { mode: 0o600 });
+  // Leaf + issuing CA: what a TLS server must present so that devices can build the path.
+  writeFileSync(files.cert, res.certificate + res.chain[0]);
+  writeFileSync(files.root, bundle.root);
+  writeFileSync(files.deviceCa, bundle.deviceCa);
+  writeFileSync(files.infraCa, bundle.infraCa);
+  writeFileSync(files.meta, JSON.stringify({ gatewayId: opts.gatewayId, authorityUrl: opts.authorityUrl, enrolledAt: new Date().toISOString(), notAfter: res.notAfter }, null, 2));
+  return { certificate: res.certificate, notAfter: res.notAfter };
+}

@@ -1,0 +1,4 @@
+/** Gateway <-> authority: mTLS client, enrollment, the onboarding relay. */
+export { AuthorityClient, AUTHORITY_RETRY_MS, type AuthorityClientOptions } from './authority-client.ts';
+export { enrollGateway, identityFiles, type EnrollOptions, type GatewayIdentityFiles } from './enroll.ts';
+export { OnboardingRelay, type RelayOptions } from './relay.ts';

@@ -1,0 +1,42 @@
+/** Gateway configuration: defaults, JSON file, environment; validated and frozen at start. */
+import { resolve } from 'node:path';
+import { LeafgateError, LIMITS } from '../protocol/index.ts';
+
+export interface GatewayConfig {
+  /** Identity files from enrollment live here. */
+  dataDir: string;
+  listen: { host: string; port: number };
+  /** A bootstrap session that has not onboarded in this time is closed. */
+  bootstrapTimeoutMs: number;
+  /** Hard cap on one MQTT packet (closes the connection). */
+  maxPacketBytes: number;
+  /** Polite caps (down/error payload_too_large). */
+  onboardingPayloadBytes: number;
+  telemetryPayloadBytes: number;
+  handshakeTimeoutMs: number;
+  connectTimeoutMs: number;
+  maxConnections: number;
+}
+
+export type GatewayConfigInput = Partial<Omit<GatewayConfig, 'listen'>> & { listen?: Partial<GatewayConfig['listen']> };
+
+export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.ProcessEnv = process.env): Readonly<GatewayConfig> {
+  const cfg: GatewayConfig = {
+    dataDir: resolve(input.dataDir ?? env.LEAFGATE_GATEWAY_DATA ?? '.leafgate/gateway'),
+    listen: { host: input.listen?.host ?? env.LEAFGATE_GATEWAY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_GATEWAY_PORT ?? 8883) },
+    bootstrapTimeoutMs: input.bootstrapTimeoutMs ?? 120_000,
+    maxPacketBytes: input.maxPacketBytes ?? 256 * 1024,
+    onboardingPayloadBytes: input.onboardingPayloadBytes ?? LIMITS.onboardingPayloadBytes,
+    telemetryPayloadBytes: input.telemetryPayloadBytes ?? LIMITS.telemetryPayloadBytes,
+    handshakeTimeoutMs: input.handshakeTimeoutMs ?? 10_000,
+    connectTimeoutMs: input.connectTimeoutMs ?? 10_000,
+    maxConnections: input.maxConnections ?? 50_000,
+  };
+  const bad = (m: string) => {
+    throw new LeafgateError('internal', `gateway config: ${m}`);
+  };
+  if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) bad('listen.port is invalid');
+  if (cfg.onboardingPayloadBytes > cfg.maxPacketBytes || cfg.telemetryPayloadBytes > cfg.maxPacketBytes) bad('payload caps must not exceed maxPacketBytes');
+  for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
+  return Object.freeze(cfg);
+}

@@ -1,0 +1,74 @@
+/**
+ * Authentication: who is this client? A trusted certificate from the device CA makes it
+ * that certificate's device (client id must equal the CN); no certificate makes it a
+ * bootstrap session for the id it claims, limited to onboarding topics and to a time limit.
+ * Username/password are refused: they are not a credential in leafgate.
+ */
+import type { Client } from 'aedes';
+import type { TLSSocket } from 'node:tls';
+import type { X509Certificate } from 'node:crypto';
+import type { Logger } from 'pino';
+import { isValidDeviceId } from '../protocol/index.ts';
+import type { SessionRegistry } from './sessions.ts';
+import { ConnectRefusal, type BrokerPlugin } from './types.ts';
+
+export interface AuthenticationOptions {
+  sessions: SessionRegistry;
+  /** The device CA: only certificates it issued are device identities. */
+  deviceCa: () => X509Certificate;
+  /** A bootstrap session is closed when onboarding has not finished in this time. */
+  bootstrapTimeoutMs: number;
+  /** Serial (upper-case hex) -> revoked? Filled from the authority's CRL. */
+  isRevoked?: (serial: string) => boolean;
+  logger: Logger;
+}
+
+export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin {
+  const timers = new WeakMap<Client, NodeJS.Timeout>();
+  return {
+    name: 'authentication',
+
+    authenticate(client, info) {
+      // [MQTT-3.1.3-8]: an empty client id is refused with 0x02 whatever cleanSession says.
+      if (info.clientId.length === 0) throw new ConnectRefusal(2, 'empty client id');
+      if (!isValidDeviceId(info.clientId)) throw new ConnectRefusal(2, 'client id is not a valid device id');
+      if (info.username !== undefined || info.password !== undefined) throw new ConnectRefusal(4, 'username/password are not accepted; use a client certificate or bootstrap');
+      const deviceId = info.clientId;
+      const conn = client.conn as unknown as TLSSocket;
+      const peer = typeof conn.getPeerX509Certificate === 'function' ? conn.getPeerX509Certificate() : undefined;
+      const holder = opts.sessions.holder(deviceId);
+      const base = { deviceId, connectedAt: Date.now(), challengeIds: new Set<string>(), authenticated: false, remoteAddress: conn.remoteAddress ?? '' };
+
+      if (peer) {
+        if (!conn.authorized) throw new ConnectRefusal(5, `client certificate not trusted: ${conn.authorizationError}`);
+        const ca = opts.deviceCa();
+        if (peer.issuer !== ca.subject || !peer.checkIssued(ca)) throw new ConnectRefusal(5, 'client certificate is not from the device CA');
+        const cn = /^CN=(.*)$/m.exec(peer.subject)?.[1];
+        if (cn !== deviceId) throw new ConnectRefusal(2, 'client id must equal the certificate CN');
+        const serial = peer.serialNumber.toUpperCase();
+        if (opts.isRevoked?.(serial)) throw new ConnectRefusal(5, 'certificate is revoked');
+        if (holder?.session.kind === 'operational' && holder.session.certFingerprint !== peer.fingerprint256) {
+          throw new ConnectRefusal(2, 'client id is held by another certificate');
+        }
+        opts.sessions.attach(client, { ...base, kind: 'operational', certSerial: serial, certFingerprint: peer.fingerprint256 });
+        return;
+      }
+
+      // A bootstrap claim must never take over a device that is connected with its certificate.
+      if (holder?.session.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device');
+      opts.sessions.attach(client, { ...base, kind: 'bootstrap' });
+      const timer = setTimeout(() => {
+        opts.logger.info({ deviceId }, 'bootstrap session timed out');
+        client.close();
+      }, opts.bootstrapTimeoutMs);
+      timer.unref();
+      timers.set(client, timer);
+    },
+
+    onDisconnect(client) {
+      const t = timers.get(client);
+      if (t) clearTimeout(t);
+      opts.sessions.detach(client);
+    },
+  };
+}

@@ -1,0 +1,7 @@
+/** Broker plugins, one per concern, composed in a fixed order (see README, "Plugin chain"). */
+export { ConnectRefusal, PublishRefusal, type BrokerPlugin, type ConnectInfo } from './types.ts';
+export { SessionRegistry, type DeviceSession } from './sessions.ts';
+export { authenticationPlugin, type AuthenticationOptions } from './authentication.ts';
+export { authorizationPlugin, publishDenial, subscriptionAllowed } from './authorization.ts';
+export { payloadLimitPlugin, type PayloadLimitOptions } from './payload-limit.ts';
+export { composePlugins, DROPPED_TOPIC, type ComposeOptions } from './compose.ts';

@@ -1,0 +1,51 @@
+/**
+ * What the gateway knows about each connected client: the device it is, how it proved it,
+ * and how far onboarding has come. Attached per aedes Client; dropped with it.
+ */
+import type { Client } from 'aedes';
+
+export interface DeviceSession {
+  deviceId: string;
+  /** bootstrap: no operational cert yet; operational: mTLS with a device-CA certificate. */
+  kind: 'bootstrap' | 'operational';
+  /** Upper-case hex serial of the operational certificate. */
+  certSerial?: string;
+  certFingerprint?: string;
+  connectedAt: number;
+  /** Challenges the authority issued to this connection; an answer to any other is refused. */
+  challengeIds: Set<string>;
+  /** True once the authority accepted a challenge answer on this connection. */
+  authenticated: boolean;
+  remoteAddress: string;
+}
+
+export class SessionRegistry {
+  private readonly byClient = new WeakMap<Client, DeviceSession>();
+  private readonly live = new Map<string, { client: Client; session: DeviceSession }>();
+
+  attach(client: Client, session: DeviceSession): void {
+    this.byClient.set(client, session);
+    this.live.set(session.deviceId, { client, session });
+  }
+
+  get(client: Client): DeviceSession | undefined {
+    return this.byClient.get(client);
+  }
+
+  /** The connected client currently holding `deviceId`, if any. */
+  holder(deviceId: string): { client: Client; session: DeviceSession } | undefined {
+    return this.live.get(deviceId);
+  }
+
+  detach(client: Client): void {
+    const s = this.byClient.get(client);
+    if (s && this.live.get(s.deviceId)?.client === client) this.live.delete(s.deviceId);
+  }
+
+  count(kind?: DeviceSession['kind']): number {
+    if (!kind) return this.live.size;
+    let n = 0;
+    for (const { session } of this.live.values()) if (session.kind === kind) n++;
+    return n;
+  }
+}
