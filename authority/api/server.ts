@@ -3,7 +3,7 @@
  * the chain, then every /v1/devices route checks that the peer certificate is the current
  * certificate of an active gateway. Enrollment and the CA bundle need no client cert.
  */
-import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify';
+import Fastify, { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { LeafgateError, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
@@ -42,7 +42,8 @@ const objectBody = { body: { type: 'object' } } as const;
 export async function buildAuthorityApi(deps: ApiDeps) {
   const app = Fastify({
     loggerInstance: deps.logger,
-    disableRequestLogging: true,
+    // Per-request access lines would drown the audit-relevant ones; errors are logged below.
+    logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.bodyLimitBytes,
     https: {
       key: deps.tls.key,

@@ -9,7 +9,8 @@ import { createHash, createPrivateKey, generateKeyPairSync, X509Certificate, typ
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
-import { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, type CertificateProfile } from './certificate.ts';
+const { encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
+type CertificateProfile = pkix.CertificateProfile;
 
 export interface IssuingCa {
   name: 'root' | 'device-ca' | 'infra-ca';

@@ -4,3 +4,4 @@ export { toPem, fromPem, allPem } from './pem.ts';
 export { buildCsr, parseCsr, parseCsrDer, encodeName, decodeName, certificateSubject, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
 export { keyDescription, signatureAlgorithmFor, keySpecLabel, type KeyDescription } from './keys.ts';
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
+export { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, type CertificateProfile, type CertificateInput } from './certificate.ts';

@@ -5,9 +5,12 @@
  * one Buffer.concat per level.
  */
 import { createHash, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { pkix } from '../../protocol/index.ts';
+import * as der from './der.ts';
+import { OID } from './oids.ts';
+import { encodeSan } from './csr.ts';
+import { signatureAlgorithmFor } from './keys.ts';
 
-const { der, OID } = pkix;
+
 
 export type CertificateProfile =
   | { kind: 'root' }
@@ -90,13 +93,13 @@ function profileExtensions(input: CertificateInput): Buffer[] {
   ext.push(extension(OID.subjectKeyIdentifier, false, der.octetString(ski)));
   if (profile.kind !== 'root') ext.push(extension(OID.authorityKeyIdentifier, false, der.seq(der.tlv(0x80, input.issuer.keyId))));
   const sans = input.sans;
-  if (sans && (sans.dns?.length || sans.uri?.length || sans.ip?.length)) ext.push(extension(OID.subjectAltName, false, pkix.encodeSan(sans)));
+  if (sans && (sans.dns?.length || sans.uri?.length || sans.ip?.length)) ext.push(extension(OID.subjectAltName, false, encodeSan(sans)));
   return ext;
 }
 
 /** Encodes and signs a certificate; returns its DER. */
 export function encodeCertificate(input: CertificateInput): Buffer {
-  const { algorithm, hash } = pkix.signatureAlgorithmFor(input.issuer.privateKey);
+  const { algorithm, hash } = signatureAlgorithmFor(input.issuer.privateKey);
   const tbs = der.seq(
     der.contextTag(0, der.integer(2)), // version v3
     der.integer(input.serial),

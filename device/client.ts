@@ -1,0 +1,218 @@
+/**
+ * Leaf device SDK on mqtt.js: runs the whole onboarding flow of docs/protocol.md --
+ * bootstrap connection, register, challenge signature, key generation, CSR, certificate --
+ * then reconnects with mutual TLS. Imports only protocol/, so a device vendor can read it
+ * as the reference implementation of the wire contract.
+ */
+import { randomBytes, sign, type KeyObject, X509Certificate } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import mqtt, { type MqttClient } from 'mqtt';
+import {
+  LeafgateError,
+  challengeSigningInput,
+  downFilter,
+  isErrorCode,
+  parseTopic,
+  pkix,
+  upTopic,
+  type CertMessage,
+  type ChallengeMessage,
+  type ErrorBody,
+  type InstructionMessage,
+  type KeySpec,
+} from '../protocol/index.ts';
+import { deriveDdkgKeyPair } from './ddkg.ts';
+import { generateKeyForInstruction } from './keys.ts';
+
+export type DeviceCredential =
+  | { method: 'pki-signature'; birthCert: string; factoryKey: KeyObject }
+  | { method: 'ddkg'; attributes: Record<string, string>; enrollmentCode?: string };
+
+export interface DeviceOptions {
+  deviceId: string;
+  /** mqtts://host:port of the gateway. */
+  brokerUrl: string;
+  /** Trust anchor(s) for the gateway's TLS certificate (the authority root). */
+  ca: string;
+  credential: DeviceCredential;
+  group?: string;
+  keyPreference?: KeySpec[];
+  timeoutMs?: number;
+  /** When set, key.pem, cert.pem and chain.pem are written here (key 0600). */
+  storeDir?: string;
+}
+
+export interface DeviceIdentity {
+  deviceId: string;
+  privateKey: KeyObject;
+  certificate: string;
+  chain: string[];
+  serial: string;
+  notAfter: string;
+  key: KeySpec;
+}
+
+export interface OnboardResult extends DeviceIdentity {
+  ms: { total: number; auth: number; keygen: number; issue: number };
+}
+
+/** Waits for the next down/ message of a kind, or a down/error for the request. */
+class Inbox {
+  private waiters: Array<{ kinds: string[]; requestId: string; resolve: (v: any) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
+
+  constructor(client: MqttClient) {
+    client.on('message', (topic, payload) => this.dispatch(topic, payload));
+    client.on('close', () => this.failAll(new LeafgateError('authority_unavailable', 'connection to the gateway closed')));
+  }
+
+  wait<T>(kinds: string[], requestId: string, timeoutMs: number): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w.timer !== timer);
+        reject(new LeafgateError('authority_unavailable', `no answer to ${requestId} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.waiters.push({ kinds, requestId, resolve, reject, timer });
+    });
+  }
+
+  private dispatch(topic: string, payload: Buffer): void {
+    const t = parseTopic(topic);
+    if (!t || t.direction !== 'down') return;
+    let body: Record<string, unknown>;
+    try {
+      body = JSON.parse(payload.toString('utf8'));
+    } catch {
+      return;
+    }
+    // Errors without a requestId (e.g. a refused publish) concern whatever is in flight.
+    const w = this.waiters.find((x) => (t.kind === 'error' ? body.requestId === undefined || x.requestId === body.requestId : x.kinds.includes(t.kind) && x.requestId === body.requestId));
+    if (!w) return;
+    this.waiters = this.waiters.filter((x) => x !== w);
+    clearTimeout(w.timer);
+    if (t.kind === 'error') {
+      const e = body as unknown as ErrorBody;
+      w.reject(new LeafgateError(isErrorCode(e.code) ? e.code : 'internal', String(e.message ?? e.code), e.retryAfterMs !== undefined ? { retryAfterMs: e.retryAfterMs } : {}));
+    } else w.resolve(body);
+  }
+
+  private failAll(err: Error): void {
+    for (const w of this.waiters) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+    this.waiters = [];
+  }
+}
+
+const newRequestId = () => randomBytes(12).toString('base64url');
+
+export class LeafDevice {
+  readonly deviceId: string;
+  private readonly opts: DeviceOptions;
+
+  constructor(opts: DeviceOptions) {
+    this.opts = opts;
+    this.deviceId = opts.deviceId;
+  }
+
+  private get timeoutMs(): number {
+    return this.opts.timeoutMs ?? 30_000;
+  }
+
+  /** Opens a bootstrap (no client certificate) connection subscribed to the device's down/ topics. */
+  async connectBootstrap(): Promise<{ client: MqttClient; inbox: Inbox }> {
+    const client = await mqtt.connectAsync(this.opts.brokerUrl, {
+      clientId: this.deviceId,
+      ca: this.opts.ca,
+      rejectUnauthorized: true,
+      protocolVersion: 4,
+      clean: true,
+      reconnectPeriod: 0,
+      connectTimeout: this.timeoutMs,
+    });
+    const inbox = new Inbox(client);
+    await client.subscribeAsync(downFilter(this.deviceId), { qos: 1 });
+    return { client, inbox };
+  }
+
+  /** The whole flow; resolves with the new identity, rejects with the gateway's error code. */
+  async onboard(): Promise<OnboardResult> {
+    const t0 = performance.now();
+    const { client, inbox } = await this.connectBootstrap();
+    try {
+      const cred = this.opts.credential;
+      const regId = newRequestId();
+      const register: Record<string, unknown> = { requestId: regId, method: cred.method };
+      if (this.opts.group) register.group = this.opts.group;
+      if (this.opts.keyPreference) register.keyPreference = this.opts.keyPreference;
+      if (cred.method === 'pki-signature') register.birthCert = cred.birthCert;
+      if (cred.method === 'ddkg' && cred.enrollmentCode) register.enrollmentCode = cred.enrollmentCode;
+      const challengeP = inbox.wait<ChallengeMessage>(['challenge'], regId, this.timeoutMs);
+      await client.publishAsync(upTopic(this.deviceId, 'register'), JSON.stringify(register), { qos: 1 });
+      const challenge = await challengeP;
+
+      let signingKey: KeyObject;
+      const auth: Record<string, unknown> = { requestId: newRequestId(), challengeId: challenge.challengeId };
+      if (cred.method === 'pki-signature') signingKey = cred.factoryKey;
+      else {
+        if (!challenge.salt) throw new LeafgateError('bad_request', 'ddkg challenge without salt');
+        const pair = deriveDdkgKeyPair(cred.attributes, challenge.salt, this.deviceId);
+        signingKey = pair.privateKey;
+        auth.publicKey = pair.publicKey.export({ type: 'spki', format: 'pem' });
+      }
+      auth.signature = sign('sha256', challengeSigningInput(this.deviceId, challenge.challengeId, challenge.nonce), signingKey).toString('base64');
+      const instructionP = inbox.wait<InstructionMessage>(['instruction'], auth.requestId as string, this.timeoutMs);
+      await client.publishAsync(upTopic(this.deviceId, 'auth'), JSON.stringify(auth), { qos: 1 });
+      const instruction = await instructionP;
+      const tAuth = performance.now();
+
+      const pair = await generateKeyForInstruction(instruction);
+      const tKey = performance.now();
+      const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+      const csrId = newRequestId();
+      const certP = inbox.wait<CertMessage>(['cert'], csrId, this.timeoutMs);
+      await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId: csrId, csr }), { qos: 1 });
+      const cert = await certP;
+      const tIssue = performance.now();
+
+      if (!new X509Certificate(cert.certificate).checkPrivateKey(pair.privateKey)) throw new LeafgateError('bad_certificate', 'issued certificate does not match the generated key');
+      const identity: DeviceIdentity = {
+        deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
+        key: { keyType: instruction.keyType, keySize: instruction.keySize },
+      };
+      if (this.opts.storeDir) this.store(identity);
+      return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: tKey - tAuth, issue: tIssue - tKey } };
+    } finally {
+      await client.endAsync().catch(() => undefined);
+    }
+  }
+
+  private store(id: DeviceIdentity): void {
+    const dir = this.opts.storeDir!;
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    writeFileSync(join(dir, 'key.pem'), id.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, { mode: 0o600 });
+    writeFileSync(join(dir, 'cert.pem'), id.certificate);
+    writeFileSync(join(dir, 'chain.pem'), id.chain.join(''));
+  }
+
+  /** The operational connection: mutual TLS with the issued certificate. */
+  async connectOperational(identity: DeviceIdentity): Promise<MqttClient> {
+    return mqtt.connectAsync(this.opts.brokerUrl, {
+      clientId: this.deviceId,
+      ca: this.opts.ca,
+      key: identity.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string,
+      // Leaf + issuing CA, so the gateway can build the path to its anchors.
+      cert: identity.certificate + identity.chain[0],
+      rejectUnauthorized: true,
+      protocolVersion: 4,
+      clean: true,
+      reconnectPeriod: 0,
+      connectTimeout: this.timeoutMs,
+    });
+  }
+
+  async publishTelemetry(client: MqttClient, body: unknown, subtopic = 'state'): Promise<void> {
+    await client.publishAsync(upTopic(this.deviceId, 'telemetry', subtopic), JSON.stringify(body), { qos: 1 });
+  }
+}

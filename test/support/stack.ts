@@ -1,0 +1,75 @@
+/**
+ * Test stack: a real authority (HTTPS mTLS, SQLite) and a real gateway (aedes over TLS),
+ * both on port 0 in a fresh temp directory, with an enrolled gateway and a simulated
+ * manufacturer CA. Each test builds its own and closes it in t.after.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { TestContext } from 'node:test';
+import pino from 'pino';
+import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type RunningAuthority } from '../../authority/index.ts';
+import { enrollGateway, resolveGatewayConfig, startGateway, type GatewayConfigInput, type RunningGateway } from '../../gateway/index.ts';
+import { LeafDevice, ManufacturerCa, type DeviceCredential, type DeviceOptions } from '../../device/index.ts';
+
+export interface Stack {
+  dir: string;
+  authority: RunningAuthority;
+  gateway: RunningGateway;
+  brokerUrl: string;
+  rootPem: string;
+  manufacturer: ManufacturerCa;
+  gatewayId: string;
+  /** A device with a fresh birth certificate (pki-signature) or hardware attributes (ddkg). */
+  device(id: string, method: 'pki-signature' | 'ddkg', extra?: Partial<DeviceOptions>): LeafDevice;
+  credential(id: string, method: 'pki-signature' | 'ddkg'): DeviceCredential;
+  close(): Promise<void>;
+}
+
+export const logger = pino({ level: process.env.LEAFGATE_LOG_LEVEL ?? 'silent' });
+
+export async function startStack(t: TestContext | null, opts: { authority?: AuthorityConfigInput; gateway?: GatewayConfigInput } = {}): Promise<Stack> {
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-test-'));
+  const manufacturer = ManufacturerCa.create();
+  const authorityConfig = resolveAuthorityConfig({
+    dataDir: join(dir, 'authority'),
+    caPassphrase: 'test-passphrase-0123456789',
+    listen: { host: '127.0.0.1', port: 0 },
+    ...opts.authority,
+    policies: opts.authority?.policies ?? {
+      default: { pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['ddkg-*'] } },
+      coded: { pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'one-time-code', allowList: [] } },
+    },
+  }, {});
+  const authority = await startAuthority(authorityConfig, { logger });
+  const gatewayId = 'gw-test';
+  const gatewayDir = join(dir, 'gateway');
+  try {
+    const token = await authority.enrollment.createToken(gatewayId);
+    await enrollGateway({ authorityUrl: authority.url.replace('localhost', '127.0.0.1'), token, rootFingerprint: authority.rootFingerprint, gatewayId, dataDir: gatewayDir, hostnames: ['localhost', '127.0.0.1'] });
+  } catch (err) {
+    await authority.close();
+    throw err;
+  }
+  const gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
+  const brokerUrl = `mqtts://127.0.0.1:${gateway.port}`;
+  const rootPem = gateway.rootPem;
+
+  const credential = (id: string, method: 'pki-signature' | 'ddkg'): DeviceCredential =>
+    method === 'pki-signature' ? { method, ...manufacturer.issueBirthCertificate(id) } : { method, attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'rev-b' } };
+
+  let closed = false;
+  const stack: Stack = {
+    dir, authority, gateway, brokerUrl, rootPem, manufacturer, gatewayId, credential,
+    device: (id, method, extra = {}) => new LeafDevice({ deviceId: id, brokerUrl, ca: rootPem, credential: credential(id, method), timeoutMs: 10_000, ...extra }),
+    async close() {
+      if (closed) return;
+      closed = true;
+      await gateway.close();
+      await authority.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  t?.after(() => stack.close());
+  return stack;
+}
