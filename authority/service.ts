@@ -58,6 +58,8 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
     bodyLimitBytes: config.bodyLimitBytes,
   });
+  // Small JSON request/answer pairs: Nagle + delayed ACK would add ~40 ms to each.
+  app.server.on('secureConnection', (socket: import('node:tls').TLSSocket) => socket.setNoDelay(true));
   await app.listen({ host: config.listen.host, port: config.listen.port });
   const address = app.server.address();
   const port = typeof address === 'object' && address ? address.port : config.listen.port;

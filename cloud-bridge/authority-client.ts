@@ -30,7 +30,7 @@ export class AuthorityClient {
 
   constructor(opts: AuthorityClientOptions) {
     this.base = new URL(opts.baseUrl);
-    this.agent = new https.Agent({ keepAlive: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false });
+    this.agent = new https.Agent({ keepAlive: true, noDelay: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false });
     this.timeoutMs = opts.timeoutMs ?? 15_000;
     this.maxResponseBytes = opts.maxResponseBytes ?? 1024 * 1024;
   }
