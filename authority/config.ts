@@ -24,6 +24,8 @@ export interface AuthorityConfig {
   csrDeadlineSeconds: number;
   /** Lifetime of a gateway certificate. */
   gatewayCertDays: number;
+  /** Lifetime of a CRL (nextUpdate - thisUpdate); it is reissued at half of it. */
+  crlValidityHours: number;
   /** Max request body on the HTTPS API. */
   bodyLimitBytes: number;
   /** Group used when a device names none. */
@@ -57,6 +59,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
     gatewayCertDays: input.gatewayCertDays ?? 90,
     bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
+    crlValidityHours: input.crlValidityHours ?? 24,
     defaultGroup: input.defaultGroup ?? 'default',
     policies,
   };

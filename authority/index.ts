@@ -6,3 +6,4 @@ export { LocalCa, type CaConnector } from './ca/index.ts';
 export { SqliteStore, type AuthorityStore } from './store/index.ts';
 export { DeviceOnboarding } from './onboarding.ts';
 export { GatewayEnrollment } from './gateways.ts';
+export { Revocation, type CrlSnapshot } from './revocation.ts';

@@ -14,6 +14,7 @@ import type { AuthorityConfig } from './config.ts';
 import { GatewayEnrollment } from './gateways.ts';
 import { hashEnrollmentCode } from './auth-methods/index.ts';
 import { DeviceOnboarding } from './onboarding.ts';
+import { Revocation } from './revocation.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
 
 export interface RunningAuthority {
@@ -23,6 +24,7 @@ export interface RunningAuthority {
   store: AuthorityStore;
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
+  revocation: Revocation;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
   /** One-time ddkg enrollment code bound to a device. */
@@ -37,6 +39,8 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const store = new SqliteStore(config.databaseFile);
   const onboarding = new DeviceOnboarding({ store, ca, config, now: opts.now });
   const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, now: opts.now });
+  const revocation = new Revocation({ store, ca, crlValidityHours: config.crlValidityHours, now: opts.now });
+  await revocation.start();
 
   const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const now = Date.now();
@@ -52,6 +56,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const app = await buildAuthorityApi({
     onboarding,
     enrollment,
+    revocation,
     ca,
     store,
     logger,
@@ -74,6 +79,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     store,
     onboarding,
     enrollment,
+    revocation,
     rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
     async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
       const code = randomBytes(12).toString('base64url');
@@ -81,6 +87,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       return code;
     },
     async close() {
+      revocation.stop();
       await app.close();
       await store.close();
     },

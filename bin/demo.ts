@@ -108,7 +108,13 @@ export async function demoCommand(argv: string[]): Promise<number> {
   await enrollGateway({ authorityUrl: authority.url.replace('localhost', '127.0.0.1'), token, rootFingerprint: authority.rootFingerprint, gatewayId: 'demo-gateway', dataDir: gatewayDir, hostnames: ['localhost', '127.0.0.1'] });
   let gateway;
   try {
-    gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '0.0.0.0', port } }, {}), { logger });
+    gateway = await startGateway(resolveGatewayConfig({
+      dataDir: gatewayDir,
+      listen: { host: '0.0.0.0', port },
+      http: { host: '127.0.0.1', port: 0 },
+      // Every simulated device connects from this one address, twice.
+      rateLimits: { connectionsPerAddress: { points: Math.max(200, count * 4), durationSeconds: 10 } },
+    }, {}), { logger });
   } catch (err) {
     await authority.close();
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
@@ -118,7 +124,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
     throw err;
   }
   const brokerUrl = `mqtts://localhost:${gateway.port}`;
-  out(`gateway     demo-gateway  ${brokerUrl}`);
+  out(`gateway     demo-gateway  ${brokerUrl}  metrics http://127.0.0.1:${gateway.httpPort}/metrics`);
   out(`onboarding ${count} simulated devices (${concurrency} at a time)…`);
 
   const rows = plan(count);

@@ -29,6 +29,12 @@ export interface BrokerOptions {
   /** Time between TCP accept and CONNECT. */
   connectTimeoutMs?: number;
   maxConnections?: number;
+  /** Raw TCP admission, before any TLS work (e.g. per-address rate limit). */
+  acceptConnection?: (remoteAddress: string) => boolean | Promise<boolean>;
+  /** aedes: packets queued per client before its CONNECT is processed. */
+  queueLimit?: number;
+  /** aedes: inbound QoS 2 messages awaiting PUBREL per client. */
+  maxInflightInbound?: number;
 }
 
 export interface RunningBroker {
@@ -80,6 +86,10 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     connectTimeout: opts.connectTimeoutMs ?? 10_000,
     // Device ids are up to 128 characters; aedes applies this only to MQTT 3.1 clients.
     maxClientsIdLength: 128,
+    queueLimit: opts.queueLimit ?? 42,
+    maxInflightInbound: opts.maxInflightInbound ?? 16,
+    // A subscriber that stops reading is dropped instead of stalling delivery to others.
+    drainTimeout: 30_000,
   });
   const maxPacket = opts.maxPacketBytes ?? 256 * 1024;
   const server = tls.createServer({
@@ -89,6 +99,23 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
   });
   if (opts.maxConnections) server.maxConnections = opts.maxConnections;
+  if (opts.acceptConnection) {
+    const admit = opts.acceptConnection;
+    server.on('connection', (socket: import('node:net').Socket) => {
+      const verdict = admit(socket.remoteAddress ?? '');
+      const apply = (ok: boolean) => {
+        if (!ok) {
+          opts.logger.info({ remote: socket.remoteAddress }, 'connection refused by admission limit');
+          socket.destroy();
+        }
+      };
+      if (typeof verdict === 'boolean') apply(verdict);
+      else verdict.then(apply, (err) => {
+        // Admission store unavailable: admit rather than lock the site out.
+        opts.logger.warn({ err: (err as Error).message }, 'admission check failed; admitting');
+      });
+    });
+  }
   server.on('secureConnection', (socket) => {
     // MQTT is request/answer with small packets: Nagle + delayed ACK would add ~40 ms per hop.
     socket.setNoDelay(true);

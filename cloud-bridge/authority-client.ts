@@ -3,6 +3,7 @@
  * Answers with an error body become LeafgateErrors with the authority's code; a transport
  * failure becomes `authority_unavailable` with a retry hint.
  */
+import type { ClientRequest } from 'node:http';
 import https from 'node:https';
 import { LeafgateError, isErrorCode } from '../protocol/index.ts';
 
@@ -43,7 +44,7 @@ export class AuthorityClient {
     return this.request<T>('POST', path, body);
   }
 
-  private request<T>(method: string, path: string, body?: unknown): Promise<T> {
+  private request<T>(method: string, path: string, body?: unknown, raw = false): Promise<T> {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     return new Promise<T>((resolve, reject) => {
       const req = https.request(
@@ -67,6 +68,8 @@ export class AuthorityClient {
           });
           res.on('error', (err) => reject(unavailable(err)));
           res.on('end', () => {
+            const status0 = res.statusCode ?? 500;
+            if (raw && status0 >= 200 && status0 < 300) return resolve(Buffer.concat(chunks) as T);
             let parsed: unknown;
             try {
               parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
@@ -85,6 +88,60 @@ export class AuthorityClient {
       req.on('error', (err) => reject(unavailable(err)));
       req.end(payload);
     });
+  }
+
+  /** GET returning raw bytes (e.g. a DER CRL). */
+  getBuffer(path: string): Promise<Buffer> {
+    return this.request<Buffer>('GET', path, undefined, true);
+  }
+
+  /**
+   * Opens a server-sent-events stream (text/event-stream): `onEvent` per event, `onClose`
+   * once when it ends for any reason. Returns the request so the caller can abort it.
+   */
+  stream(path: string, handlers: { onOpen(): void; onEvent(event: string, data: unknown): void; onClose(err?: Error): void }): ClientRequest {
+    let closed = false;
+    const close = (err?: Error) => {
+      if (closed) return;
+      closed = true;
+      handlers.onClose(err);
+    };
+    const req = https.request(new URL(path, this.base), { method: 'GET', agent: this.agent, headers: { accept: 'text/event-stream' } }, (res) => {
+      if (res.statusCode !== 200) {
+        res.resume();
+        return close(new Error(`event stream answered ${res.statusCode}`));
+      }
+      handlers.onOpen();
+      res.setEncoding('utf8');
+      let buffer = '';
+      res.on('data', (chunk: string) => {
+        buffer += chunk;
+        if (buffer.length > 1024 * 1024) return req.destroy(new Error('event too large'));
+        let i: number;
+        while ((i = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, i);
+          buffer = buffer.slice(i + 2);
+          let event = 'message';
+          let data = '';
+          for (const line of block.split('\n')) {
+            if (line.startsWith('event: ')) event = line.slice(7);
+            else if (line.startsWith('data: ')) data += line.slice(6);
+          }
+          if (!data) continue; // a keep-alive comment
+          try {
+            handlers.onEvent(event, JSON.parse(data));
+          } catch {
+            // a malformed event is skipped; the periodic refresh covers what it announced
+          }
+        }
+      });
+      res.on('end', () => close());
+      res.on('error', (err) => close(err));
+    });
+    req.on('error', (err) => close(err));
+    req.on('close', () => close());
+    req.end();
+    return req;
   }
 
   close(): void {

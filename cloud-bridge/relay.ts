@@ -27,7 +27,7 @@ export interface RelayOptions {
   publish(deviceId: string, kind: DownKind, body: unknown): void;
   logger: Logger;
   /** Outcome hook for metrics and the onboarding log. */
-  onOutcome?(event: { deviceId: string; step: string; ok: boolean; code?: string; ms: number }): void;
+  onOutcome?(event: { deviceId: string; step: string; ok: boolean; code?: string; ms: number; onboardingMs?: number }): void;
 }
 
 /** Cap on challenges remembered per connection: a device re-registering in a loop cannot grow it. */
@@ -41,12 +41,14 @@ export class OnboardingRelay {
     const started = performance.now();
     const deviceId = session.deviceId;
     let requestId: string | undefined;
+    let onboardingMs: number | undefined;
     try {
       const obj = parseJsonObject(payload);
       requestId = requestIdOf(obj);
       switch (kind) {
         case 'register': {
           const msg = validateRegister(obj);
+          session.onboardingStartedAt ??= Date.now();
           const challenge = await this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId });
           if (session.challengeIds.size >= MAX_CHALLENGES_PER_SESSION) session.challengeIds.delete(session.challengeIds.values().next().value!);
           session.challengeIds.add(challenge.challengeId);
@@ -68,12 +70,13 @@ export class OnboardingRelay {
           if (!session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
           const cert = await this.opts.authority.post<CertMessage>('/v1/devices/csr', { ...msg, deviceId });
           this.opts.publish(deviceId, 'cert', cert);
+          if (session.onboardingStartedAt !== undefined) onboardingMs = Date.now() - session.onboardingStartedAt;
           break;
         }
         default:
           throw new LeafgateError('forbidden', `up/${kind} is not an onboarding topic`);
       }
-      this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started });
+      this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started, onboardingMs });
     } catch (err) {
       const e = toLeafgateError(err);
       if (e.code === 'internal') this.opts.logger.error({ err, deviceId, requestId, step: kind }, 'onboarding step failed');

@@ -1,6 +1,7 @@
 /** Gateway configuration: defaults, JSON file, environment; validated and frozen at start. */
 import { resolve } from 'node:path';
 import { LeafgateError, LIMITS } from '../protocol/index.ts';
+import { DEFAULT_RATE_LIMITS, type RateLimitConfig } from '../plugins/index.ts';
 
 export interface GatewayConfig {
   /** Identity files from enrollment live here. */
@@ -16,9 +17,20 @@ export interface GatewayConfig {
   handshakeTimeoutMs: number;
   connectTimeoutMs: number;
   maxConnections: number;
+  /** Keepalive must be 1..this (seconds). */
+  keepaliveMaxSeconds: number;
+  /** How often the CRL is fetched even without a push. */
+  crlRefreshMs: number;
+  /** /metrics, /healthz, /readyz. */
+  http: { host: string; port: number };
+  rateLimits: RateLimitConfig;
 }
 
-export type GatewayConfigInput = Partial<Omit<GatewayConfig, 'listen'>> & { listen?: Partial<GatewayConfig['listen']> };
+export type GatewayConfigInput = Partial<Omit<GatewayConfig, 'listen' | 'http' | 'rateLimits'>> & {
+  listen?: Partial<GatewayConfig['listen']>;
+  http?: Partial<GatewayConfig['http']>;
+  rateLimits?: Partial<RateLimitConfig>;
+};
 
 export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.ProcessEnv = process.env): Readonly<GatewayConfig> {
   const cfg: GatewayConfig = {
@@ -31,12 +43,17 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     handshakeTimeoutMs: input.handshakeTimeoutMs ?? 10_000,
     connectTimeoutMs: input.connectTimeoutMs ?? 10_000,
     maxConnections: input.maxConnections ?? 50_000,
+    keepaliveMaxSeconds: input.keepaliveMaxSeconds ?? 1200,
+    crlRefreshMs: input.crlRefreshMs ?? 5 * 60_000,
+    http: { host: input.http?.host ?? env.LEAFGATE_GATEWAY_HTTP_HOST ?? '0.0.0.0', port: input.http?.port ?? Number(env.LEAFGATE_GATEWAY_HTTP_PORT ?? 9464) },
+    rateLimits: { ...DEFAULT_RATE_LIMITS, ...input.rateLimits },
   };
   const bad = (m: string) => {
     throw new LeafgateError('internal', `gateway config: ${m}`);
   };
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) bad('listen.port is invalid');
   if (cfg.onboardingPayloadBytes > cfg.maxPacketBytes || cfg.telemetryPayloadBytes > cfg.maxPacketBytes) bad('payload caps must not exceed maxPacketBytes');
-  for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
+  if (!Number.isInteger(cfg.http.port) || cfg.http.port < 0 || cfg.http.port > 65535) bad('http.port is invalid');
+  for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
   return Object.freeze(cfg);
 }

@@ -1,24 +1,33 @@
 /**
- * Starts a gateway: identity from enrollment, the broker with the plugin chain, and the
- * onboarding relay to the authority. The plugin order is the order of checks:
- * authentication -> authorization -> payload-limit.
+ * Starts a gateway: identity from enrollment, the broker with the plugin chain, the
+ * onboarding relay, the CRL cache with its push channel, and the ops HTTP endpoint.
+ * The plugin order is the order of checks:
+ *   authentication -> authorization -> payload-limit -> rate-limit
  */
 import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, OnboardingRelay, identityFiles } from '../cloud-bridge/index.ts';
-import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin } from '../plugins/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, RevocationCache, identityFiles } from '../cloud-bridge/index.ts';
+import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
+import { startOpsServer, type Readiness } from './http.ts';
+import { GatewayMetrics } from './metrics.ts';
 
 export interface RunningGateway {
   gatewayId: string;
   port: number;
+  /** Port of /metrics, /healthz, /readyz. */
+  httpPort: number;
   broker: RunningBroker;
   sessions: SessionRegistry;
+  metrics: GatewayMetrics;
+  revocations: RevocationCache;
   /** PEM of the root that devices must trust to verify the gateway. */
   rootPem: string;
+  readiness(): Readiness;
   close(): Promise<void>;
 }
 
@@ -27,7 +36,7 @@ export function isEnrolled(dataDir: string): boolean {
   return [f.key, f.cert, f.root, f.deviceCa, f.meta].every((p) => existsSync(p));
 }
 
-export async function startGateway(config: Readonly<GatewayConfig>, opts: { logger?: Logger } = {}): Promise<RunningGateway> {
+export async function startGateway(config: Readonly<GatewayConfig>, opts: { logger?: Logger; limiters?: LimiterFactory } = {}): Promise<RunningGateway> {
   const logger = opts.logger ?? pino({ name: 'gateway', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
   if (!isEnrolled(config.dataDir)) throw new LeafgateError('internal', `gateway in ${config.dataDir} is not enrolled: run \`leafgate gateway enroll\` first`);
   const files = identityFiles(config.dataDir);
@@ -37,29 +46,76 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   const rootPem = readFileSync(files.root, 'utf8');
   const deviceCaPem = readFileSync(files.deviceCa, 'utf8');
   const deviceCa = new X509Certificate(deviceCaPem);
+  const log = logger.child({ gatewayId: meta.gatewayId });
 
   const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, key, cert });
   const sessions = new SessionRegistry();
+  const metrics = new GatewayMetrics({ connections: (kind) => sessions.count(kind) });
   let broker: RunningBroker | undefined;
 
   const publish = (deviceId: string, kind: DownKind, body: unknown) => {
     broker?.aedes.publish({ cmd: 'publish', topic: downTopic(deviceId, kind), payload: Buffer.from(JSON.stringify(body)), qos: 1, retain: false, dup: false }, (err) => {
-      if (err) logger.error({ err, deviceId, kind }, 'publish to device failed');
+      if (err) log.error({ err, deviceId, kind }, 'publish to device failed');
     });
   };
-  const relay = new OnboardingRelay({ authority, publish, logger });
+  const relay = new OnboardingRelay({
+    authority,
+    publish,
+    logger: log,
+    onOutcome(e) {
+      metrics.onboardingSteps.inc({ step: e.step, outcome: e.ok ? 'ok' : e.code ?? 'error' });
+      if (e.step === 'csr') metrics.onboardings.inc({ outcome: e.ok ? 'issued' : e.code ?? 'error' });
+      if (e.onboardingMs !== undefined) metrics.onboardingSeconds.observe(e.onboardingMs / 1000);
+    },
+  });
 
+  // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
+  const revocations = new RevocationCache({ authority, deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
+  const updateCrlMetrics = () => {
+    if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
+    if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
+  };
+  updateCrlMetrics();
+  revocations.on('updated', ({ newlyRevoked }) => {
+    updateCrlMetrics();
+    if (!newlyRevoked.length) return;
+    const hit = new Set(newlyRevoked);
+    for (const { client, session } of sessions.entries()) {
+      if (session.kind !== 'operational' || !session.certSerial || !hit.has(session.certSerial)) continue;
+      log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'closing session of a revoked certificate');
+      metrics.revokedSessionsClosed.inc();
+      publish(session.deviceId, 'revoked', { serial: session.certSerial });
+      // Let the notice go out first; the close follows on the next turn.
+      setImmediate(() => client.close());
+    }
+  });
+  const events = new AuthorityEventStream({ authority, logger: log });
+  events.on('event', (name) => {
+    if (name === 'crl' || name === 'hello') void revocations.refresh();
+  });
+  events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
+
+  const limits = rateLimitPlugin({ sessions, limits: config.rateLimits, factory: opts.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) } });
   const hooks = composePlugins(
     [
-      authenticationPlugin({ sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, logger }),
+      authenticationPlugin({
+        sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
+        isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
+      }),
       authorizationPlugin({ sessions }),
       payloadLimitPlugin({ onboardingBytes: config.onboardingPayloadBytes, telemetryBytes: config.telemetryPayloadBytes }),
+      limits,
     ],
     {
-      logger,
+      logger: log,
+      observer: {
+        connectRefused: (code) => metrics.refused.inc({ reason: `connack_${code}` }),
+        subscribeRefused: () => metrics.refused.inc({ reason: 'subscribe' }),
+      },
       onPublishRefused(client, packet, refusal) {
         const session = sessions.get(client);
-        logger.info({ deviceId: session?.deviceId, topic: packet.topic.slice(0, 200), code: refusal.code }, refusal.message);
+        metrics.refused.inc({ reason: refusal.code });
+        log.info({ deviceId: session?.deviceId, topic: packet.topic.slice(0, 200), code: refusal.code }, refusal.message);
         if (session) publish(session.deviceId, 'error', { code: refusal.code, message: refusal.message, ...(refusal.retryAfterMs !== undefined ? { retryAfterMs: refusal.retryAfterMs } : {}) });
       },
       onPublished(client, packet) {
@@ -78,22 +134,47 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     port: config.listen.port,
     tls: { key, cert, ca: [deviceCaPem, rootPem] },
     hooks,
-    logger,
+    logger: log,
     maxPacketBytes: config.maxPacketBytes,
     handshakeTimeoutMs: config.handshakeTimeoutMs,
     connectTimeoutMs: config.connectTimeoutMs,
     maxConnections: config.maxConnections,
+    acceptConnection: (address) => limits.acceptConnection(address),
   });
-  logger.info({ port: broker.port, gatewayId: meta.gatewayId, authority: meta.authorityUrl }, 'gateway broker listening');
+  revocations.start();
+  events.start();
 
   const running = broker;
+  const readiness = (): Readiness => {
+    const checks = { brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm };
+    return { ready: checks.brokerListening && (checks.authorityLink || checks.crlCached), checks };
+  };
+  let ops: Awaited<ReturnType<typeof startOpsServer>>;
+  try {
+    ops = await startOpsServer({ host: config.http.host, port: config.http.port, metrics, readiness, logger: log });
+  } catch (err) {
+    events.stop();
+    revocations.stop();
+    await running.close();
+    authority.close();
+    throw err;
+  }
+  log.info({ port: running.port, httpPort: ops.port, authority: meta.authorityUrl }, 'gateway listening');
+
   return {
     gatewayId: meta.gatewayId,
     port: running.port,
+    httpPort: ops.port,
     broker: running,
     sessions,
+    metrics,
+    revocations,
     rootPem,
+    readiness,
     async close() {
+      events.stop();
+      revocations.stop();
+      await ops.app.close();
       await running.close();
       authority.close();
     },

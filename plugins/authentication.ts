@@ -20,6 +20,8 @@ export interface AuthenticationOptions {
   bootstrapTimeoutMs: number;
   /** Serial (upper-case hex) -> revoked? Filled from the authority's CRL. */
   isRevoked?: (serial: string) => boolean;
+  /** Keepalive must be 1..this many seconds: 0 (off) would keep dead sessions forever. */
+  keepaliveMaxSeconds?: number;
   logger: Logger;
 }
 
@@ -33,6 +35,9 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
       if (info.clientId.length === 0) throw new ConnectRefusal(2, 'empty client id');
       if (!isValidDeviceId(info.clientId)) throw new ConnectRefusal(2, 'client id is not a valid device id');
       if (info.username !== undefined || info.password !== undefined) throw new ConnectRefusal(4, 'username/password are not accepted; use a client certificate or bootstrap');
+      // MQTT 3.1.1 has no return code for a bad keepalive; 5 (not authorized) is the least misleading.
+      const maxKeepalive = opts.keepaliveMaxSeconds ?? 1200;
+      if (info.keepalive < 1 || info.keepalive > maxKeepalive) throw new ConnectRefusal(5, `keepalive must be 1..${maxKeepalive} seconds`);
       const deviceId = info.clientId;
       const conn = client.conn as unknown as TLSSocket;
       const peer = typeof conn.getPeerX509Certificate === 'function' ? conn.getPeerX509Certificate() : undefined;

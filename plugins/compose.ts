@@ -17,6 +17,8 @@ export interface ComposeOptions {
   onPublishRefused(client: Client, packet: PublishPacket, refusal: PublishRefusal): void;
   /** Every accepted publish of a connected device (the onboarding relay, metrics). */
   onPublished(client: Client, packet: PublishPacket): void;
+  /** Counters for refusals (metrics). */
+  observer?: { connectRefused(returnCode: number): void; subscribeRefused(): void };
 }
 
 type Hooks = Required<Pick<AedesOptions, 'preConnect' | 'authenticate' | 'authorizePublish' | 'authorizeSubscribe' | 'authorizeForward' | 'published'>>;
@@ -72,7 +74,7 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
     disconnect,
 
     preConnect(client, packet, cb) {
-      connectInfo.set(client, { clientId: packet.clientId ?? '', username: packet.username, password: packet.password, will: packet.will });
+      connectInfo.set(client, { clientId: packet.clientId ?? '', username: packet.username, password: packet.password, will: packet.will, keepalive: packet.keepalive ?? 0 });
       cb(null, true);
     },
 
@@ -89,6 +91,7 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
           const refusal = err instanceof ConnectRefusal ? err : new ConnectRefusal(3, 'server unavailable');
           if (!(err instanceof ConnectRefusal)) opts.logger.error({ err, clientId: info.clientId.slice(0, 128) }, 'authentication hook failed');
           else opts.logger.info({ clientId: info.clientId.slice(0, 128), returnCode: refusal.returnCode, reason: refusal.message }, 'connect refused');
+          opts.observer?.connectRefused(refusal.returnCode);
           disconnect(client);
           cb(Object.assign(new Error(refusal.message), { returnCode: refusal.returnCode }) as AuthenticateError, false);
         },
@@ -129,6 +132,7 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
         },
         (err) => {
           if (err) opts.logger.error({ err }, 'subscribe check failed');
+          if (err || !allowed) opts.observer?.subscribeRefused();
           // null answers SUBACK 0x80 for this filter and keeps the connection.
           cb(null, !err && allowed ? subscription : null);
         },

@@ -5,3 +5,4 @@ export { authenticationPlugin, type AuthenticationOptions } from './authenticati
 export { authorizationPlugin, publishDenial, subscriptionAllowed } from './authorization.ts';
 export { payloadLimitPlugin, type PayloadLimitOptions } from './payload-limit.ts';
 export { composePlugins, DROPPED_TOPIC, type ComposeOptions } from './compose.ts';
+export { rateLimitPlugin, memoryLimiters, DEFAULT_RATE_LIMITS, type RateLimitConfig, type RateLimitPlugin, type Limit, type LimiterFactory, type RateLimitObserver } from './rate-limit.ts';

@@ -16,6 +16,8 @@ export interface DeviceSession {
   challengeIds: Set<string>;
   /** True once the authority accepted a challenge answer on this connection. */
   authenticated: boolean;
+  /** When this connection first sent register (for the onboarding latency metric). */
+  onboardingStartedAt?: number;
   remoteAddress: string;
 }
 
@@ -40,6 +42,11 @@ export class SessionRegistry {
   detach(client: Client): void {
     const s = this.byClient.get(client);
     if (s && this.live.get(s.deviceId)?.client === client) this.live.delete(s.deviceId);
+  }
+
+  /** Every live session (for revocation sweeps). */
+  *entries(): IterableIterator<{ client: Client; session: DeviceSession }> {
+    yield* this.live.values();
   }
 
   count(kind?: DeviceSession['kind']): number {

@@ -38,6 +38,7 @@ export interface ConnectInfo {
   username?: string;
   password?: Buffer;
   will?: ConnectPacket['will'];
+  keepalive: number;
 }
 
 export interface BrokerPlugin {

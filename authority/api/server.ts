@@ -10,11 +10,15 @@ import { LeafgateError, deviceIdOf, parseJsonObject, toLeafgateError, validateAu
 import type { CaConnector } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
+import type { Revocation } from '../revocation.ts';
 import type { AuthorityStore } from '../store/index.ts';
 
 export interface ApiDeps {
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
+  revocation: Revocation;
+  /** Seconds between keep-alive comments on the event stream. */
+  eventHeartbeatMs?: number;
   ca: CaConnector;
   store: AuthorityStore;
   logger: Logger;
@@ -94,6 +98,24 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   app.get('/v1/ca', async () => deps.ca.bundle());
 
+  // CRLs are public (RFC 5280 5): no client certificate needed, like a CDP over HTTP.
+  app.get('/v1/crl', async (_req, reply) => {
+    const crl = deps.revocation.crl();
+    void reply.header('content-type', 'application/pkix-crl').header('x-crl-number', crl.crlNumber.toString());
+    return crl.der;
+  });
+  app.get('/v1/crl.pem', async (_req, reply) => {
+    const crl = deps.revocation.crl();
+    void reply.header('content-type', 'application/x-pem-file').header('x-crl-number', crl.crlNumber.toString());
+    return crl.pem;
+  });
+
+  // Server-sent events to gateways: pushes (CRL reissued, ...) over the mTLS connection.
+  const streams = new Set<() => void>();
+  app.addHook('preClose', async () => {
+    for (const end of streams) end();
+  });
+
   app.post('/v1/gateways/enroll', { schema: objectBody }, async (req) => {
     const body = req.body as Record<string, unknown>;
     if (typeof body.token !== 'string' || body.token.length > 256) throw new LeafgateError('bad_request', 'token is required');
@@ -103,6 +125,24 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   app.register(async (scoped) => {
     scoped.addHook('preHandler', requireGateway);
+    scoped.get('/v1/events', (req, reply) => {
+      reply.hijack();
+      const res = reply.raw;
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', connection: 'keep-alive' });
+      const send = (event: string, data: unknown) => res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+      const onCrl = (e: { crlNumber: string; revoked: string[] }) => send('crl', e);
+      deps.revocation.events.on('crl', onCrl);
+      send('hello', { gatewayId: req.gatewayId, crlNumber: deps.revocation.crl().crlNumber.toString() });
+      const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), deps.eventHeartbeatMs ?? 15_000);
+      const end = () => {
+        clearInterval(heartbeat);
+        deps.revocation.events.off('crl', onCrl);
+        streams.delete(end);
+        res.end();
+      };
+      streams.add(end);
+      req.raw.on('close', end);
+    });
     scoped.post('/v1/devices/register', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;
       return deps.onboarding.register(req.gatewayId!, deviceIdOf(body), validateRegister(body));

@@ -6,7 +6,7 @@ import Database from 'better-sqlite3';
 import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CertificateRow, ChallengeRow, DeviceRow, GatewayRow, RequestRow } from './types.ts';
+import type { AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CertificateRow, ChallengeRow, CrlRow, DeviceRow, GatewayRow, RequestRow } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
 
@@ -71,6 +71,12 @@ export class SqliteStore implements AuthorityStore {
       insertCert: p(`INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
       countActive: p("SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?"),
+      revoke: p("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? WHERE serial = ? AND status = 'active'"),
+      getCert: p('SELECT * FROM certificates WHERE serial = ?'),
+      getCrl: p('SELECT * FROM crls WHERE issuer = ?'),
+      saveCrl: p(`INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)
+        ON CONFLICT (issuer) DO UPDATE SET crl_number = excluded.crl_number, this_update = excluded.this_update, next_update = excluded.next_update, der = excluded.der
+        WHERE excluded.crl_number > crls.crl_number`),
       insertAudit: p('INSERT INTO audit_log (at, action, outcome, code, device_id, gateway_id, request_id, serial, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)'),
     };
   }
@@ -206,6 +212,33 @@ export class SqliteStore implements AuthorityStore {
     if (filter.status) (where.push('status = ?'), args.push(filter.status));
     const sql = `SELECT * FROM certificates ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC LIMIT ?`;
     return (this.db.prepare(sql).all(...args, filter.limit ?? 1000) as Row[]).map(toCert);
+  }
+
+  async revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null> {
+    return this.db.transaction(() => {
+      if (this.stmts.revoke.run(at, reason, serial).changes !== 1) return null;
+      this.audit(audit);
+      return toCert(this.stmts.getCert.get(serial) as Row);
+    })();
+  }
+
+  async listRevoked(kinds: CertificateRow['kind'][]): Promise<CertificateRow[]> {
+    const rows = this.db.prepare(`SELECT * FROM certificates WHERE status = 'revoked' AND kind IN (${kinds.map(() => '?').join(', ')}) ORDER BY revoked_at`).all(...kinds) as Row[];
+    return rows.map(toCert);
+  }
+
+  async getCertificate(serial: string): Promise<CertificateRow | null> {
+    const r = this.stmts.getCert.get(serial) as Row | undefined;
+    return r ? toCert(r) : null;
+  }
+
+  async getCrl(issuer: string): Promise<CrlRow | null> {
+    const r = this.stmts.getCrl.get(issuer) as Row | undefined;
+    return r ? { issuer: r.issuer, crlNumber: BigInt(r.crl_number), thisUpdate: r.this_update, nextUpdate: r.next_update, der: Buffer.from(r.der, 'base64') } : null;
+  }
+
+  async saveCrl(c: CrlRow): Promise<boolean> {
+    return this.stmts.saveCrl.run(c.issuer, c.crlNumber, c.thisUpdate, c.nextUpdate, c.der.toString('base64')).changes === 1;
   }
 
   async appendAudit(entry: AuditEntry): Promise<void> {

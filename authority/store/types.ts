@@ -74,6 +74,14 @@ export interface AuditRow extends AuditEntry {
   seq: number;
 }
 
+export interface CrlRow {
+  issuer: string;
+  crlNumber: bigint;
+  thisUpdate: number;
+  nextUpdate: number;
+  der: Buffer;
+}
+
 export interface GatewayRow {
   id: string;
   status: 'active' | 'disabled';
@@ -126,6 +134,15 @@ export interface AuthorityStore {
   recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
   countActiveCertificates(subjectId: string, now: number): Promise<number>;
   listCertificates(filter: { subjectId?: string; status?: string; limit?: number }): Promise<CertificateRow[]>;
+
+  /** Marks an active certificate revoked (with the audit row); null when unknown or not active. */
+  revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null>;
+  /** Revoked certificates of a kind, for the CRL. */
+  listRevoked(kinds: CertificateRow['kind'][]): Promise<CertificateRow[]>;
+  getCertificate(serial: string): Promise<CertificateRow | null>;
+  getCrl(issuer: string): Promise<CrlRow | null>;
+  /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */
+  saveCrl(row: CrlRow): Promise<boolean>;
 
   appendAudit(entry: AuditEntry): Promise<void>;
   listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;

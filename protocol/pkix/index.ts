@@ -5,3 +5,4 @@ export { buildCsr, parseCsr, parseCsrDer, encodeName, decodeName, certificateSub
 export { keyDescription, signatureAlgorithmFor, keySpecLabel, type KeyDescription } from './keys.ts';
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
 export { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, type CertificateProfile, type CertificateInput } from './certificate.ts';
+export { encodeCrl, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';

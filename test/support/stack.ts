@@ -51,7 +51,7 @@ export async function startStack(t: TestContext | null, opts: { authority?: Auth
     await authority.close();
     throw err;
   }
-  const gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
+  const gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
   const brokerUrl = `mqtts://127.0.0.1:${gateway.port}`;
   const rootPem = gateway.rootPem;
 

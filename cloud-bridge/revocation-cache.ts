@@ -1,0 +1,102 @@
+/**
+ * The gateway's copy of the authority's device CRL: loaded from disk at start (so a restart
+ * while the authority is down still refuses revoked devices), refreshed from the authority
+ * on a schedule and whenever the event stream says a new one exists. A CRL is accepted only
+ * if its signature verifies with the device CA key and its number is not lower than ours.
+ */
+import { EventEmitter } from 'node:events';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import type { X509Certificate } from 'node:crypto';
+import type { Logger } from 'pino';
+import { pkix } from '../protocol/index.ts';
+import type { AuthorityClient } from './authority-client.ts';
+
+export interface RevocationCacheOptions {
+  authority: AuthorityClient;
+  deviceCa: X509Certificate;
+  /** Where the last good CRL is kept (DER). */
+  file: string;
+  refreshMs: number;
+  logger: Logger;
+}
+
+export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigint; newlyRevoked: string[] }] }> {
+  private crl: pkix.ParsedCrl | null = null;
+  private timer: NodeJS.Timeout | undefined;
+  private inflight: Promise<boolean> | null = null;
+
+  constructor(private readonly opts: RevocationCacheOptions) {
+    super();
+    if (existsSync(opts.file)) {
+      try {
+        this.crl = pkix.parseCrl(readFileSync(opts.file), opts.deviceCa.publicKey);
+      } catch (err) {
+        opts.logger.warn({ err: (err as Error).message }, 'cached CRL is unreadable; waiting for a fresh one');
+      }
+    }
+  }
+
+  get crlNumber(): bigint | undefined {
+    return this.crl?.crlNumber;
+  }
+
+  get nextUpdate(): Date | undefined {
+    return this.crl?.nextUpdate;
+  }
+
+  /** True when the cache holds a CRL (from disk or the authority). */
+  get warm(): boolean {
+    return this.crl !== null;
+  }
+
+  isRevoked(serial: string): boolean {
+    return this.crl?.revoked.has(serial) ?? false;
+  }
+
+  start(): void {
+    void this.refresh();
+    this.timer = setInterval(() => void this.refresh(), this.opts.refreshMs);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  /** Fetches the CRL; concurrent calls share one request. Resolves false when it failed. */
+  refresh(): Promise<boolean> {
+    this.inflight ??= this.fetch().finally(() => {
+      this.inflight = null;
+    });
+    return this.inflight;
+  }
+
+  private async fetch(): Promise<boolean> {
+    let parsed: pkix.ParsedCrl;
+    try {
+      const der = await this.opts.authority.getBuffer('/v1/crl');
+      parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
+    } catch (err) {
+      this.opts.logger.warn({ err: (err as Error).message, cached: this.crl?.crlNumber?.toString() }, 'CRL refresh failed; keeping the cached CRL');
+      return false;
+    }
+    this.apply(parsed);
+    return true;
+  }
+
+  /** Applies a verified CRL if it is not older than the one held. */
+  apply(parsed: pkix.ParsedCrl): void {
+    if (this.crl && parsed.crlNumber < this.crl.crlNumber) return;
+    const before = this.crl?.revoked ?? new Map();
+    const newlyRevoked = [...parsed.revoked.keys()].filter((s) => !before.has(s));
+    const changed = !this.crl || parsed.crlNumber !== this.crl.crlNumber;
+    this.crl = parsed;
+    if (changed) {
+      // Write-then-rename: a crash never leaves a torn CRL behind.
+      writeFileSync(`${this.opts.file}.tmp`, parsed.der);
+      renameSync(`${this.opts.file}.tmp`, this.opts.file);
+      this.opts.logger.info({ crlNumber: parsed.crlNumber.toString(), revoked: parsed.revoked.size, newlyRevoked: newlyRevoked.length }, 'CRL updated');
+      this.emit('updated', { crlNumber: parsed.crlNumber, newlyRevoked });
+    }
+  }
+}

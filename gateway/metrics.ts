@@ -1,0 +1,40 @@
+/** Prometheus metrics of one gateway (its own registry: no global state between instances). */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  readonly connections: Gauge<'kind'>;
+  readonly onboardingSteps: Counter<'step' | 'outcome'>;
+  readonly onboardings: Counter<'outcome'>;
+  readonly refused: Counter<'reason'>;
+  readonly rateLimited: Counter<'limit'>;
+  readonly onboardingSeconds: Histogram;
+  readonly crlNumber: Gauge;
+  readonly crlNextUpdate: Gauge;
+  readonly authorityLink: Gauge;
+  readonly revokedSessionsClosed: Counter;
+
+  constructor(collect: { connections(kind: 'bootstrap' | 'operational'): number }) {
+    const registers = [this.registry];
+    this.connections = new Gauge({
+      name: 'leafgate_gateway_connections', help: 'Connected MQTT clients by kind', labelNames: ['kind'], registers,
+      collect() {
+        this.set({ kind: 'bootstrap' }, collect.connections('bootstrap'));
+        this.set({ kind: 'operational' }, collect.connections('operational'));
+      },
+    });
+    this.onboardingSteps = new Counter({ name: 'leafgate_gateway_onboarding_steps_total', help: 'Onboarding messages relayed, by step and outcome (ok or error code)', labelNames: ['step', 'outcome'], registers });
+    this.onboardings = new Counter({ name: 'leafgate_gateway_onboardings_total', help: 'Onboardings finished, by outcome (issued or error code of the CSR step)', labelNames: ['outcome'], registers });
+    this.refused = new Counter({ name: 'leafgate_gateway_refused_total', help: 'Refused connects, publishes and subscriptions, by reason', labelNames: ['reason'], registers });
+    this.rateLimited = new Counter({ name: 'leafgate_gateway_rate_limited_total', help: 'Rate-limited events, by limit', labelNames: ['limit'], registers });
+    this.onboardingSeconds = new Histogram({
+      name: 'leafgate_gateway_onboarding_duration_seconds', help: 'From register to certificate delivered, per device', registers,
+      buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    });
+    this.crlNumber = new Gauge({ name: 'leafgate_gateway_crl_number', help: 'Number of the CRL in force', registers });
+    this.crlNextUpdate = new Gauge({ name: 'leafgate_gateway_crl_next_update_seconds', help: 'nextUpdate of the CRL in force (unix seconds)', registers });
+    this.authorityLink = new Gauge({ name: 'leafgate_gateway_authority_link_up', help: '1 while the event stream to the authority is open', registers });
+    this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
+    collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_gateway_' });
+  }
+}

@@ -1,0 +1,125 @@
+/**
+ * Rate limits (rate-limiter-flexible): connection attempts per source address (checked on
+ * the raw TCP connection, before any TLS work), publishes per client, onboarding attempts
+ * per device per hour, CSRs per device per day, and concurrent onboardings per gateway.
+ * A limited device gets `down/error` with `rate_limited` and `retryAfterMs`; a client that
+ * keeps going after being limited is disconnected. Limiters are built by one factory so a
+ * cluster swaps the memory store for Redis in one place.
+ */
+import type { Client } from 'aedes';
+import { RateLimiterMemory, RateLimiterRes, type RateLimiterAbstract } from 'rate-limiter-flexible';
+import { parseTopic } from '../protocol/index.ts';
+import type { SessionRegistry } from './sessions.ts';
+import { PublishRefusal, type BrokerPlugin } from './types.ts';
+
+export interface Limit {
+  points: number;
+  durationSeconds: number;
+}
+
+export interface RateLimitConfig {
+  connectionsPerAddress: Limit;
+  publishesPerClient: Limit;
+  onboardingsPerDevice: Limit;
+  csrsPerDevice: Limit;
+  concurrentOnboardings: number;
+  /** Rate-limited publishes after which the client is disconnected. */
+  abuseDisconnectAfter: number;
+}
+
+export const DEFAULT_RATE_LIMITS: RateLimitConfig = {
+  connectionsPerAddress: { points: 200, durationSeconds: 10 },
+  publishesPerClient: { points: 100, durationSeconds: 1 },
+  onboardingsPerDevice: { points: 20, durationSeconds: 3600 },
+  csrsPerDevice: { points: 10, durationSeconds: 86_400 },
+  concurrentOnboardings: 1000,
+  abuseDisconnectAfter: 20,
+};
+
+export type LimiterFactory = (name: string, limit: Limit) => RateLimiterAbstract;
+
+export const memoryLimiters: LimiterFactory = (name, limit) => new RateLimiterMemory({ keyPrefix: name, points: limit.points, duration: limit.durationSeconds });
+
+export interface RateLimitObserver {
+  limited(limit: string): void;
+}
+
+export interface RateLimitOptions {
+  sessions: SessionRegistry;
+  limits: RateLimitConfig;
+  factory?: LimiterFactory;
+  observer?: RateLimitObserver;
+}
+
+export interface RateLimitPlugin extends BrokerPlugin {
+  /** For the broker's TCP accept: false when this address is over its connection budget. */
+  acceptConnection(remoteAddress: string): Promise<boolean>;
+  activeOnboardings(): number;
+}
+
+export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
+  const make = opts.factory ?? memoryLimiters;
+  const l = opts.limits;
+  const connections = make('lg:conn', l.connectionsPerAddress);
+  const publishes = make('lg:pub', l.publishesPerClient);
+  const onboardings = make('lg:onb', l.onboardingsPerDevice);
+  const csrs = make('lg:csr', l.csrsPerDevice);
+  const active = new Set<Client>();
+  const strikes = new WeakMap<Client, number>();
+
+  /** Consumes one point; returns the wait in ms when over the limit, 0 when allowed. */
+  const over = async (limiter: RateLimiterAbstract, key: string): Promise<number> => {
+    try {
+      await limiter.consume(key);
+      return 0;
+    } catch (res) {
+      if (res instanceof RateLimiterRes) return Math.max(1, res.msBeforeNext);
+      throw res; // the store failed (e.g. Redis down): not a verdict about the client
+    }
+  };
+
+  const refuse = (client: Client, limit: string, retryAfterMs: number): never => {
+    opts.observer?.limited(limit);
+    const n = (strikes.get(client) ?? 0) + 1;
+    strikes.set(client, n);
+    // Past the budget a client that does not back off is cut rather than answered forever.
+    if (n > l.abuseDisconnectAfter) throw new Error(`rate limit ${limit} ignored ${n} times`);
+    throw new PublishRefusal('rate_limited', `rate limit ${limit} reached`, retryAfterMs);
+  };
+
+  return {
+    name: 'rate-limit',
+
+    async acceptConnection(remoteAddress) {
+      const wait = await over(connections, remoteAddress);
+      if (wait) opts.observer?.limited('connectionsPerAddress');
+      return wait === 0;
+    },
+
+    activeOnboardings: () => active.size,
+
+    async authorizePublish(client, packet) {
+      const session = opts.sessions.get(client);
+      if (!session) return;
+      let wait = await over(publishes, session.deviceId);
+      if (wait) refuse(client, 'publishesPerClient', wait);
+      const kind = parseTopic(packet.topic)?.kind;
+      if (kind === 'register') {
+        if (session.kind === 'bootstrap' && !active.has(client)) {
+          if (active.size >= l.concurrentOnboardings) refuse(client, 'concurrentOnboardings', 5_000);
+          active.add(client);
+        }
+        wait = await over(onboardings, session.deviceId);
+        if (wait) refuse(client, 'onboardingsPerDevice', wait);
+      } else if (kind === 'csr') {
+        wait = await over(csrs, session.deviceId);
+        if (wait) refuse(client, 'csrsPerDevice', wait);
+      }
+      strikes.delete(client);
+    },
+
+    onDisconnect(client) {
+      active.delete(client);
+    },
+  };
+}

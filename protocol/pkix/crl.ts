@@ -1,0 +1,123 @@
+/**
+ * Certificate revocation lists (RFC 5280 section 5): v2 CRLs with cRLNumber and
+ * authorityKeyIdentifier, entries with a reasonCode. Encoded by the authority, parsed and
+ * signature-checked by gateways (node:crypto has no CRL API).
+ */
+import { sign, verify, type KeyObject } from 'node:crypto';
+import * as der from './der.ts';
+import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
+import { signatureAlgorithmFor } from './keys.ts';
+import { fromPem, toPem } from './pem.ts';
+
+/** RFC 5280 5.3.1 CRLReason. */
+export const REVOCATION_REASONS = {
+  unspecified: 0,
+  keyCompromise: 1,
+  cACompromise: 2,
+  affiliationChanged: 3,
+  superseded: 4,
+  cessationOfOperation: 5,
+  certificateHold: 6,
+  privilegeWithdrawn: 9,
+} as const;
+export type RevocationReason = keyof typeof REVOCATION_REASONS;
+
+export interface CrlEntry {
+  /** Upper-case hex serial. */
+  serial: string;
+  revokedAt: Date;
+  reason: number;
+}
+
+export interface CrlInput {
+  issuerDer: Buffer;
+  issuerKeyId: Buffer;
+  issuerKey: KeyObject;
+  crlNumber: bigint;
+  thisUpdate: Date;
+  nextUpdate: Date;
+  entries: CrlEntry[];
+}
+
+const ext = (oid: string, value: Buffer) => der.seq(der.oid(oid), der.octetString(value));
+
+export function encodeCrl(input: CrlInput): Buffer {
+  const { algorithm, hash } = signatureAlgorithmFor(input.issuerKey);
+  const fields: Buffer[] = [der.integer(1), algorithm, input.issuerDer, der.time(input.thisUpdate), der.time(input.nextUpdate)];
+  if (input.entries.length) {
+    fields.push(der.seq(...input.entries.map((e) => {
+      const parts = [der.integer(Buffer.from(e.serial.length % 2 ? '0' + e.serial : e.serial, 'hex')), der.time(e.revokedAt)];
+      // reasonCode is omitted for unspecified (RFC 5280 5.3.1 SHOULD).
+      if (e.reason !== 0) parts.push(der.seq(ext(OID.cRLReason, der.enumerated(e.reason))));
+      return der.seq(...parts);
+    })));
+  }
+  fields.push(der.contextTag(0, der.seq(
+    ext(OID.authorityKeyIdentifier, der.seq(der.tlv(0x80, input.issuerKeyId))),
+    ext(OID.cRLNumber, der.integer(input.crlNumber)),
+  )));
+  const tbs = der.seq(...fields);
+  return der.seq(tbs, algorithm, der.bitString(sign(hash, tbs, input.issuerKey)));
+}
+
+/** PEM with the `X509 CRL` armor that openssl reads. */
+export const crlToPem = (crlDer: Buffer) => toPem(crlDer, 'X509 CRL');
+
+export interface ParsedCrl {
+  der: Buffer;
+  issuerDer: Buffer;
+  crlNumber: bigint;
+  thisUpdate: Date;
+  nextUpdate: Date | undefined;
+  /** serial (upper-case hex) -> entry */
+  revoked: Map<string, CrlEntry>;
+}
+
+/** Parses a DER or PEM CRL and verifies its signature with `issuerPublicKey`; throws DerError otherwise. */
+export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): ParsedCrl {
+  const raw = typeof input === 'string' ? fromPem(input, 'X509 CRL') : input;
+  const [tbs, alg, sig] = der.children(der.expectTag(der.parseDer(raw), der.TAG.SEQUENCE, 'CertificateList'));
+  der.expectTag(tbs, der.TAG.SEQUENCE, 'TBSCertList');
+  const algOid = der.decodeOid(der.children(der.expectTag(alg, der.TAG.SEQUENCE, 'signatureAlgorithm'))[0]);
+  const a = SIGNATURE_ALGORITHMS[algOid];
+  if (!a) throw new der.DerError(`CRL signature algorithm ${algOid} not accepted`);
+  let ok = false;
+  try {
+    ok = verify(a.hash, tbs.raw, issuerPublicKey, der.decodeBitString(sig));
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new der.DerError('CRL signature does not verify');
+
+  const f = der.children(tbs);
+  let i = 0;
+  if (f[i]?.tag === der.TAG.INTEGER) i++; // version v2
+  i++; // signature algorithm (inner)
+  const issuerDer = der.expectTag(f[i++], der.TAG.SEQUENCE, 'issuer').raw;
+  const thisUpdate = der.decodeTime(f[i++]);
+  let nextUpdate: Date | undefined;
+  if (f[i] && (f[i].tag === der.TAG.UTC_TIME || f[i].tag === der.TAG.GENERALIZED_TIME)) nextUpdate = der.decodeTime(f[i++]);
+  const revoked = new Map<string, CrlEntry>();
+  if (f[i]?.tag === der.TAG.SEQUENCE) {
+    for (const entry of der.children(f[i++])) {
+      const [serialNode, dateNode, extsNode] = der.children(entry);
+      const serial = der.expectTag(serialNode, der.TAG.INTEGER, 'serial').value.toString('hex').replace(/^(00)+(?=.)/, '').toUpperCase();
+      let reason = 0;
+      if (extsNode) {
+        for (const e of der.children(extsNode)) {
+          const [o, v] = der.children(e);
+          if (der.decodeOid(o) === OID.cRLReason) reason = der.parseDer(v.value).value[0] ?? 0;
+        }
+      }
+      revoked.set(serial, { serial, revokedAt: der.decodeTime(dateNode), reason });
+    }
+  }
+  let crlNumber = 0n;
+  if (f[i]?.tag === 0xa0) {
+    for (const e of der.children(der.children(f[i])[0])) {
+      const parts = der.children(e);
+      if (der.decodeOid(parts[0]) === OID.cRLNumber) crlNumber = der.decodeInteger(der.parseDer(parts[parts.length - 1].value));
+    }
+  }
+  return { der: raw, issuerDer, crlNumber, thisUpdate, nextUpdate, revoked };
+}
