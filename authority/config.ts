@@ -28,6 +28,8 @@ export interface AuthorityConfig {
   crlValidityHours: number;
   /** Max request body on the HTTPS API. */
   bodyLimitBytes: number;
+  /** Admin API bearer token; default: LEAFGATE_ADMIN_TOKEN, else `<dataDir>/admin-token`. */
+  adminToken?: string;
   /** Group used when a device names none. */
   defaultGroup: string;
   policies: Record<string, DevicePolicy>;
@@ -61,6 +63,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
     crlValidityHours: input.crlValidityHours ?? 24,
     defaultGroup: input.defaultGroup ?? 'default',
+    adminToken: input.adminToken ?? env.LEAFGATE_ADMIN_TOKEN,
     policies,
   };
   if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);

@@ -1,5 +1,5 @@
 /** The trust authority: CA, registry, auth methods, policy, API. Never imports gateway code. */
-export { startAuthority, type RunningAuthority } from './service.ts';
+export { startAuthority, loadAdminToken, type RunningAuthority } from './service.ts';
 export { resolveAuthorityConfig, loadAuthorityConfigFile, type AuthorityConfig, type AuthorityConfigInput } from './config.ts';
 export { DEFAULT_POLICY, type DevicePolicy } from './policy/index.ts';
 export { LocalCa, type CaConnector } from './ca/index.ts';

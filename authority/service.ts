@@ -3,7 +3,7 @@
  * fresh at every start and never written to disk; gateways trust the root, not this key.
  */
 import { generateKeyPairSync, randomBytes, X509Certificate } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isIP } from 'node:net';
 import pino, { type Logger } from 'pino';
@@ -16,6 +16,20 @@ import { hashEnrollmentCode } from './auth-methods/index.ts';
 import { DeviceOnboarding } from './onboarding.ts';
 import { Revocation } from './revocation.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
+import { hashAdminToken } from './api/admin.ts';
+
+/**
+ * The admin credential: LEAFGATE_ADMIN_TOKEN, else a token made on first start in
+ * `<dataDir>/admin-token` (mode 0600), which the CLI on the same host reads.
+ */
+export function loadAdminToken(config: Pick<AuthorityConfig, 'dataDir' | 'adminToken'>): string {
+  if (config.adminToken) return config.adminToken;
+  const file = join(config.dataDir, 'admin-token');
+  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
+  const token = randomBytes(24).toString('base64url');
+  writeFileSync(file, token + '\n', { mode: 0o600 });
+  return token;
+}
 
 export interface RunningAuthority {
   url: string;
@@ -53,6 +67,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     notAfter: new Date(now + 30 * 86_400_000),
   });
   const bundle = ca.bundle();
+  const adminToken = loadAdminToken(config);
   const app = await buildAuthorityApi({
     onboarding,
     enrollment,
@@ -60,6 +75,8 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     ca,
     store,
     logger,
+    policies: config.policies,
+    adminTokenHash: hashAdminToken(adminToken),
     tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
     bodyLimitBytes: config.bodyLimitBytes,
   });

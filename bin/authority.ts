@@ -4,6 +4,10 @@ import { join } from 'node:path';
 import { GatewayEnrollment, LocalCa, SqliteStore, loadAuthorityConfigFile, resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { hashEnrollmentCode } from '../authority/auth-methods/index.ts';
 import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
+import { printTable } from './table.ts';
+import { loadAdminToken } from '../authority/index.ts';
+import { request as httpsRequest } from 'node:https';
+import { LeafgateError, isErrorCode } from '../protocol/index.ts';
 
 const USAGE = `leafgate authority <command> [options]
 
@@ -12,6 +16,11 @@ Commands:
   token        create a one-time gateway enrollment token
   code         create a one-time ddkg enrollment code for a device
   fingerprint  print the root CA's SHA-256 fingerprint (gateways pin it)
+  devices      list devices                          (admin API)
+  certs        list certificates [--expiring 7d]     (admin API)
+  revoke       revoke --serial HEX | --device ID [--decommission] [--reason R]
+  policies     show the device policies              (admin API)
+  audit        show the audit log [--device ID]      (admin API)
 
 Options:
   --config FILE      JSON configuration (see README, Configuration)
@@ -22,9 +31,19 @@ Options:
   --device ID        device id (code)
   --group NAME       device group (code; default: the default group)
   --ttl SECONDS      validity of a token or code (default 86400 / 604800)
+  --authority URL    admin API base URL (default https://localhost:<port>)
+  --serial HEX       certificate serial (revoke)
+  --reason R         unspecified, keyCompromise, affiliationChanged, superseded,
+                     cessationOfOperation, certificateHold, privilegeWithdrawn
+  --decommission     revoke and disable the device (revoke --device)
+  --expiring SPAN    only active certificates ending within SPAN, e.g. 7d, 12h (certs)
+  --status S         filter by status (devices, certs)
+  --limit N          rows (default 100)
+  --json             JSON instead of a table
   -h, --help         this text
 
-The CA passphrase comes from LEAFGATE_CA_PASSPHRASE (at least 12 characters).
+The CA passphrase comes from LEAFGATE_CA_PASSPHRASE (at least 12 characters). Admin
+commands authenticate with LEAFGATE_ADMIN_TOKEN or <data-dir>/admin-token.
 `;
 
 function configFrom(values: Record<string, any>): ReturnType<typeof resolveAuthorityConfig> {
@@ -40,6 +59,8 @@ export async function authorityCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
     config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
     gateway: { type: 'string' }, device: { type: 'string' }, group: { type: 'string' }, ttl: { type: 'string' },
+    authority: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
+    expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
   }, USAGE);
   if (!parsed) return 0;
   const [command = 'start'] = parsed.positionals;
@@ -83,7 +104,77 @@ export async function authorityCommand(argv: string[]): Promise<number> {
       process.stdout.write(`${new X509Certificate(pem).fingerprint256}\n`);
       return 0;
     }
+    case 'devices':
+    case 'certs':
+    case 'policies':
+    case 'audit':
+    case 'revoke':
+      return adminCommand(command, v, config);
     default:
       throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
   }
+}
+
+/** Calls the admin API over HTTPS, trusting the authority's root from the data directory. */
+function adminCall(base: string, ca: string, token: string, method: string, path: string, body?: unknown): Promise<unknown> {
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(new URL(path, base), {
+      method, ca, headers: { authorization: `Bearer ${token}`, ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
+    }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        let parsed: any;
+        try {
+          parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+        } catch {
+          return reject(new Error(`admin API answered ${res.statusCode} without JSON`));
+        }
+        if ((res.statusCode ?? 500) >= 400) return reject(new LeafgateError(isErrorCode(parsed.code) ? parsed.code : 'internal', `admin API ${res.statusCode}: ${parsed.message}`));
+        resolve(parsed);
+      });
+    });
+    req.on('error', reject);
+    req.end(payload);
+  });
+}
+
+async function adminCommand(command: string, v: Record<string, any>, config: ReturnType<typeof resolveAuthorityConfig>): Promise<number> {
+  const base = v.authority ?? `https://localhost:${config.listen.port}`;
+  const ca = readFileSync(join(config.dataDir, 'ca', 'root.crt.pem'), 'utf8');
+  const token = loadAdminToken(config);
+  const q = new URLSearchParams();
+  for (const k of ['status', 'expiring', 'limit', 'device']) if (v[k] !== undefined) q.set(k, String(v[k]));
+  const qs = q.size ? `?${q}` : '';
+  let rows: any;
+  switch (command) {
+    case 'devices':
+      rows = await adminCall(base, ca, token, 'GET', `/admin/v1/devices${qs}`);
+      break;
+    case 'certs':
+      rows = await adminCall(base, ca, token, 'GET', `/admin/v1/certs${qs}`);
+      break;
+    case 'policies':
+      rows = await adminCall(base, ca, token, 'GET', '/admin/v1/policies');
+      if (!v.json) {
+        rows = Object.entries(rows as Record<string, any>).map(([group, p]) => ({
+          group, methods: p.methods.join(','), cn: p.cnTemplate, keys: p.keys.map((k: any) => `${k.keyType}-${k.keySize}`).join(','),
+          validityDays: p.validityDays, maxActiveCerts: p.maxActiveCerts, ddkg: p.ddkg.enrollment, manufacturerCAs: p.pkiSignature.manufacturerCAs.length,
+        }));
+      }
+      break;
+    case 'audit':
+      rows = await adminCall(base, ca, token, 'GET', `/admin/v1/audit${qs}`);
+      if (!v.json) rows = (rows as any[]).map((r) => ({ seq: r.seq, at: r.at, action: r.action, outcome: r.outcome, code: r.code ?? '', device: r.deviceId ?? '', gateway: r.gatewayId ?? '', serial: r.serial ?? '' }));
+      break;
+    case 'revoke': {
+      if (!v.serial && !v.device) throw new UsageError('revoke needs --serial HEX or --device ID');
+      rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
+      break;
+    }
+  }
+  if (v.json) process.stdout.write(JSON.stringify(rows, null, 2) + '\n');
+  else printTable(rows as Record<string, unknown>[]);
+  return 0;
 }

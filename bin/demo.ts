@@ -15,6 +15,7 @@ import { LeafDevice, ManufacturerCa, type OnboardResult } from '../device/index.
 import { enrollGateway, resolveGatewayConfig, startGateway } from '../gateway/index.ts';
 import { pkix, type AuthMethod, type KeySpec } from '../protocol/index.ts';
 import { intOption, parse, serveUntilSignal } from './cli.ts';
+import { formatTable } from './table.ts';
 
 const USAGE = `leafgate demo [options]
 
@@ -53,14 +54,15 @@ function plan(n: number): Row[] {
 }
 
 function table(rows: Row[]): string {
-  const head = ['device', 'method', 'key', 'serial', 'not after', 'ms', 'chain'];
-  const body = rows.map((r) => [
-    r.id, r.method, pkix.keySpecLabel(r.key), r.result?.serial ?? '-', r.result?.notAfter.slice(0, 19).replace('T', ' ') ?? '-',
-    r.result ? r.result.ms.total.toFixed(0) : '-', r.error ? `FAILED: ${r.error}` : r.chainOk && r.mtlsOk ? 'ok' : 'INVALID',
-  ]);
-  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
-  return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
+  return formatTable(rows.map((r) => ({
+    device: r.id,
+    method: r.method,
+    key: pkix.keySpecLabel(r.key),
+    serial: r.result?.serial ?? '-',
+    'not after': r.result?.notAfter.slice(0, 19).replace('T', ' ') ?? '-',
+    ms: r.result ? r.result.ms.total.toFixed(0) : '-',
+    chain: r.error ? `FAILED: ${r.error}` : r.chainOk && r.mtlsOk ? 'ok' : 'INVALID',
+  })));
 }
 
 function openssl(args: string[]): boolean {

@@ -11,12 +11,16 @@ import type { CaConnector } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
 import type { Revocation } from '../revocation.ts';
+import type { DevicePolicy } from '../policy/index.ts';
+import { registerAdminRoutes } from './admin.ts';
 import type { AuthorityStore } from '../store/index.ts';
 
 export interface ApiDeps {
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
   revocation: Revocation;
+  policies: Record<string, DevicePolicy>;
+  adminTokenHash: Buffer;
   /** Seconds between keep-alive comments on the event stream. */
   eventHeartbeatMs?: number;
   ca: CaConnector;
@@ -122,6 +126,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     if (typeof body.csr !== 'string' || body.csr.length > 16 * 1024) throw new LeafgateError('bad_request', 'csr is required');
     return deps.enrollment.enroll(body.token, body.csr);
   });
+
+  registerAdminRoutes(app as unknown as import('fastify').FastifyInstance, { store: deps.store, revocation: deps.revocation, policies: deps.policies, adminTokenHash: deps.adminTokenHash });
 
   app.register(async (scoped) => {
     scoped.addHook('preHandler', requireGateway);

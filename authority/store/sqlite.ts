@@ -205,11 +205,13 @@ export class SqliteStore implements AuthorityStore {
     return (this.stmts.countActive.get(subjectId, now) as Row).n;
   }
 
-  async listCertificates(filter: { subjectId?: string; status?: string; limit?: number }): Promise<CertificateRow[]> {
+  async listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]> {
     const where: string[] = [];
     const args: unknown[] = [];
     if (filter.subjectId) (where.push('subject_id = ?'), args.push(filter.subjectId));
     if (filter.status) (where.push('status = ?'), args.push(filter.status));
+    if (filter.kind) (where.push('kind = ?'), args.push(filter.kind));
+    if (filter.expiringBefore !== undefined) (where.push('not_after <= ?'), args.push(filter.expiringBefore));
     const sql = `SELECT * FROM certificates ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC LIMIT ?`;
     return (this.db.prepare(sql).all(...args, filter.limit ?? 1000) as Row[]).map(toCert);
   }
@@ -239,6 +241,15 @@ export class SqliteStore implements AuthorityStore {
 
   async saveCrl(c: CrlRow): Promise<boolean> {
     return this.stmts.saveCrl.run(c.issuer, c.crlNumber, c.thisUpdate, c.nextUpdate, c.der.toString('base64')).changes === 1;
+  }
+
+  async listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]> {
+    const where: string[] = [];
+    const args: unknown[] = [];
+    if (filter.status) (where.push('status = ?'), args.push(filter.status));
+    if (filter.group) (where.push('group_name = ?'), args.push(filter.group));
+    const sql = `SELECT * FROM devices ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY id LIMIT ?`;
+    return (this.db.prepare(sql).all(...args, filter.limit ?? 1000) as Row[]).map((r) => toDevice(r)!);
   }
 
   async appendAudit(entry: AuditEntry): Promise<void> {

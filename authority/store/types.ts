@@ -133,7 +133,8 @@ export interface AuthorityStore {
    */
   recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
   countActiveCertificates(subjectId: string, now: number): Promise<number>;
-  listCertificates(filter: { subjectId?: string; status?: string; limit?: number }): Promise<CertificateRow[]>;
+  listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]>;
+  listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]>;
 
   /** Marks an active certificate revoked (with the audit row); null when unknown or not active. */
   revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null>;

@@ -1,0 +1,95 @@
+/**
+ * The admin API for operators (`leafgate authority devices|certs|revoke|policies|audit`).
+ * Its own credential: a bearer token, compared in constant time against its SHA-256; the
+ * token is never logged. Every mutating call is audited with actor `admin`.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { LeafgateError, isValidDeviceId, pkix } from '../../protocol/index.ts';
+import type { DevicePolicy } from '../policy/index.ts';
+import type { Revocation } from '../revocation.ts';
+import type { AuthorityStore, CertificateRow } from '../store/index.ts';
+
+export interface AdminDeps {
+  store: AuthorityStore;
+  revocation: Revocation;
+  policies: Record<string, DevicePolicy>;
+  /** SHA-256 of the admin token. */
+  adminTokenHash: Buffer;
+}
+
+export const hashAdminToken = (token: string) => createHash('sha256').update(`leafgate-admin\n${token}`).digest();
+
+const certView = (c: CertificateRow) => ({
+  serial: c.serial, subject: c.subjectId, kind: c.kind, status: c.status, notBefore: new Date(c.notBefore).toISOString(), notAfter: new Date(c.notAfter).toISOString(),
+  revokedAt: c.revokedAt ? new Date(c.revokedAt).toISOString() : null, revocationReason: c.revocationReason, fingerprint: c.fingerprint,
+});
+
+const limitOf = (q: Record<string, string | undefined>) => {
+  const n = q.limit === undefined ? 100 : Number(q.limit);
+  if (!Number.isInteger(n) || n < 1 || n > 10_000) throw new LeafgateError('bad_request', 'limit must be 1..10000');
+  return n;
+};
+
+export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void {
+  app.register(async (admin) => {
+    admin.addHook('onRequest', async (req: FastifyRequest) => {
+      const header = req.headers.authorization ?? '';
+      const token = header.startsWith('Bearer ') ? header.slice(7) : '';
+      if (!token || !timingSafeEqual(hashAdminToken(token), deps.adminTokenHash)) throw new LeafgateError('not_authenticated', 'admin token required');
+    });
+
+    admin.get('/admin/v1/devices', async (req) => {
+      const q = req.query as Record<string, string | undefined>;
+      const devices = await deps.store.listDevices({ status: q.status, group: q.group, limit: limitOf(q) });
+      return devices.map((d) => ({ id: d.id, group: d.groupName, method: d.method, status: d.status, gateway: d.gatewayId, createdAt: new Date(d.createdAt).toISOString(), updatedAt: new Date(d.updatedAt).toISOString() }));
+    });
+
+    admin.get('/admin/v1/certs', async (req) => {
+      const q = req.query as Record<string, string | undefined>;
+      let expiringBefore: number | undefined;
+      if (q.expiring !== undefined) {
+        const m = /^(\d{1,5})([dh])$/.exec(q.expiring);
+        if (!m) throw new LeafgateError('bad_request', 'expiring must look like 7d or 12h');
+        expiringBefore = Date.now() + Number(m[1]) * (m[2] === 'd' ? 86_400_000 : 3_600_000);
+      }
+      if (q.device !== undefined && !isValidDeviceId(q.device)) throw new LeafgateError('invalid_device_id');
+      const certs = await deps.store.listCertificates({ subjectId: q.device, status: q.status ?? (expiringBefore ? 'active' : undefined), kind: q.kind, expiringBefore, limit: limitOf(q) });
+      return certs.map(certView);
+    });
+
+    admin.post('/admin/v1/revoke', { schema: { body: { type: 'object' } } }, async (req) => {
+      const b = req.body as Record<string, unknown>;
+      const reason = (b.reason ?? 'unspecified') as pkix.RevocationReason;
+      if (typeof reason !== 'string' || !(reason in pkix.REVOCATION_REASONS)) throw new LeafgateError('bad_request', `reason must be one of ${Object.keys(pkix.REVOCATION_REASONS).join(', ')}`);
+      if (typeof b.serial === 'string' && /^[0-9A-Fa-f:]{2,64}$/.test(b.serial)) return [await deps.revocation.revokeSerial(b.serial, reason, 'admin')];
+      if (typeof b.device === 'string') return revokeDevice(deps, b.device, reason, b.decommission === true);
+      throw new LeafgateError('bad_request', 'give serial (hex) or device');
+    });
+
+    admin.get('/admin/v1/policies', async () => deps.policies);
+
+    admin.get('/admin/v1/audit', async (req) => {
+      const q = req.query as Record<string, string | undefined>;
+      if (q.device !== undefined && !isValidDeviceId(q.device)) throw new LeafgateError('invalid_device_id');
+      const rows = await deps.store.listAudit({ deviceId: q.device, limit: limitOf(q) });
+      return rows.map((r) => ({ ...r, at: new Date(r.at).toISOString() }));
+    });
+  });
+}
+
+/** Revokes every active certificate of a device; decommission also disables the device. */
+async function revokeDevice(deps: AdminDeps, deviceId: string, reason: pkix.RevocationReason, decommission: boolean) {
+  if (!isValidDeviceId(deviceId)) throw new LeafgateError('invalid_device_id');
+  const device = await deps.store.getDevice(deviceId);
+  if (!device) throw new LeafgateError('unknown_device');
+  const active = await deps.store.listCertificates({ subjectId: deviceId, status: 'active' });
+  const out = [];
+  for (const c of active) out.push(await deps.revocation.revokeSerial(c.serial, reason, 'admin'));
+  if (decommission) {
+    const now = Date.now();
+    await deps.store.updateDevice(deviceId, { status: 'disabled' }, now);
+    await deps.store.appendAudit({ at: now, action: 'decommission', outcome: 'ok', deviceId, detail: { revoked: out.length, actor: 'admin' } });
+  }
+  return out;
+}
