@@ -26,6 +26,8 @@ export interface AuthorityConfig {
   gatewayCertDays: number;
   /** Lifetime of a CRL (nextUpdate - thisUpdate); it is reissued at half of it. */
   crlValidityHours: number;
+  /** How often due renewals are announced to gateways. */
+  renewalScanSeconds: number;
   /** Max request body on the HTTPS API. */
   bodyLimitBytes: number;
   /** Admin API bearer token; default: LEAFGATE_ADMIN_TOKEN, else `<dataDir>/admin-token`. */
@@ -62,6 +64,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     gatewayCertDays: input.gatewayCertDays ?? 90,
     bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
     crlValidityHours: input.crlValidityHours ?? 24,
+    renewalScanSeconds: input.renewalScanSeconds ?? 300,
     defaultGroup: input.defaultGroup ?? 'default',
     adminToken: input.adminToken ?? env.LEAFGATE_ADMIN_TOKEN,
     policies,

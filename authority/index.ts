@@ -7,3 +7,5 @@ export { SqliteStore, type AuthorityStore } from './store/index.ts';
 export { DeviceOnboarding } from './onboarding.ts';
 export { GatewayEnrollment } from './gateways.ts';
 export { Revocation, type CrlSnapshot } from './revocation.ts';
+export { RenewalScheduler } from './renewal.ts';
+export { AuthorityEvents, type RenewalDue } from './events.ts';

@@ -22,6 +22,11 @@ import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { buildInstruction, checkCsrAgainstInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
 import type { AuthorityStore, DeviceRow, RequestRow } from './store/index.ts';
+import { renewalKey } from './renewal.ts';
+
+function spkiDerOfPem(pem: string): Buffer {
+  return pkix.spkiDerOf(pkix.fromPem(pem, 'CERTIFICATE'));
+}
 
 export interface OnboardingDeps {
   store: AuthorityStore;
@@ -62,6 +67,11 @@ export class DeviceOnboarding {
 
   csr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
     return this.run('csr', gatewayId, deviceId, msg.requestId, () => this.doCsr(gatewayId, deviceId, msg));
+  }
+
+  /** A CSR from a device connected with its certificate `currentSerial` (the gateway vouches for the session). */
+  renew(gatewayId: string, deviceId: string, msg: CsrMessage & { currentSerial: string }): Promise<CertMessage> {
+    return this.run('renew', gatewayId, deviceId, msg.requestId, () => this.doRenew(gatewayId, deviceId, msg));
   }
 
   /** Per-device serialization plus the audit row for every refusal. */
@@ -179,6 +189,55 @@ export class DeviceOnboarding {
     await this.store.insertAuthSession({ id: randomBytes(16).toString('base64url'), deviceId, gatewayId, instruction: instruction as unknown as Record<string, unknown>, expiresAt: csrDeadline.getTime(), usedAt: null });
     await this.store.appendAudit({ at: now, action: 'auth', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: challenge.method, key: pkix.keySpecLabel(key) } });
     return instruction;
+  }
+
+  private async doRenew(gatewayId: string, deviceId: string, msg: CsrMessage & { currentSerial: string }): Promise<CertMessage> {
+    const hash = bodyHash(msg);
+    const stored = await this.storedAnswer(deviceId, msg.requestId, 'renew', hash);
+    if (stored) return stored as unknown as CertMessage;
+
+    const now = this.now();
+    const current = await this.store.getCertificate(msg.currentSerial);
+    if (!current || current.kind !== 'device' || current.subjectId !== deviceId) throw new LeafgateError('not_authenticated', 'the session certificate is not this device\'s');
+    if (current.status === 'revoked') throw new LeafgateError('revoked');
+    if (current.status !== 'active') throw new LeafgateError('policy_violation', `certificate ${current.serial} was already ${current.status}`);
+    if (current.notAfter <= now) throw new LeafgateError('not_authenticated', 'the session certificate has expired; onboard again');
+    const device = await this.store.getDevice(deviceId);
+    if (!device) throw new LeafgateError('unknown_device');
+    this.checkDeviceUsable(device);
+    const policy = this.policyFor(device.groupName);
+
+    let csr: pkix.ParsedCsr;
+    try {
+      csr = pkix.parseCsr(msg.csr);
+    } catch (err) {
+      throw new LeafgateError('bad_csr', (err as Error).message);
+    }
+    const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group: device.groupName, key: renewalKey(policy, current.pem), csrDeadline: new Date(now) });
+    checkCsrAgainstInstruction(csr, instruction);
+    // A renewal rotates the key: the same key again would extend a possibly leaked one.
+    if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
+
+    const issued = this.ca.issue('device', {
+      subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + instruction.validityDays * 86_400_000),
+    });
+    const answer: CertMessage = { requestId: msg.requestId, certificate: issued.pem, chain: issued.chain, serial: issued.serial, notBefore: issued.notBefore.toISOString(), notAfter: issued.notAfter.toISOString() };
+    const recorded = await this.store.recordRenewal({
+      request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
+      certificate: {
+        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
+        status: 'active', requestId: msg.requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
+      },
+      supersedes: current.serial,
+      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: issued.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+    });
+    if (!recorded) {
+      const winner = await this.storedAnswer(deviceId, msg.requestId, 'renew', hash);
+      if (winner) return winner as unknown as CertMessage;
+      throw new LeafgateError('internal', 'renewal lost a race and found no stored answer');
+    }
+    return answer;
   }
 
   private async doCsr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {

@@ -4,10 +4,10 @@
  * close the device's live session. The CRL is also reissued on a schedule well before its
  * nextUpdate, so gateways never hold a stale one while the authority is up.
  */
-import { EventEmitter } from 'node:events';
 import { LeafgateError, pkix } from '../protocol/index.ts';
 import type { LocalCa } from './ca/index.ts';
 import type { AuthorityStore } from './store/index.ts';
+import type { AuthorityEvents } from './events.ts';
 
 export interface CrlSnapshot {
   der: Buffer;
@@ -17,21 +17,13 @@ export interface CrlSnapshot {
   nextUpdate: Date;
 }
 
-/** Events for gateways (sent over GET /v1/events as server-sent events). */
-export interface AuthorityEventMap {
-  crl: [{ crlNumber: string; revoked: string[] }];
-}
-
 export class Revocation {
-  readonly events = new EventEmitter<AuthorityEventMap>();
   private current: CrlSnapshot | null = null;
   private timer: NodeJS.Timeout | undefined;
 
   constructor(
-    private readonly deps: { store: AuthorityStore; ca: LocalCa; crlValidityHours: number; now?: () => number },
-  ) {
-    this.events.setMaxListeners(0);
-  }
+    private readonly deps: { store: AuthorityStore; ca: LocalCa; events: AuthorityEvents; crlValidityHours: number; now?: () => number },
+  ) {}
 
   private now(): number {
     return this.deps.now?.() ?? Date.now();
@@ -74,7 +66,7 @@ export class Revocation {
       const row = (await this.deps.store.getCrl('device-ca'))!;
       this.current = { der: row.der, pem: pkix.crlToPem(row.der), crlNumber: row.crlNumber, thisUpdate: new Date(row.thisUpdate), nextUpdate: new Date(row.nextUpdate) };
     } else this.current = { der, pem: pkix.crlToPem(der), crlNumber, thisUpdate, nextUpdate };
-    this.events.emit('crl', { crlNumber: this.current.crlNumber.toString(), revoked: newlyRevoked });
+    this.deps.events.emit('crl', { crlNumber: this.current.crlNumber.toString(), revoked: newlyRevoked });
     return this.current;
   }
 

@@ -15,6 +15,8 @@ import { GatewayEnrollment } from './gateways.ts';
 import { hashEnrollmentCode } from './auth-methods/index.ts';
 import { DeviceOnboarding } from './onboarding.ts';
 import { Revocation } from './revocation.ts';
+import { RenewalScheduler } from './renewal.ts';
+import { AuthorityEvents } from './events.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 
@@ -39,6 +41,7 @@ export interface RunningAuthority {
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
   revocation: Revocation;
+  renewals: RenewalScheduler;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
   /** One-time ddkg enrollment code bound to a device. */
@@ -53,8 +56,11 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const store = new SqliteStore(config.databaseFile);
   const onboarding = new DeviceOnboarding({ store, ca, config, now: opts.now });
   const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, now: opts.now });
-  const revocation = new Revocation({ store, ca, crlValidityHours: config.crlValidityHours, now: opts.now });
+  const events = new AuthorityEvents();
+  const revocation = new Revocation({ store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now });
   await revocation.start();
+  const renewals = new RenewalScheduler({ store, events, config, now: opts.now });
+  renewals.start();
 
   const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const now = Date.now();
@@ -72,6 +78,8 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     onboarding,
     enrollment,
     revocation,
+    events,
+    renewals,
     ca,
     store,
     logger,
@@ -97,6 +105,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     onboarding,
     enrollment,
     revocation,
+    renewals,
     rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
     async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
       const code = randomBytes(12).toString('base64url');
@@ -105,6 +114,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     },
     async close() {
       revocation.stop();
+      renewals.stop();
       await app.close();
       await store.close();
     },

@@ -1,33 +1,39 @@
 /**
- * The onboarding relay: device messages on `up/register|auth|csr` are validated, checked
- * against the connection's state, forwarded to the authority over mTLS, and the answer is
- * published to the device's `down/` topic. Every failure becomes a `down/error` message
- * with a stable code; nothing is retried behind the device's back (the device owns the
- * requestId and may repeat it, which is idempotent at the authority).
+ * The onboarding relay. Register and auth are interactive: validated, checked against the
+ * connection's state, forwarded to the authority over mTLS, answered on `down/`. CSRs are
+ * durable: accepted into the outbox before the broker acknowledges them (this class is
+ * also a broker plugin for that step), then sent by the outbox worker, so an accepted CSR
+ * survives a gateway crash and an authority outage. Every failure becomes `down/error`
+ * with a stable code.
  */
 import type { Logger } from 'pino';
 import {
   LeafgateError,
   parseJsonObject,
+  parseTopic,
   requestIdOf,
   toLeafgateError,
   validateAuth,
   validateCsr,
   validateRegister,
-  type CertMessage,
   type ChallengeMessage,
   type DownKind,
   type InstructionMessage,
 } from '../protocol/index.ts';
-import type { DeviceSession } from '../plugins/index.ts';
+import { PublishRefusal, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
 import type { AuthorityClient } from './authority-client.ts';
+import type { Outbox } from './outbox.ts';
+import type { OutboxWorker } from './outbox-worker.ts';
 
 export interface RelayOptions {
   authority: AuthorityClient;
+  sessions: SessionRegistry;
+  outbox: Outbox;
+  worker: OutboxWorker;
   publish(deviceId: string, kind: DownKind, body: unknown): void;
   logger: Logger;
-  /** Outcome hook for metrics and the onboarding log. */
-  onOutcome?(event: { deviceId: string; step: string; ok: boolean; code?: string; ms: number; onboardingMs?: number }): void;
+  /** Outcome hook for metrics. */
+  onOutcome?(event: { deviceId: string; step: string; ok: boolean; code?: string; ms: number }): void;
 }
 
 /** Cap on challenges remembered per connection: a device re-registering in a loop cannot grow it. */
@@ -36,47 +42,76 @@ const MAX_CHALLENGES_PER_SESSION = 8;
 export class OnboardingRelay {
   constructor(private readonly opts: RelayOptions) {}
 
-  /** Handles one accepted publish on an onboarding topic. Never throws. */
-  async handle(session: DeviceSession, kind: string, payload: Buffer): Promise<void> {
+  /**
+   * The broker-plugin face: runs last in the chain, before PUBACK. A CSR is validated and
+   * written to the outbox here; a repeat of a stored requestId gets its stored answer.
+   */
+  plugin(): BrokerPlugin {
+    return {
+      name: 'outbox',
+      authorizePublish: (client, packet) => {
+        if (parseTopic(packet.topic)?.kind !== 'csr') return;
+        const session = this.opts.sessions.get(client);
+        if (!session) return;
+        const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
+        let requestId: string | undefined;
+        try {
+          const obj = parseJsonObject(payload);
+          requestId = requestIdOf(obj);
+          const msg = validateCsr(obj);
+          const existing = this.opts.outbox.get(session.deviceId, msg.requestId);
+          if (existing) {
+            // A re-query (e.g. after a reconnect): same body -> the stored answer, or `pending`.
+            if (existing.body.csr !== msg.csr) throw new LeafgateError('request_conflict', `requestId ${msg.requestId} was already used for another CSR`);
+            setImmediate(() => this.opts.worker.deliver(this.opts.outbox.get(session.deviceId, msg.requestId)!));
+            return;
+          }
+          const renewal = session.kind === 'operational';
+          if (!renewal && !session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
+          const body: Record<string, unknown> = { ...msg, deviceId: session.deviceId };
+          if (renewal) body.currentSerial = session.certSerial;
+          this.opts.outbox.accept(session.deviceId, msg.requestId, renewal ? 'renew' : 'csr', body, Date.now());
+          this.opts.worker.kick();
+        } catch (err) {
+          const e = toLeafgateError(err);
+          if (e.code === 'internal') this.opts.logger.error({ err, deviceId: session.deviceId }, 'CSR could not be queued');
+          this.opts.onOutcome?.({ deviceId: session.deviceId, step: 'csr', ok: false, code: e.code, ms: 0 });
+          throw new PublishRefusal(e.code, e.message, e.retryAfterMs, requestId);
+        }
+      },
+    };
+  }
+
+  /** Answers stored while the device was away, sent once it subscribes again. */
+  deliverStored(session: DeviceSession): void {
+    for (const entry of this.opts.outbox.undelivered(session.deviceId)) this.opts.worker.deliver(entry);
+  }
+
+  /** Handles one accepted publish on up/register or up/auth. Never throws. */
+  async handle(session: DeviceSession, kind: 'register' | 'auth', payload: Buffer): Promise<void> {
     const started = performance.now();
     const deviceId = session.deviceId;
     let requestId: string | undefined;
-    let onboardingMs: number | undefined;
     try {
       const obj = parseJsonObject(payload);
       requestId = requestIdOf(obj);
-      switch (kind) {
-        case 'register': {
-          const msg = validateRegister(obj);
-          session.onboardingStartedAt ??= Date.now();
-          const challenge = await this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId });
-          if (session.challengeIds.size >= MAX_CHALLENGES_PER_SESSION) session.challengeIds.delete(session.challengeIds.values().next().value!);
-          session.challengeIds.add(challenge.challengeId);
-          this.opts.publish(deviceId, 'challenge', challenge);
-          break;
-        }
-        case 'auth': {
-          const msg = validateAuth(obj);
-          // A challenge answered here must have been issued to this very connection.
-          if (!session.challengeIds.has(msg.challengeId)) throw new LeafgateError('challenge_expired', 'challenge was not issued on this connection');
-          const instruction = await this.opts.authority.post<InstructionMessage>('/v1/devices/auth', { ...msg, deviceId });
-          session.challengeIds.delete(msg.challengeId);
-          session.authenticated = true;
-          this.opts.publish(deviceId, 'instruction', instruction);
-          break;
-        }
-        case 'csr': {
-          const msg = validateCsr(obj);
-          if (!session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
-          const cert = await this.opts.authority.post<CertMessage>('/v1/devices/csr', { ...msg, deviceId });
-          this.opts.publish(deviceId, 'cert', cert);
-          if (session.onboardingStartedAt !== undefined) onboardingMs = Date.now() - session.onboardingStartedAt;
-          break;
-        }
-        default:
-          throw new LeafgateError('forbidden', `up/${kind} is not an onboarding topic`);
+      if (kind === 'register') {
+        const msg = validateRegister(obj);
+        session.onboardingStartedAt ??= Date.now();
+        const challenge = await this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId });
+        if (session.challengeIds.size >= MAX_CHALLENGES_PER_SESSION) session.challengeIds.delete(session.challengeIds.values().next().value!);
+        session.challengeIds.add(challenge.challengeId);
+        this.opts.publish(deviceId, 'challenge', challenge);
+      } else {
+        const msg = validateAuth(obj);
+        // A challenge answered here must have been issued to this very connection.
+        if (!session.challengeIds.has(msg.challengeId)) throw new LeafgateError('challenge_expired', 'challenge was not issued on this connection');
+        const instruction = await this.opts.authority.post<InstructionMessage>('/v1/devices/auth', { ...msg, deviceId });
+        session.challengeIds.delete(msg.challengeId);
+        session.authenticated = true;
+        this.opts.publish(deviceId, 'instruction', instruction);
       }
-      this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started, onboardingMs });
+      this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started });
     } catch (err) {
       const e = toLeafgateError(err);
       if (e.code === 'internal') this.opts.logger.error({ err, deviceId, requestId, step: kind }, 'onboarding step failed');

@@ -68,12 +68,18 @@ class Inbox {
 
   wait<T>(kinds: string[], requestId: string, timeoutMs: number): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w.timer !== timer);
-        reject(new LeafgateError('authority_unavailable', `no answer to ${requestId} within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.waiters.push({ kinds, requestId, resolve, reject, timer });
+      const w = { kinds, requestId, resolve, reject, timer: undefined as unknown as NodeJS.Timeout };
+      this.waiters.push(w);
+      this.extend(w, timeoutMs);
     });
+  }
+
+  private extend(w: Inbox['waiters'][number], ms: number): void {
+    clearTimeout(w.timer);
+    w.timer = setTimeout(() => {
+      this.waiters = this.waiters.filter((x) => x !== w);
+      w.reject(new LeafgateError('authority_unavailable', `no answer to ${w.requestId} within ${ms} ms`));
+    }, ms);
   }
 
   private dispatch(topic: string, payload: Buffer): void {
@@ -87,6 +93,12 @@ class Inbox {
     }
     // Errors without a requestId (e.g. a refused publish) concern whatever is in flight.
     const w = this.waiters.find((x) => (t.kind === 'error' ? body.requestId === undefined || x.requestId === body.requestId : x.kinds.includes(t.kind) && x.requestId === body.requestId));
+    if (t.kind === 'pending') {
+      // The gateway queued the request (authority unreachable): keep waiting, longer.
+      const p = this.waiters.find((x) => x.requestId === body.requestId);
+      if (p) this.extend(p, Math.max(Number(body.retryAfterMs) || 0, 1000) * 4);
+      return;
+    }
     if (!w) return;
     this.waiters = this.waiters.filter((x) => x !== w);
     clearTimeout(w.timer);
@@ -219,6 +231,48 @@ export class LeafDevice {
     });
     noDelay(client);
     return client;
+  }
+
+  /**
+   * Serves renewal instructions on an operational connection: on `down/instruction` with
+   * `renewal: true`, makes a NEW key pair, sends the CSR over this mTLS session and hands
+   * the new identity to `onRenewed` (the caller reconnects with it). Resolves when set up.
+   */
+  async enableRenewal(client: MqttClient, onRenewed: (next: DeviceIdentity) => void, onError?: (err: Error) => void): Promise<void> {
+    const inbox = new Inbox(client);
+    let busy = false;
+    client.on('message', (topic, payload) => {
+      const t = parseTopic(topic);
+      if (t?.kind !== 'instruction' || busy) return;
+      let instruction: InstructionMessage;
+      try {
+        instruction = JSON.parse(payload.toString('utf8'));
+      } catch {
+        return;
+      }
+      if (!instruction.renewal) return;
+      busy = true;
+      void (async () => {
+        const pair = await generateKeyForInstruction(instruction);
+        const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+        const requestId = newRequestId();
+        const certP = inbox.wait<CertMessage>(['cert'], requestId, this.timeoutMs);
+        await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
+        const cert = await certP;
+        if (!new X509Certificate(cert.certificate).checkPrivateKey(pair.privateKey)) throw new LeafgateError('bad_certificate', 'renewed certificate does not match the new key');
+        const next: DeviceIdentity = {
+          deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
+          key: { keyType: instruction.keyType, keySize: instruction.keySize },
+        };
+        if (this.opts.storeDir) this.store(next);
+        onRenewed(next);
+      })()
+        .catch((err: Error) => onError?.(err))
+        .finally(() => {
+          busy = false;
+        });
+    });
+    await client.subscribeAsync(downFilter(this.deviceId), { qos: 1 });
   }
 
   async publishTelemetry(client: MqttClient, body: unknown, subtopic = 'state'): Promise<void> {

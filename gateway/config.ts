@@ -21,6 +21,10 @@ export interface GatewayConfig {
   keepaliveMaxSeconds: number;
   /** How often the CRL is fetched even without a push. */
   crlRefreshMs: number;
+  /** Requests in flight to the authority at once (the outbox drains with this bound). */
+  authorityConcurrency: number;
+  /** Time a device has to answer a renewal instruction. */
+  renewalCsrDeadlineMs: number;
   /** /metrics, /healthz, /readyz. */
   http: { host: string; port: number };
   rateLimits: RateLimitConfig;
@@ -45,6 +49,8 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     maxConnections: input.maxConnections ?? 50_000,
     keepaliveMaxSeconds: input.keepaliveMaxSeconds ?? 1200,
     crlRefreshMs: input.crlRefreshMs ?? 5 * 60_000,
+    authorityConcurrency: input.authorityConcurrency ?? 16,
+    renewalCsrDeadlineMs: input.renewalCsrDeadlineMs ?? 10 * 60_000,
     http: { host: input.http?.host ?? env.LEAFGATE_GATEWAY_HTTP_HOST ?? '0.0.0.0', port: input.http?.port ?? Number(env.LEAFGATE_GATEWAY_HTTP_PORT ?? 9464) },
     rateLimits: { ...DEFAULT_RATE_LIMITS, ...input.rateLimits },
   };
@@ -54,6 +60,6 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) bad('listen.port is invalid');
   if (cfg.onboardingPayloadBytes > cfg.maxPacketBytes || cfg.telemetryPayloadBytes > cfg.maxPacketBytes) bad('payload caps must not exceed maxPacketBytes');
   if (!Number.isInteger(cfg.http.port) || cfg.http.port < 0 || cfg.http.port > 65535) bad('http.port is invalid');
-  for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
+  for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs', 'authorityConcurrency'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
   return Object.freeze(cfg);
 }

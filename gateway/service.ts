@@ -2,7 +2,7 @@
  * Starts a gateway: identity from enrollment, the broker with the plugin chain, the
  * onboarding relay, the CRL cache with its push channel, and the ops HTTP endpoint.
  * The plugin order is the order of checks:
- *   authentication -> authorization -> payload-limit -> rate-limit
+ *   authentication -> authorization -> payload-limit -> rate-limit -> outbox
  */
 import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, AuthorityEventStream, OnboardingRelay, RevocationCache, identityFiles } from '../cloud-bridge/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
@@ -25,6 +25,8 @@ export interface RunningGateway {
   sessions: SessionRegistry;
   metrics: GatewayMetrics;
   revocations: RevocationCache;
+  outbox: Outbox;
+  renewals: RenewalTracker;
   /** PEM of the root that devices must trust to verify the gateway. */
   rootPem: string;
   readiness(): Readiness;
@@ -58,16 +60,41 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       if (err) log.error({ err, deviceId, kind }, 'publish to device failed');
     });
   };
+  const outbox = new Outbox(join(config.dataDir, 'outbox.db'));
+  const renewals = new RenewalTracker();
+  const worker = new OutboxWorker({
+    outbox,
+    authority,
+    publish,
+    logger: log,
+    concurrency: config.authorityConcurrency,
+    onAnswer({ entry, ok, code }) {
+      metrics.onboardingSteps.inc({ step: entry.kind, outcome: ok ? 'ok' : code ?? 'error' });
+      metrics.onboardings.inc({ outcome: ok ? (entry.kind === 'renew' ? 'renewed' : 'issued') : code ?? 'error' });
+      if (ok && entry.kind === 'renew' && typeof entry.body.currentSerial === 'string') renewals.done(entry.body.currentSerial);
+      const started = sessions.holder(entry.deviceId)?.session.onboardingStartedAt;
+      if (ok && started !== undefined) metrics.onboardingSeconds.observe((Date.now() - started) / 1000);
+    },
+  });
   const relay = new OnboardingRelay({
     authority,
+    sessions,
+    outbox,
+    worker,
     publish,
     logger: log,
     onOutcome(e) {
       metrics.onboardingSteps.inc({ step: e.step, outcome: e.ok ? 'ok' : e.code ?? 'error' });
-      if (e.step === 'csr') metrics.onboardings.inc({ outcome: e.ok ? 'issued' : e.code ?? 'error' });
-      if (e.onboardingMs !== undefined) metrics.onboardingSeconds.observe(e.onboardingMs / 1000);
     },
   });
+  const askToRenew = (client: import('aedes').Client, session: import('../plugins/index.ts').DeviceSession) => {
+    if (session.kind !== 'operational' || !session.certSerial) return;
+    const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs);
+    if (instruction) {
+      log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'asking device to renew');
+      publish(session.deviceId, 'instruction', instruction);
+    }
+  };
 
   // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
   const revocations = new RevocationCache({ authority, deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
@@ -90,8 +117,15 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     }
   });
   const events = new AuthorityEventStream({ authority, logger: log });
-  events.on('event', (name) => {
+  events.on('event', (name, data) => {
     if (name === 'crl' || name === 'hello') void revocations.refresh();
+    if (name === 'renewal-due') {
+      renewals.update((data as { devices?: DueRenewal[] }).devices ?? []);
+      for (const { client, session } of sessions.entries()) askToRenew(client, session);
+    }
+  });
+  events.on('link', (up) => {
+    if (up) worker.kick();
   });
   events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
 
@@ -105,6 +139,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       authorizationPlugin({ sessions }),
       payloadLimitPlugin({ onboardingBytes: config.onboardingPayloadBytes, telemetryBytes: config.telemetryPayloadBytes }),
       limits,
+      relay.plugin(),
     ],
     {
       logger: log,
@@ -122,7 +157,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         const session = sessions.get(client);
         const t = parseTopic(packet.topic);
         if (!session || !t || t.direction !== 'up') return;
-        if (t.kind === 'register' || t.kind === 'auth' || t.kind === 'csr') {
+        if (t.kind === 'register' || t.kind === 'auth') {
           void relay.handle(session, t.kind, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         }
       },
@@ -141,8 +176,17 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     maxConnections: config.maxConnections,
     acceptConnection: (address) => limits.acceptConnection(address),
   });
+  // A device (re)subscribing to its answers gets what was stored for it, and a renewal
+  // request if its certificate is due.
+  broker.aedes.on('subscribe', (_subs, client) => {
+    const session = client ? sessions.get(client) : undefined;
+    if (!session) return;
+    relay.deliverStored(session);
+    askToRenew(client, session);
+  });
   revocations.start();
   events.start();
+  worker.start();
 
   const running = broker;
   const readiness = (): Readiness => {
@@ -155,8 +199,10 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   } catch (err) {
     events.stop();
     revocations.stop();
+    worker.stop();
     await running.close();
     authority.close();
+    outbox.close();
     throw err;
   }
   log.info({ port: running.port, httpPort: ops.port, authority: meta.authorityUrl }, 'gateway listening');
@@ -169,14 +215,18 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     sessions,
     metrics,
     revocations,
+    outbox,
+    renewals,
     rootPem,
     readiness,
     async close() {
       events.stop();
       revocations.stop();
+      worker.stop();
       await ops.app.close();
       await running.close();
       authority.close();
+      outbox.close();
     },
   };
 }

@@ -24,11 +24,13 @@ export class ConnectRefusal extends Error {
 export class PublishRefusal extends Error {
   readonly code: ErrorCode;
   readonly retryAfterMs?: number;
-  constructor(code: ErrorCode, reason: string, retryAfterMs?: number) {
+  readonly requestId?: string;
+  constructor(code: ErrorCode, reason: string, retryAfterMs?: number, requestId?: string) {
     super(reason);
     this.name = 'PublishRefusal';
     this.code = code;
     if (retryAfterMs !== undefined) this.retryAfterMs = retryAfterMs;
+    if (requestId !== undefined) this.requestId = requestId;
   }
 }
 

@@ -80,6 +80,10 @@ export interface InstructionMessage {
   validityDays: number;
   /** The CSR must arrive before this time, or the device authenticates again. */
   csrDeadline: string;
+  /** Set when the gateway asks a connected device to renew: answer with a CSR over the mTLS session. */
+  renewal?: boolean;
+  /** Serial of the certificate a renewal replaces. */
+  replaces?: string;
 }
 
 /** Device -> gateway: the PKCS#10 request (RFC 2986). */

@@ -11,6 +11,8 @@ import type { CaConnector } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
 import type { Revocation } from '../revocation.ts';
+import type { AuthorityEvents } from '../events.ts';
+import type { RenewalScheduler } from '../renewal.ts';
 import type { DevicePolicy } from '../policy/index.ts';
 import { registerAdminRoutes } from './admin.ts';
 import type { AuthorityStore } from '../store/index.ts';
@@ -19,6 +21,8 @@ export interface ApiDeps {
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
   revocation: Revocation;
+  events: AuthorityEvents;
+  renewals: RenewalScheduler;
   policies: Record<string, DevicePolicy>;
   adminTokenHash: Buffer;
   /** Seconds between keep-alive comments on the event stream. */
@@ -137,12 +141,17 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', connection: 'keep-alive' });
       const send = (event: string, data: unknown) => res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
       const onCrl = (e: { crlNumber: string; revoked: string[] }) => send('crl', e);
-      deps.revocation.events.on('crl', onCrl);
+      const onDue = (e: { devices: unknown[] }) => send('renewal-due', e);
+      deps.events.on('crl', onCrl);
+      deps.events.on('renewal-due', onDue);
       send('hello', { gatewayId: req.gatewayId, crlNumber: deps.revocation.crl().crlNumber.toString() });
+      // A gateway that (re)connects learns the whole due list at once.
+      void deps.renewals.due().then((devices) => devices.length && send('renewal-due', { devices }), () => undefined);
       const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), deps.eventHeartbeatMs ?? 15_000);
       const end = () => {
         clearInterval(heartbeat);
-        deps.revocation.events.off('crl', onCrl);
+        deps.events.off('crl', onCrl);
+        deps.events.off('renewal-due', onDue);
         streams.delete(end);
         res.end();
       };
@@ -160,6 +169,13 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     scoped.post('/v1/devices/csr', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;
       return deps.onboarding.csr(req.gatewayId!, deviceIdOf(body), validateCsr(body));
+    });
+    scoped.post('/v1/devices/renew', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      const serial = body.currentSerial;
+      if (typeof serial !== 'string' || !/^[0-9A-F]{2,40}$/.test(serial)) throw new LeafgateError('bad_request', 'currentSerial must be upper-case hex');
+      const { currentSerial: _s, ...rest } = body;
+      return deps.onboarding.renew(req.gatewayId!, deviceIdOf(body), { ...validateCsr(rest), currentSerial: serial });
     });
   });
 

@@ -15,6 +15,8 @@ export interface DevicePolicy {
   /** SAN templates put in the instruction; the CSR may carry these and nothing else. */
   sans: { dns: string[]; uri: string[] };
   validityDays: number;
+  /** Renewal opens when this fraction of the lifetime has passed (e.g. 2/3). */
+  renewAfterFraction: number;
   /** Active (unexpired, unrevoked) certificates a device may hold at once. */
   maxActiveCerts: number;
   pkiSignature: {
@@ -43,6 +45,7 @@ export const DEFAULT_POLICY: DevicePolicy = {
   ],
   sans: { dns: [], uri: [] },
   validityDays: 365,
+  renewAfterFraction: 2 / 3,
   maxActiveCerts: 2,
   pkiSignature: { manufacturerCAs: [], deviceIdFrom: 'CN' },
   ddkg: { enrollment: 'allow-list', allowList: [] },
@@ -61,6 +64,7 @@ export function validatePolicy(name: string, p: DevicePolicy): void {
   if (!p.keys.length) fail('keys is empty');
   for (const k of p.keys) if (!ALLOWED_KEYS.has(`${k.keyType}-${k.keySize}`)) fail(`key ${k.keyType}-${k.keySize} is not allowed (EC P-256/P-384, RSA 2048-4096)`);
   if (!(p.validityDays >= 1 && p.validityDays <= 3650)) fail('validityDays must be 1..3650');
+  if (!(p.renewAfterFraction > 0 && p.renewAfterFraction < 1)) fail('renewAfterFraction must be in (0, 1)');
   if (!(Number.isInteger(p.maxActiveCerts) && p.maxActiveCerts >= 1)) fail('maxActiveCerts must be >= 1');
   if (!['allow-list', 'one-time-code', 'auto-approve'].includes(p.ddkg.enrollment)) fail('ddkg.enrollment is invalid');
 }

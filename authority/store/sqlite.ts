@@ -201,6 +201,27 @@ export class SqliteStore implements AuthorityStore {
     })();
   }
 
+  async recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean> {
+    const { request: q, certificate, supersedes, audit } = args;
+    return this.db.transaction(() => {
+      if (this.stmts.insertRequest.run(q.deviceId, q.requestId, q.kind, q.bodyHash, json(q.response), q.createdAt).changes !== 1) return false;
+      if (this.db.prepare("UPDATE certificates SET status = 'superseded' WHERE serial = ? AND status = 'active'").run(supersedes).changes !== 1) {
+        throw new Error('certificate to supersede is no longer active');
+      }
+      this.insertCert(certificate);
+      this.audit(audit);
+      return true;
+    })();
+  }
+
+  async listDueForRenewal(group: string, fraction: number, now: number, limit: number): Promise<CertificateRow[]> {
+    const rows = this.db.prepare(`SELECT c.* FROM certificates c JOIN devices d ON d.id = c.subject_id
+      WHERE c.kind = 'device' AND c.status = 'active' AND d.group_name = ? AND d.status != 'disabled'
+        AND c.not_after > ? AND c.not_before + (c.not_after - c.not_before) * ? <= ?
+      ORDER BY c.not_after LIMIT ?`).all(group, now, fraction, now, limit) as Row[];
+    return rows.map(toCert);
+  }
+
   async countActiveCertificates(subjectId: string, now: number): Promise<number> {
     return (this.stmts.countActive.get(subjectId, now) as Row).n;
   }

@@ -37,7 +37,7 @@ export interface AuthSessionRow {
 export interface RequestRow {
   deviceId: string;
   requestId: string;
-  kind: 'register' | 'auth' | 'csr';
+  kind: 'register' | 'auth' | 'csr' | 'renew';
   bodyHash: string;
   response: Record<string, unknown>;
   createdAt: number;
@@ -132,6 +132,10 @@ export interface AuthorityStore {
    * all or nothing. False when the requestId was taken meanwhile (the caller returns that answer).
    */
   recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
+  /** Renewal commit: answer, new certificate, old one superseded, audit; all or nothing. */
+  recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean>;
+  /** Active device certificates of a group whose renewal window has opened and that are still valid. */
+  listDueForRenewal(group: string, fraction: number, now: number, limit: number): Promise<CertificateRow[]>;
   countActiveCertificates(subjectId: string, now: number): Promise<number>;
   listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]>;
   listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]>;

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import pino from 'pino';
-import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type RunningAuthority } from '../../authority/index.ts';
+import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type DevicePolicy, type RunningAuthority } from '../../authority/index.ts';
 import { enrollGateway, resolveGatewayConfig, startGateway, type GatewayConfigInput, type RunningGateway } from '../../gateway/index.ts';
 import { LeafDevice, ManufacturerCa, type DeviceCredential, type DeviceOptions } from '../../device/index.ts';
 
@@ -28,7 +28,10 @@ export interface Stack {
 
 export const logger = pino({ level: process.env.LEAFGATE_LOG_LEVEL ?? 'silent' });
 
-export async function startStack(t: TestContext | null, opts: { authority?: AuthorityConfigInput; gateway?: GatewayConfigInput } = {}): Promise<Stack> {
+export async function startStack(
+  t: TestContext | null,
+  opts: { authority?: AuthorityConfigInput; gateway?: GatewayConfigInput; /** merged into both test groups */ policy?: Partial<DevicePolicy> } = {},
+): Promise<Stack> {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-test-'));
   const manufacturer = ManufacturerCa.create();
   const authorityConfig = resolveAuthorityConfig({
@@ -37,8 +40,8 @@ export async function startStack(t: TestContext | null, opts: { authority?: Auth
     listen: { host: '127.0.0.1', port: 0 },
     ...opts.authority,
     policies: opts.authority?.policies ?? {
-      default: { pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['ddkg-*'] } },
-      coded: { pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'one-time-code', allowList: [] } },
+      default: { ...opts.policy, pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['ddkg-*'] } },
+      coded: { ...opts.policy, pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'one-time-code', allowList: [] } },
     },
   }, {});
   const authority = await startAuthority(authorityConfig, { logger });

@@ -1,0 +1,26 @@
+/** Events the authority pushes to gateways over GET /v1/events (server-sent events). */
+import { EventEmitter } from 'node:events';
+import type { InstructionMessage } from '../protocol/index.ts';
+
+export interface RenewalDue {
+  deviceId: string;
+  /** Serial of the certificate to replace. */
+  serial: string;
+  /** When the window opened and when the certificate ends (ISO). */
+  renewAfter: string;
+  notAfter: string;
+  instruction: Omit<InstructionMessage, 'requestId' | 'csrDeadline'>;
+}
+
+export interface AuthorityEventMap {
+  crl: [{ crlNumber: string; revoked: string[] }];
+  'renewal-due': [{ devices: RenewalDue[] }];
+}
+
+export class AuthorityEvents extends EventEmitter<AuthorityEventMap> {
+  constructor() {
+    super();
+    // One listener per connected gateway stream.
+    this.setMaxListeners(0);
+  }
+}

@@ -1,0 +1,135 @@
+/**
+ * The durable outbox: a CSR accepted from a device is written here before the broker
+ * acknowledges it, then sent to the authority until it has an answer. One SQLite file,
+ * WAL with synchronous=FULL, so an accepted request survives a crash or a power cut;
+ * (device, requestId) is unique, so a request is completed exactly once and a repeat gets
+ * the stored answer.
+ */
+import Database from 'better-sqlite3';
+import { createHash } from 'node:crypto';
+import { LeafgateError } from '../protocol/index.ts';
+
+export type OutboxKind = 'csr' | 'renew';
+export type OutboxState = 'queued' | 'done' | 'failed';
+
+export interface OutboxEntry {
+  seq: number;
+  deviceId: string;
+  requestId: string;
+  kind: OutboxKind;
+  body: Record<string, unknown>;
+  bodyHash: string;
+  state: OutboxState;
+  attempts: number;
+  nextAttemptAt: number;
+  response: Record<string, unknown> | null;
+  createdAt: number;
+  deliveredAt: number | null;
+}
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS outbox (
+  seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+  device_id       TEXT NOT NULL,
+  request_id      TEXT NOT NULL,
+  kind            TEXT NOT NULL,
+  body            TEXT NOT NULL,
+  body_hash       TEXT NOT NULL,
+  state           TEXT NOT NULL,
+  attempts        INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at BIGINT NOT NULL,
+  response        TEXT,
+  created_at      BIGINT NOT NULL,
+  completed_at    BIGINT,
+  delivered_at    BIGINT,
+  UNIQUE (device_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at, seq);
+CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox (device_id, delivered_at);
+`;
+
+type Row = Record<string, any>;
+
+const toEntry = (r: Row): OutboxEntry => ({
+  seq: r.seq, deviceId: r.device_id, requestId: r.request_id, kind: r.kind, body: JSON.parse(r.body), bodyHash: r.body_hash, state: r.state,
+  attempts: r.attempts, nextAttemptAt: r.next_attempt_at, response: r.response ? JSON.parse(r.response) : null, createdAt: r.created_at, deliveredAt: r.delivered_at,
+});
+
+export const hashRequestBody = (body: unknown) => createHash('sha256').update(JSON.stringify(body)).digest('hex');
+
+export class Outbox {
+  private readonly db: Database.Database;
+  private readonly st: Record<string, Database.Statement>;
+
+  constructor(file: string) {
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    // FULL: the commit is on disk before the device's PUBACK is written.
+    this.db.pragma('synchronous = FULL');
+    this.db.exec(SCHEMA);
+    const p = (sql: string) => this.db.prepare(sql);
+    this.st = {
+      get: p('SELECT * FROM outbox WHERE device_id = ? AND request_id = ?'),
+      insert: p(`INSERT INTO outbox (device_id, request_id, kind, body, body_hash, state, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)
+        ON CONFLICT (device_id, request_id) DO NOTHING`),
+      due: p("SELECT * FROM outbox WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY seq LIMIT ?"),
+      complete: p("UPDATE outbox SET state = ?, response = ?, completed_at = ? WHERE seq = ? AND state = 'queued'"),
+      reschedule: p("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ? AND state = 'queued'"),
+      delivered: p('UPDATE outbox SET delivered_at = ? WHERE seq = ?'),
+      undelivered: p("SELECT * FROM outbox WHERE device_id = ? AND state != 'queued' AND delivered_at IS NULL ORDER BY seq"),
+      pending: p("SELECT COUNT(*) AS n FROM outbox WHERE state = 'queued'"),
+      purge: p("DELETE FROM outbox WHERE state != 'queued' AND completed_at < ?"),
+    };
+  }
+
+  get(deviceId: string, requestId: string): OutboxEntry | null {
+    const r = this.st.get.get(deviceId, requestId) as Row | undefined;
+    return r ? toEntry(r) : null;
+  }
+
+  /**
+   * Stores a new request, or returns the existing one for the same (device, requestId) and
+   * body. The same requestId with another body is a conflict.
+   */
+  accept(deviceId: string, requestId: string, kind: OutboxKind, body: Record<string, unknown>, now: number): { entry: OutboxEntry; isNew: boolean } {
+    const hash = hashRequestBody(body);
+    const isNew = this.st.insert.run(deviceId, requestId, kind, JSON.stringify(body), hash, now, now).changes === 1;
+    const entry = this.get(deviceId, requestId)!;
+    if (!isNew && entry.bodyHash !== hash) throw new LeafgateError('request_conflict', `requestId ${requestId} was already used for another request`);
+    return { entry, isNew };
+  }
+
+  due(now: number, limit: number): OutboxEntry[] {
+    return (this.st.due.all(now, limit) as Row[]).map(toEntry);
+  }
+
+  /** Records the final answer (a certificate, or an error body); false if already final. */
+  finish(seq: number, state: 'done' | 'failed', response: Record<string, unknown>, now: number): boolean {
+    return this.st.complete.run(state, JSON.stringify(response), now, seq).changes === 1;
+  }
+
+  reschedule(seq: number, nextAttemptAt: number): void {
+    this.st.reschedule.run(nextAttemptAt, seq);
+  }
+
+  markDelivered(seq: number, now: number): void {
+    this.st.delivered.run(now, seq);
+  }
+
+  undelivered(deviceId: string): OutboxEntry[] {
+    return (this.st.undelivered.all(deviceId) as Row[]).map(toEntry);
+  }
+
+  pendingCount(): number {
+    return (this.st.pending.get() as Row).n;
+  }
+
+  /** Drops final entries older than `before` (answers are kept for re-queries until then). */
+  purge(before: number): number {
+    return this.st.purge.run(before).changes;
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}
