@@ -12,6 +12,8 @@ export interface OutboxWorkerOptions {
   outbox: Outbox;
   authority: AuthorityClient;
   publish(deviceId: string, kind: DownKind, body: unknown): void;
+  /** An answer is only published (and marked delivered) while the device is connected. */
+  isConnected(deviceId: string): boolean;
   logger: Logger;
   /** Requests in flight to the authority at once. */
   concurrency?: number;
@@ -99,8 +101,16 @@ export class OutboxWorker {
     }
   }
 
+  /** Every queued entry is due now (the authority link just came back). */
+  retryAllNow(): void {
+    this.opts.outbox.retryAllNow(Date.now());
+    this.kick();
+  }
+
   /** Publishes the stored answer of a final entry (or `pending` for a queued one). */
   deliver(entry: OutboxEntry): void {
+    // Not connected: the answer stays undelivered and goes out when the device subscribes.
+    if (!this.opts.isConnected(entry.deviceId)) return;
     if (entry.state === 'queued') {
       this.opts.publish(entry.deviceId, 'pending', { requestId: entry.requestId, retryAfterMs: Math.max(1000, entry.nextAttemptAt - Date.now()) });
       return;

@@ -77,6 +77,7 @@ export class Outbox {
       reschedule: p("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ? AND state = 'queued'"),
       delivered: p('UPDATE outbox SET delivered_at = ? WHERE seq = ?'),
       undelivered: p("SELECT * FROM outbox WHERE device_id = ? AND state != 'queued' AND delivered_at IS NULL ORDER BY seq"),
+      retryNow: p("UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND next_attempt_at > ?"),
       pending: p("SELECT COUNT(*) AS n FROM outbox WHERE state = 'queued'"),
       purge: p("DELETE FROM outbox WHERE state != 'queued' AND completed_at < ?"),
     };
@@ -110,6 +111,10 @@ export class Outbox {
 
   reschedule(seq: number, nextAttemptAt: number): void {
     this.st.reschedule.run(nextAttemptAt, seq);
+  }
+
+  retryAllNow(now: number): void {
+    this.st.retryNow.run(now, now);
   }
 
   markDelivered(seq: number, now: number): void {

@@ -66,6 +66,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     outbox,
     authority,
     publish,
+    isConnected: (deviceId) => sessions.holder(deviceId) !== undefined,
     logger: log,
     concurrency: config.authorityConcurrency,
     onAnswer({ entry, ok, code }) {
@@ -125,7 +126,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     }
   });
   events.on('link', (up) => {
-    if (up) worker.kick();
+    if (up) worker.retryAllNow();
   });
   events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
 
@@ -207,6 +208,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   }
   log.info({ port: running.port, httpPort: ops.port, authority: meta.authorityUrl }, 'gateway listening');
 
+  let closed = false;
   return {
     gatewayId: meta.gatewayId,
     port: running.port,
@@ -220,6 +222,8 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     rootPem,
     readiness,
     async close() {
+      if (closed) return;
+      closed = true;
       events.stop();
       revocations.stop();
       worker.stop();

@@ -23,6 +23,10 @@ export interface Stack {
   /** A device with a fresh birth certificate (pki-signature) or hardware attributes (ddkg). */
   device(id: string, method: 'pki-signature' | 'ddkg', extra?: Partial<DeviceOptions>): LeafDevice;
   credential(id: string, method: 'pki-signature' | 'ddkg'): DeviceCredential;
+  /** Stops the authority (the gateway stays up: the link is down). */
+  stopAuthority(): Promise<void>;
+  /** Starts the authority again on the same data directory and port. */
+  startAuthorityAgain(): Promise<RunningAuthority>;
   close(): Promise<void>;
 }
 
@@ -44,7 +48,8 @@ export async function startStack(
       coded: { ...opts.policy, pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'one-time-code', allowList: [] } },
     },
   }, {});
-  const authority = await startAuthority(authorityConfig, { logger });
+  let authority = await startAuthority(authorityConfig, { logger });
+  let authorityUp = true;
   const gatewayId = 'gw-test';
   const gatewayDir = join(dir, 'gateway');
   try {
@@ -63,13 +68,24 @@ export async function startStack(
 
   let closed = false;
   const stack: Stack = {
-    dir, authority, gateway, brokerUrl, rootPem, manufacturer, gatewayId, credential,
+    dir, authority, gateway,
+    async stopAuthority() {
+      if (!authorityUp) return;
+      authorityUp = false;
+      await stack.authority.close();
+    },
+    async startAuthorityAgain() {
+      authority = await startAuthority({ ...authorityConfig, listen: { ...authorityConfig.listen, port: new URL(authority.url).port ? Number(new URL(authority.url).port) : 0 } }, { logger });
+      authorityUp = true;
+      stack.authority = authority;
+      return authority;
+    }, brokerUrl, rootPem, manufacturer, gatewayId, credential,
     device: (id, method, extra = {}) => new LeafDevice({ deviceId: id, brokerUrl, ca: rootPem, credential: credential(id, method), timeoutMs: 10_000, ...extra }),
     async close() {
       if (closed) return;
       closed = true;
-      await gateway.close();
-      await authority.close();
+      await stack.gateway.close();
+      if (authorityUp) await stack.authority.close();
       rmSync(dir, { recursive: true, force: true });
     },
   };
