@@ -1,0 +1,88 @@
+/**
+ * Renewal: the authority announces certificates whose window opened; the gateway asks the
+ * connected device, which makes a NEW key pair and sends a CSR over its mTLS session; the
+ * old certificate is superseded. A device offline through its window is asked when it
+ * returns.
+ */
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import { test } from 'node:test';
+import mqtt from 'mqtt';
+import { downFilter, pkix, upTopic } from '../protocol/index.ts';
+import type { DeviceIdentity } from '../device/index.ts';
+import { startStack } from './support/stack.ts';
+import { within } from './support/wait.ts';
+
+// Lifetime 1 day, window opens after 0.1% of it (about 90 s, already past thanks to the
+// 5-minute backdating of notBefore): every fresh certificate is due at once.
+const DUE_NOW = { renewAfterFraction: 0.001, validityDays: 1 };
+
+test('a connected device is asked to renew, rotates its key, and the old certificate is superseded', async (t) => {
+  const stack = await startStack(t, { policy: DUE_NOW });
+  const device = stack.device('renew-1', 'pki-signature');
+  const first = await device.onboard();
+  const client = await device.connectOperational(first);
+  t.after(() => client.endAsync(true));
+  const renewed = new Promise<DeviceIdentity>((resolve, reject) => void device.enableRenewal(client, resolve, reject));
+  await within(new Promise((r) => setImmediate(r)), 1000, 'tick');
+  assert.equal(await stack.authority.renewals.announce(), 1);
+  const next = await within(renewed, 10_000, 'renewal');
+
+  assert.notEqual(next.serial, first.serial);
+  const oldKey = new X509Certificate(first.certificate).publicKey.export({ type: 'spki', format: 'der' });
+  const newKey = new X509Certificate(next.certificate).publicKey.export({ type: 'spki', format: 'der' });
+  assert.ok(!oldKey.equals(newKey), 'renewal uses a new key pair');
+  const rows = await stack.authority.store.listCertificates({ subjectId: 'renew-1' });
+  assert.deepEqual(Object.fromEntries(rows.map((r) => [r.serial, r.status])), { [first.serial]: 'superseded', [next.serial]: 'active' });
+  const audit = await stack.authority.store.listAudit({ deviceId: 'renew-1' });
+  assert.ok(audit.some((a) => a.action === 'renew' && a.outcome === 'ok' && a.serial === next.serial));
+
+  // Break before make: the gateway refuses a second certificate for an id that is connected.
+  await client.endAsync();
+  const again = await device.connectOperational(next);
+  assert.equal(stack.gateway.sessions.holder('renew-1')?.session.certSerial, next.serial);
+  await again.endAsync();
+});
+
+test('a device offline through its renewal window is renewed when it comes back', async (t) => {
+  const stack = await startStack(t, { policy: DUE_NOW });
+  const device = stack.device('ddkg-renew-2', 'ddkg');
+  const first = await device.onboard();
+  // Announced while the device is away: the gateway keeps the due list.
+  await stack.authority.renewals.announce();
+  for (let i = 0; i < 100 && !stack.gateway.renewals.get(first.serial); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(stack.gateway.renewals.get(first.serial), 'gateway holds the due renewal');
+
+  const client = await device.connectOperational(first);
+  t.after(() => client.endAsync(true));
+  const next = await within(new Promise<DeviceIdentity>((resolve, reject) => void device.enableRenewal(client, resolve, reject)), 10_000, 'renewal on return');
+  assert.notEqual(next.serial, first.serial);
+  assert.equal(stack.gateway.renewals.get(first.serial), undefined, 'done renewals are forgotten');
+});
+
+test('a renewal CSR with the same key is refused (policy_violation), nothing issued', async (t) => {
+  const stack = await startStack(t);
+  const device = stack.device('renew-3', 'pki-signature', { keyPreference: [{ keyType: 'ec', keySize: 256 }] });
+  const first = await device.onboard();
+  const client = await mqtt.connectAsync(stack.brokerUrl, {
+    clientId: 'renew-3', ca: stack.rootPem, key: first.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: first.certificate + first.chain[0],
+    protocolVersion: 4, reconnectPeriod: 0,
+  });
+  t.after(() => client.endAsync(true));
+  await client.subscribeAsync(downFilter('renew-3'), { qos: 1 });
+  const errors: any[] = [];
+  const gotError = new Promise<void>((resolve) => client.on('message', (topic, payload) => {
+    if (topic.endsWith('/down/error')) {
+      errors.push(JSON.parse(payload.toString()));
+      resolve();
+    }
+  }));
+  const publicKey = new X509Certificate(first.certificate).publicKey;
+  const csr = pkix.buildCsr({ commonName: 'renew-3', privateKey: first.privateKey, publicKey });
+  await client.publishAsync(upTopic('renew-3', 'csr'), JSON.stringify({ requestId: 'same-key-1', csr }), { qos: 1 });
+  await within(gotError, 5000, 'down/error');
+  assert.equal(errors[0].code, 'policy_violation');
+  assert.equal(errors[0].requestId, 'same-key-1');
+  const rows = await stack.authority.store.listCertificates({ subjectId: 'renew-3' });
+  assert.deepEqual(rows.map((r) => r.status), ['active']);
+});
