@@ -24,6 +24,8 @@ export interface AuthorityConfig {
   csrDeadlineSeconds: number;
   /** Lifetime of a gateway certificate. */
   gatewayCertDays: number;
+  /** Gateway Sub-CAs (IoT Edge edge CA): lifetime and dNSName name constraints ({gatewayId} replaced). */
+  gatewaySubCa: { validityDays: number; permittedDns: string[] };
   /** Lifetime of a CRL (nextUpdate - thisUpdate); it is reissued at half of it. */
   crlValidityHours: number;
   /** How often due renewals are announced to gateways. */
@@ -37,7 +39,8 @@ export interface AuthorityConfig {
   policies: Record<string, DevicePolicy>;
 }
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa'>> & {
+  gatewaySubCa?: Partial<AuthorityConfig['gatewaySubCa']>;
   listen?: Partial<AuthorityConfig['listen']>;
   policies?: Record<string, Partial<DevicePolicy> & { manufacturerCAFiles?: string[] }>;
 };
@@ -62,6 +65,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     challengeTtlSeconds: input.challengeTtlSeconds ?? 120,
     csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
     gatewayCertDays: input.gatewayCertDays ?? 90,
+    gatewaySubCa: { validityDays: input.gatewaySubCa?.validityDays ?? 90, permittedDns: input.gatewaySubCa?.permittedDns ?? [] },
     bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
     crlValidityHours: input.crlValidityHours ?? 24,
     renewalScanSeconds: input.renewalScanSeconds ?? 300,

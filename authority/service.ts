@@ -55,7 +55,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
   const store = new SqliteStore(config.databaseFile);
   const onboarding = new DeviceOnboarding({ store, ca, config, now: opts.now });
-  const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, now: opts.now });
+  const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, now: opts.now });
   const events = new AuthorityEvents();
   const revocation = new Revocation({ store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now });
   await revocation.start();

@@ -79,7 +79,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
       try {
         // The CA is opened only to fail early on a wrong passphrase; tokens do not need it.
         const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
-        const token = await new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays }).createToken(v.gateway, intOption(v.ttl, 'ttl', 60) ?? 86_400);
+        const token = await new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa }).createToken(v.gateway, intOption(v.ttl, 'ttl', 60) ?? 86_400);
         process.stdout.write(`${token}\n`);
       } finally {
         await store.close();

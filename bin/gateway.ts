@@ -1,12 +1,19 @@
 import { enrollGateway, resolveGatewayConfig, startGateway, type GatewayConfigInput } from '../gateway/index.ts';
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import pino from 'pino';
+import { AuthorityClient, GatewayIdentity, edgeCaFiles, identityFiles, issueServerCertificate } from '../cloud-bridge/index.ts';
 import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
 
 const USAGE = `leafgate gateway <command> [options]
 
 Commands:
-  start     run the gateway broker (MQTT over TLS) and its cloud bridge
-  enroll    enroll with the authority: one-time token + CSR -> gateway certificate
+  start               run the gateway broker (MQTT over TLS) and its cloud bridge
+  enroll              enroll with the authority: one-time token + CSR -> gateway certificate
+  renew               renew the gateway certificate now (new key, over mTLS)
+  subca               get (or renew) the IoT Edge CA: key made here, signed by the authority
+  issue-server-cert   issue a TLS server certificate with the local edge CA
+                      (--name edgehub [--dns NAME ...] [--ip ADDR ...] [--days 30] [--out DIR])
 
 Options:
   --config FILE          JSON configuration (see README, Configuration)
@@ -19,6 +26,10 @@ Options:
   --id ID                gateway id (enroll)
   --hostname NAME        name or IP devices use to reach this gateway (enroll; repeatable;
                          default localhost and 127.0.0.1)
+  --name NAME            subject CN of the server certificate (issue-server-cert)
+  --dns NAME, --ip ADDR  SANs (issue-server-cert; repeatable; default: --name)
+  --days N               lifetime (issue-server-cert; default 30, capped by the edge CA)
+  --out DIR              output directory (issue-server-cert; default <data-dir>/server-certs)
   -h, --help             this text
 `;
 
@@ -26,6 +37,7 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
     config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
     authority: { type: 'string' }, token: { type: 'string' }, fingerprint: { type: 'string' }, id: { type: 'string' }, hostname: { type: 'string', multiple: true },
+    name: { type: 'string' }, dns: { type: 'string', multiple: true }, ip: { type: 'string', multiple: true }, days: { type: 'string' }, out: { type: 'string' },
   }, USAGE);
   if (!parsed) return 0;
   const [command = 'start'] = parsed.positionals;
@@ -47,6 +59,35 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
       const gateway = await startGateway(config);
       process.stdout.write(`gateway ${gateway.gatewayId} serving MQTT over TLS on port ${gateway.port}\n`);
       await serveUntilSignal(() => gateway.close());
+      return 0;
+    }
+    case 'renew':
+    case 'subca': {
+      const files = identityFiles(config.dataDir);
+      const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as { gatewayId: string; authorityUrl: string };
+      const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: readFileSync(files.root, 'utf8'), key: readFileSync(files.key, 'utf8'), cert: readFileSync(files.cert, 'utf8') });
+      const identity = new GatewayIdentity({
+        dataDir: config.dataDir, gatewayId: meta.gatewayId, authority, logger: pino({ level: 'warn' }), renewAfterFraction: config.certRenewAfterFraction,
+        edgeCa: command === 'subca', checkMs: config.identityCheckMs, onRotated: () => undefined,
+      });
+      try {
+        if (command === 'renew') await identity.renewCertificate();
+        else await identity.renewEdgeCa();
+      } finally {
+        authority.close();
+      }
+      if (command === 'subca') {
+        const edge = edgeCaFiles(config.dataDir);
+        process.stdout.write(`edge CA written to ${edge.dir}\nAdd to /etc/aziot/config.toml:\n\n${readFileSync(edge.configSnippet, 'utf8')}`);
+      } else process.stdout.write(`gateway certificate renewed in ${config.dataDir} (a running gateway picks it up at its next check or restart)\n`);
+      return 0;
+    }
+    case 'issue-server-cert': {
+      if (!v.name) throw new UsageError('--name is required');
+      const res = issueServerCertificate(config.dataDir, {
+        name: v.name, dns: v.dns ?? [], ip: v.ip ?? [], days: intOption(v.days, 'days', 1, 3650) ?? 30, outDir: v.out ?? join(config.dataDir, 'server-certs'),
+      });
+      process.stdout.write(`server certificate ${res.serial} for ${v.name}, valid until ${res.notAfter}\n  key   ${res.key}\n  cert  ${res.cert}\n  chain ${res.chain}\n`);
       return 0;
     }
     default:

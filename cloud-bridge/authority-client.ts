@@ -24,14 +24,16 @@ export interface AuthorityClientOptions {
 export const AUTHORITY_RETRY_MS = 5_000;
 
 export class AuthorityClient {
-  private readonly agent: https.Agent;
+  private agent: https.Agent;
+  private readonly agentOptions: https.AgentOptions;
   private readonly base: URL;
   private readonly timeoutMs: number;
   private readonly maxResponseBytes: number;
 
   constructor(opts: AuthorityClientOptions) {
     this.base = new URL(opts.baseUrl);
-    this.agent = new https.Agent({ keepAlive: true, noDelay: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false });
+    this.agentOptions = { keepAlive: true, noDelay: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false };
+    this.agent = new https.Agent(this.agentOptions);
     this.timeoutMs = opts.timeoutMs ?? 15_000;
     this.maxResponseBytes = opts.maxResponseBytes ?? 1024 * 1024;
   }
@@ -88,6 +90,14 @@ export class AuthorityClient {
       req.on('error', (err) => reject(unavailable(err)));
       req.end(payload);
     });
+  }
+
+  /** Uses a new client certificate from now on; requests in flight finish on the old one. */
+  setIdentity(key: string, cert: string): void {
+    const old = this.agent;
+    this.agent = new https.Agent({ ...this.agentOptions, key, cert });
+    // Idle sockets go now; busy ones (e.g. the event stream) close when their request ends.
+    setImmediate(() => old.destroy());
   }
 
   /** GET returning raw bytes (e.g. a DER CRL). */

@@ -7,3 +7,4 @@ export { OutboxWorker, type OutboxWorkerOptions } from './outbox-worker.ts';
 export { RenewalTracker, type DueRenewal } from './renewals.ts';
 export { RevocationCache, type RevocationCacheOptions } from './revocation-cache.ts';
 export { AuthorityEventStream } from './event-stream.ts';
+export { GatewayIdentity, completeIdentitySwap, edgeCaFiles, edgeConfigSnippet, issueServerCertificate, isDue, type EdgeCaFiles, type ServerCertOptions } from './gateway-identity.ts';

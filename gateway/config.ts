@@ -25,6 +25,11 @@ export interface GatewayConfig {
   authorityConcurrency: number;
   /** Time a device has to answer a renewal instruction. */
   renewalCsrDeadlineMs: number;
+  /** The gateway certificate (and edge CA) is renewed once this fraction of its lifetime passed. */
+  certRenewAfterFraction: number;
+  /** Keep an Azure IoT Edge CA (Sub-CA) in <dataDir>/edge-ca. */
+  edgeCa: boolean;
+  identityCheckMs: number;
   /** /metrics, /healthz, /readyz. */
   http: { host: string; port: number };
   rateLimits: RateLimitConfig;
@@ -51,6 +56,9 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     crlRefreshMs: input.crlRefreshMs ?? 5 * 60_000,
     authorityConcurrency: input.authorityConcurrency ?? 16,
     renewalCsrDeadlineMs: input.renewalCsrDeadlineMs ?? 10 * 60_000,
+    certRenewAfterFraction: input.certRenewAfterFraction ?? 2 / 3,
+    edgeCa: input.edgeCa ?? env.LEAFGATE_GATEWAY_EDGE_CA === '1',
+    identityCheckMs: input.identityCheckMs ?? 3_600_000,
     http: { host: input.http?.host ?? env.LEAFGATE_GATEWAY_HTTP_HOST ?? '0.0.0.0', port: input.http?.port ?? Number(env.LEAFGATE_GATEWAY_HTTP_PORT ?? 9464) },
     rateLimits: { ...DEFAULT_RATE_LIMITS, ...input.rateLimits },
   };
@@ -59,6 +67,7 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
   };
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) bad('listen.port is invalid');
   if (cfg.onboardingPayloadBytes > cfg.maxPacketBytes || cfg.telemetryPayloadBytes > cfg.maxPacketBytes) bad('payload caps must not exceed maxPacketBytes');
+  if (!(cfg.certRenewAfterFraction > 0 && cfg.certRenewAfterFraction < 1)) bad('certRenewAfterFraction must be in (0, 1)');
   if (!Number.isInteger(cfg.http.port) || cfg.http.port < 0 || cfg.http.port > 65535) bad('http.port is invalid');
   for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs', 'authorityConcurrency'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
   return Object.freeze(cfg);

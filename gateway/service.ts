@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
@@ -30,6 +30,7 @@ export interface RunningGateway {
   /** PEM of the root that devices must trust to verify the gateway. */
   rootPem: string;
   readiness(): Readiness;
+  identity: GatewayIdentity;
   close(): Promise<void>;
 }
 
@@ -41,6 +42,7 @@ export function isEnrolled(dataDir: string): boolean {
 export async function startGateway(config: Readonly<GatewayConfig>, opts: { logger?: Logger; limiters?: LimiterFactory } = {}): Promise<RunningGateway> {
   const logger = opts.logger ?? pino({ name: 'gateway', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
   if (!isEnrolled(config.dataDir)) throw new LeafgateError('internal', `gateway in ${config.dataDir} is not enrolled: run \`leafgate gateway enroll\` first`);
+  completeIdentitySwap(config.dataDir);
   const files = identityFiles(config.dataDir);
   const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as { gatewayId: string; authorityUrl: string };
   const key = readFileSync(files.key, 'utf8');
@@ -185,9 +187,19 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     relay.deliverStored(session);
     askToRenew(client, session);
   });
+  const identity = new GatewayIdentity({
+    dataDir: config.dataDir, gatewayId: meta.gatewayId, authority, logger: log, renewAfterFraction: config.certRenewAfterFraction, edgeCa: config.edgeCa,
+    checkMs: config.identityCheckMs,
+    onRotated(newKey, newCert) {
+      // New handshakes use the new certificate; live device sessions are not touched.
+      broker!.setTls({ key: newKey, cert: newCert, ca: [deviceCaPem, rootPem] });
+      authority.setIdentity(newKey, newCert);
+    },
+  });
   revocations.start();
   events.start();
   worker.start();
+  identity.start();
 
   const running = broker;
   const readiness = (): Readiness => {
@@ -221,12 +233,14 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     renewals,
     rootPem,
     readiness,
+    identity,
     async close() {
       if (closed) return;
       closed = true;
       events.stop();
       revocations.stop();
       worker.stop();
+      identity.stop();
       await ops.app.close();
       await running.close();
       authority.close();

@@ -98,7 +98,12 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     if (!socket.authorized) throw new LeafgateError('unknown_gateway', `client certificate not trusted: ${socket.authorizationError}`);
     const id = typeof peer.subject?.CN === 'string' ? peer.subject.CN : '';
     const gw = id ? await deps.store.getGateway(id) : null;
-    if (!gw || gw.status !== 'active' || gw.certSerial !== peer.serialNumber.toUpperCase()) throw new LeafgateError('unknown_gateway');
+    // Any unexpired, unrevoked certificate issued to this gateway: a renewal does not cut
+    // requests still in flight on the previous one.
+    const cert = gw ? await deps.store.getCertificate(peer.serialNumber.toUpperCase()) : null;
+    if (!gw || gw.status !== 'active' || !cert || cert.kind !== 'gateway' || cert.subjectId !== gw.id || cert.status !== 'active' || cert.notAfter <= Date.now()) {
+      throw new LeafgateError('unknown_gateway');
+    }
     req.gatewayId = gw.id;
   };
 
@@ -157,6 +162,16 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       };
       streams.add(end);
       req.raw.on('close', end);
+    });
+    scoped.post('/v1/gateways/renew', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      if (typeof body.csr !== 'string' || body.csr.length > 16 * 1024) throw new LeafgateError('bad_request', 'csr is required');
+      return deps.enrollment.renew(req.gatewayId!, body.csr);
+    });
+    scoped.post('/v1/gateways/subca', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      if (typeof body.csr !== 'string' || body.csr.length > 16 * 1024) throw new LeafgateError('bad_request', 'csr is required');
+      return deps.enrollment.signSubCa(req.gatewayId!, body.csr);
     });
     scoped.post('/v1/devices/register', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;

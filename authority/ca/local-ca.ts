@@ -45,7 +45,7 @@ export interface IssuedCertificate {
 /** CA connector contract: what every CA backend (built-in, HSM, external) provides. */
 export interface CaConnector {
   readonly name: string;
-  issue(issuer: 'device' | 'infra', req: IssueRequest): IssuedCertificate;
+  issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate;
   /** Trust bundle, root last. */
   bundle(): { root: string; deviceCa: string; infraCa: string };
 }
@@ -80,8 +80,9 @@ export class LocalCa implements CaConnector {
     return new LocalCa(root, deviceCa, infraCa);
   }
 
-  issue(issuer: 'device' | 'infra', req: IssueRequest): IssuedCertificate {
-    const ca = issuer === 'device' ? this.deviceCa : this.infraCa;
+  issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate {
+    // The root signs only gateway Sub-CAs (pathLen 0 below it); everything else comes from an issuing CA.
+    const ca = issuer === 'device' ? this.deviceCa : issuer === 'infra' ? this.infraCa : this.root;
     // A certificate never outlives its issuer (RFC 5280 6.1.3 would reject the tail anyway).
     const caNotAfter = new Date(ca.certificate.validTo);
     const notAfter = req.notAfter > caNotAfter ? caNotAfter : req.notAfter;
@@ -103,7 +104,7 @@ export class LocalCa implements CaConnector {
       fingerprint256: fingerprint(certDer),
       notBefore: truncateToSeconds(req.notBefore),
       notAfter: truncateToSeconds(notAfter),
-      chain: [ca.pem, this.root.pem],
+      chain: issuer === 'root' ? [this.root.pem] : [ca.pem, this.root.pem],
     };
   }
 

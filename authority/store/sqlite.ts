@@ -114,10 +114,10 @@ export class SqliteStore implements AuthorityStore {
     return r ? r.gateway_id : null;
   }
 
-  async recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry): Promise<void> {
+  async recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry, opts: { updateGatewayCert?: boolean } = {}): Promise<void> {
     this.db.transaction(() => {
       this.insertCert(cert);
-      this.stmts.upsertGateway.run(gatewayId, cert.serial, cert.fingerprint, cert.createdAt, cert.createdAt);
+      if (opts.updateGatewayCert !== false) this.stmts.upsertGateway.run(gatewayId, cert.serial, cert.fingerprint, cert.createdAt, cert.createdAt);
       this.audit(audit);
     })();
   }

@@ -46,7 +46,7 @@ export interface RequestRow {
 export interface CertificateRow {
   serial: string;
   subjectId: string;
-  kind: 'device' | 'gateway' | 'server';
+  kind: 'device' | 'gateway' | 'server' | 'subca';
   fingerprint: string;
   notBefore: number;
   notAfter: number;
@@ -102,7 +102,7 @@ export interface AuthorityStore {
   /** Marks the token used and returns its gateway id; null when unknown, used or expired. */
   consumeEnrollmentToken(tokenHash: string, now: number): Promise<string | null>;
   /** Records the gateway and its certificate (one transaction with the audit row). */
-  recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry): Promise<void>;
+  recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry, opts?: { updateGatewayCert?: boolean }): Promise<void>;
   getGateway(id: string): Promise<GatewayRow | null>;
 
   getDevice(id: string): Promise<DeviceRow | null>;
