@@ -2,11 +2,12 @@
  * The built-in private CA: a root and two issuing CAs made on first start in the data
  * directory. The device CA signs only leaf-device certificates, so the gateway broker can
  * tell a device from any other holder of a certificate by its issuer; the infrastructure CA
- * signs gateway and authority TLS certificates. Private keys are PKCS#8 encrypted with
- * AES-256-CBC under a passphrase (scrypt-derived by OpenSSL's PBES2) and never written plain.
+ * signs gateway and authority TLS certificates. Private keys are encrypted PKCS#8 (PBES2,
+ * RFC 8018) with scrypt (RFC 7914, N=2^14 r=8 p=1) and AES-256-CBC: memory-hard, so a stolen
+ * key file resists offline guessing; OpenSSL reads it (`openssl pkey -in root.key.pem`).
  */
-import { createHash, createPrivateKey, generateKeyPairSync, X509Certificate, type KeyObject } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createCipheriv, createHash, createPrivateKey, randomBytes, scryptSync, generateKeyPairSync, X509Certificate, type KeyObject } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
 const { encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
@@ -135,6 +136,12 @@ function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, 
     }
     const certificate = new X509Certificate(pem);
     if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `${keyPath} does not match ${certPath}`);
+    const issuer = parent();
+    // An issuing CA that does not chain to the current root (e.g. the root was regenerated)
+    // would make every issued chain invalid without a word: refuse to start instead.
+    if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
+      throw new LeafgateError('internal', `${certPath} is not issued by the current root: restore the root or remove the issuing CAs`);
+    }
     return { name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey };
   }
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
@@ -156,9 +163,34 @@ function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, 
   const pem = pkix.toPem(der, 'CERTIFICATE');
   // Key first: a crash between the two writes leaves a key without a cert, which the next
   // start overwrites, never a cert whose key is lost.
-  writeFileSync(keyPath, privateKey.export({ type: 'pkcs8', format: 'pem', cipher: 'aes-256-cbc', passphrase }) as string, { mode: 0o600 });
+  writeFileSync(keyPath, encryptPkcs8Scrypt(privateKey, passphrase), { mode: 0o600 });
+  chmodSync(keyPath, 0o600); // the mode above applies only when the file is created
   writeFileSync(certPath, pem);
   return { name, certificate: new X509Certificate(der), pem, subjectDer, keyId, privateKey };
+}
+
+// N=2^14 is what `openssl pkcs8 -scrypt` uses, and within OpenSSL's 32 MiB decryption limit.
+const SCRYPT = { N: 1 << 14, r: 8, p: 1 };
+
+/**
+ * EncryptedPrivateKeyInfo with PBES2 { scrypt, aes-256-cbc } (RFC 8018 A.4, RFC 7914 7):
+ * node's KeyObject.export only offers PBKDF2 with 2,048 iterations.
+ */
+export function encryptPkcs8Scrypt(key: KeyObject, passphrase: string): string {
+  const { der } = pkix;
+  const salt = randomBytes(16);
+  const iv = randomBytes(16);
+  const derived = scryptSync(passphrase, salt, 32, { ...SCRYPT, maxmem: 128 * SCRYPT.N * SCRYPT.r * 2 });
+  const cipher = createCipheriv('aes-256-cbc', derived, iv);
+  const encrypted = Buffer.concat([cipher.update(key.export({ type: 'pkcs8', format: 'der' })), cipher.final()]);
+  const algorithm = der.seq(
+    der.oid('1.2.840.113549.1.5.13'), // id-PBES2
+    der.seq(
+      der.seq(der.oid('1.3.6.1.4.1.11591.4.11'), der.seq(der.octetString(salt), der.integer(SCRYPT.N), der.integer(SCRYPT.r), der.integer(SCRYPT.p), der.integer(32))), // id-scrypt
+      der.seq(der.oid('2.16.840.1.101.3.4.1.42'), der.octetString(iv)), // aes256-CBC
+    ),
+  );
+  return pkix.toPem(der.seq(algorithm, der.octetString(encrypted)), 'ENCRYPTED PRIVATE KEY');
 }
 
 function minDate(a: Date, b: Date): Date {

@@ -37,15 +37,24 @@ export function encodeSan(sans: { dns?: string[]; uri?: string[]; ip?: string[] 
 
 function ipBytes(ip: string): Buffer {
   if (isIPv4(ip)) return Buffer.from(ip.split('.').map(Number));
-  if (!isIPv6(ip)) throw new der.DerError(`bad IP address ${ip}`);
+  if (!isIPv6(ip) || ip.includes('%')) throw new der.DerError(`bad IP address ${ip}`);
+  // An embedded dotted IPv4 tail (::ffff:192.0.2.1) becomes its two 16-bit groups.
+  const v4 = /^(.*:)(\d+\.\d+\.\d+\.\d+)$/.exec(ip);
+  if (v4) {
+    const b = v4[2].split('.').map(Number);
+    ip = `${v4[1]}${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}`;
+  }
   const [head, tail = ''] = ip.split('::');
   const h = head ? head.split(':') : [];
   const t = ip.includes('::') ? (tail ? tail.split(':') : []) : [];
   const groups = [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
-  return Buffer.from(groups.map((g) => g.padStart(4, '0')).join(''), 'hex');
+  const out = Buffer.from(groups.map((g) => g.padStart(4, '0')).join(''), 'hex');
+  if (out.length !== 16) throw new der.DerError(`bad IP address ${ip}`);
+  return out;
 }
 
 function ipText(b: Buffer): string {
+  if (b.length !== 4 && b.length !== 16) throw new der.DerError('iPAddress SAN must be 4 or 16 octets');
   if (b.length === 4) return [...b].join('.');
   const groups: string[] = [];
   for (let i = 0; i < b.length; i += 2) groups.push(b.readUInt16BE(i).toString(16));
@@ -113,7 +122,8 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
   }
   const key = keyDescription(publicKey);
 
-  const [algOid, algParams] = der.children(der.expectTag(algNode, der.TAG.SEQUENCE, 'signatureAlgorithm'));
+  const [algOid, algParams, ...algExtra] = der.children(der.expectTag(algNode, der.TAG.SEQUENCE, 'signatureAlgorithm'));
+  if (algExtra.length) throw new der.DerError('unexpected fields in signatureAlgorithm');
   const signatureAlgorithm = der.decodeOid(algOid);
   const alg = SIGNATURE_ALGORITHMS[signatureAlgorithm];
   if (!alg) throw new der.DerError(`signature algorithm ${signatureAlgorithm} is not accepted`);

@@ -186,7 +186,10 @@ export function decodeOid(node: DerNode): string {
 
 export function decodeInteger(node: DerNode): bigint {
   expectTag(node, TAG.INTEGER, 'INTEGER');
-  if (node.value.length === 0) throw new DerError('empty INTEGER');
+  const v = node.value;
+  if (v.length === 0) throw new DerError('empty INTEGER');
+  // X.690 8.3.2: the first nine bits are never all zero or all one.
+  if (v.length > 1 && ((v[0] === 0x00 && !(v[1] & 0x80)) || (v[0] === 0xff && v[1] & 0x80))) throw new DerError('non-minimal INTEGER');
   let n = BigInt('0x' + node.value.toString('hex'));
   if (node.value[0] & 0x80) n -= 1n << BigInt(node.value.length * 8);
   return n;
@@ -201,28 +204,38 @@ export function decodeString(node: DerNode): string {
     case 0x14: // TeletexString, read as latin1 for display only
       return node.value.toString('latin1');
     case 0x1e: // BMPString
+      if (node.value.length % 2) throw new DerError('odd-length BMPString');
       return Buffer.from(node.value).swap16().toString('utf16le');
     default:
       throw new DerError(`tag 0x${node.tag.toString(16)} is not a string type`);
   }
 }
 
-export function decodeBitString(node: DerNode): Buffer {
+/** BIT STRING contents; `octetAligned` (keys, signatures) refuses any unused bits. */
+export function decodeBitString(node: DerNode, octetAligned = true): Buffer {
   expectTag(node, TAG.BIT_STRING, 'BIT STRING');
   if (node.value.length === 0) throw new DerError('empty BIT STRING');
   if (node.value[0] > 7) throw new DerError('bad unused-bits count');
+  if (octetAligned && node.value[0] !== 0) throw new DerError('BIT STRING must be octet-aligned here');
   return node.value.subarray(1);
 }
 
 export function decodeTime(node: DerNode): Date {
   const s = node.value.toString('ascii');
   let m: RegExpMatchArray | null;
+  let parts: number[] | undefined;
   if (node.tag === TAG.UTC_TIME && (m = s.match(/^(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)Z$/))) {
     const yy = Number(m[1]);
-    return new Date(Date.UTC(yy >= 50 ? 1900 + yy : 2000 + yy, Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]), Number(m[6])));
+    parts = [yy >= 50 ? 1900 + yy : 2000 + yy, ...m.slice(2, 7).map(Number)];
+  } else if (node.tag === TAG.GENERALIZED_TIME && (m = s.match(/^(\d{4})(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)Z$/))) {
+    parts = m.slice(1, 7).map(Number);
   }
-  if (node.tag === TAG.GENERALIZED_TIME && (m = s.match(/^(\d{4})(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)Z$/))) {
-    return new Date(Date.UTC(Number(m[1]), Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]), Number(m[6])));
+  if (!parts) throw new DerError('bad time encoding');
+  const [y, mo, d, h, mi, se] = parts;
+  const date = new Date(Date.UTC(y, mo - 1, d, h, mi, se));
+  // Date.UTC rolls 13/01 over into the next year; a round trip catches every out-of-range field.
+  if (date.getUTCFullYear() !== y || date.getUTCMonth() !== mo - 1 || date.getUTCDate() !== d || date.getUTCHours() !== h || date.getUTCMinutes() !== mi || date.getUTCSeconds() !== se) {
+    throw new DerError('bad time: field out of range');
   }
-  throw new DerError('bad time encoding');
+  return date;
 }
