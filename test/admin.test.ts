@@ -62,6 +62,18 @@ test('revoke by serial with a reason code: CRL lists it with the reason, the dev
   assert.equal(parsed.revoked.get(id.serial)?.reason, 1);
   const audit = await admin(stack, 'GET', '/admin/v1/audit?device=adm-1');
   assert.ok(audit.body.some((a: any) => a.action === 'revoke' && a.detail.reason === 'keyCompromise' && a.detail.actor === 'admin'));
+  // openssl agrees: with the CRL, the leaf no longer verifies.
+  const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const dir = mkdtempSync(join(tmpdir(), 'lg-crl-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(join(dir, 'leaf.pem'), id.certificate);
+  writeFileSync(join(dir, 'device-ca.pem'), id.chain[0]);
+  writeFileSync(join(dir, 'root.pem'), stack.rootPem);
+  writeFileSync(join(dir, 'crl.pem'), crl.pem);
+  const verify = (extra: string[]) => run('openssl', ['verify', ...extra, '-CAfile', join(dir, 'root.pem'), '-untrusted', join(dir, 'device-ca.pem'), join(dir, 'leaf.pem')]);
+  await verify([]);
+  await assert.rejects(verify(['-crl_check', '-CRLfile', join(dir, 'crl.pem')]), /certificate revoked/);
   // Unknown reason and unknown serial are 4xx with a body.
   assert.equal((await admin(stack, 'POST', '/admin/v1/revoke', { serial: id.serial, reason: 'because' })).body.code, 'bad_request');
   assert.equal((await admin(stack, 'POST', '/admin/v1/revoke', { serial: 'ABCDEF' })).status, 404);
