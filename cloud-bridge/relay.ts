@@ -107,7 +107,7 @@ export class OnboardingRelay {
         // A challenge answered here must have been issued to this very connection.
         if (!session.challengeIds.has(msg.challengeId)) throw new LeafgateError('challenge_expired', 'challenge was not issued on this connection');
         const instruction = await this.opts.authority.post<InstructionMessage>('/v1/devices/auth', { ...msg, deviceId });
-        session.challengeIds.delete(msg.challengeId);
+        // The id stays known: a repeat of this answer reaches the authority, which says `replayed`.
         session.authenticated = true;
         this.opts.publish(deviceId, 'instruction', instruction);
       }

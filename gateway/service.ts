@@ -115,7 +115,8 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'closing session of a revoked certificate');
       metrics.revokedSessionsClosed.inc();
       publish(session.deviceId, 'revoked', { serial: session.certSerial });
-      // Let the notice go out first; the close follows on the next turn.
+      // A revoked identity leaves no will behind; the notice goes out first, the close follows.
+      (client as unknown as { will: unknown }).will = null;
       setImmediate(() => client.close());
     }
   });
@@ -139,6 +140,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
         isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
       }),
+      limits.publishBudget,
       authorizationPlugin({ sessions }),
       payloadLimitPlugin({ onboardingBytes: config.onboardingPayloadBytes, telemetryBytes: config.telemetryPayloadBytes }),
       limits,
@@ -154,7 +156,13 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         const session = sessions.get(client);
         metrics.refused.inc({ reason: refusal.code });
         log.info({ deviceId: session?.deviceId, topic: packet.topic.slice(0, 200), code: refusal.code }, refusal.message);
-        if (session) publish(session.deviceId, 'error', { code: refusal.code, message: refusal.message, ...(refusal.retryAfterMs !== undefined ? { retryAfterMs: refusal.retryAfterMs } : {}) });
+        if (session) {
+          publish(session.deviceId, 'error', {
+            code: refusal.code, message: refusal.message,
+            ...(refusal.requestId !== undefined ? { requestId: refusal.requestId } : {}),
+            ...(refusal.retryAfterMs !== undefined ? { retryAfterMs: refusal.retryAfterMs } : {}),
+          });
+        }
       },
       onPublished(client, packet) {
         const session = sessions.get(client);

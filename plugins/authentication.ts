@@ -55,13 +55,20 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
         if (holder?.session.kind === 'operational' && holder.session.certFingerprint !== peer.fingerprint256) {
           throw new ConnectRefusal(2, 'client id is held by another certificate');
         }
-        opts.sessions.attach(client, { ...base, kind: 'operational', certSerial: serial, certFingerprint: peer.fingerprint256 });
+        opts.sessions.bind(client, { ...base, kind: 'operational', certSerial: serial, certFingerprint: peer.fingerprint256 });
         return;
       }
 
       // A bootstrap claim must never take over a device that is connected with its certificate.
       if (holder?.session.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device');
-      opts.sessions.attach(client, { ...base, kind: 'bootstrap' });
+      opts.sessions.bind(client, { ...base, kind: 'bootstrap' });
+    },
+
+    onConnected(client) {
+      opts.sessions.claim(client);
+      const session = opts.sessions.get(client);
+      if (session?.kind !== 'bootstrap') return;
+      const deviceId = session.deviceId;
       const timer = setTimeout(() => {
         opts.logger.info({ deviceId }, 'bootstrap session timed out');
         client.close();

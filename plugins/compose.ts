@@ -87,7 +87,10 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
         authn,
         (p) => p.authenticate!(client, info),
         (err) => {
-          if (!err) return cb(null, true);
+          if (!err) {
+            for (const p of plugins) p.onConnected?.(client);
+            return cb(null, true);
+          }
           const refusal = err instanceof ConnectRefusal ? err : new ConnectRefusal(3, 'server unavailable');
           if (!(err instanceof ConnectRefusal)) opts.logger.error({ err, clientId: info.clientId.slice(0, 128) }, 'authentication hook failed');
           else opts.logger.info({ clientId: info.clientId.slice(0, 128), returnCode: refusal.returnCode, reason: refusal.message }, 'connect refused');
@@ -103,6 +106,8 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
       // client is null only for a will published after its client is gone; wills were
       // checked at CONNECT time by the authorization plugin.
       if (!client) return cb(null);
+      // aedes authorizes a will from client.close(): the client is already closed then.
+      const closing = client.closed;
       runAll(
         pub,
         (p) => p.authorizePublish!(client, packet),
@@ -116,7 +121,7 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
           }
           cb(err as Error);
         },
-        () => !client.closed,
+        () => closing || !client.closed,
       );
     },
 

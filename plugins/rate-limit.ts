@@ -55,6 +55,8 @@ export interface RateLimitPlugin extends BrokerPlugin {
   /** For the broker's TCP accept: false when this address is over its connection budget. */
   acceptConnection(remoteAddress: string): Promise<boolean>;
   activeOnboardings(): number;
+  /** The per-client publish budget, to run before the ACL so refused publishes count too. */
+  publishBudget: BrokerPlugin;
 }
 
 export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
@@ -98,11 +100,20 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
 
     activeOnboardings: () => active.size,
 
+    publishBudget: {
+      name: 'publish-budget',
+      async authorizePublish(client) {
+        const session = opts.sessions.get(client);
+        if (!session) return;
+        const wait = await over(publishes, session.deviceId);
+        if (wait) refuse(client, 'publishesPerClient', wait);
+      },
+    },
+
     async authorizePublish(client, packet) {
       const session = opts.sessions.get(client);
       if (!session) return;
-      let wait = await over(publishes, session.deviceId);
-      if (wait) refuse(client, 'publishesPerClient', wait);
+      let wait = 0;
       const kind = parseTopic(packet.topic)?.kind;
       if (kind === 'register') {
         if (session.kind === 'bootstrap' && !active.has(client)) {

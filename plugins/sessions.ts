@@ -30,6 +30,17 @@ export class SessionRegistry {
     this.live.set(session.deviceId, { client, session });
   }
 
+  /** Known for this connection, but not (yet) the holder of its id. */
+  bind(client: Client, session: DeviceSession): void {
+    this.byClient.set(client, session);
+  }
+
+  /** The connection was accepted: it now holds its id. */
+  claim(client: Client): void {
+    const session = this.byClient.get(client);
+    if (session) this.live.set(session.deviceId, { client, session });
+  }
+
   get(client: Client): DeviceSession | undefined {
     return this.byClient.get(client);
   }

@@ -53,6 +53,8 @@ export interface BrokerPlugin {
   authorizeSubscribe?(client: Client, sub: Subscription): boolean | Promise<boolean>;
   /** Synchronous in aedes: return false to not deliver `packet` to `client`. */
   authorizeForward?(client: Client, packet: PublishPacket): boolean;
+  /** Every authenticate hook passed: the connection is accepted. */
+  onConnected?(client: Client): void;
   onDisconnect?(client: Client): void;
   close?(): void | Promise<void>;
 }

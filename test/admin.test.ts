@@ -51,7 +51,7 @@ test('revoke by serial with a reason code: CRL lists it with the reason, the dev
   const device = stack.device('adm-1', 'pki-signature');
   const id = await device.onboard();
   const client = await device.connectOperational(id);
-  const closed = new Promise((r) => client.once('close', r));
+  const closed = new Promise<void>((r) => client.once('close', () => r()));
   const res = await admin(stack, 'POST', '/admin/v1/revoke', { serial: id.serial, reason: 'keyCompromise' });
   assert.equal(res.status, 200);
   assert.equal(res.body[0].serial, id.serial);

@@ -139,7 +139,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   registerAdminRoutes(app as unknown as import('fastify').FastifyInstance, { store: deps.store, revocation: deps.revocation, policies: deps.policies, adminTokenHash: deps.adminTokenHash });
 
   app.register(async (scoped) => {
-    scoped.addHook('preHandler', requireGateway);
+    // onRequest: before the body is read, so an unknown client cannot make us parse 64 KiB.
+    scoped.addHook('onRequest', requireGateway);
     scoped.get('/v1/events', (req, reply) => {
       reply.hijack();
       const res = reply.raw;

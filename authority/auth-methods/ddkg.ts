@@ -59,7 +59,7 @@ export const ddkg: AuthMethodHandler = {
       key,
       onVerified: async () => {
         // The code is burnt only by a verified signature, so a wrong key cannot waste it.
-        if (gate === 'one-time-code' && !(await ctx.store.consumeEnrollmentCode(codeHash as string, ctx.deviceId, ctx.now))) {
+        if (gate === 'one-time-code' && !(await ctx.store.consumeEnrollmentCode(codeHash as string, ctx.deviceId, ctx.group, ctx.now))) {
           throw new LeafgateError('enrollment_required', 'enrollmentCode is unknown, used or expired');
         }
         await ctx.store.updateDevice(ctx.deviceId, { status: 'enrolled', ddkgPublicKey: key.export({ type: 'spki', format: 'pem' }) as string, gatewayId: ctx.gatewayId }, ctx.now);

@@ -59,7 +59,7 @@ export class SqliteStore implements AuthorityStore {
       insertDevice: p(`INSERT INTO devices (id, group_name, method, status, gateway_id, ddkg_salt, ddkg_public_key, birth_cert_fingerprint, created_at, updated_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
       insertCode: p('INSERT INTO enrollment_codes (code_hash, device_id, group_name, expires_at) VALUES (?, ?, ?, ?)'),
-      useCode: p('UPDATE enrollment_codes SET used_at = ? WHERE code_hash = ? AND device_id = ? AND used_at IS NULL AND expires_at > ?'),
+      useCode: p('UPDATE enrollment_codes SET used_at = ? WHERE code_hash = ? AND device_id = ? AND group_name = ? AND used_at IS NULL AND expires_at > ?'),
       insertChallenge: p('INSERT INTO challenges (id, device_id, gateway_id, method, nonce, context, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)'),
       getChallenge: p('SELECT * FROM challenges WHERE id = ?'),
       useChallenge: p('UPDATE challenges SET used_at = ? WHERE id = ? AND used_at IS NULL'),
@@ -148,8 +148,8 @@ export class SqliteStore implements AuthorityStore {
     this.stmts.insertCode.run(codeHash, deviceId, groupName, expiresAt);
   }
 
-  async consumeEnrollmentCode(codeHash: string, deviceId: string, now: number): Promise<boolean> {
-    return this.stmts.useCode.run(now, codeHash, deviceId, now).changes === 1;
+  async consumeEnrollmentCode(codeHash: string, deviceId: string, groupName: string, now: number): Promise<boolean> {
+    return this.stmts.useCode.run(now, codeHash, deviceId, groupName, now).changes === 1;
   }
 
   async insertChallenge(c: ChallengeRow): Promise<void> {

@@ -111,8 +111,8 @@ export interface AuthorityStore {
   updateDevice(id: string, patch: Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>, now: number): Promise<void>;
 
   createEnrollmentCode(codeHash: string, deviceId: string, groupName: string, expiresAt: number): Promise<void>;
-  /** Atomically consumes a code bound to the device; false when unknown, used or expired. */
-  consumeEnrollmentCode(codeHash: string, deviceId: string, now: number): Promise<boolean>;
+  /** Atomically consumes a code bound to the device and group; false when unknown, used or expired. */
+  consumeEnrollmentCode(codeHash: string, deviceId: string, groupName: string, now: number): Promise<boolean>;
 
   insertChallenge(row: ChallengeRow): Promise<void>;
   getChallenge(id: string): Promise<ChallengeRow | null>;

@@ -1,0 +1,172 @@
+/**
+ * Revocation at the broker: a revoked certificate's live session is told and closed within
+ * a second, its reconnect is refused, the gateway's cached CRL and the authority's published
+ * CRL both list it (checked with openssl), and a gateway restarted while the authority is
+ * down still refuses it from the CRL cached on disk.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { downFilter, upTopic } from '../protocol/index.ts';
+import { resolveGatewayConfig, startGateway, type RunningGateway } from '../gateway/index.ts';
+import { logger, startStack, type Stack } from './support/stack.ts';
+import { Inbox, closeQuietly, closed, connectOk, httpGet, metricValue, metricsText, onboardDevice, operationalOptions, opsUrl, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
+
+const OPENSSL = '/usr/bin/openssl';
+
+/** Serial as openssl prints it: upper-case hex, no leading zeros. */
+const opensslSerial = (serial: string) => serial.replace(/:/g, '').toUpperCase().replace(/^0+(?=.)/, '');
+
+function crlText(args: string[]): string {
+  return execFileSync(OPENSSL, ['crl', ...args, '-noout', '-text'], { encoding: 'utf8' });
+}
+
+const listsSerial = (text: string, serial: string) =>
+  text
+    .split('\n')
+    .map((l) => /Serial Number:\s*([0-9A-Fa-f]+)/.exec(l)?.[1]?.toUpperCase().replace(/^0+(?=.)/, ''))
+    .includes(opensslSerial(serial));
+
+async function authorityCrlPem(stack: Stack): Promise<{ pem: string; number: bigint }> {
+  const r = await httpGet(`${stack.authority.url}/v1/crl.pem`, stack.rootPem);
+  assert.equal(r.status, 200);
+  return { pem: r.body, number: BigInt(String(r.headers['x-crl-number'])) };
+}
+
+test('revoking a certificate cuts its live session within 1 s, refuses its reconnect, and both CRLs list it', async (t) => {
+  const stack = await startStack(t);
+  const id = 'pki-revoked';
+  const identity = await onboardDevice(stack, id);
+  const client = await connectOk(stack, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  const inbox = new Inbox(client);
+  assert.deepEqual(await subscribeGranted(client, downFilter(id)), [1]);
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the authority event stream');
+  const before = await authorityCrlPem(stack);
+  const gatewayBefore = stack.gateway.revocations.crlNumber;
+
+  const started = performance.now();
+  const gone = closed(client, 3000);
+  const revoked = await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  await gone;
+  const elapsed = performance.now() - started;
+  assert.ok(elapsed < 1000, `live session closed ${Math.round(elapsed)} ms after the revocation`);
+  t.diagnostic(`session closed ${Math.round(elapsed)} ms after revokeSerial`);
+
+  const notice = inbox.messages.find((m) => m.kind === 'revoked');
+  assert.ok(notice, `down/revoked was delivered before the close (got ${inbox.messages.map((m) => m.kind).join(',') || 'nothing'})`);
+  assert.equal(notice.topic, `lg/v1/${id}/down/revoked`);
+  assert.equal(String(notice.body.serial).toUpperCase(), identity.serial.toUpperCase());
+
+  // Reconnect with the revoked certificate: not authorized.
+  assert.equal((await tryConnect(stack, operationalOptions(identity))).code, 5);
+  await until(() => stack.gateway.sessions.holder(id) === undefined, 2000, 'the session to be released');
+
+  // The gateway's CRL cache (DER) lists the serial.
+  const crlFile = join(stack.dir, 'gateway', 'device-ca.crl');
+  assert.ok(existsSync(crlFile), crlFile);
+  assert.ok(listsSerial(crlText(['-inform', 'DER', '-in', crlFile]), identity.serial), 'gateway CRL file lists the serial');
+
+  // The authority's published CRL: PEM that openssl verifies against the device CA, listing the serial.
+  const after = await authorityCrlPem(stack);
+  assert.match(after.pem, /^-----BEGIN X509 CRL-----\n/);
+  const pemFile = join(stack.dir, 'crl.pem');
+  writeFileSync(pemFile, after.pem);
+  const verify = spawnSync(OPENSSL, ['crl', '-in', pemFile, '-CAfile', join(stack.dir, 'gateway', 'device-ca.pem'), '-noout'], { encoding: 'utf8' });
+  assert.equal(verify.status, 0, verify.stderr);
+  assert.match(verify.stderr + verify.stdout, /verify OK/);
+  assert.ok(listsSerial(crlText(['-in', pemFile]), identity.serial), 'published CRL lists the serial');
+
+  // The CRL number went up, at the authority and at the gateway.
+  assert.ok(after.number > before.number, `CRL number ${before.number} -> ${after.number}`);
+  assert.equal(after.number.toString(), revoked.crlNumber);
+  assert.ok(gatewayBefore !== undefined && stack.gateway.revocations.crlNumber! > gatewayBefore, 'gateway CRL number increased');
+  const metrics = await metricsText(stack.gateway.httpPort);
+  assert.equal(metricValue(metrics, 'leafgate_gateway_revoked_sessions_closed_total'), 1);
+  assert.equal(metricValue(metrics, 'leafgate_gateway_crl_number'), Number(after.number));
+});
+
+test('revoking one certificate leaves the other sessions alone', async (t) => {
+  const stack = await startStack(t);
+  const bad = await onboardDevice(stack, 'pki-bad');
+  const good = await onboardDevice(stack, 'pki-good');
+  const badClient = await connectOk(stack, operationalOptions(bad));
+  const goodClient = await connectOk(stack, operationalOptions(good));
+  t.after(() => closeQuietly(badClient, goodClient));
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the authority event stream');
+  const gone = closed(badClient, 3000);
+  await stack.authority.revocation.revokeSerial(bad.serial, 'superseded', 'test');
+  await gone;
+  assert.equal(goodClient.connected, true);
+  await goodClient.publishAsync(upTopic('pki-good', 'telemetry', 'state'), '{}', { qos: 1 });
+  assert.equal(stack.gateway.sessions.holder('pki-good')?.session.kind, 'operational');
+});
+
+test('a revoked device cannot keep its live session by having a second CONNECT refused', {
+}, async (t) => {
+  const stack = await startStack(t);
+  const id = 'pki-evader';
+  const identity = await onboardDevice(stack, id);
+  const client = await connectOk(stack, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the authority event stream');
+  const badWill = { topic: upTopic('dev-victim', 'telemetry', 'x'), payload: Buffer.from('x'), qos: 0 as const, retain: false };
+  assert.equal((await tryConnect(stack, { ...operationalOptions(identity), will: badWill })).code, 5);
+  assert.equal(client.connected, true);
+
+  const started = performance.now();
+  const gone = closed(client, 3000);
+  await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  await gone;
+  assert.ok(performance.now() - started < 1000);
+});
+
+test('offline: a gateway restarted while the authority is down still refuses the revoked device from its cached CRL', async (t) => {
+  // This test stops and restarts parts of the stack itself, so it closes them itself.
+  const stack = await startStack(null);
+  let gatewayUp = true;
+  let authorityUp = true;
+  let restarted: RunningGateway | undefined;
+  const clients: Array<Awaited<ReturnType<typeof connectOk>>> = [];
+  t.after(async () => {
+    await closeQuietly(...clients);
+    await restarted?.close();
+    if (gatewayUp) await stack.gateway.close();
+    if (authorityUp) await stack.authority.close();
+    rmSync(stack.dir, { recursive: true, force: true });
+  });
+
+  const bad = await onboardDevice(stack, 'pki-bad');
+  const good = await onboardDevice(stack, 'pki-good');
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the authority event stream');
+  const { crlNumber } = await stack.authority.revocation.revokeSerial(bad.serial, 'keyCompromise', 'test');
+  await until(() => stack.gateway.revocations.crlNumber?.toString() === crlNumber, 3000, 'the gateway to fetch the new CRL');
+
+  await stack.authority.close();
+  authorityUp = false;
+  await stack.gateway.close();
+  gatewayUp = false;
+
+  restarted = await startGateway(
+    resolveGatewayConfig({ dataDir: join(stack.dir, 'gateway'), listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }, {}),
+    { logger },
+  );
+  const url = `mqtts://127.0.0.1:${restarted.port}`;
+  assert.equal(restarted.revocations.crlNumber?.toString(), crlNumber, 'CRL loaded from disk');
+
+  assert.equal((await tryConnect(stack, operationalOptions(bad), 5000, url)).code, 5, 'revoked device refused');
+  const goodClient = await connectOk(stack, operationalOptions(good), url);
+  clients.push(goodClient);
+  await goodClient.publishAsync(upTopic('pki-good', 'telemetry', 'state'), '{}', { qos: 1 });
+
+  // Ready: the broker listens and a CRL is cached, although the authority link is down.
+  const ready = await httpGet(opsUrl(restarted.httpPort, '/readyz'));
+  assert.equal(ready.status, 200, ready.body);
+  const body = JSON.parse(ready.body) as { status: string; checks: Record<string, boolean> };
+  assert.equal(body.status, 'ready');
+  assert.equal(body.checks.crlCached, true);
+  assert.equal(body.checks.authorityLink, false);
+  assert.equal(body.checks.brokerListening, true);
+});

@@ -1,0 +1,25 @@
+/**
+ * Bounded waits for tests: every wait for an event ends with a clear failure instead of
+ * hanging the suite. No fixed sleeps anywhere: a test waits for the event it expects.
+ */
+
+export const DEFAULT_WAIT_MS = 5_000;
+
+/** Resolves or rejects with `promise`, or rejects after `ms` with `what` in the message. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Resolves with the first emission of `event` on `emitter`, bounded by `ms`. */
+export function nextEvent<T = unknown>(emitter: NodeJS.EventEmitter, event: string, ms = DEFAULT_WAIT_MS): Promise<T> {
+  let handler: ((v: T) => void) | undefined;
+  const p = new Promise<T>((resolve) => {
+    handler = resolve;
+    emitter.once(event, handler);
+  });
+  return within(p, ms, `event ${event}`).finally(() => emitter.off(event, handler!));
+}
