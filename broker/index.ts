@@ -29,6 +29,8 @@ export interface BrokerOptions {
   /** Time between TCP accept and CONNECT. */
   connectTimeoutMs?: number;
   maxConnections?: number;
+  /** listen(2) backlog. */
+  backlog?: number;
   /** Raw TCP admission, before any TLS work (e.g. per-address rate limit). */
   acceptConnection?: (remoteAddress: string) => boolean | Promise<boolean>;
   /** aedes: packets queued per client before its CONNECT is processed. */
@@ -132,7 +134,9 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
   aedes.on('connectionError', (client, err) => {
     opts.logger.debug({ clientId: client.id, err: err.message }, 'connection error');
   });
-  server.listen(opts.port, opts.host ?? '0.0.0.0');
+  // A site coming back from a power cut connects all at once: a deep accept backlog turns
+  // that burst into a queue instead of resets (the kernel caps it at net.core.somaxconn).
+  server.listen({ port: opts.port, host: opts.host ?? '0.0.0.0', backlog: opts.backlog ?? 4096 });
   await once(server, 'listening');
   const address = server.address();
   const port = typeof address === 'object' && address ? address.port : opts.port;

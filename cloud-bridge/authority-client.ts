@@ -24,6 +24,8 @@ export interface AuthorityClientOptions {
 export const AUTHORITY_RETRY_MS = 5_000;
 
 export class AuthorityClient {
+  /** Local clock minus the authority's (from the Date header of its last answer), ms. */
+  clockSkewMs: number | undefined;
   private agent: https.Agent;
   private readonly agentOptions: https.AgentOptions;
   private readonly base: URL;
@@ -58,6 +60,7 @@ export class AuthorityClient {
           headers: payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {},
         },
         (res) => {
+          this.noteDate(res.headers.date);
           const chunks: Buffer[] = [];
           let size = 0;
           res.on('data', (c: Buffer) => {
@@ -90,6 +93,12 @@ export class AuthorityClient {
       req.on('error', (err) => reject(unavailable(err)));
       req.end(payload);
     });
+  }
+
+  private noteDate(date: string | undefined): void {
+    const t = date ? Date.parse(date) : NaN;
+    // The header has 1 s resolution: differences under a second are noise.
+    if (!Number.isNaN(t)) this.clockSkewMs = Math.abs(Date.now() - t) < 1000 ? 0 : Date.now() - t;
   }
 
   /** Uses a new client certificate from now on; requests in flight finish on the old one. */

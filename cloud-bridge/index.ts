@@ -8,3 +8,4 @@ export { RenewalTracker, type DueRenewal } from './renewals.ts';
 export { RevocationCache, type RevocationCacheOptions } from './revocation-cache.ts';
 export { AuthorityEventStream } from './event-stream.ts';
 export { GatewayIdentity, completeIdentitySwap, edgeCaFiles, edgeConfigSnippet, issueServerCertificate, isDue, type EdgeCaFiles, type ServerCertOptions } from './gateway-identity.ts';
+export { AuthorityGate } from './authority-gate.ts';

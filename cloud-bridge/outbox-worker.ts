@@ -6,11 +6,14 @@
 import type { Logger } from 'pino';
 import { toLeafgateError, type CertMessage, type DownKind, type ErrorBody } from '../protocol/index.ts';
 import type { AuthorityClient } from './authority-client.ts';
+import type { AuthorityGate } from './authority-gate.ts';
 import type { Outbox, OutboxEntry } from './outbox.ts';
 
 export interface OutboxWorkerOptions {
   outbox: Outbox;
   authority: AuthorityClient;
+  /** Shared bound on requests in flight to the authority. */
+  gate: AuthorityGate;
   publish(deviceId: string, kind: DownKind, body: unknown): void;
   /** An answer is only published (and marked delivered) while the device is connected. */
   isConnected(deviceId: string): boolean;
@@ -81,7 +84,7 @@ export class OutboxWorker {
   private async send(entry: OutboxEntry): Promise<void> {
     const path = entry.kind === 'renew' ? '/v1/devices/renew' : '/v1/devices/csr';
     try {
-      const cert = await this.opts.authority.post<CertMessage>(path, entry.body);
+      const cert = await this.opts.gate.run(() => this.opts.authority.post<CertMessage>(path, entry.body));
       if (this.opts.outbox.finish(entry.seq, 'done', cert as unknown as Record<string, unknown>, Date.now())) this.deliver({ ...entry, state: 'done', response: cert as unknown as Record<string, unknown> });
       this.opts.onAnswer?.({ entry, ok: true });
     } catch (err) {

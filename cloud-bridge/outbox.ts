@@ -59,27 +59,35 @@ export const hashRequestBody = (body: unknown) => createHash('sha256').update(JS
 
 export class Outbox {
   private readonly db: Database.Database;
+  /** Same file, synchronous=NORMAL: for updates whose loss a crash repairs by itself. */
+  private readonly lazy: Database.Database;
   private readonly st: Record<string, Database.Statement>;
 
   constructor(file: string) {
     this.db = new Database(file);
     this.db.pragma('journal_mode = WAL');
-    // FULL: the commit is on disk before the device's PUBACK is written.
+    // FULL: an accepted request is on disk (fsync) before the device's PUBACK is written.
     this.db.pragma('synchronous = FULL');
     this.db.exec(SCHEMA);
+    // Answers, retries and delivery marks need no fsync of their own: lost in a power cut,
+    // the request is resent, and the authority's idempotency returns the same answer.
+    this.lazy = new Database(file);
+    this.lazy.pragma('synchronous = NORMAL');
+    this.lazy.pragma('busy_timeout = 5000');
     const p = (sql: string) => this.db.prepare(sql);
+    const l = (sql: string) => this.lazy.prepare(sql);
     this.st = {
       get: p('SELECT * FROM outbox WHERE device_id = ? AND request_id = ?'),
       insert: p(`INSERT INTO outbox (device_id, request_id, kind, body, body_hash, state, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)
         ON CONFLICT (device_id, request_id) DO NOTHING`),
       due: p("SELECT * FROM outbox WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY seq LIMIT ?"),
-      complete: p("UPDATE outbox SET state = ?, response = ?, completed_at = ? WHERE seq = ? AND state = 'queued'"),
-      reschedule: p("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ? AND state = 'queued'"),
-      delivered: p('UPDATE outbox SET delivered_at = ? WHERE seq = ?'),
+      complete: l("UPDATE outbox SET state = ?, response = ?, completed_at = ? WHERE seq = ? AND state = 'queued'"),
+      reschedule: l("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE seq = ? AND state = 'queued'"),
+      delivered: l('UPDATE outbox SET delivered_at = ? WHERE seq = ?'),
       undelivered: p("SELECT * FROM outbox WHERE device_id = ? AND state != 'queued' AND delivered_at IS NULL ORDER BY seq"),
-      retryNow: p("UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND next_attempt_at > ?"),
+      retryNow: l("UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND next_attempt_at > ?"),
       pending: p("SELECT COUNT(*) AS n FROM outbox WHERE state = 'queued'"),
-      purge: p("DELETE FROM outbox WHERE state != 'queued' AND completed_at < ?"),
+      purge: l("DELETE FROM outbox WHERE state != 'queued' AND completed_at < ?"),
     };
   }
 
@@ -135,6 +143,7 @@ export class Outbox {
   }
 
   close(): void {
+    this.lazy.close();
     this.db.close();
   }
 }

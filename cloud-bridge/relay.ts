@@ -22,11 +22,14 @@ import {
 } from '../protocol/index.ts';
 import { PublishRefusal, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
 import type { AuthorityClient } from './authority-client.ts';
+import type { AuthorityGate } from './authority-gate.ts';
 import type { Outbox } from './outbox.ts';
 import type { OutboxWorker } from './outbox-worker.ts';
 
 export interface RelayOptions {
   authority: AuthorityClient;
+  /** Bounds requests in flight to the authority (shared with the outbox worker). */
+  gate: AuthorityGate;
   sessions: SessionRegistry;
   outbox: Outbox;
   worker: OutboxWorker;
@@ -98,7 +101,10 @@ export class OnboardingRelay {
       if (kind === 'register') {
         const msg = validateRegister(obj);
         session.onboardingStartedAt ??= Date.now();
-        const challenge = await this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId });
+        const challenge = await this.opts.gate.run(
+          () => this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId }),
+          (retryAfterMs) => this.opts.publish(deviceId, 'pending', { requestId: msg.requestId, retryAfterMs }),
+        );
         if (session.challengeIds.size >= MAX_CHALLENGES_PER_SESSION) session.challengeIds.delete(session.challengeIds.values().next().value!);
         session.challengeIds.add(challenge.challengeId);
         this.opts.publish(deviceId, 'challenge', challenge);
@@ -106,7 +112,10 @@ export class OnboardingRelay {
         const msg = validateAuth(obj);
         // A challenge answered here must have been issued to this very connection.
         if (!session.challengeIds.has(msg.challengeId)) throw new LeafgateError('challenge_expired', 'challenge was not issued on this connection');
-        const instruction = await this.opts.authority.post<InstructionMessage>('/v1/devices/auth', { ...msg, deviceId });
+        const instruction = await this.opts.gate.run(
+          () => this.opts.authority.post<InstructionMessage>('/v1/devices/auth', { ...msg, deviceId }),
+          (retryAfterMs) => this.opts.publish(deviceId, 'pending', { requestId: msg.requestId, retryAfterMs }),
+        );
         // The id stays known: a repeat of this answer reaches the authority, which says `replayed`.
         session.authenticated = true;
         this.opts.publish(deviceId, 'instruction', instruction);

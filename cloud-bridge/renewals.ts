@@ -37,6 +37,17 @@ export class RenewalTracker {
     return this.due.size;
   }
 
+  /** Due, and overdue = less than a tenth of the lifetime left (renewals that keep failing). */
+  counts(now = Date.now()): { due: number; overdue: number } {
+    let overdue = 0;
+    for (const d of this.due.values()) {
+      const end = new Date(d.notAfter).getTime();
+      const start = new Date(d.renewAfter).getTime();
+      if (end - now < (end - start) / 10) overdue++;
+    }
+    return { due: this.due.size, overdue };
+  }
+
   /** The instruction to send to `client` (holding `serial`), or null if not due or already asked. */
   instructionFor(client: Client, serial: string, csrDeadlineMs: number): InstructionMessage | null {
     const d = this.due.get(serial);

@@ -49,6 +49,11 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     return this.crl !== null;
   }
 
+  /** True when the CRL held is past its nextUpdate (or there is none). */
+  isStale(now = Date.now()): boolean {
+    return !this.crl?.nextUpdate || this.crl.nextUpdate.getTime() < now;
+  }
+
   isRevoked(serial: string): boolean {
     return this.crl?.revoked.has(serial) ?? false;
   }

@@ -41,6 +41,8 @@ export interface DeviceOptions {
   timeoutMs?: number;
   /** When set, key.pem, cert.pem and chain.pem are written here (key 0600). */
   storeDir?: string;
+  /** Retries of the whole flow after rate_limited / authority_unavailable (default 5). */
+  retries?: number;
 }
 
 export interface DeviceIdentity {
@@ -156,7 +158,27 @@ export class LeafDevice {
   }
 
   /** The whole flow; resolves with the new identity, rejects with the gateway's error code. */
+  /**
+   * The whole flow, retried when the gateway says "later" (rate_limited, authority_unavailable)
+   * after its retryAfterMs plus jitter, so a site-wide surge settles instead of failing.
+   */
   async onboard(): Promise<OnboardResult> {
+    const attempts = this.opts.retries ?? 5;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.onboardOnce();
+      } catch (err) {
+        const e = err as LeafgateError & { code?: string };
+        // Transport failures of the bootstrap connection (reset during a surge) are transient too.
+        const transient = (e instanceof LeafgateError && (e.code === 'rate_limited' || e.code === 'authority_unavailable')) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(String(e.code));
+        if (!transient || attempt >= attempts) throw err;
+        const base = e.retryAfterMs ?? 1000 * 2 ** attempt;
+        await new Promise((r) => setTimeout(r, base + Math.random() * base * 0.5));
+      }
+    }
+  }
+
+  private async onboardOnce(): Promise<OnboardResult> {
     const t0 = performance.now();
     const { client, inbox } = await this.connectBootstrap();
     try {

@@ -21,8 +21,20 @@ export interface GatewayConfig {
   keepaliveMaxSeconds: number;
   /** How often the CRL is fetched even without a push. */
   crlRefreshMs: number;
+  /**
+   * A CRL past its nextUpdate (authority unreachable for long): `keep` keeps enforcing the
+   * last one and raises an alarm (log + metric; the safe default: the site keeps working),
+   * `refuse` refuses certificate logins until a fresh CRL arrives.
+   */
+  staleCrlPolicy: 'keep' | 'refuse';
+  /** Clock difference to the authority tolerated before the gateway complains loudly. */
+  maxClockSkewMs: number;
   /** Requests in flight to the authority at once (the outbox drains with this bound). */
   authorityConcurrency: number;
+  /** Requests waiting for an authority slot beyond this are refused with rate_limited. */
+  authorityQueueMax: number;
+  /** A device whose request waited this long for a slot is told `pending`. */
+  pendingAfterMs: number;
   /** Time a device has to answer a renewal instruction. */
   renewalCsrDeadlineMs: number;
   /** The gateway certificate (and edge CA) is renewed once this fraction of its lifetime passed. */
@@ -54,7 +66,11 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     maxConnections: input.maxConnections ?? 50_000,
     keepaliveMaxSeconds: input.keepaliveMaxSeconds ?? 1200,
     crlRefreshMs: input.crlRefreshMs ?? 5 * 60_000,
+    staleCrlPolicy: input.staleCrlPolicy ?? 'keep',
+    maxClockSkewMs: input.maxClockSkewMs ?? 5 * 60_000,
     authorityConcurrency: input.authorityConcurrency ?? 16,
+    authorityQueueMax: input.authorityQueueMax ?? 20_000,
+    pendingAfterMs: input.pendingAfterMs ?? 1000,
     renewalCsrDeadlineMs: input.renewalCsrDeadlineMs ?? 10 * 60_000,
     certRenewAfterFraction: input.certRenewAfterFraction ?? 2 / 3,
     edgeCa: input.edgeCa ?? env.LEAFGATE_GATEWAY_EDGE_CA === '1',
@@ -67,6 +83,7 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
   };
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) bad('listen.port is invalid');
   if (cfg.onboardingPayloadBytes > cfg.maxPacketBytes || cfg.telemetryPayloadBytes > cfg.maxPacketBytes) bad('payload caps must not exceed maxPacketBytes');
+  if (cfg.staleCrlPolicy !== 'keep' && cfg.staleCrlPolicy !== 'refuse') bad('staleCrlPolicy must be keep or refuse');
   if (!(cfg.certRenewAfterFraction > 0 && cfg.certRenewAfterFraction < 1)) bad('certRenewAfterFraction must be in (0, 1)');
   if (!Number.isInteger(cfg.http.port) || cfg.http.port < 0 || cfg.http.port > 65535) bad('http.port is invalid');
   for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs', 'authorityConcurrency'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);

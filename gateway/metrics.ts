@@ -13,8 +13,18 @@ export class GatewayMetrics {
   readonly crlNextUpdate: Gauge;
   readonly authorityLink: Gauge;
   readonly revokedSessionsClosed: Counter;
+  readonly crlStale: Gauge;
+  readonly clockSkewSeconds: Gauge;
+  readonly renewals: Counter<'outcome'>;
+  readonly renewalsDue: Gauge<'state'>;
+  readonly authorityInFlight: Gauge;
+  readonly authorityQueued: Gauge;
 
-  constructor(collect: { connections(kind: 'bootstrap' | 'operational'): number }) {
+  constructor(collect: {
+    connections(kind: 'bootstrap' | 'operational'): number;
+    renewals(): { due: number; overdue: number };
+    gate(): { active: number; queued: number };
+  }) {
     const registers = [this.registry];
     this.connections = new Gauge({
       name: 'leafgate_gateway_connections', help: 'Connected MQTT clients by kind', labelNames: ['kind'], registers,
@@ -35,6 +45,19 @@ export class GatewayMetrics {
     this.crlNextUpdate = new Gauge({ name: 'leafgate_gateway_crl_next_update_seconds', help: 'nextUpdate of the CRL in force (unix seconds)', registers });
     this.authorityLink = new Gauge({ name: 'leafgate_gateway_authority_link_up', help: '1 while the event stream to the authority is open', registers });
     this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
+    this.crlStale = new Gauge({ name: 'leafgate_gateway_crl_stale', help: '1 while the CRL in force is past its nextUpdate', registers });
+    this.clockSkewSeconds = new Gauge({ name: 'leafgate_gateway_clock_skew_seconds', help: 'Local clock minus the authority clock (from its Date header)', registers });
+    this.renewals = new Counter({ name: 'leafgate_gateway_renewals_total', help: 'Device renewals by outcome (asked, renewed, failed)', labelNames: ['outcome'], registers });
+    this.renewalsDue = new Gauge({
+      name: 'leafgate_gateway_renewals_due', help: 'Certificates announced as due (due) and those with less than a tenth of their life left (overdue)', labelNames: ['state'], registers,
+      collect() {
+        const s = collect.renewals();
+        this.set({ state: 'due' }, s.due);
+        this.set({ state: 'overdue' }, s.overdue);
+      },
+    });
+    this.authorityInFlight = new Gauge({ name: 'leafgate_gateway_authority_inflight', help: 'Requests in flight to the authority', registers, collect() { this.set(collect.gate().active); } });
+    this.authorityQueued = new Gauge({ name: 'leafgate_gateway_authority_queued', help: 'Requests waiting for an authority slot', registers, collect() { this.set(collect.gate().queued); } });
     collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_gateway_' });
   }
 }

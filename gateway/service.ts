@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
@@ -27,6 +27,7 @@ export interface RunningGateway {
   revocations: RevocationCache;
   outbox: Outbox;
   renewals: RenewalTracker;
+  gate: AuthorityGate;
   /** PEM of the root that devices must trust to verify the gateway. */
   rootPem: string;
   readiness(): Readiness;
@@ -54,7 +55,13 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
 
   const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, key, cert });
   const sessions = new SessionRegistry();
-  const metrics = new GatewayMetrics({ connections: (kind) => sessions.count(kind) });
+  // Late-bound: the metrics collect from parts created below.
+  const parts: { renewals?: RenewalTracker; gate?: AuthorityGate } = {};
+  const metrics = new GatewayMetrics({
+    connections: (kind) => sessions.count(kind),
+    renewals: () => parts.renewals?.counts() ?? { due: 0, overdue: 0 },
+    gate: () => ({ active: parts.gate?.active ?? 0, queued: parts.gate?.queued ?? 0 }),
+  });
   let broker: RunningBroker | undefined;
 
   const publish = (deviceId: string, kind: DownKind, body: unknown) => {
@@ -63,10 +70,14 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     });
   };
   const outbox = new Outbox(join(config.dataDir, 'outbox.db'));
+  const gate = new AuthorityGate({ concurrency: config.authorityConcurrency, maxQueue: config.authorityQueueMax, pendingAfterMs: config.pendingAfterMs });
+  parts.gate = gate;
   const renewals = new RenewalTracker();
+  parts.renewals = renewals;
   const worker = new OutboxWorker({
     outbox,
     authority,
+    gate,
     publish,
     isConnected: (deviceId) => sessions.holder(deviceId) !== undefined,
     logger: log,
@@ -74,13 +85,18 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     onAnswer({ entry, ok, code }) {
       metrics.onboardingSteps.inc({ step: entry.kind, outcome: ok ? 'ok' : code ?? 'error' });
       metrics.onboardings.inc({ outcome: ok ? (entry.kind === 'renew' ? 'renewed' : 'issued') : code ?? 'error' });
-      if (ok && entry.kind === 'renew' && typeof entry.body.currentSerial === 'string') renewals.done(entry.body.currentSerial);
+      if (entry.kind === 'renew') {
+        metrics.renewals.inc({ outcome: ok ? 'renewed' : 'failed' });
+        if (ok && typeof entry.body.currentSerial === 'string') renewals.done(entry.body.currentSerial);
+        if (!ok) log.warn({ deviceId: entry.deviceId, requestId: entry.requestId, code }, 'device renewal failed');
+      }
       const started = sessions.holder(entry.deviceId)?.session.onboardingStartedAt;
       if (ok && started !== undefined) metrics.onboardingSeconds.observe((Date.now() - started) / 1000);
     },
   });
   const relay = new OnboardingRelay({
     authority,
+    gate,
     sessions,
     outbox,
     worker,
@@ -95,6 +111,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs);
     if (instruction) {
       log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'asking device to renew');
+      metrics.renewals.inc({ outcome: 'asked' });
       publish(session.deviceId, 'instruction', instruction);
     }
   };
@@ -102,6 +119,9 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
   const revocations = new RevocationCache({ authority, deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
   const updateCrlMetrics = () => {
+    const stale = revocations.isStale();
+    metrics.crlStale.set(stale ? 1 : 0);
+    if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
     if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
     if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
   };
@@ -139,6 +159,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       authenticationPlugin({
         sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
         isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
+        revocationUsable: () => config.staleCrlPolicy === 'keep' || !revocations.isStale(),
       }),
       limits.publishBudget,
       authorizationPlugin({ sessions }),
@@ -204,6 +225,17 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       authority.setIdentity(newKey, newCert);
     },
   });
+  // Time-based alarms: a CRL going stale while nothing arrives, a clock that drifted.
+  const watch = setInterval(() => {
+    updateCrlMetrics();
+    const skew = authority.clockSkewMs;
+    if (skew === undefined) return;
+    metrics.clockSkewSeconds.set(skew / 1000);
+    if (Math.abs(skew) > config.maxClockSkewMs) {
+      log.error({ skewSeconds: Math.round(skew / 1000), allowedSeconds: config.maxClockSkewMs / 1000 }, 'gateway clock differs from the authority: certificate validity and renewal windows are judged wrongly; fix NTP');
+    }
+  }, Math.min(config.crlRefreshMs, 60_000));
+  watch.unref();
   revocations.start();
   events.start();
   worker.start();
@@ -211,8 +243,14 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
 
   const running = broker;
   const readiness = (): Readiness => {
-    const checks = { brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm };
-    return { ready: checks.brokerListening && (checks.authorityLink || checks.crlCached), checks };
+    const skew = authority.clockSkewMs;
+    const checks = {
+      brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm, crlFresh: !revocations.isStale(),
+      clockInSync: skew === undefined || Math.abs(skew) <= config.maxClockSkewMs,
+    };
+    // A stale CRL makes the gateway unready only when the policy refuses logins because of it.
+    const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
+    return { ready: checks.brokerListening && (checks.authorityLink || crlOk), checks };
   };
   let ops: Awaited<ReturnType<typeof startOpsServer>>;
   try {
@@ -239,12 +277,14 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     revocations,
     outbox,
     renewals,
+    gate,
     rootPem,
     readiness,
     identity,
     async close() {
       if (closed) return;
       closed = true;
+      clearInterval(watch);
       events.stop();
       revocations.stop();
       worker.stop();

@@ -91,16 +91,24 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     void reply.status(404).send(new LeafgateError('not_found', `no route ${req.method} ${req.url.slice(0, 100)}`).toBody());
   });
 
+  // The peer certificate of a keep-alive connection does not change: read it once per socket
+  // (getPeerCertificate is costly), check the store on every request (cheap, catches revocation).
+  const peers = new WeakMap<TLSSocket, { cn: string; serial: string } | null>();
   const requireGateway = async (req: FastifyRequest, _reply: FastifyReply) => {
     const socket = req.raw.socket as TLSSocket;
-    const peer = socket.getPeerCertificate?.();
-    if (!peer || !peer.raw) throw new LeafgateError('client_cert_required');
+    let peerInfo = peers.get(socket);
+    if (peerInfo === undefined) {
+      const peer = socket.getPeerCertificate?.();
+      peerInfo = peer && peer.raw ? { cn: typeof peer.subject?.CN === 'string' ? peer.subject.CN : '', serial: peer.serialNumber.toUpperCase() } : null;
+      peers.set(socket, peerInfo);
+    }
+    if (!peerInfo) throw new LeafgateError('client_cert_required');
     if (!socket.authorized) throw new LeafgateError('unknown_gateway', `client certificate not trusted: ${socket.authorizationError}`);
-    const id = typeof peer.subject?.CN === 'string' ? peer.subject.CN : '';
+    const id = peerInfo.cn;
     const gw = id ? await deps.store.getGateway(id) : null;
     // Any unexpired, unrevoked certificate issued to this gateway: a renewal does not cut
     // requests still in flight on the previous one.
-    const cert = gw ? await deps.store.getCertificate(peer.serialNumber.toUpperCase()) : null;
+    const cert = gw ? await deps.store.getCertificate(peerInfo.serial) : null;
     if (!gw || gw.status !== 'active' || !cert || cert.kind !== 'gateway' || cert.subjectId !== gw.id || cert.status !== 'active' || cert.notAfter <= Date.now()) {
       throw new LeafgateError('unknown_gateway');
     }

@@ -3,9 +3,20 @@
  * manufacturer CA that the group's policy trusts. Register checks the birth certificate's
  * chain and that it names this device; auth checks the challenge signature with its key.
  */
-import { X509Certificate, createPublicKey } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
 import type { AuthMethodHandler } from './types.ts';
+
+/** Parsed manufacturer CAs per policy list (the list is frozen config; parsing is not free). */
+const anchorCache = new WeakMap<string[], X509Certificate[]>();
+function manufacturerAnchors(pems: string[]): X509Certificate[] {
+  let anchors = anchorCache.get(pems);
+  if (!anchors) {
+    anchors = pems.flatMap((pem) => pkix.parseCertificates(pem));
+    anchorCache.set(pems, anchors);
+  }
+  return anchors;
+}
 
 export const pkiSignature: AuthMethodHandler = {
   name: 'pki-signature',
@@ -17,7 +28,7 @@ export const pkiSignature: AuthMethodHandler = {
     } catch {
       throw new LeafgateError('bad_certificate', 'birthCert cannot be parsed');
     }
-    const anchors = ctx.policy.pkiSignature.manufacturerCAs.flatMap((pem) => pkix.parseCertificates(pem));
+    const anchors = manufacturerAnchors(ctx.policy.pkiSignature.manufacturerCAs);
     if (!anchors.length) throw new LeafgateError('policy_violation', `group ${ctx.group} trusts no manufacturer CA`);
     const check = pkix.verifyChain(birth, [], anchors, new Date(ctx.now));
     if (!check.ok) throw new LeafgateError('auth_failed', `birth certificate rejected: ${check.reason}`);
@@ -35,8 +46,9 @@ export const pkiSignature: AuthMethodHandler = {
   async resolveKey(ctx, challenge) {
     const pem = challenge.context.birthCert;
     if (typeof pem !== 'string') throw new LeafgateError('internal', 'challenge lost its birth certificate');
-    const key = createPublicKey(new X509Certificate(pem).publicKey.export({ type: 'spki', format: 'pem' }));
-    const fingerprint = new X509Certificate(pem).fingerprint256;
+    const birth = new X509Certificate(pem);
+    const key = birth.publicKey;
+    const fingerprint = birth.fingerprint256;
     return {
       key,
       onVerified: async () => {

@@ -34,7 +34,14 @@ export const logger = pino({ level: process.env.LEAFGATE_LOG_LEVEL ?? 'silent' }
 
 export async function startStack(
   t: TestContext | null,
-  opts: { authority?: AuthorityConfigInput; gateway?: GatewayConfigInput; /** merged into both test groups */ policy?: Partial<DevicePolicy> } = {},
+  opts: {
+    authority?: AuthorityConfigInput;
+    gateway?: GatewayConfigInput;
+    /** merged into both test groups */
+    policy?: Partial<DevicePolicy>;
+    /** The authority's clock (expiry tests move it instead of sleeping). */
+    authorityNow?: () => number;
+  } = {},
 ): Promise<Stack> {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-test-'));
   const manufacturer = ManufacturerCa.create();
@@ -48,7 +55,7 @@ export async function startStack(
       coded: { ...opts.policy, pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'one-time-code', allowList: [] } },
     },
   }, {});
-  let authority = await startAuthority(authorityConfig, { logger });
+  let authority = await startAuthority(authorityConfig, { logger, now: opts.authorityNow });
   let authorityUp = true;
   const gatewayId = 'gw-test';
   const gatewayDir = join(dir, 'gateway');
@@ -75,7 +82,7 @@ export async function startStack(
       await stack.authority.close();
     },
     async startAuthorityAgain() {
-      authority = await startAuthority({ ...authorityConfig, listen: { ...authorityConfig.listen, port: new URL(authority.url).port ? Number(new URL(authority.url).port) : 0 } }, { logger });
+      authority = await startAuthority({ ...authorityConfig, listen: { ...authorityConfig.listen, port: new URL(authority.url).port ? Number(new URL(authority.url).port) : 0 } }, { logger, now: opts.authorityNow });
       authorityUp = true;
       stack.authority = authority;
       return authority;
