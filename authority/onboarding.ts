@@ -32,6 +32,8 @@ export interface OnboardingDeps {
   store: AuthorityStore;
   ca: CaConnector;
   config: Pick<AuthorityConfig, 'policies' | 'defaultGroup' | 'challengeTtlSeconds' | 'csrDeadlineSeconds'>;
+  /** Outcome of every request (metrics). */
+  onOutcome?(action: string, outcome: string): void;
   /** Injected so expiry is tested without sleeping. */
   now?: () => number;
 }
@@ -47,6 +49,7 @@ export class DeviceOnboarding {
   private readonly ca: CaConnector;
   private readonly config: OnboardingDeps['config'];
   private readonly now: () => number;
+  private readonly onOutcome?: (action: string, outcome: string) => void;
   /** Serializes requests per device in this process; the store's keys guard across processes. */
   private readonly locks = new Map<string, Promise<unknown>>();
 
@@ -55,6 +58,7 @@ export class DeviceOnboarding {
     this.ca = deps.ca;
     this.config = deps.config;
     this.now = deps.now ?? Date.now;
+    this.onOutcome = deps.onOutcome;
   }
 
   register(gatewayId: string, deviceId: string, msg: RegisterMessage): Promise<ChallengeMessage> {
@@ -84,9 +88,12 @@ export class DeviceOnboarding {
       if (this.locks.get(deviceId) === tail) this.locks.delete(deviceId);
     });
     try {
-      return await next;
+      const answer = await next;
+      this.onOutcome?.(action, 'ok');
+      return answer;
     } catch (err) {
       const e = toLeafgateError(err);
+      this.onOutcome?.(action, e.code);
       await this.store.appendAudit({
         at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
         detail: { message: e.message, ...(e.detail ?? {}) },

@@ -67,6 +67,17 @@ export class RenewalScheduler {
     };
   }
 
+  /** Due now, and overdue = less than a tenth of the lifetime left. */
+  async counts(): Promise<{ due: number; overdue: number }> {
+    const now = this.now();
+    const due = await this.due();
+    const overdue = due.filter((d) => {
+      const end = new Date(d.notAfter).getTime();
+      return end - now < (end - new Date(d.renewAfter).getTime()) / 10;
+    }).length;
+    return { due: due.length, overdue };
+  }
+
   /** Pushes the due list to every connected gateway. */
   async announce(): Promise<number> {
     const devices = await this.due();

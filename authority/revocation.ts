@@ -22,7 +22,7 @@ export class Revocation {
   private timer: NodeJS.Timeout | undefined;
 
   constructor(
-    private readonly deps: { store: AuthorityStore; ca: LocalCa; events: AuthorityEvents; crlValidityHours: number; now?: () => number },
+    private readonly deps: { store: AuthorityStore; ca: LocalCa; events: AuthorityEvents; crlValidityHours: number; now?: () => number; onRevoked?: (reason: string) => void },
   ) {}
 
   private now(): number {
@@ -87,6 +87,7 @@ export class Revocation {
       if (existing.status === 'revoked') return { serial: normalized, subjectId: existing.subjectId, crlNumber: this.crl().crlNumber.toString() };
       throw new LeafgateError('bad_request', `certificate ${normalized} is ${existing.status}`);
     }
+    this.deps.onRevoked?.(reason);
     const crl = await this.reissue([normalized]);
     return { serial: normalized, subjectId: row.subjectId, crlNumber: crl.crlNumber.toString() };
   }

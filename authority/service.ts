@@ -17,6 +17,7 @@ import { DeviceOnboarding } from './onboarding.ts';
 import { Revocation } from './revocation.ts';
 import { RenewalScheduler } from './renewal.ts';
 import { AuthorityEvents } from './events.ts';
+import { AuthorityMetrics } from './metrics.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 
@@ -54,12 +55,29 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
   const store = new SqliteStore(config.databaseFile);
-  const onboarding = new DeviceOnboarding({ store, ca, config, now: opts.now });
+  // Late-bound: the metrics read parts made below.
+  const parts: { renewals?: RenewalScheduler; revocation?: Revocation } = {};
+  const metrics = new AuthorityMetrics({
+    renewals: () => parts.renewals?.counts() ?? Promise.resolve({ due: 0, overdue: 0 }),
+    crlNumber: () => Number(parts.revocation?.crl().crlNumber ?? 0),
+  });
+  const onboarding = new DeviceOnboarding({
+    store, ca, config, now: opts.now,
+    onOutcome(action, outcome) {
+      metrics.requests.inc({ action, outcome });
+      if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
+    },
+  });
   const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, now: opts.now });
   const events = new AuthorityEvents();
-  const revocation = new Revocation({ store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now });
+  const revocation = new Revocation({
+    store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now,
+    onRevoked: (reason) => metrics.revocations.inc({ reason }),
+  });
   await revocation.start();
+  parts.revocation = revocation;
   const renewals = new RenewalScheduler({ store, events, config, now: opts.now });
+  parts.renewals = renewals;
   renewals.start();
 
   const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
@@ -84,6 +102,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     store,
     logger,
     policies: config.policies,
+    metrics,
     adminTokenHash: hashAdminToken(adminToken),
     tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
     bodyLimitBytes: config.bodyLimitBytes,

@@ -104,3 +104,21 @@ test('CLI: certs --expiring, devices, policies and audit as tables and JSON; rev
   assert.deepEqual(audit.map((a: any) => a.action).reverse(), ['register', 'auth', 'issue', 'revoke']);
   await assert.rejects(cli(stack, 'revoke'), /--serial HEX or --device ID/);
 });
+
+test('the authority exposes Prometheus metrics: requests by outcome, renewals due, revocations by reason', async (t) => {
+  const stack = await startStack(t, { policy: { renewAfterFraction: 0.001, validityDays: 1 } });
+  const id = await stack.device('met-1', 'pki-signature').onboard();
+  await stack.authority.revocation.revokeSerial(id.serial, 'keyCompromise', 'test');
+  await stack.device('met-2', 'pki-signature').onboard();
+  const text = await new Promise<string>((resolve, reject) => {
+    https.get(new URL('/metrics', stack.authority.url), { ca: stack.rootPem, agent: false }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve(body));
+    }).on('error', reject);
+  });
+  assert.match(text, /leafgate_authority_requests_total\{action="csr",outcome="ok"\} 2/);
+  assert.match(text, /leafgate_authority_revocations_total\{reason="keyCompromise"\} 1/);
+  assert.match(text, /leafgate_authority_renewals_due\{state="due"\} 1/);
+  assert.match(text, /leafgate_authority_crl_number 2/);
+});

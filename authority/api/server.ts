@@ -15,6 +15,7 @@ import type { AuthorityEvents } from '../events.ts';
 import type { RenewalScheduler } from '../renewal.ts';
 import type { DevicePolicy } from '../policy/index.ts';
 import { registerAdminRoutes } from './admin.ts';
+import type { AuthorityMetrics } from '../metrics.ts';
 import type { AuthorityStore } from '../store/index.ts';
 
 export interface ApiDeps {
@@ -25,6 +26,7 @@ export interface ApiDeps {
   renewals: RenewalScheduler;
   policies: Record<string, DevicePolicy>;
   adminTokenHash: Buffer;
+  metrics: AuthorityMetrics;
   /** Seconds between keep-alive comments on the event stream. */
   eventHeartbeatMs?: number;
   ca: CaConnector;
@@ -116,6 +118,12 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   };
 
   app.get('/healthz', async () => ({ status: 'ok' }));
+
+  // Counts only, no identities: readable without credentials, like /healthz.
+  app.get('/metrics', async (_req, reply) => {
+    void reply.header('content-type', deps.metrics.registry.contentType);
+    return deps.metrics.registry.metrics();
+  });
 
   app.get('/v1/ca', async () => deps.ca.bundle());
 

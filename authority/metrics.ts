@@ -1,0 +1,28 @@
+/** Prometheus metrics of one authority (own registry), served at GET /metrics. */
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+
+export class AuthorityMetrics {
+  readonly registry = new Registry();
+  readonly requests: Counter<'action' | 'outcome'>;
+  readonly renewals: Counter<'outcome'>;
+  readonly revocations: Counter<'reason'>;
+  readonly renewalsDue: Gauge<'state'>;
+  readonly crlNumber: Gauge;
+
+  constructor(collect: { renewals(): Promise<{ due: number; overdue: number }>; crlNumber(): number }) {
+    const registers = [this.registry];
+    this.requests = new Counter({ name: 'leafgate_authority_requests_total', help: 'Device requests by action (register, auth, csr, renew) and outcome (ok or error code)', labelNames: ['action', 'outcome'], registers });
+    this.renewals = new Counter({ name: 'leafgate_authority_renewals_total', help: 'Renewals by outcome (renewed, failed)', labelNames: ['outcome'], registers });
+    this.revocations = new Counter({ name: 'leafgate_authority_revocations_total', help: 'Certificates revoked, by reason', labelNames: ['reason'], registers });
+    this.renewalsDue = new Gauge({
+      name: 'leafgate_authority_renewals_due', help: 'Device certificates in their renewal window (due) and with less than a tenth of their life left (overdue)', labelNames: ['state'], registers,
+      async collect() {
+        const c = await collect.renewals();
+        this.set({ state: 'due' }, c.due);
+        this.set({ state: 'overdue' }, c.overdue);
+      },
+    });
+    this.crlNumber = new Gauge({ name: 'leafgate_authority_crl_number', help: 'Number of the current device CRL', registers, collect() { this.set(collect.crlNumber()); } });
+    collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_authority_' });
+  }
+}
