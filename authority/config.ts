@@ -34,12 +34,23 @@ export interface AuthorityConfig {
   bodyLimitBytes: number;
   /** Admin API bearer token; default: LEAFGATE_ADMIN_TOKEN, else `<dataDir>/admin-token`. */
   adminToken?: string;
+  /** Azure IoT Hub registry connector; off when absent. */
+  iotHub?: {
+    connectionString: string;
+    /** selfSigned (thumbprints per device, default) or certificateAuthority (hub trusts our device CA). */
+    authentication: 'selfSigned' | 'certificateAuthority';
+    /** IoT Hub id of a gateway's edge device; `{gatewayId}` is replaced. */
+    edgeDeviceId: string;
+    /** Tests and the demo only: a local hub stand-in. */
+    localEndpoint?: { host: string; port: number; ca: string };
+  };
   /** Group used when a device names none. */
   defaultGroup: string;
   policies: Record<string, DevicePolicy>;
 }
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub'>> & {
+  iotHub?: Partial<NonNullable<AuthorityConfig['iotHub']>> & { connectionString: string };
   gatewaySubCa?: Partial<AuthorityConfig['gatewaySubCa']>;
   listen?: Partial<AuthorityConfig['listen']>;
   policies?: Record<string, Partial<DevicePolicy> & { manufacturerCAFiles?: string[] }>;
@@ -71,6 +82,14 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     renewalScanSeconds: input.renewalScanSeconds ?? 300,
     defaultGroup: input.defaultGroup ?? 'default',
     adminToken: input.adminToken ?? env.LEAFGATE_ADMIN_TOKEN,
+    iotHub: input.iotHub?.connectionString ?? env.LEAFGATE_IOTHUB_CONNECTION_STRING
+      ? {
+          connectionString: input.iotHub?.connectionString ?? env.LEAFGATE_IOTHUB_CONNECTION_STRING!,
+          authentication: input.iotHub?.authentication ?? 'selfSigned',
+          edgeDeviceId: input.iotHub?.edgeDeviceId ?? '{gatewayId}',
+          localEndpoint: input.iotHub?.localEndpoint,
+        }
+      : undefined,
     policies,
   };
   if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);

@@ -18,6 +18,7 @@ import { Revocation } from './revocation.ts';
 import { RenewalScheduler } from './renewal.ts';
 import { AuthorityEvents } from './events.ts';
 import { AuthorityMetrics } from './metrics.ts';
+import { IotHubConnector, createHubRegistry } from './registry/index.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 
@@ -43,6 +44,8 @@ export interface RunningAuthority {
   enrollment: GatewayEnrollment;
   revocation: Revocation;
   renewals: RenewalScheduler;
+  /** The IoT Hub connector when configured. */
+  hub?: IotHubConnector;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
   /** One-time ddkg enrollment code bound to a device. */
@@ -78,7 +81,18 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   parts.revocation = revocation;
   const renewals = new RenewalScheduler({ store, events, config, now: opts.now });
   parts.renewals = renewals;
+  const hub = config.iotHub
+    ? new IotHubConnector({
+        registry: createHubRegistry(config.iotHub.connectionString, config.iotHub.localEndpoint),
+        store,
+        logger: logger.child({ component: 'iothub' }),
+        authentication: () => config.iotHub!.authentication,
+        edgeDeviceId: (gatewayId) => config.iotHub!.edgeDeviceId.replaceAll('{gatewayId}', gatewayId),
+        now: opts.now,
+      })
+    : undefined;
   renewals.start();
+  hub?.start();
 
   const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const now = Date.now();
@@ -125,6 +139,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     enrollment,
     revocation,
     renewals,
+    hub,
     rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
     async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
       const code = randomBytes(12).toString('base64url');
@@ -134,6 +149,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     async close() {
       revocation.stop();
       renewals.stop();
+      hub?.stop();
       await app.close();
       await store.close();
     },

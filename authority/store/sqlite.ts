@@ -26,7 +26,7 @@ function toDevice(r: Row | undefined): DeviceRow | null {
   if (!r) return null;
   return {
     id: r.id, groupName: r.group_name, method: r.method, status: r.status, gatewayId: r.gateway_id, ddkgSalt: r.ddkg_salt,
-    ddkgPublicKey: r.ddkg_public_key, birthCertFingerprint: r.birth_cert_fingerprint, createdAt: r.created_at, updatedAt: r.updated_at,
+    ddkgPublicKey: r.ddkg_public_key, birthCertFingerprint: r.birth_cert_fingerprint, hubState: r.hub_state ?? null, createdAt: r.created_at, updatedAt: r.updated_at,
   };
 }
 
@@ -71,7 +71,7 @@ export class SqliteStore implements AuthorityStore {
       insertCert: p(`INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
       countActive: p("SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?"),
-      revoke: p("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? WHERE serial = ? AND status = 'active'"),
+      revoke: p("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL WHERE serial = ? AND status = 'active'"),
       getCert: p('SELECT * FROM certificates WHERE serial = ?'),
       getCrl: p('SELECT * FROM crls WHERE issuer = ?'),
       saveCrl: p(`INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)
@@ -271,6 +271,24 @@ export class SqliteStore implements AuthorityStore {
     if (filter.group) (where.push('group_name = ?'), args.push(filter.group));
     const sql = `SELECT * FROM devices ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY id LIMIT ?`;
     return (this.db.prepare(sql).all(...args, filter.limit ?? 1000) as Row[]).map((r) => toDevice(r)!);
+  }
+
+  async listHubPending(limit: number): Promise<CertificateRow[]> {
+    const rows = this.db.prepare("SELECT * FROM certificates WHERE kind = 'device' AND hub_synced_at IS NULL ORDER BY created_at, serial LIMIT ?").all(limit) as Row[];
+    return rows.map(toCert);
+  }
+
+  async markHubSynced(serial: string, at: number, error?: string): Promise<void> {
+    this.db.prepare('UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?').run(at, error ?? null, serial);
+  }
+
+  async listHubDecommissioned(limit: number): Promise<string[]> {
+    const rows = this.db.prepare("SELECT id FROM devices WHERE status = 'disabled' AND hub_state IS NOT NULL AND hub_state != 'deleted' LIMIT ?").all(limit) as Row[];
+    return rows.map((r) => r.id);
+  }
+
+  async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted'): Promise<void> {
+    this.db.prepare('UPDATE devices SET hub_state = ? WHERE id = ?').run(state, deviceId);
   }
 
   async appendAudit(entry: AuditEntry): Promise<void> {

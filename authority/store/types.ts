@@ -10,6 +10,8 @@ export interface DeviceRow {
   ddkgSalt: string | null;
   ddkgPublicKey: string | null;
   birthCertFingerprint: string | null;
+  /** Where the device stands in the external registry (IoT Hub), if one is configured. */
+  hubState?: 'present' | 'disabled' | 'deleted' | null;
   createdAt: number;
   updatedAt: number;
 }
@@ -148,6 +150,13 @@ export interface AuthorityStore {
   getCrl(issuer: string): Promise<CrlRow | null>;
   /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */
   saveCrl(row: CrlRow): Promise<boolean>;
+
+  /** Device certificates not yet reflected in the external registry, oldest first. */
+  listHubPending(limit: number): Promise<CertificateRow[]>;
+  markHubSynced(serial: string, at: number, error?: string): Promise<void>;
+  /** Disabled (decommissioned) devices still present in the external registry. */
+  listHubDecommissioned(limit: number): Promise<string[]>;
+  setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted'): Promise<void>;
 
   appendAudit(entry: AuditEntry): Promise<void>;
   listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;

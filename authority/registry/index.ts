@@ -1,0 +1,3 @@
+/** External registries the authority mirrors devices into (IoT Hub now; DPS next). */
+export { IotHubConnector, thumbprint, type HubRegistry, type HubDevice, type IotHubConnectorOptions } from './iothub.ts';
+export { createHubRegistry, type LocalHubEndpoint } from './iothub-adapter.ts';
