@@ -119,6 +119,13 @@ export class OutboxWorker {
       return;
     }
     this.opts.publish(entry.deviceId, entry.state === 'done' ? 'cert' : 'error', entry.response);
+    // A certificate counts as delivered only once the device shows it has it (it connects
+    // with it, see OnboardingRelay.deliverStored): a device that dropped right after asking
+    // gets it again. An error can always be asked again, so it is sent once.
+    if (entry.state === 'failed') this.opts.outbox.markDelivered(entry.seq, Date.now());
+  }
+
+  markDelivered(entry: OutboxEntry): void {
     this.opts.outbox.markDelivered(entry.seq, Date.now());
   }
 }

@@ -85,9 +85,17 @@ export class OnboardingRelay {
     };
   }
 
-  /** Answers stored while the device was away, sent once it subscribes again. */
+  /**
+   * Answers not yet known to have arrived, sent when the device subscribes. A device that
+   * connects with a certificate has everything up to it; it still gets a renewal answer if
+   * it is using the very certificate that renewal replaces.
+   */
   deliverStored(session: DeviceSession): void {
-    for (const entry of this.opts.outbox.undelivered(session.deviceId)) this.opts.worker.deliver(entry);
+    for (const entry of this.opts.outbox.undelivered(session.deviceId)) {
+      const stillOnOld = entry.kind === 'renew' && entry.body.currentSerial === session.certSerial;
+      if (session.kind === 'operational' && entry.state === 'done' && !stillOnOld) this.opts.worker.markDelivered(entry);
+      else this.opts.worker.deliver(entry);
+    }
   }
 
   /** Handles one accepted publish on up/register or up/auth. Never throws. */

@@ -148,3 +148,15 @@ test('SIGKILL of the gateway between accepting a CSR and delivering it: after re
   const issues = (await stack.authority.store.listAudit({ deviceId: 'killed-1' })).filter((a) => a.action === 'issue');
   assert.equal(issues.length, 1);
 });
+
+test('a device that drops right after sending its CSR gets the certificate when it comes back', async (t) => {
+  const stack = await startStack(t);
+  const { dev, csr } = await authenticated(t, stack, 'dropped-1');
+  const requestId = rid('csr');
+  await dev.send('csr', { requestId, csr });
+  await dev.end();
+  for (let i = 0; i < 200 && stack.gateway.outbox.pendingCount() > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  const back = await bootstrap(t, stack, 'dropped-1');
+  const cert = await back.next<CertMessage>('cert', { requestId });
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: 'dropped-1' }))[0].serial, cert.serial);
+});
