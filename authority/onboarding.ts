@@ -21,7 +21,7 @@ import { AUTH_METHOD_HANDLERS, type MethodContext } from './auth-methods/index.t
 import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { buildInstruction, checkCsrAgainstInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
-import type { AuthorityStore, DeviceRow, RequestRow } from './store/index.ts';
+import type { AuthorityStore, CertificateRow, DeviceRow, RequestRow } from './store/index.ts';
 import { renewalKey } from './renewal.ts';
 
 function spkiDerOfPem(pem: string): Buffer {
@@ -198,6 +198,36 @@ export class DeviceOnboarding {
     return instruction;
   }
 
+  private parseCsr(pem: string): pkix.ParsedCsr {
+    try {
+      return pkix.parseCsr(pem);
+    } catch (err) {
+      throw new LeafgateError('bad_csr', (err as Error).message);
+    }
+  }
+
+  /** Signs a checked CSR as a device certificate; returns the answer and the row to store. */
+  private sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, validityDays: number, now: number): { answer: CertMessage; row: CertificateRow } {
+    const issued = this.ca.issue('device', {
+      subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + validityDays * 86_400_000),
+    });
+    return {
+      answer: { requestId, certificate: issued.pem, chain: issued.chain, serial: issued.serial, notBefore: issued.notBefore.toISOString(), notAfter: issued.notAfter.toISOString() },
+      row: {
+        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
+        status: 'active', requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
+      },
+    };
+  }
+
+  /** After a lost insert race the stored answer is the only one that exists. */
+  private async winnerOf(deviceId: string, requestId: string, kind: Kind, hash: string): Promise<CertMessage> {
+    const winner = await this.storedAnswer(deviceId, requestId, kind, hash);
+    if (winner) return winner as unknown as CertMessage;
+    throw new LeafgateError('internal', `${kind} lost a race and found no stored answer`);
+  }
+
   private async doRenew(gatewayId: string, deviceId: string, msg: CsrMessage & { currentSerial: string }): Promise<CertMessage> {
     const hash = bodyHash(msg);
     const stored = await this.storedAnswer(deviceId, msg.requestId, 'renew', hash);
@@ -214,37 +244,20 @@ export class DeviceOnboarding {
     this.checkDeviceUsable(device);
     const policy = this.policyFor(device.groupName);
 
-    let csr: pkix.ParsedCsr;
-    try {
-      csr = pkix.parseCsr(msg.csr);
-    } catch (err) {
-      throw new LeafgateError('bad_csr', (err as Error).message);
-    }
+    const csr = this.parseCsr(msg.csr);
     const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group: device.groupName, key: renewalKey(policy, current.pem), csrDeadline: new Date(now) });
     checkCsrAgainstInstruction(csr, instruction);
     // A renewal rotates the key: the same key again would extend a possibly leaked one.
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
-    const issued = this.ca.issue('device', {
-      subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
-      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + instruction.validityDays * 86_400_000),
-    });
-    const answer: CertMessage = { requestId: msg.requestId, certificate: issued.pem, chain: issued.chain, serial: issued.serial, notBefore: issued.notBefore.toISOString(), notAfter: issued.notAfter.toISOString() };
+    const { answer, row } = this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
     const recorded = await this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
-      certificate: {
-        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
-        status: 'active', requestId: msg.requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
-      },
+      certificate: row,
       supersedes: current.serial,
-      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: issued.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
     });
-    if (!recorded) {
-      const winner = await this.storedAnswer(deviceId, msg.requestId, 'renew', hash);
-      if (winner) return winner as unknown as CertMessage;
-      throw new LeafgateError('internal', 'renewal lost a race and found no stored answer');
-    }
-    return answer;
+    return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'renew', hash);
   }
 
   private async doCsr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
@@ -259,48 +272,20 @@ export class DeviceOnboarding {
     this.checkDeviceUsable(device);
     const policy = this.policyFor(device!.groupName);
 
-    let csr: pkix.ParsedCsr;
-    try {
-      csr = pkix.parseCsr(msg.csr);
-    } catch (err) {
-      throw new LeafgateError('bad_csr', (err as Error).message);
-    }
+    const csr = this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
     checkCsrAgainstInstruction(csr, instruction);
     const active = await this.store.countActiveCertificates(deviceId, now);
     if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
 
-    const issued = this.ca.issue('device', {
-      subjectDer: csr.subjectDer,
-      spkiDer: csr.spkiDer,
-      profile: { kind: 'device', keyType: csr.key.keyType },
-      sans: { dns: csr.sans.dns, uri: csr.sans.uri },
-      notBefore: new Date(now - BACKDATE_MS),
-      notAfter: new Date(now + instruction.validityDays * 86_400_000),
-    });
-    const answer: CertMessage = {
-      requestId: msg.requestId,
-      certificate: issued.pem,
-      chain: issued.chain,
-      serial: issued.serial,
-      notBefore: issued.notBefore.toISOString(),
-      notAfter: issued.notAfter.toISOString(),
-    };
+    const { answer, row } = this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
     const recorded = await this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
-      certificate: {
-        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
-        status: 'active', requestId: msg.requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
-      },
+      certificate: row,
       authSessionId: session.id,
-      audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: issued.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+      audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
     });
-    if (!recorded) {
-      // Another node answered this requestId first: that answer is the only one that exists.
-      const winner = await this.storedAnswer(deviceId, msg.requestId, 'csr', hash);
-      if (winner) return winner as unknown as CertMessage;
-      throw new LeafgateError('internal', 'issuance lost a race and found no stored answer');
-    }
-    return answer;
+    // Another node may have answered this requestId first: that answer is then the only one.
+    return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'csr', hash);
   }
 }

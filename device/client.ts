@@ -142,16 +142,7 @@ export class LeafDevice {
 
   /** Opens a bootstrap (no client certificate) connection subscribed to the device's down/ topics. */
   async connectBootstrap(): Promise<{ client: MqttClient; inbox: Inbox }> {
-    const client = await mqtt.connectAsync(this.opts.brokerUrl, {
-      clientId: this.deviceId,
-      ca: this.opts.ca,
-      rejectUnauthorized: true,
-      protocolVersion: 4,
-      clean: true,
-      reconnectPeriod: 0,
-      connectTimeout: this.timeoutMs,
-    });
-    noDelay(client);
+    const client = await this.connect({});
     const inbox = new Inbox(client);
     await client.subscribeAsync(downFilter(this.deviceId), { qos: 1 });
     return { client, inbox };
@@ -208,25 +199,30 @@ export class LeafDevice {
       const instruction = await instructionP;
       const tAuth = performance.now();
 
-      const pair = await generateKeyForInstruction(instruction);
-      const tKey = performance.now();
-      const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
-      const csrId = newRequestId();
-      const certP = inbox.wait<CertMessage>(['cert'], csrId, this.timeoutMs);
-      await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId: csrId, csr }), { qos: 1 });
-      const cert = await certP;
+      const { identity, keyReadyAt } = await this.requestCertificate(client, inbox, instruction);
       const tIssue = performance.now();
-
-      if (!new X509Certificate(cert.certificate).checkPrivateKey(pair.privateKey)) throw new LeafgateError('bad_certificate', 'issued certificate does not match the generated key');
-      const identity: DeviceIdentity = {
-        deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
-        key: { keyType: instruction.keyType, keySize: instruction.keySize },
-      };
-      if (this.opts.storeDir) this.store(identity);
-      return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: tKey - tAuth, issue: tIssue - tKey } };
+      return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: keyReadyAt - tAuth, issue: tIssue - keyReadyAt } };
     } finally {
       await client.endAsync().catch(() => undefined);
     }
+  }
+
+  /** Makes the key pair the instruction asks for, sends the CSR, checks and stores the answer. */
+  private async requestCertificate(client: MqttClient, inbox: Inbox, instruction: InstructionMessage): Promise<{ identity: DeviceIdentity; keyReadyAt: number }> {
+    const pair = await generateKeyForInstruction(instruction);
+    const keyReadyAt = performance.now();
+    const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+    const requestId = newRequestId();
+    const certP = inbox.wait<CertMessage>(['cert'], requestId, this.timeoutMs);
+    await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
+    const cert = await certP;
+    if (!new X509Certificate(cert.certificate).checkPrivateKey(pair.privateKey)) throw new LeafgateError('bad_certificate', 'issued certificate does not match the generated key');
+    const identity: DeviceIdentity = {
+      deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
+      key: { keyType: instruction.keyType, keySize: instruction.keySize },
+    };
+    if (this.opts.storeDir) this.store(identity);
+    return { identity, keyReadyAt };
   }
 
   private store(id: DeviceIdentity): void {
@@ -239,12 +235,19 @@ export class LeafDevice {
 
   /** The operational connection: mutual TLS with the issued certificate. */
   async connectOperational(identity: DeviceIdentity): Promise<MqttClient> {
-    const client = await mqtt.connectAsync(this.opts.brokerUrl, {
-      clientId: this.deviceId,
-      ca: this.opts.ca,
+    return this.connect({
       key: identity.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string,
       // Leaf + issuing CA, so the gateway can build the path to its anchors.
       cert: identity.certificate + identity.chain[0],
+    });
+  }
+
+  /** MQTT 3.1.1 over TLS to the gateway, clean session, no automatic reconnect. */
+  private async connect(tlsIdentity: { key?: string; cert?: string }): Promise<MqttClient> {
+    const client = await mqtt.connectAsync(this.opts.brokerUrl, {
+      clientId: this.deviceId,
+      ca: this.opts.ca,
+      ...tlsIdentity,
       rejectUnauthorized: true,
       protocolVersion: 4,
       clean: true,
@@ -275,19 +278,8 @@ export class LeafDevice {
       if (!instruction.renewal) return;
       busy = true;
       void (async () => {
-        const pair = await generateKeyForInstruction(instruction);
-        const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
-        const requestId = newRequestId();
-        const certP = inbox.wait<CertMessage>(['cert'], requestId, this.timeoutMs);
-        await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
-        const cert = await certP;
-        if (!new X509Certificate(cert.certificate).checkPrivateKey(pair.privateKey)) throw new LeafgateError('bad_certificate', 'renewed certificate does not match the new key');
-        const next: DeviceIdentity = {
-          deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
-          key: { keyType: instruction.keyType, keySize: instruction.keySize },
-        };
-        if (this.opts.storeDir) this.store(next);
-        onRenewed(next);
+        const { identity } = await this.requestCertificate(client, inbox, instruction);
+        onRenewed(identity);
       })()
         .catch((err: Error) => onError?.(err))
         .finally(() => {
