@@ -1,0 +1,38 @@
+# leafgate gateway as an Azure IoT Edge custom module (also runs standalone).
+# Multi-stage: native modules (better-sqlite3) build in the first stage, the runtime stage
+# carries no compiler and runs as an unprivileged user.
+FROM node:20-bookworm-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 make g++ \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund \
+ && npm prune --omit=dev --no-audit --no-fund \
+ && npm install --no-save --no-audit --no-fund tsx
+COPY protocol ./protocol
+COPY broker ./broker
+COPY plugins ./plugins
+COPY cloud-bridge ./cloud-bridge
+COPY gateway ./gateway
+COPY authority ./authority
+COPY device ./device
+COPY bin ./bin
+
+FROM node:20-bookworm-slim
+ENV NODE_ENV=production \
+    LEAFGATE_GATEWAY_DATA=/var/lib/leafgate/gateway \
+    LEAFGATE_GATEWAY_PORT=8883 \
+    LEAFGATE_GATEWAY_HTTP_PORT=9464
+RUN groupadd --system --gid 10001 leafgate \
+ && useradd --system --uid 10001 --gid leafgate --home /var/lib/leafgate --shell /usr/sbin/nologin leafgate \
+ && mkdir -p /var/lib/leafgate/gateway && chown -R leafgate:leafgate /var/lib/leafgate
+WORKDIR /app
+COPY --from=build --chown=root:root /app /app
+USER leafgate
+VOLUME ["/var/lib/leafgate"]
+EXPOSE 8883 9464
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
+  CMD node -e "fetch('http://127.0.0.1:'+(process.env.LEAFGATE_GATEWAY_HTTP_PORT||9464)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+ENTRYPOINT ["node", "--import", "tsx", "bin/leafgate.ts", "gateway"]
+CMD ["start"]
