@@ -1,0 +1,2 @@
+/** Local Azure IoT Hub stand-in: see test/support/iothub-standin/index.ts. */
+export * from './iothub-standin/index.ts';
