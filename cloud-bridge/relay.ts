@@ -43,6 +43,9 @@ export interface RelayOptions {
 const MAX_CHALLENGES_PER_SESSION = 8;
 
 export class OnboardingRelay {
+  /** Group asked for devices that name none (module twin `policyGroup`). */
+  defaultGroup: string | undefined;
+
   constructor(private readonly opts: RelayOptions) {}
 
   /**
@@ -108,6 +111,7 @@ export class OnboardingRelay {
       requestId = requestIdOf(obj);
       if (kind === 'register') {
         const msg = validateRegister(obj);
+        if (msg.group === undefined && this.defaultGroup) msg.group = this.defaultGroup;
         session.onboardingStartedAt ??= Date.now();
         const challenge = await this.opts.gate.run(
           () => this.opts.authority.post<ChallengeMessage>('/v1/devices/register', { ...msg, deviceId }),

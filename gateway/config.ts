@@ -42,6 +42,8 @@ export interface GatewayConfig {
   /** Keep an Azure IoT Edge CA (Sub-CA) in <dataDir>/edge-ca. */
   edgeCa: boolean;
   identityCheckMs: number;
+  /** IoT Edge module: explicit connection string and CA (else the IoT Edge environment, if any). */
+  module?: { connectionString?: string; ca?: string; reportIntervalMs?: number };
   /** /metrics, /healthz, /readyz. */
   http: { host: string; port: number };
   rateLimits: RateLimitConfig;
@@ -75,6 +77,7 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     certRenewAfterFraction: input.certRenewAfterFraction ?? 2 / 3,
     edgeCa: input.edgeCa ?? env.LEAFGATE_GATEWAY_EDGE_CA === '1',
     identityCheckMs: input.identityCheckMs ?? 3_600_000,
+    module: input.module ?? (env.LEAFGATE_MODULE_CONNECTION_STRING ? { connectionString: env.LEAFGATE_MODULE_CONNECTION_STRING } : undefined),
     http: { host: input.http?.host ?? env.LEAFGATE_GATEWAY_HTTP_HOST ?? '0.0.0.0', port: input.http?.port ?? Number(env.LEAFGATE_GATEWAY_HTTP_PORT ?? 9464) },
     rateLimits: { ...DEFAULT_RATE_LIMITS, ...input.rateLimits },
   };

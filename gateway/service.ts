@@ -10,11 +10,12 @@ import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
+import { edgeModuleWanted, startEdgeModule, type RunningEdgeModule } from './edge-module.ts';
 
 export interface RunningGateway {
   gatewayId: string;
@@ -32,6 +33,8 @@ export interface RunningGateway {
   rootPem: string;
   readiness(): Readiness;
   identity: GatewayIdentity;
+  /** The IoT Edge module link, when running as a module. */
+  module?: RunningEdgeModule;
   close(): Promise<void>;
 }
 
@@ -63,6 +66,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     gate: () => ({ active: parts.gate?.active ?? 0, queued: parts.gate?.queued ?? 0 }),
   });
   let broker: RunningBroker | undefined;
+  let module: RunningEdgeModule | undefined;
 
   const publish = (deviceId: string, kind: DownKind, body: unknown) => {
     broker?.aedes.publish({ cmd: 'publish', topic: downTopic(deviceId, kind), payload: Buffer.from(JSON.stringify(body)), qos: 1, retain: false, dup: false }, (err) => {
@@ -189,6 +193,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         const session = sessions.get(client);
         const t = parseTopic(packet.topic);
         if (!session || !t || t.direction !== 'up') return;
+        if (t.kind === 'telemetry') module?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         if (t.kind === 'register' || t.kind === 'auth') {
           void relay.handle(session, t.kind, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         }
@@ -252,6 +257,45 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
     return { ready: checks.brokerListening && (checks.authorityLink || crlOk), checks };
   };
+  const moduleStatus = () => {
+    const certOf = (p: string) => (existsSync(p) ? new X509Certificate(readFileSync(p, 'utf8')).validTo : null);
+    return {
+      gatewayId: meta.gatewayId,
+      connections: { bootstrap: sessions.count('bootstrap'), operational: sessions.count('operational') },
+      pendingQueue: outbox.pendingCount(),
+      gatewayCertNotAfter: certOf(files.cert),
+      edgeCaNotAfter: certOf(edgeCaFiles(config.dataDir).cert),
+      authorityLink: events.connected,
+      crlNumber: revocations.crlNumber?.toString() ?? null,
+      crlStale: revocations.isStale(),
+      renewals: renewals.counts(),
+    };
+  };
+  if (edgeModuleWanted(process.env, config.module?.connectionString)) {
+    try {
+      module = await startEdgeModule({
+        logger: log.child({ component: 'edge-module' }),
+        connectionString: config.module?.connectionString,
+        ca: config.module?.ca,
+        reportIntervalMs: config.module?.reportIntervalMs,
+        hooks: {
+          status: moduleStatus,
+          async renewNow() {
+            await identity.renewCertificate();
+            if (config.edgeCa) await identity.renewEdgeCa();
+            return moduleStatus();
+          },
+          revokeDevice: (deviceId, reason) => authority.post('/v1/gateways/revoke-device', { deviceId, reason }),
+          apply(settings) {
+            relay.defaultGroup = settings.policyGroup;
+          },
+        },
+      });
+    } catch (err) {
+      // The broker keeps serving devices without the module link; the module status says why.
+      log.error({ err: (err as Error).message }, 'IoT Edge module client did not start');
+    }
+  }
   let ops: Awaited<ReturnType<typeof startOpsServer>>;
   try {
     ops = await startOpsServer({ host: config.http.host, port: config.http.port, metrics, readiness, logger: log });
@@ -281,10 +325,12 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     rootPem,
     readiness,
     identity,
+    module,
     async close() {
       if (closed) return;
       closed = true;
       clearInterval(watch);
+      await module?.close().catch(() => undefined);
       events.stop();
       revocations.stop();
       worker.stop();

@@ -6,7 +6,7 @@
 import Fastify, { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
-import { LeafgateError, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
+import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
 import type { CaConnector } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
@@ -189,6 +189,18 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       const body = req.body as Record<string, unknown>;
       if (typeof body.csr !== 'string' || body.csr.length > 16 * 1024) throw new LeafgateError('bad_request', 'csr is required');
       return deps.enrollment.signSubCa(req.gatewayId!, body.csr);
+    });
+    // An edge operator (module direct method) revokes a device of its own gateway.
+    scoped.post('/v1/gateways/revoke-device', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      const deviceId = deviceIdOf(body);
+      const reason = (body.reason ?? 'unspecified') as pkix.RevocationReason;
+      if (typeof reason !== 'string' || !(reason in pkix.REVOCATION_REASONS)) throw new LeafgateError('bad_request', 'unknown revocation reason');
+      const device = await deps.store.getDevice(deviceId);
+      if (!device || device.gatewayId !== req.gatewayId) throw new LeafgateError('unknown_device', 'no such device behind this gateway');
+      const out = [];
+      for (const c of await deps.store.listCertificates({ subjectId: deviceId, status: 'active' })) out.push(await deps.revocation.revokeSerial(c.serial, reason, `gateway:${req.gatewayId}`));
+      return { revoked: out };
     });
     scoped.post('/v1/devices/register', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;

@@ -1,0 +1,129 @@
+/**
+ * The gateway as an Azure IoT Edge custom module (azure-iot-device ModuleClient over MQTT).
+ * Active when the IoT Edge runtime's environment is present (`IOTEDGE_WORKLOADURI`), or
+ * with an explicit module connection string (tests, or a module outside the runtime).
+ *
+ * - desired properties: `policyGroup` (group asked for devices that name none),
+ *   `relayTelemetry` (leaf telemetry as module output `telemetry`), `rateLimits` (applied at
+ *   the next start: the limiters are built once; reported as `restartRequired`);
+ * - reported properties: status (connections, outbox queue, certificate expiries, authority
+ *   link, CRL, renewals), refreshed every `reportIntervalMs` and after each change;
+ * - direct methods: `status`, `renewNow` (gateway certificate and edge CA), `revokeDevice`
+ *   ({deviceId, reason}: asks the authority to revoke a device of this gateway).
+ */
+import azureIotDevice from 'azure-iot-device';
+import azureIotDeviceMqtt from 'azure-iot-device-mqtt';
+import type { Logger } from 'pino';
+
+const { ModuleClient, Message } = azureIotDevice;
+const { Mqtt } = azureIotDeviceMqtt;
+
+export interface EdgeModuleSettings {
+  policyGroup?: string;
+  relayTelemetry: boolean;
+}
+
+export interface EdgeModuleHooks {
+  status(): Record<string, unknown>;
+  renewNow(): Promise<Record<string, unknown>>;
+  revokeDevice(deviceId: string, reason: string): Promise<Record<string, unknown>>;
+  /** Desired properties changed what the gateway does. */
+  apply(settings: EdgeModuleSettings): void;
+}
+
+export interface EdgeModuleOptions {
+  logger: Logger;
+  hooks: EdgeModuleHooks;
+  /** Explicit module connection string (otherwise the IoT Edge environment). */
+  connectionString?: string;
+  /** CA of the hub or edgeHub, when not from the environment. */
+  ca?: string;
+  reportIntervalMs?: number;
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface RunningEdgeModule {
+  settings: EdgeModuleSettings;
+  relayTelemetry(deviceId: string, subtopic: string, payload: Buffer): void;
+  report(): Promise<void>;
+  close(): Promise<void>;
+}
+
+type ModuleClientT = InstanceType<typeof ModuleClient>;
+type TwinT = Awaited<ReturnType<ModuleClientT['getTwin']>>;
+
+export function edgeModuleWanted(env: NodeJS.ProcessEnv, connectionString?: string): boolean {
+  return Boolean(connectionString ?? env.LEAFGATE_MODULE_CONNECTION_STRING ?? env.IOTEDGE_WORKLOADURI);
+}
+
+export async function startEdgeModule(opts: EdgeModuleOptions): Promise<RunningEdgeModule> {
+  const env = opts.env ?? process.env;
+  const cs = opts.connectionString ?? env.LEAFGATE_MODULE_CONNECTION_STRING;
+  const client: ModuleClientT = cs ? ModuleClient.fromConnectionString(cs, Mqtt) : await ModuleClient.fromEnvironment(Mqtt);
+  if (opts.ca) await client.setOptions({ ca: opts.ca });
+  client.on('error', (err: Error) => opts.logger.warn({ err: err.message }, 'module client error'));
+  await client.open();
+
+  const settings: EdgeModuleSettings = { relayTelemetry: false };
+  let twin: TwinT | undefined;
+  let restartRequired = false;
+
+  const report = async () => {
+    if (!twin) return;
+    const patch = { ...opts.hooks.status(), settings: { ...settings }, restartRequired, reportedAt: new Date().toISOString() };
+    await new Promise<void>((resolve) => twin!.properties.reported.update(patch, (err?: Error) => {
+      if (err) opts.logger.warn({ err: err.message }, 'reported properties update failed');
+      resolve();
+    }));
+  };
+
+  const applyDesired = (desired: Record<string, unknown>) => {
+    if (typeof desired.policyGroup === 'string' && /^[A-Za-z0-9._-]{1,64}$/.test(desired.policyGroup)) settings.policyGroup = desired.policyGroup;
+    if (typeof desired.relayTelemetry === 'boolean') settings.relayTelemetry = desired.relayTelemetry;
+    if (desired.rateLimits !== undefined) restartRequired = true;
+    opts.hooks.apply({ ...settings });
+    opts.logger.info({ settings, restartRequired }, 'module twin applied');
+    void report();
+  };
+
+  twin = await client.getTwin();
+  applyDesired((twin.properties.desired ?? {}) as Record<string, unknown>);
+  twin.on('properties.desired', (delta: Record<string, unknown>) => applyDesired(delta));
+
+  const method = (name: string, fn: (payload: any) => Promise<Record<string, unknown>>) =>
+    client.onMethod(name, (request, response) => {
+      fn(request?.payload ?? {}).then(
+        (result) => response?.send(200, result, () => undefined),
+        (err: Error & { code?: string }) => response?.send(err.code === 'bad_request' ? 400 : 500, { code: err.code ?? 'internal', message: err.message }, () => undefined),
+      );
+    });
+  method('status', async () => opts.hooks.status());
+  method('renewNow', async () => {
+    const r = await opts.hooks.renewNow();
+    void report();
+    return r;
+  });
+  method('revokeDevice', async (p: { deviceId?: unknown; reason?: unknown }) => {
+    if (typeof p?.deviceId !== 'string') throw Object.assign(new Error('deviceId is required'), { code: 'bad_request' });
+    return opts.hooks.revokeDevice(p.deviceId, typeof p.reason === 'string' ? p.reason : 'unspecified');
+  });
+
+  const timer = setInterval(() => void report(), opts.reportIntervalMs ?? 60_000);
+  timer.unref();
+
+  return {
+    settings,
+    report,
+    relayTelemetry(deviceId, subtopic, payload) {
+      if (!settings.relayTelemetry) return;
+      const msg = new Message(payload);
+      msg.properties.add('leafDeviceId', deviceId);
+      msg.properties.add('subtopic', subtopic);
+      client.sendOutputEvent('telemetry', msg).catch((err: Error) => opts.logger.warn({ err: err.message, deviceId }, 'telemetry relay failed'));
+    },
+    async close() {
+      clearInterval(timer);
+      await client.close();
+    },
+  };
+}
