@@ -44,12 +44,22 @@ export interface AuthorityConfig {
     /** Tests and the demo only: a local hub stand-in. */
     localEndpoint?: { host: string; port: number; ca: string };
   };
+  /** Azure DPS connector; off when absent. */
+  dps?: {
+    connectionString: string;
+    /** individual: one enrollment per device; group: one enrollment group on the device CA. */
+    mode: 'individual' | 'group';
+    iotHubHostName?: string;
+    /** Tests only: a local DPS stand-in. */
+    localEndpoint?: { host: string; port: number; ca: string };
+  };
   /** Group used when a device names none. */
   defaultGroup: string;
   policies: Record<string, DevicePolicy>;
 }
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps'>> & {
+  dps?: Partial<NonNullable<AuthorityConfig['dps']>> & { connectionString: string };
   iotHub?: Partial<NonNullable<AuthorityConfig['iotHub']>> & { connectionString: string };
   gatewaySubCa?: Partial<AuthorityConfig['gatewaySubCa']>;
   listen?: Partial<AuthorityConfig['listen']>;
@@ -88,6 +98,14 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
           authentication: input.iotHub?.authentication ?? 'selfSigned',
           edgeDeviceId: input.iotHub?.edgeDeviceId ?? '{gatewayId}',
           localEndpoint: input.iotHub?.localEndpoint,
+        }
+      : undefined,
+    dps: input.dps?.connectionString ?? env.LEAFGATE_DPS_CONNECTION_STRING
+      ? {
+          connectionString: input.dps?.connectionString ?? env.LEAFGATE_DPS_CONNECTION_STRING!,
+          mode: input.dps?.mode ?? 'individual',
+          iotHubHostName: input.dps?.iotHubHostName,
+          localEndpoint: input.dps?.localEndpoint,
         }
       : undefined,
     policies,

@@ -18,7 +18,7 @@ import { Revocation } from './revocation.ts';
 import { RenewalScheduler } from './renewal.ts';
 import { AuthorityEvents } from './events.ts';
 import { AuthorityMetrics } from './metrics.ts';
-import { IotHubConnector, createHubRegistry } from './registry/index.ts';
+import { DpsConnector, IotHubConnector, createDpsClient, createHubRegistry } from './registry/index.ts';
 import { SqliteStore, type AuthorityStore } from './store/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 
@@ -46,6 +46,7 @@ export interface RunningAuthority {
   renewals: RenewalScheduler;
   /** The IoT Hub connector when configured. */
   hub?: IotHubConnector;
+  dps?: DpsConnector;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
   /** One-time ddkg enrollment code bound to a device. */
@@ -91,8 +92,15 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         now: opts.now,
       })
     : undefined;
+  const dps = config.dps
+    ? new DpsConnector({
+        client: createDpsClient(config.dps.connectionString, config.dps.localEndpoint), store, logger: logger.child({ component: 'dps' }),
+        mode: config.dps.mode, deviceCaPem: ca.deviceCa.pem, iotHubHostName: config.dps.iotHubHostName, now: opts.now,
+      })
+    : undefined;
   renewals.start();
   hub?.start();
+  dps?.start();
 
   const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const now = Date.now();
@@ -140,6 +148,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     revocation,
     renewals,
     hub,
+    dps,
     rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
     async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
       const code = randomBytes(12).toString('base64url');
@@ -150,6 +159,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       revocation.stop();
       renewals.stop();
       hub?.stop();
+      dps?.stop();
       await app.close();
       await store.close();
     },

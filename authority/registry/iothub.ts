@@ -12,8 +12,8 @@
  *   device decommissioned            -> delete
  */
 import { createHash, X509Certificate } from 'node:crypto';
-import type { Logger } from 'pino';
-import type { AuthorityStore, CertificateRow } from '../store/index.ts';
+import type { CertificateRow } from '../store/index.ts';
+import { RegistrySync, type RegistrySyncOptions } from './sync.ts';
 
 /** The part of azure-iothub's Registry this connector uses (promise forms). */
 export interface HubRegistry {
@@ -33,17 +33,12 @@ export interface HubDevice {
   capabilities?: { iotEdge?: boolean };
 }
 
-export interface IotHubConnectorOptions {
+export interface IotHubConnectorOptions extends RegistrySyncOptions {
   registry: HubRegistry;
-  store: AuthorityStore;
-  logger: Logger;
   /** selfSigned: thumbprints per device; certificateAuthority: the hub trusts our device CA. */
   authentication: (deviceGroup: string) => 'selfSigned' | 'certificateAuthority';
   /** IoT Hub id of the edge device for a gateway (default: the gateway id). */
   edgeDeviceId?: (gatewayId: string) => string;
-  pollMs?: number;
-  maxBackoffMs?: number;
-  now?: () => number;
 }
 
 /** SHA-256 of the DER, upper-case hex: the thumbprint form IoT Hub accepts. */
@@ -51,82 +46,15 @@ export function thumbprint(pem: string): string {
   return createHash('sha256').update(new X509Certificate(pem).raw).digest('hex').toUpperCase();
 }
 
-interface HubError extends Error {
-  responseBody?: unknown;
-  response?: { statusCode?: number; headers?: Record<string, string | string[] | undefined> };
-  statusCode?: number;
-}
-
-function statusOf(err: HubError): number | undefined {
-  return err.response?.statusCode ?? err.statusCode;
-}
-
-export class IotHubConnector {
-  private timer: NodeJS.Timeout | undefined;
-  private running: Promise<void> | null = null;
-  private backoffUntil = 0;
-  private failures = 0;
+export class IotHubConnector extends RegistrySync {
   private readonly scopes = new Map<string, string>();
 
-  constructor(private readonly opts: IotHubConnectorOptions) {}
-
-  private now(): number {
-    return this.opts.now?.() ?? Date.now();
+  constructor(private readonly opts: IotHubConnectorOptions) {
+    super(opts, 'hub');
   }
 
-  start(): void {
-    this.timer = setInterval(() => void this.sync(), this.opts.pollMs ?? 1000);
-    this.timer.unref();
-    void this.sync();
-  }
-
-  stop(): void {
-    if (this.timer) clearInterval(this.timer);
-  }
-
-  /** One pass over pending work; concurrent calls share it. Resolves when done or backing off. */
-  sync(): Promise<void> {
-    this.running ??= this.pass().finally(() => {
-      this.running = null;
-    });
-    return this.running;
-  }
-
-  private async pass(): Promise<void> {
-    if (this.now() < this.backoffUntil) return;
-    try {
-      for (const cert of await this.opts.store.listHubPending(50)) await this.syncCertificate(cert);
-      for (const deviceId of await this.opts.store.listHubDecommissioned(50)) {
-        await this.call('iothub-delete', deviceId, () => this.opts.registry.delete(deviceId), [404]);
-        await this.opts.store.setDeviceHubState(deviceId, 'deleted');
-      }
-      this.failures = 0;
-    } catch (err) {
-      const e = err as HubError;
-      const status = statusOf(e);
-      const retryAfter = Number([e.response?.headers?.['retry-after']].flat()[0]);
-      const backoff = Math.min(this.opts.maxBackoffMs ?? 60_000, 500 * 2 ** this.failures++);
-      this.backoffUntil = this.now() + Math.max(Number.isFinite(retryAfter) ? retryAfter * 1000 : 0, backoff);
-      this.opts.logger.warn({ status, err: e.message, retryInMs: this.backoffUntil - this.now() }, 'IoT Hub sync paused');
-    }
-  }
-
-  /** Audits one hub call; statuses in `tolerated` count as done (e.g. 404 on delete). */
-  private async call<T>(action: string, deviceId: string, fn: () => Promise<T>, tolerated: number[] = []): Promise<T | null> {
-    const at = this.now();
-    try {
-      const r = await fn();
-      await this.opts.store.appendAudit({ at, action, outcome: 'ok', deviceId });
-      return r;
-    } catch (err) {
-      const status = statusOf(err as HubError);
-      if (status !== undefined && tolerated.includes(status)) {
-        await this.opts.store.appendAudit({ at, action, outcome: 'ok', deviceId, detail: { status } });
-        return null;
-      }
-      await this.opts.store.appendAudit({ at, action, outcome: 'error', code: 'authority_unavailable', deviceId, detail: { status: status ?? null, message: (err as Error).message } });
-      throw err;
-    }
+  protected async removeDevice(deviceId: string): Promise<void> {
+    await this.call('iothub-delete', deviceId, () => this.opts.registry.delete(deviceId), [404]);
   }
 
   private async edgeScope(gatewayId: string): Promise<string> {
@@ -141,7 +69,7 @@ export class IotHubConnector {
     return scope;
   }
 
-  private async syncCertificate(cert: CertificateRow): Promise<void> {
+  protected async syncCertificate(cert: CertificateRow): Promise<void> {
     const deviceId = cert.subjectId;
     const device = await this.opts.store.getDevice(deviceId);
     if (!device) return this.opts.store.markHubSynced(cert.serial, this.now(), 'device row missing');

@@ -6,7 +6,7 @@ import Database from 'better-sqlite3';
 import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CertificateRow, ChallengeRow, CrlRow, DeviceRow, GatewayRow, RequestRow } from './types.ts';
+import type { AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CertificateRow, ChallengeRow, CrlRow, DeviceRow, GatewayRow, RegistryTarget, RequestRow } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
 
@@ -71,7 +71,7 @@ export class SqliteStore implements AuthorityStore {
       insertCert: p(`INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
       countActive: p("SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?"),
-      revoke: p("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL WHERE serial = ? AND status = 'active'"),
+      revoke: p("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL WHERE serial = ? AND status = 'active'"),
       getCert: p('SELECT * FROM certificates WHERE serial = ?'),
       getCrl: p('SELECT * FROM crls WHERE issuer = ?'),
       saveCrl: p(`INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)
@@ -273,22 +273,23 @@ export class SqliteStore implements AuthorityStore {
     return (this.db.prepare(sql).all(...args, filter.limit ?? 1000) as Row[]).map((r) => toDevice(r)!);
   }
 
-  async listHubPending(limit: number): Promise<CertificateRow[]> {
-    const rows = this.db.prepare("SELECT * FROM certificates WHERE kind = 'device' AND hub_synced_at IS NULL ORDER BY created_at, serial LIMIT ?").all(limit) as Row[];
+  async listHubPending(limit: number, target: RegistryTarget = 'hub'): Promise<CertificateRow[]> {
+    const rows = this.db.prepare(`SELECT * FROM certificates WHERE kind = 'device' AND ${target}_synced_at IS NULL ORDER BY created_at, serial LIMIT ?`).all(limit) as Row[];
     return rows.map(toCert);
   }
 
-  async markHubSynced(serial: string, at: number, error?: string): Promise<void> {
-    this.db.prepare('UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?').run(at, error ?? null, serial);
+  async markHubSynced(serial: string, at: number, error?: string, target: RegistryTarget = 'hub'): Promise<void> {
+    if (target === 'hub') this.db.prepare('UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?').run(at, error ?? null, serial);
+    else this.db.prepare('UPDATE certificates SET dps_synced_at = ? WHERE serial = ?').run(at, serial);
   }
 
-  async listHubDecommissioned(limit: number): Promise<string[]> {
-    const rows = this.db.prepare("SELECT id FROM devices WHERE status = 'disabled' AND hub_state IS NOT NULL AND hub_state != 'deleted' LIMIT ?").all(limit) as Row[];
+  async listHubDecommissioned(limit: number, target: RegistryTarget = 'hub'): Promise<string[]> {
+    const rows = this.db.prepare(`SELECT id FROM devices WHERE status = 'disabled' AND ${target}_state IS NOT NULL AND ${target}_state != 'deleted' LIMIT ?`).all(limit) as Row[];
     return rows.map((r) => r.id);
   }
 
-  async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted'): Promise<void> {
-    this.db.prepare('UPDATE devices SET hub_state = ? WHERE id = ?').run(state, deviceId);
+  async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target: RegistryTarget = 'hub'): Promise<void> {
+    this.db.prepare(`UPDATE devices SET ${target}_state = ? WHERE id = ?`).run(state, deviceId);
   }
 
   async appendAudit(entry: AuditEntry): Promise<void> {

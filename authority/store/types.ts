@@ -76,6 +76,9 @@ export interface AuditRow extends AuditEntry {
   seq: number;
 }
 
+/** External registries mirrored from the certificates table. */
+export type RegistryTarget = 'hub' | 'dps';
+
 export interface CrlRow {
   issuer: string;
   crlNumber: bigint;
@@ -151,12 +154,12 @@ export interface AuthorityStore {
   /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */
   saveCrl(row: CrlRow): Promise<boolean>;
 
-  /** Device certificates not yet reflected in the external registry, oldest first. */
-  listHubPending(limit: number): Promise<CertificateRow[]>;
-  markHubSynced(serial: string, at: number, error?: string): Promise<void>;
-  /** Disabled (decommissioned) devices still present in the external registry. */
-  listHubDecommissioned(limit: number): Promise<string[]>;
-  setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted'): Promise<void>;
+  /** Device certificates not yet reflected in an external registry, oldest first. */
+  listHubPending(limit: number, target?: RegistryTarget): Promise<CertificateRow[]>;
+  markHubSynced(serial: string, at: number, error?: string, target?: RegistryTarget): Promise<void>;
+  /** Disabled (decommissioned) devices still present in an external registry. */
+  listHubDecommissioned(limit: number, target?: RegistryTarget): Promise<string[]>;
+  setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target?: RegistryTarget): Promise<void>;
 
   appendAudit(entry: AuditEntry): Promise<void>;
   listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;
