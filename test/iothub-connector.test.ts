@@ -89,3 +89,18 @@ test('a throttled hub (429 + Retry-After) is retried later and nothing is lost',
   assert.ok(audit.some((a) => a.action.startsWith('iothub-') && a.outcome === 'error' && (a.detail as any)?.status === 429), 'the throttled call is audited');
   assert.ok(audit.some((a) => a.action === 'iothub-create' && a.outcome === 'ok' && a.deviceId === 'hub-3'));
 });
+
+test('a hub that is down: the certificate is issued, the registry write waits (also across an authority restart) and completes later', async (t) => {
+  const { hub, stack } = await hubStack(t);
+  hub.failNext(Infinity, 503);
+  const id = await stack.device('hub-4', 'pki-signature').onboard();
+  assert.ok(id.serial, 'issuance does not wait for the hub');
+  await until(() => hub.requests.some((r) => r.status === 503), 5000, 'a failed hub call');
+  assert.equal((await stack.authority.store.listHubPending(10)).length, 1);
+  await stack.stopAuthority();
+  await stack.startAuthorityAgain();
+  hub.clearFaults();
+  await until(() => hub.devices.get('hub-4'), 15_000, 'the hub device after the outage');
+  for (let i = 0; i < 100 && (await stack.authority.store.listHubPending(10)).length; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal((await stack.authority.store.listHubPending(10)).length, 0, 'the write is marked done');
+});
