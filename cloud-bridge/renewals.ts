@@ -49,9 +49,11 @@ export class RenewalTracker {
   }
 
   /** The instruction to send to `client` (holding `serial`), or null if not due or already asked. */
-  instructionFor(client: Client, serial: string, csrDeadlineMs: number): InstructionMessage | null {
+  instructionFor(client: Client, serial: string, csrDeadlineMs: number, allowedSkewMs = 0): InstructionMessage | null {
     const d = this.due.get(serial);
-    if (!d || new Date(d.notAfter).getTime() <= Date.now()) return null;
+    // The device proved the certificate valid by connecting; a gateway clock a little ahead
+    // (within the allowed skew) must not skip its renewal.
+    if (!d || new Date(d.notAfter).getTime() + allowedSkewMs <= Date.now()) return null;
     const asked = this.asked.get(client) ?? new Set<string>();
     if (asked.has(serial)) return null;
     asked.add(serial);

@@ -4,8 +4,8 @@
  * with an explicit module connection string (tests, or a module outside the runtime).
  *
  * - desired properties: `policyGroup` (group asked for devices that name none),
- *   `relayTelemetry` (leaf telemetry as module output `telemetry`), `rateLimits` (applied at
- *   the next start: the limiters are built once; reported as `restartRequired`);
+ *   `relayTelemetry` (leaf telemetry as module output `telemetry`), `rateLimits` (applied
+ *   at once; counters restart);
  * - reported properties: status (connections, outbox queue, certificate expiries, authority
  *   link, CRL, renewals), refreshed every `reportIntervalMs` and after each change;
  * - direct methods: `status`, `renewNow` (gateway certificate and edge CA), `revokeDevice`
@@ -21,6 +21,8 @@ const { Mqtt } = azureIotDeviceMqtt;
 export interface EdgeModuleSettings {
   policyGroup?: string;
   relayTelemetry: boolean;
+  /** Partial RateLimitConfig from the twin, already shape-checked. */
+  rateLimits?: Record<string, unknown>;
 }
 
 export interface EdgeModuleHooks {
@@ -66,11 +68,10 @@ export async function startEdgeModule(opts: EdgeModuleOptions): Promise<RunningE
 
   const settings: EdgeModuleSettings = { relayTelemetry: false };
   let twin: TwinT | undefined;
-  let restartRequired = false;
 
   const report = async () => {
     if (!twin) return;
-    const patch = { ...opts.hooks.status(), settings: { ...settings }, restartRequired, reportedAt: new Date().toISOString() };
+    const patch = { ...opts.hooks.status(), settings: { ...settings }, reportedAt: new Date().toISOString() };
     await new Promise<void>((resolve) => twin!.properties.reported.update(patch, (err?: Error) => {
       if (err) opts.logger.warn({ err: err.message }, 'reported properties update failed');
       resolve();
@@ -80,9 +81,18 @@ export async function startEdgeModule(opts: EdgeModuleOptions): Promise<RunningE
   const applyDesired = (desired: Record<string, unknown>) => {
     if (typeof desired.policyGroup === 'string' && /^[A-Za-z0-9._-]{1,64}$/.test(desired.policyGroup)) settings.policyGroup = desired.policyGroup;
     if (typeof desired.relayTelemetry === 'boolean') settings.relayTelemetry = desired.relayTelemetry;
-    if (desired.rateLimits !== undefined) restartRequired = true;
+    if (desired.rateLimits && typeof desired.rateLimits === 'object') {
+      const limits: Record<string, unknown> = {};
+      for (const [k, v] of Object.entries(desired.rateLimits as Record<string, unknown>)) {
+        const isLimit = (x: any) => x && Number.isInteger(x.points) && x.points > 0 && Number.isInteger(x.durationSeconds) && x.durationSeconds > 0;
+        if (['connectionsPerAddress', 'publishesPerClient', 'onboardingsPerDevice', 'csrsPerDevice'].includes(k) && isLimit(v)) limits[k] = { points: (v as any).points, durationSeconds: (v as any).durationSeconds };
+        else if (['concurrentOnboardings', 'abuseDisconnectAfter'].includes(k) && Number.isInteger(v) && (v as number) > 0) limits[k] = v;
+        else opts.logger.warn({ key: k }, 'ignored invalid rateLimits entry in the module twin');
+      }
+      settings.rateLimits = { ...settings.rateLimits, ...limits };
+    }
     opts.hooks.apply({ ...settings });
-    opts.logger.info({ settings, restartRequired }, 'module twin applied');
+    opts.logger.info({ settings }, 'module twin applied');
     void report();
   };
 

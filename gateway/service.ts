@@ -112,7 +112,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   });
   const askToRenew = (client: import('aedes').Client, session: import('../plugins/index.ts').DeviceSession) => {
     if (session.kind !== 'operational' || !session.certSerial) return;
-    const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs);
+    const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs, config.maxClockSkewMs);
     if (instruction) {
       log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'asking device to renew');
       metrics.renewals.inc({ outcome: 'asked' });
@@ -269,6 +269,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       crlNumber: revocations.crlNumber?.toString() ?? null,
       crlStale: revocations.isStale(),
       renewals: renewals.counts(),
+      rateLimits: limits.limits,
     };
   };
   if (edgeModuleWanted(process.env, config.module?.connectionString)) {
@@ -288,6 +289,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
           revokeDevice: (deviceId, reason) => authority.post('/v1/gateways/revoke-device', { deviceId, reason }),
           apply(settings) {
             relay.defaultGroup = settings.policyGroup;
+            if (settings.rateLimits) limits.reconfigure(settings.rateLimits);
           },
         },
       });

@@ -55,17 +55,20 @@ export interface RateLimitPlugin extends BrokerPlugin {
   /** For the broker's TCP accept: false when this address is over its connection budget. */
   acceptConnection(remoteAddress: string): Promise<boolean>;
   activeOnboardings(): number;
+  /** Replaces limits at run time (module twin); the counters restart. */
+  reconfigure(next: Partial<RateLimitConfig>): void;
+  readonly limits: RateLimitConfig;
   /** The per-client publish budget, to run before the ACL so refused publishes count too. */
   publishBudget: BrokerPlugin;
 }
 
 export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
   const make = opts.factory ?? memoryLimiters;
-  const l = opts.limits;
-  const connections = make('lg:conn', l.connectionsPerAddress);
-  const publishes = make('lg:pub', l.publishesPerClient);
-  const onboardings = make('lg:onb', l.onboardingsPerDevice);
-  const csrs = make('lg:csr', l.csrsPerDevice);
+  let l = opts.limits;
+  let connections = make('lg:conn', l.connectionsPerAddress);
+  let publishes = make('lg:pub', l.publishesPerClient);
+  let onboardings = make('lg:onb', l.onboardingsPerDevice);
+  let csrs = make('lg:csr', l.csrsPerDevice);
   const active = new Set<Client>();
   const strikes = new WeakMap<Client, number>();
 
@@ -99,6 +102,19 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
     },
 
     activeOnboardings: () => active.size,
+
+    reconfigure(next) {
+      // New budgets start fresh: counters of the old limits do not carry over.
+      l = { ...l, ...next };
+      connections = make('lg:conn', l.connectionsPerAddress);
+      publishes = make('lg:pub', l.publishesPerClient);
+      onboardings = make('lg:onb', l.onboardingsPerDevice);
+      csrs = make('lg:csr', l.csrsPerDevice);
+    },
+
+    get limits() {
+      return l;
+    },
 
     publishBudget: {
       name: 'publish-budget',

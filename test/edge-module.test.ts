@@ -59,6 +59,9 @@ test('twin, direct methods and telemetry relay of the gateway module', async (t)
   assert.equal((await hub.invokeMethod('gw-test', 'leafgate', 'revokeDevice', { deviceId: 'someone-else' })).status, 500);
 
   const before = (await stack.authority.store.listCertificates({ subjectId: 'gw-test', kind: 'gateway' })).length;
+  hub.patchDesired('gw-test', 'leafgate', { rateLimits: { publishesPerClient: { points: 7, durationSeconds: 2 }, bogus: 1 } });
+  await until(() => (hub.twin('gw-test', 'leafgate').reported as any)?.rateLimits?.publishesPerClient?.points === 7, 5000, 'rate limits applied from the twin');
+
   const renew = await hub.invokeMethod('gw-test', 'leafgate', 'renewNow', {});
   assert.equal(renew.status, 200);
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'gw-test', kind: 'gateway' })).length, before + 1);
