@@ -1,0 +1,153 @@
+/**
+ * connections: K idle mutual-TLS MQTT connections to one gateway process. Reports the
+ * connect rate (TLS handshake with client certificate + CONNECT/CONNACK, from the first
+ * attempt to the last CONNACK) and the gateway's memory per connection (RSS delta / K,
+ * with the V8 heap and external memory from its /metrics to tell where it sits).
+ *
+ * Certificates come straight from the authority's LocalCa (same data dir), not through
+ * onboarding: the gateway checks only that a certificate chains to the device CA, that the
+ * CN is the client id and that the serial is not revoked. Clients are raw TLS + a minimal
+ * CONNECT (bench/connections-worker.ts) in worker processes with a raised fd limit, spread
+ * over several 127.0.0.x source addresses when one would run out of ephemeral ports.
+ */
+import { CpuMeter, hardNofile, log, waitForQuiet, percentiles, procStatusKb, sleep, spawnNode, type SpawnedNode } from './common.ts';
+import type { ConnCommand, ConnectResult } from './connections-worker.ts';
+import { BENCH_PASSPHRASE, metricValue, startProcStack } from './proc-stack.ts';
+import { startMosquitto } from './reference-brokers.ts';
+import { defineBench } from './types.ts';
+
+interface ConnWorker {
+  proc: SpawnedNode;
+  call<T>(cmd: ConnCommand): Promise<T>;
+}
+
+async function startWorker(i: number, nofile: number): Promise<ConnWorker> {
+  const proc = spawnNode('bench/connections-worker.ts', [], { name: `conn-worker-${i}`, ipc: true, nofile, env: { BENCH_CONN_WORKER: '1' } });
+  const replies: Array<(m: { ok: boolean; result?: unknown; message?: string }) => void> = [];
+  proc.child.on('message', (m: { ok: boolean; result?: unknown; message?: string }) => replies.shift()?.(m));
+  const call = <T>(cmd: ConnCommand | null): Promise<T> => new Promise((resolve, reject) => {
+    replies.push((m) => (m.ok ? resolve(m.result as T) : reject(new Error(m.message))));
+    if (cmd) proc.child.send(cmd);
+  });
+  await call(null);
+  return { proc, call };
+}
+
+async function gatewayMemory(stack: { gateway: { pid: number }; gatewayMetrics(): Promise<string> }) {
+  const text = await stack.gatewayMetrics();
+  return {
+    rssKb: procStatusKb(stack.gateway.pid, 'VmRSS'),
+    heapUsedKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_used_bytes') / 1024,
+    heapTotalKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_total_bytes') / 1024,
+    externalKb: metricValue(text, 'leafgate_gateway_nodejs_external_memory_bytes') / 1024,
+    operational: metricValue(text, 'leafgate_gateway_connections', 'kind="operational"'),
+  };
+}
+
+export const connectionsBench = defineBench({
+  name: 'connections',
+  description: 'K idle mutual-TLS connections to one gateway process: connect/s and RSS per connection',
+  options: {
+    connections: { default: 10_000, help: 'idle mTLS connections to hold' },
+    workers: { default: 2, help: 'client processes' },
+    concurrency: { default: 100, help: 'connection attempts in flight per client process' },
+    hold: { default: 5, help: 'seconds to hold the connections idle before measuring memory' },
+    'source-addrs': { default: 0, help: 'source addresses 127.0.0.1..N (0: one per 25,000 connections)' },
+    tls: { default: '1.3', help: 'TLS version the clients use: 1.2 or 1.3 (the gateway allows both)' },
+    warmup: { default: 300, help: 'connections opened and closed first (JIT, allocator), not counted' },
+    'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (profile written there when it exits)' },
+    target: { default: 'gateway', help: 'server to connect to: gateway, aedes (bare aedes, same TLS listener, own process) or mosquitto (same certificates)' },
+  },
+  async run(opts, emit) {
+    const K = opts.connections;
+    const W = Math.max(1, opts.workers);
+    const addrs = Array.from({ length: opts['source-addrs'] || Math.max(1, Math.ceil(K / 25_000)) }, (_, i) => `127.0.0.${i + 1}`);
+    const maxVersion = opts.tls === '1.2' ? 'TLSv1.2' : 'TLSv1.3';
+    const nofile = Math.max(65_536, K + 4096);
+    if (K + 512 > hardNofile()) log(`warning: ${K} connections need more file descriptors than the hard limit ${hardNofile()} allows one gateway process (ulimit -Hn); expect failures past it`);
+    const stack = await startProcStack({
+      keep: opts.keep,
+      gatewayNofile: nofile,
+      gatewayNodeArgs: opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', 'gateway.cpuprofile'] : undefined,
+      gateway: {
+        maxConnections: K + opts.warmup + 1000,
+        rateLimits: { connectionsPerAddress: { points: (K + opts.warmup) * 2 + 1000, durationSeconds: 60 } },
+      },
+    });
+    // The server under test: the gateway, or a reference broker on the gateway's TLS material.
+    let port = stack.gateway.port;
+    let server = { pid: stack.gateway.pid, memory: () => gatewayMemory(stack) };
+    if (opts.target === 'aedes') {
+      const aedes = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir], { name: 'aedes', nofile });
+      port = Number((await aedes.waitFor(/on port (\d+)/))[1]);
+      server = { pid: aedes.pid, memory: async () => ({ rssKb: procStatusKb(aedes.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, operational: NaN }) };
+    } else if (opts.target === 'mosquitto') {
+      const m = await startMosquitto({ dir: stack.dir, gatewayDir: stack.gateway.dataDir, caPems: [stack.deviceCaPem, stack.rootPem], tls: opts.tls === '1.2' ? '1.2' : '1.3', nofile });
+      log(`mosquitto ${m.version} on port ${m.port}`);
+      port = m.port;
+      server = { pid: m.pid, memory: async () => ({ rssKb: procStatusKb(m.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, operational: NaN }) };
+    } else if (opts.target !== 'gateway') throw new Error('--target must be gateway, aedes or mosquitto');
+
+    log(`starting ${W} client processes; issuing ${K + opts.warmup} device certificates`);
+    const workers = await Promise.all(Array.from({ length: W }, (_, i) => startWorker(i, Math.ceil(K / W) + 4096)));
+    const ids = Array.from({ length: K }, (_, i) => `bench-conn-${i}`);
+    const warmIds = Array.from({ length: opts.warmup }, (_, i) => `bench-warm-${i}`);
+    await Promise.all(workers.map((w, wi) => w.call({
+      cmd: 'prepare', caDir: stack.caDir, passphrase: BENCH_PASSPHRASE,
+      ids: [...ids.filter((_, i) => i % W === wi), ...(wi === 0 ? warmIds : [])],
+    })));
+
+    if (warmIds.length) {
+      log(`warm-up: ${warmIds.length} connections`);
+      const r = await workers[0].call<ConnectResult>({ cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: warmIds });
+      if (r.failed) log('warm-up failures:', r.errors);
+      await workers[0].call({ cmd: 'close' });
+      await sleep(3000);
+    }
+    await waitForQuiet(60_000);
+    const before = await server.memory();
+
+    log(`opening ${K} connections (${W} processes x ${opts.concurrency} in flight, sources ${addrs.join(',')}, ${maxVersion})`);
+    const procs: Record<string, number> = { gateway: server.pid };
+    workers.forEach((w, i) => (procs[`client-${i}`] = w.proc.pid));
+    const meter = new CpuMeter(procs);
+    meter.begin();
+    const results = await Promise.all(workers.map((w, wi) => w.call<ConnectResult>({
+      cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: ids.filter((_, i) => i % W === wi),
+    })));
+    const cpu = meter.end();
+    const ok = results.reduce((a, r) => a + r.ok, 0);
+    const failed = results.reduce((a, r) => a + r.failed, 0);
+    const errors: Record<string, number> = {};
+    for (const r of results) for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
+    const span = Math.max(...results.map((r) => r.lastEnd)) - Math.min(...results.map((r) => r.firstStart));
+    const lat = results.flatMap((r) => Array.from(r.latencies));
+    const [p50, p99] = percentiles(lat, [50, 99]);
+    const ctx = { target: opts.target, tls_protocol: maxVersion, source_addrs: addrs.length };
+    emit('connect_per_s', (ok * 1000) / span, 'connections/s', { ...ctx, ok, failed, wall_s: span / 1000 });
+    if (failed) emit('connections_failed', failed, 'connections', { ...ctx, errors });
+    emit('connect_p50_ms', p50, 'ms', ctx);
+    emit('connect_p99_ms', p99, 'ms', ctx);
+    emit('server_cpu_ms_per_connect', cpu.cpuMs.gateway / Math.max(1, ok), 'ms', { ...ctx, note: 'TLS handshake with client certificate + CONNECT handling' });
+    emit('server_cpu_util_pct', (cpu.cpuMs.gateway / cpu.wallMs) * 100, '%', { ...ctx, note: '100 = one core' });
+    const clientCpu = Object.entries(cpu.cpuMs).filter(([k]) => k.startsWith('client')).reduce((a, [, v]) => a + v, 0);
+    emit('clients_cpu_util_pct', (clientCpu / cpu.wallMs) * 100, '%', { ...ctx, processes: W });
+    emit('foreign_cpu_pct', cpu.foreignPct, '%', { ...ctx, note: 'CPU of processes outside this benchmark meanwhile' });
+
+    log(`holding ${ok} connections idle for ${opts.hold} s`);
+    await sleep(opts.hold * 1000);
+    const after = await server.memory();
+    const dropped = (await Promise.all(workers.map((w) => w.call<{ closed: number; dropped: number }>({ cmd: 'close' })))).reduce((a, r) => a + r.dropped, 0);
+    const held = ok - dropped;
+    emit('connections_held', held, 'connections', { ...ctx, ...(Number.isFinite(after.operational) ? { gateway_sees: after.operational } : {}), dropped });
+    const per = (a: number, b: number) => (a - b) / Math.max(1, held);
+    emit('rss_kb_per_connection', per(after.rssKb, before.rssKb), 'kB', { ...ctx, rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024 });
+    if (opts.target === 'gateway') emit('heap_kb_per_connection', per(after.heapUsedKb, before.heapUsedKb), 'kB', { ...ctx, note: 'V8 heap used (JS objects: aedes client, parser, session, socket wrappers)' });
+    if (opts.target === 'gateway') emit('external_kb_per_connection', per(after.externalKb, before.externalKb), 'kB', { ...ctx, note: 'V8 external memory (Buffers)' });
+    if (opts.target === 'gateway') emit('native_kb_per_connection', per(after.rssKb - after.heapTotalKb, before.rssKb - before.heapTotalKb), 'kB', { ...ctx, note: 'RSS outside the V8 heap: OpenSSL SSL objects and buffers, libuv, malloc' });
+    emit('server_rss_mb_peak', procStatusKb(server.pid, 'VmHWM') / 1024, 'MB', ctx);
+
+    for (const w of workers) w.proc.child.send({ cmd: 'exit' });
+    await stack.close();
+  },
+});

@@ -1,0 +1,223 @@
+/**
+ * issuance: certificates per second through the authority's real CSR step, one process.
+ *
+ * DeviceOnboarding.csr() with a real SqliteStore and LocalCa in a temp dir: idempotency
+ * lookup, live auth session, device status, CSR parse + self-signature verify, policy check
+ * against the instruction, active-cert count, build + sign + encode the certificate, and
+ * the issuance commit (request answer, certificate row, session consumed, audit row) in one
+ * SQLite transaction. Register/auth are bypassed by seeding the device row and an auth
+ * session whose instruction matches the CSR, so the timed path is the CSR step alone.
+ * CSRs are built before the clock starts (key generation is the device's cost).
+ *
+ * Then the same steps are replayed by hand with performance.now() around each piece, to
+ * show where a certificate's time goes, next to the raw node:crypto sign/verify rates.
+ */
+import { createPublicKey, generateKeyPair, randomBytes, sign, verify, X509Certificate, type KeyObject } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { Session } from 'node:inspector/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { DEFAULT_POLICY, DeviceOnboarding, LocalCa, SqliteStore } from '../authority/index.ts';
+import { BACKDATE_MS } from '../authority/ca/index.ts';
+import { bodyHash } from '../authority/onboarding.ts';
+import { buildInstruction, checkCsrAgainstInstruction, mergePolicy } from '../authority/policy/index.ts';
+import { pkix, type CsrMessage, type InstructionMessage, type KeySpec } from '../protocol/index.ts';
+import { CpuMeter, log, removeDirLater, waitForQuiet } from './common.ts';
+import { summarizeProfile } from './profile-summary.ts';
+import { defineBench } from './types.ts';
+
+const generate = promisify(generateKeyPair);
+const GATEWAY_ID = 'gw-bench';
+const PASSPHRASE = 'bench-passphrase-0123456789';
+
+interface Prepared {
+  deviceId: string;
+  msg: CsrMessage;
+}
+
+const KEY_SPECS: Record<string, KeySpec> = { 'ec-256': { keyType: 'ec', keySize: 256 }, 'rsa-2048': { keyType: 'rsa', keySize: 2048 } };
+
+async function keyPool(spec: KeySpec, n: number): Promise<Array<{ privateKey: KeyObject; publicKey: KeyObject }>> {
+  // Distinct keys per device are not needed by the authority (it does not check key reuse
+  // at first issuance), and RSA key generation would dominate the setup: a small pool.
+  return Promise.all(Array.from({ length: n }, () => (spec.keyType === 'ec' ? generate('ec', { namedCurve: 'P-256' }) : generate('rsa', { modulusLength: spec.keySize }))));
+}
+
+/** Operations per second of `fn` over about `ms` milliseconds. */
+function rate(fn: () => void, ms: number): number {
+  for (let i = 0; i < 200; i++) fn(); // warm-up
+  let n = 0;
+  const t0 = performance.now();
+  let t = t0;
+  while (t - t0 < ms) {
+    for (let i = 0; i < 50; i++) fn();
+    n += 50;
+    t = performance.now();
+  }
+  return (n * 1000) / (t - t0);
+}
+
+export const issuanceBench = defineBench({
+  name: 'issuance',
+  description: 'certs/s through the authority CSR step (parse+verify, policy, sign, encode, SQLite, audit), EC P-256 and RSA-2048',
+  options: {
+    seconds: { default: 5, help: 'timed issuance per key type' },
+    keys: { default: 'ec-256,rsa-2048', help: 'CSR key types, comma-separated (ec-256, rsa-2048)' },
+    breakdown: { default: 2000, help: 'certificates issued step by step for the time breakdown' },
+    'cpu-prof': { default: '', help: 'after the timed loops, profile a separate ~2 s pass of EC P-256 issuance into this .cpuprofile file and print its top functions' },
+  },
+  async run(opts, emit) {
+    const dir = mkdtempSync(join(tmpdir(), 'leafgate-bench-issuance-'));
+    removeDirLater(dir, opts.keep);
+    const ca = LocalCa.open(join(dir, 'ca'), PASSPHRASE);
+    const store = new SqliteStore(join(dir, 'authority.db'));
+    const policy = mergePolicy(DEFAULT_POLICY, {});
+    const config = { policies: { default: policy }, defaultGroup: 'default', challengeTtlSeconds: 120, csrDeadlineSeconds: 600 };
+    const onboarding = new DeviceOnboarding({ store, ca, config });
+    let seq = 0;
+
+    /** Devices with a live auth session and a CSR that matches its instruction. */
+    const prepare = async (label: string, spec: KeySpec, keys: Array<{ privateKey: KeyObject; publicKey: KeyObject }>, n: number): Promise<Array<Prepared & { instruction: InstructionMessage; sessionId: string }>> => {
+      const now = Date.now();
+      const out: Array<Prepared & { instruction: InstructionMessage; sessionId: string }> = [];
+      for (let i = 0; i < n; i++) {
+        const deviceId = `bench-${label}-${++seq}`;
+        const instruction = buildInstruction(policy, { requestId: randomBytes(9).toString('base64url'), deviceId, group: 'default', key: spec, csrDeadline: new Date(now + 600_000) });
+        await store.insertDevice({
+          id: deviceId, groupName: 'default', method: 'ddkg', status: 'enrolled', gatewayId: GATEWAY_ID, ddkgSalt: null, ddkgPublicKey: null, birthCertFingerprint: null, createdAt: now, updatedAt: now,
+        });
+        const sessionId = randomBytes(16).toString('base64url');
+        await store.insertAuthSession({ id: sessionId, deviceId, gatewayId: GATEWAY_ID, instruction: instruction as unknown as Record<string, unknown>, expiresAt: now + 600_000, usedAt: null });
+        const pair = keys[i % keys.length];
+        const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+        out.push({ deviceId, msg: { requestId: randomBytes(12).toString('base64url'), csr }, instruction, sessionId });
+      }
+      return out;
+    };
+
+    const caKey = ca.deviceCa.privateKey;
+    const message = randomBytes(300);
+    const rawSignCa = rate(() => sign('sha256', message, caKey), 1000);
+    emit('raw_sign_per_s', rawSignCa, 'signs/s', { key: 'ec-256', signer: 'device-ca', note: 'node:crypto sign of 300 bytes with the device CA key, which signs every device certificate' });
+
+    for (const label of opts.keys.split(',').map((s) => s.trim()).filter(Boolean)) {
+      const spec = KEY_SPECS[label];
+      if (!spec) throw new Error(`unknown key type ${label}`);
+      log(`issuance ${label}: generating keys`);
+      const keys = await keyPool(spec, spec.keyType === 'ec' ? 64 : 16);
+      const rawSignOwn = rate(() => sign('sha256', message, keys[0].privateKey), 1000);
+      const sig = sign('sha256', message, keys[0].privateKey);
+      const rawVerify = rate(() => verify('sha256', message, keys[0].publicKey, sig), 1000);
+      emit('raw_verify_per_s', rawVerify, 'verifies/s', { key: label, note: 'node:crypto verify of 300 bytes: the CSR self-signature check' });
+      if (spec.keyType !== 'ec') emit('raw_sign_per_s', rawSignOwn, 'signs/s', { key: label, signer: 'device key', note: 'context only: certificates are signed by the EC P-256 device CA whatever the CSR key' });
+
+      // Warm-up: JIT, SQLite page cache, statement caches.
+      for (const p of await prepare(label, spec, keys, 200)) await onboarding.csr(GATEWAY_ID, p.deviceId, p.msg);
+
+      // Timed: batches of prepared devices until `seconds` of issuing time have been spent.
+      await waitForQuiet(30_000);
+      const meter = new CpuMeter({ bench: 'self' });
+      meter.begin();
+      let issued = 0;
+      let timedMs = 0;
+      let batch = 500;
+      let sample: string | undefined;
+      while (timedMs < opts.seconds * 1000) {
+        const prepared = await prepare(label, spec, keys, batch);
+        const t0 = performance.now();
+        for (const p of prepared) {
+          const cert = await onboarding.csr(GATEWAY_ID, p.deviceId, p.msg);
+          sample ??= cert.certificate;
+        }
+        timedMs += performance.now() - t0;
+        issued += prepared.length;
+        // Next batch: about one second of work, so preparing (untimed) stays proportionate.
+        batch = Math.max(200, Math.min(20_000, Math.round((issued / timedMs) * 1000)));
+      }
+
+      const { foreignPct } = meter.end();
+
+      // Profile: a separate pass of about two seconds, so the sampler never skews the rate above.
+      if (opts['cpu-prof'] && spec.keyType === 'ec') {
+        const prepared = await prepare(label, spec, keys, Math.round((issued / timedMs) * 2000));
+        const session = new Session();
+        session.connect();
+        await session.post('Profiler.enable');
+        await session.post('Profiler.setSamplingInterval', { interval: 200 });
+        await session.post('Profiler.start');
+        for (const p of prepared) await onboarding.csr(GATEWAY_ID, p.deviceId, p.msg);
+        const { profile } = await session.post('Profiler.stop');
+        session.disconnect();
+        writeFileSync(opts['cpu-prof'], JSON.stringify(profile));
+        log(`CPU profile of ${prepared.length} EC P-256 issuances written to ${opts['cpu-prof']}`);
+        for (const line of summarizeProfile(opts['cpu-prof'], 25)) log(line);
+      }
+      // The output is a real certificate chaining to the device CA.
+      if (!sample || !new X509Certificate(sample).verify(ca.deviceCa.certificate.publicKey)) throw new Error('issued certificate does not verify against the device CA');
+
+      const certsPerS = (issued * 1000) / timedMs;
+      emit('certs_per_s', certsPerS, 'certs/s', { key: label, certs: issued });
+      emit('ratio_to_raw_sign', certsPerS / rawSignCa, 'ratio', { key: label, note: 'certs_per_s / raw_sign_per_s of the device CA key (the signature each certificate costs)' });
+      emit('cert_us', (timedMs * 1000) / issued, 'us/cert', { key: label });
+      emit('foreign_cpu_pct', foreignPct, '%', { key: label, note: 'CPU used by other processes meanwhile; this benchmark uses one core, so < 100 leaves it alone' });
+
+      // Breakdown: the steps of DeviceOnboarding.doCsr replayed with a clock around each.
+      const n = Math.max(1, opts.breakdown);
+      const prepared = await prepare(label, spec, keys, n);
+      const acc = { hash_us: 0, store_reads_us: 0, parse_verify_us: 0, policy_us: 0, encode_sign_us: 0, store_us: 0 };
+      // Inside parse_verify_us (timed apart, not added to the sum): importing the CSR's public key.
+      let importUs = 0;
+      for (const p of prepared) {
+        let t = performance.now();
+        const lap = (k: keyof typeof acc) => {
+          const now = performance.now();
+          acc[k] += (now - t) * 1000;
+          t = now;
+        };
+        const hash = bodyHash(p.msg);
+        lap('hash_us');
+        const now = Date.now();
+        await store.getRequest(p.deviceId, p.msg.requestId);
+        const session = await store.getLiveAuthSession(p.deviceId, now);
+        await store.getDevice(p.deviceId);
+        await store.countActiveCertificates(p.deviceId, now);
+        lap('store_reads_us');
+        const csr = pkix.parseCsr(p.msg.csr);
+        lap('parse_verify_us');
+        const ti = performance.now();
+        void createPublicKey({ key: csr.spkiDer, format: 'der', type: 'spki' }).asymmetricKeyDetails;
+        importUs += (performance.now() - ti) * 1000;
+        t = performance.now();
+        checkCsrAgainstInstruction(csr, session!.instruction as unknown as InstructionMessage);
+        lap('policy_us');
+        const issuedCert = ca.issue('device', {
+          subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+          notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + p.instruction.validityDays * 86_400_000),
+        });
+        lap('encode_sign_us');
+        const answer = { requestId: p.msg.requestId, certificate: issuedCert.pem, chain: issuedCert.chain, serial: issuedCert.serial, notBefore: issuedCert.notBefore.toISOString(), notAfter: issuedCert.notAfter.toISOString() };
+        await store.recordIssuance({
+          request: { deviceId: p.deviceId, requestId: p.msg.requestId, kind: 'csr', bodyHash: hash, response: answer, createdAt: now },
+          certificate: {
+            serial: issuedCert.serial, subjectId: p.deviceId, kind: 'device', fingerprint: issuedCert.fingerprint256, notBefore: issuedCert.notBefore.getTime(), notAfter: issuedCert.notAfter.getTime(),
+            status: 'active', requestId: p.msg.requestId, pem: issuedCert.pem, revokedAt: null, revocationReason: null, createdAt: now,
+          },
+          authSessionId: session!.id,
+          audit: { at: now, action: 'issue', outcome: 'ok', deviceId: p.deviceId, gatewayId: GATEWAY_ID, requestId: p.msg.requestId, serial: issuedCert.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+        });
+        lap('store_us');
+      }
+      let sum = 0;
+      for (const [k, v] of Object.entries(acc)) {
+        sum += v / n;
+        emit(k, v / n, 'us/cert', { key: label, certs: n });
+      }
+      emit('spki_import_us', importUs / n, 'us', { key: label, note: 'part of parse_verify_us: createPublicKey(SPKI DER) + asymmetricKeyDetails, as parseCsr does' });
+      emit('raw_sign_us', 1e6 / rawSignCa, 'us', { key: label, note: 'part of encode_sign_us: one device-CA signature' });
+      emit('raw_verify_us', 1e6 / rawVerify, 'us', { key: label, note: 'part of parse_verify_us: one CSR signature verify' });
+      emit('steps_sum_us', sum, 'us/cert', { key: label, note: 'sum of the steps above (a separate pass, so it can differ from cert_us by noise); what cert_us has beyond it is promise hops, the per-device lock and building the answer' });
+    }
+    await store.close();
+  },
+});

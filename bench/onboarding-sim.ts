@@ -1,0 +1,109 @@
+/**
+ * The device side of the onboarding benchmark: LeafDevice SDK instances (mqtt.js over TLS)
+ * run the whole flow -- bootstrap connect, register, challenge signature, instruction, key
+ * generation, CSR, certificate -- then reconnect with mutual TLS and wait for CONNACK.
+ * Runs in the bench process or in forked simulator workers (same code, IPC messages).
+ */
+import { createPrivateKey } from 'node:crypto';
+import { LeafDevice, type DeviceCredential } from '../device/index.ts';
+import type { KeySpec } from '../protocol/index.ts';
+import { monoMs } from './common.ts';
+
+export type SimCredential =
+  | { method: 'pki-signature'; birthCert: string; factoryKeyPem: string }
+  | { method: 'ddkg'; attributes: Record<string, string> };
+
+export interface SimConfig {
+  brokerUrl: string;
+  ca: string;
+  devices: Array<{ id: string; credential: SimCredential }>;
+  concurrency: number;
+  keyPreference?: KeySpec[];
+  timeoutMs: number;
+  /** No device starts after this monotonic ms (the run is bounded in time). */
+  stopLaunchingAt: number;
+}
+
+export interface SimResult {
+  ok: number;
+  failed: number;
+  notStarted: number;
+  errors: Record<string, number>;
+  /** Per successful device, ms: start of onboard() to the mTLS CONNACK. */
+  latencies: number[];
+  phases: { auth: number[]; keygen: number[]; issue: number[]; mtls: number[] };
+  firstStart: number;
+  lastEnd: number;
+}
+
+export async function simulate(cfg: SimConfig): Promise<SimResult> {
+  // Credentials become KeyObjects before the clock starts (a device has its key at hand).
+  const prepared = cfg.devices.map((d) => {
+    const credential: DeviceCredential = d.credential.method === 'pki-signature'
+      ? { method: 'pki-signature', birthCert: d.credential.birthCert, factoryKey: createPrivateKey(d.credential.factoryKeyPem) }
+      : { method: 'ddkg', attributes: d.credential.attributes };
+    return new LeafDevice({ deviceId: d.id, brokerUrl: cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}) });
+  });
+  const r: SimResult = { ok: 0, failed: 0, notStarted: 0, errors: {}, latencies: [], phases: { auth: [], keygen: [], issue: [], mtls: [] }, firstStart: Infinity, lastEnd: 0 };
+  let next = 0;
+  const lane = async () => {
+    while (next < prepared.length) {
+      const device = prepared[next++];
+      const t0 = monoMs();
+      if (t0 > cfg.stopLaunchingAt) {
+        r.notStarted++;
+        continue;
+      }
+      r.firstStart = Math.min(r.firstStart, t0);
+      try {
+        const identity = await device.onboard();
+        const t1 = monoMs();
+        const client = await device.connectOperational(identity);
+        const t2 = monoMs();
+        r.lastEnd = Math.max(r.lastEnd, t2);
+        r.ok++;
+        r.latencies.push(t2 - t0);
+        r.phases.auth.push(identity.ms.auth);
+        r.phases.keygen.push(identity.ms.keygen);
+        r.phases.issue.push(identity.ms.issue);
+        r.phases.mtls.push(t2 - t1);
+        void client.endAsync().catch(() => undefined);
+      } catch (err) {
+        r.lastEnd = Math.max(r.lastEnd, monoMs());
+        r.failed++;
+        const code = (err as { code?: string }).code ?? (err as Error).message?.slice(0, 60) ?? 'error';
+        r.errors[code] = (r.errors[code] ?? 0) + 1;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(cfg.concurrency, prepared.length)) }, lane));
+  return r;
+}
+
+/** Merges the results of several simulators. */
+export function mergeResults(results: SimResult[]): SimResult {
+  const m: SimResult = { ok: 0, failed: 0, notStarted: 0, errors: {}, latencies: [], phases: { auth: [], keygen: [], issue: [], mtls: [] }, firstStart: Infinity, lastEnd: 0 };
+  for (const r of results) {
+    m.ok += r.ok;
+    m.failed += r.failed;
+    m.notStarted += r.notStarted;
+    for (const [k, v] of Object.entries(r.errors)) m.errors[k] = (m.errors[k] ?? 0) + v;
+    m.latencies.push(...r.latencies);
+    for (const k of Object.keys(m.phases) as Array<keyof SimResult['phases']>) m.phases[k].push(...r.phases[k]);
+    m.firstStart = Math.min(m.firstStart, r.firstStart);
+    m.lastEnd = Math.max(m.lastEnd, r.lastEnd);
+  }
+  return m;
+}
+
+// Worker mode: forked by bench/onboarding.ts with an IPC channel.
+if (process.send && process.env.BENCH_ONBOARDING_WORKER === '1') {
+  process.on('message', (msg: { cmd: 'run'; cfg: SimConfig } | { cmd: 'exit' }) => {
+    if (msg.cmd === 'exit') process.exit(0);
+    void simulate(msg.cfg).then(
+      (result) => process.send!({ cmd: 'result', result }),
+      (err) => process.send!({ cmd: 'error', message: (err as Error).stack ?? String(err) }),
+    );
+  });
+  process.send({ cmd: 'ready' });
+}

@@ -1,0 +1,150 @@
+/**
+ * onboarding: N devices onboarding end to end over loopback with real TLS, through a
+ * gateway and an authority in separate processes (started with the CLI), devices simulated
+ * with the LeafDevice SDK in this process or in forked simulator workers.
+ *
+ * Reports devices/s, latency percentiles (start of onboarding to the mTLS CONNACK of the
+ * reconnect), and per process (authority, gateway, simulator) CPU ms per device, CPU
+ * utilization during the run (100% = one core busy) and peak RSS.
+ */
+import { cpus } from 'node:os';
+import type { KeySpec } from '../protocol/index.ts';
+import { CpuMeter, log, monoMs, percentiles, procStatusKb, spawnNode, waitForQuiet, type SpawnedNode } from './common.ts';
+import { mergeResults, simulate, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
+import { startProcStack, type ProcStack } from './proc-stack.ts';
+import { defineBench } from './types.ts';
+
+const KEYS: Record<string, KeySpec> = { 'ec-256': { keyType: 'ec', keySize: 256 }, 'rsa-2048': { keyType: 'rsa', keySize: 2048 } };
+
+function credentials(stack: ProcStack, prefix: string, n: number, method: string): Array<{ id: string; credential: SimCredential }> {
+  return Array.from({ length: n }, (_, i) => {
+    const id = `bench-${prefix}-${i}`;
+    const m = method === 'mixed' ? (i % 2 === 0 ? 'pki-signature' : 'ddkg') : method;
+    if (m === 'ddkg') return { id, credential: { method: 'ddkg' as const, attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'bench' } } };
+    const birth = stack.manufacturer.issueBirthCertificate(id);
+    return { id, credential: { method: 'pki-signature' as const, birthCert: birth.birthCert, factoryKeyPem: birth.factoryKey.export({ type: 'pkcs8', format: 'pem' }) as string } };
+  });
+}
+
+interface Worker {
+  proc: SpawnedNode;
+  run(cfg: SimConfig): Promise<SimResult>;
+}
+
+async function startWorker(i: number): Promise<Worker> {
+  const proc = spawnNode('bench/onboarding-sim.ts', [], { name: `simulator-${i}`, ipc: true, env: { BENCH_ONBOARDING_WORKER: '1' } });
+  await new Promise<void>((resolve, reject) => {
+    proc.child.once('message', () => resolve());
+    proc.child.once('exit', (c) => reject(new Error(`simulator worker exited (${c}): ${proc.stderrTail()}`)));
+  });
+  return {
+    proc,
+    run(cfg) {
+      return new Promise((resolve, reject) => {
+        proc.child.once('message', (m: { cmd: string; result?: SimResult; message?: string }) => (m.cmd === 'result' ? resolve(m.result!) : reject(new Error(m.message))));
+        proc.child.send({ cmd: 'run', cfg });
+      });
+    },
+  };
+}
+
+export const onboardingBench = defineBench({
+  name: 'onboarding',
+  description: 'devices/s end to end (bootstrap, auth, keygen, CSR, signing, delivery, mTLS reconnect), gateway and authority in separate processes',
+  options: {
+    devices: { default: 2000, help: 'devices to onboard in the measured run' },
+    concurrency: { default: 100, help: 'devices onboarding at once (over all simulators)' },
+    workers: { default: 0, help: 'simulator worker processes (0: simulate in the bench process)' },
+    method: { default: 'pki-signature', help: 'pki-signature, ddkg or mixed' },
+    key: { default: 'ec-256', help: 'device key the instruction asks for: ec-256 or rsa-2048' },
+    warmup: { default: 100, help: 'devices onboarded before the measured run (JIT, connection pools)' },
+    'authority-concurrency': { default: 0, help: 'gateway authorityConcurrency (outbox requests in flight); 0 keeps the product default' },
+    'run-seconds': { default: 150, help: 'no new device starts after this many seconds of the measured run' },
+    'timeout-ms': { default: 60_000, help: 'per-device SDK timeout' },
+    'gateway-prof': { default: '', help: 'directory: run gateway and authority with --cpu-prof (profiles written there at exit)' },
+  },
+  async run(opts, emit) {
+    const key = KEYS[opts.key];
+    if (!key) throw new Error(`--key must be one of ${Object.keys(KEYS).join(', ')}`);
+    if (!['pki-signature', 'ddkg', 'mixed'].includes(opts.method)) throw new Error('--method must be pki-signature, ddkg or mixed');
+    const total = opts.devices + opts.warmup;
+    const profArgs = (name: string) => (opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', `${name}.cpuprofile`] : undefined);
+    const stack = await startProcStack({
+      keep: opts.keep,
+      gateway: {
+        // Every simulated device comes from 127.0.0.1, twice (bootstrap + mTLS).
+        rateLimits: { connectionsPerAddress: { points: total * 4 + 1000, durationSeconds: 60 }, concurrentOnboardings: total + 1000 },
+        ...(opts['authority-concurrency'] > 0 ? { authorityConcurrency: opts['authority-concurrency'] } : {}),
+      },
+      gatewayNodeArgs: profArgs('gateway'),
+      authorityNodeArgs: profArgs('authority'),
+    });
+    const brokerUrl = `mqtts://127.0.0.1:${stack.gateway.port}`;
+    const keyPreference = [key];
+
+    log(`preparing ${total} device credentials (${opts.method})`);
+    const warm = credentials(stack, 'warm', opts.warmup, opts.method);
+    const devices = credentials(stack, 'dev', opts.devices, opts.method);
+
+    const workers: Worker[] = [];
+    for (let i = 0; i < opts.workers; i++) workers.push(await startWorker(i));
+    const runSim = async (list: SimConfig['devices'], stopLaunchingAt: number): Promise<SimResult> => {
+      const base = { brokerUrl, ca: stack.rootPem, keyPreference, timeoutMs: opts['timeout-ms'], stopLaunchingAt };
+      if (!workers.length) return simulate({ ...base, devices: list, concurrency: opts.concurrency });
+      const slices = workers.map((_, w) => list.filter((__, i) => i % workers.length === w));
+      const per = Math.max(1, Math.round(opts.concurrency / workers.length));
+      return mergeResults(await Promise.all(workers.map((w, i) => w.run({ ...base, devices: slices[i], concurrency: per }))));
+    };
+
+    if (warm.length) {
+      log(`warm-up: ${warm.length} devices`);
+      const w = await runSim(warm, Infinity);
+      if (w.failed) log('warm-up failures:', w.errors);
+    }
+
+    const procs: Record<string, number | 'self'> = { authority: stack.authority.pid, gateway: stack.gateway.pid, simulator: 'self' };
+    workers.forEach((w, i) => (procs[`simulator-${i}`] = w.proc.pid));
+    const meter = new CpuMeter(procs);
+    await waitForQuiet(60_000);
+    log(`measured run: ${devices.length} devices, concurrency ${opts.concurrency}, ${opts.workers || 'no'} simulator workers`);
+    meter.begin();
+    const t0 = monoMs();
+    const r = await runSim(devices, t0 + opts['run-seconds'] * 1000);
+    const { wallMs, cpuMs, foreignPct } = meter.end();
+    const spanMs = r.lastEnd - r.firstStart;
+
+    const ctx = { method: opts.method, key: opts.key };
+    emit('devices_per_s', (r.ok * 1000) / spanMs, 'devices/s', { ...ctx, ok: r.ok, failed: r.failed, not_started: r.notStarted, wall_s: spanMs / 1000 });
+    if (r.failed) emit('devices_failed', r.failed, 'devices', { ...ctx, errors: r.errors });
+    const [p50, p90, p99, max] = percentiles(r.latencies, [50, 90, 99, 100]);
+    emit('latency_p50_ms', p50, 'ms', ctx);
+    emit('latency_p90_ms', p90, 'ms', ctx);
+    emit('latency_p99_ms', p99, 'ms', ctx);
+    emit('latency_max_ms', max, 'ms', ctx);
+    for (const [phase, values] of Object.entries(r.phases)) {
+      const [a, b] = percentiles(values, [50, 99]);
+      const what = { auth: 'bootstrap connect + register + challenge + auth + instruction', keygen: 'device key generation', issue: 'CSR build + gateway outbox + authority issuance + delivery', mtls: 'mTLS reconnect to CONNACK' }[phase];
+      emit(`phase_${phase}_p50_ms`, a, 'ms', { ...ctx, phase: what ?? phase });
+      emit(`phase_${phase}_p99_ms`, b, 'ms', { ...ctx, phase: what ?? phase });
+    }
+
+    // Simulator = this process plus its workers.
+    const simCpu = Object.entries(cpuMs).filter(([k]) => k.startsWith('simulator')).reduce((a, [, v]) => a + v, 0);
+    const perProcess: Record<string, { cpu: number; hwmKb: number }> = {
+      authority: { cpu: cpuMs.authority, hwmKb: procStatusKb(stack.authority.pid, 'VmHWM') },
+      gateway: { cpu: cpuMs.gateway, hwmKb: procStatusKb(stack.gateway.pid, 'VmHWM') },
+      simulator: { cpu: simCpu, hwmKb: procStatusKb(process.pid, 'VmHWM') + workers.reduce((a, w) => a + procStatusKb(w.proc.pid, 'VmHWM'), 0) },
+    };
+    for (const [name, p] of Object.entries(perProcess)) {
+      emit('cpu_ms_per_device', p.cpu / Math.max(1, r.ok), 'ms', { ...ctx, process: name });
+      emit('cpu_util_pct', (p.cpu / wallMs) * 100, '%', { ...ctx, process: name, note: '100 = one core busy for the whole run' });
+      emit('rss_mb_peak', p.hwmKb / 1024, 'MB', { ...ctx, process: name, ...(name === 'simulator' && workers.length ? { processes: workers.length + 1 } : {}) });
+    }
+    const totalCpu = Object.values(perProcess).reduce((a, p) => a + p.cpu, 0);
+    emit('bench_cpu_util_pct', (totalCpu / wallMs) * 100, '%', { ...ctx, note: `authority + gateway + simulator; the machine has ${cpus().length * 100}%` });
+    emit('foreign_cpu_pct', foreignPct, '%', { ...ctx, note: 'CPU used by processes outside this benchmark during the run (another session\'s tests, services): > 10 means the numbers are low' });
+
+    for (const w of workers) w.proc.child.send({ cmd: 'exit' });
+    await stack.close();
+  },
+});
