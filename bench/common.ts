@@ -350,17 +350,40 @@ export async function runNode(script: string, args: string[], opts: { env?: Node
   return out;
 }
 
-/** A port that was free a moment ago on 127.0.0.1 (for programs that cannot take port 0). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/** The kernel's ephemeral port range (outgoing connections take their local ports from it). */
+function ephemeralRange(): [number, number] {
+  try {
+    const [lo, hi] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (lo > 0 && hi >= lo) return [lo, hi];
+  } catch {
+    /* not Linux */
+  }
+  return [32768, 60999];
+}
+
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const addr = s.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      s.close(() => resolve(port));
-    });
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
   });
+}
+
+/**
+ * A free port on 127.0.0.1 for programs that cannot take port 0 (Mosquitto, the gateway's
+ * /metrics). Chosen below the ephemeral range: a port from port 0 could be taken as the
+ * local port of some outgoing connection before the program binds it.
+ */
+export async function freePort(): Promise<number> {
+  const [lo] = ephemeralRange();
+  const min = 20_000;
+  const max = Math.max(min + 1000, lo - 1);
+  for (let i = 0; i < 50; i++) {
+    const port = min + Math.floor(Math.random() * (max - min));
+    if (port === 1883 || port === 5432 || port === 6379 || port === 8883 || port === 8443) continue;
+    if (await canListen(port)) return port;
+  }
+  throw new Error('no free port found');
 }
 
 /** Runs `fn` for items with at most `concurrency` at once. */

@@ -86,22 +86,33 @@ export async function startProcStack(opts: ProcStackOptions): Promise<ProcStack>
   const gatewayDir = join(dir, 'gateway');
   await runNode(CLI, ['gateway', 'enroll', '--data-dir', gatewayDir, '--authority', url, '--token', token, '--fingerprint', fingerprint, '--id', gatewayId, '--hostname', '127.0.0.1', '--hostname', 'localhost'], { env, name: 'gateway enroll' });
 
-  const httpPort = await freePort();
   const gatewayConfig = join(dir, 'gateway.json');
-  writeFileSync(gatewayConfig, JSON.stringify({
+  const writeGatewayConfig = (httpPort: number) => writeFileSync(gatewayConfig, JSON.stringify({
     dataDir: gatewayDir,
     listen: { host: '127.0.0.1', port: 0 },
     http: { host: '127.0.0.1', port: httpPort },
     ...opts.gateway,
   }, null, 2));
+  let httpPort = await freePort();
+  writeGatewayConfig(httpPort);
   let gateway: SpawnedNode;
   let port = '0';
   if (opts.startGateway === false) {
     gateway = { child: undefined as never, pid: 0, waitFor: () => Promise.reject(new Error('no gateway process')), stderrTail: () => '', stop: async () => undefined };
   } else {
-    log('starting gateway');
-    gateway = spawnNode(CLI, ['gateway', 'start', '--config', gatewayConfig], { env, name: 'gateway', nofile: opts.gatewayNofile, nodeArgs: opts.gatewayNodeArgs });
-    [, port] = await gateway.waitFor(/serving MQTT over TLS on port (\d+)/, 120_000);
+    // The /metrics port was free a moment ago; if something took it meanwhile, pick another.
+    for (let attempt = 1; ; attempt++) {
+      log('starting gateway');
+      gateway = spawnNode(CLI, ['gateway', 'start', '--config', gatewayConfig], { env, name: 'gateway', nofile: opts.gatewayNofile, nodeArgs: opts.gatewayNodeArgs });
+      try {
+        [, port] = await gateway.waitFor(/serving MQTT over TLS on port (\d+)/, 120_000);
+        break;
+      } catch (err) {
+        if (attempt >= 3 || !/EADDRINUSE/.test(String((err as Error).message))) throw err;
+        httpPort = await freePort();
+        writeGatewayConfig(httpPort);
+      }
+    }
   }
 
   const stack: ProcStack = {
