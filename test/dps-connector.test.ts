@@ -33,7 +33,12 @@ test('individual mode: an X.509 enrollment per device; revocation disables it; d
   await until(() => dps.enrollments.get('dps-1')?.provisioningStatus === 'disabled', 5000, 'disabled enrollment');
   await stack.authority.store.updateDevice('dps-1', { status: 'disabled' }, Date.now());
   await until(() => !dps.enrollments.has('dps-1'), 5000, 'deleted enrollment');
-  const actions = (await stack.authority.store.listAudit({ limit: 200 })).map((a) => `${a.action}:${a.outcome}`);
+  // The audit row follows the answer: wait for the last one rather than race it.
+  let actions: string[] = [];
+  for (let i = 0; i < 200 && !actions.includes('dps-delete:ok'); i++) {
+    actions = (await stack.authority.store.listAudit({ limit: 200 })).map((a) => `${a.action}:${a.outcome}`);
+    if (!actions.includes('dps-delete:ok')) await new Promise((r) => setTimeout(r, 20));
+  }
   for (const a of ['dps-enroll:ok', 'dps-disable:ok', 'dps-delete:ok']) assert.ok(actions.includes(a), a);
 });
 

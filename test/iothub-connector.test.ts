@@ -21,6 +21,14 @@ async function until<T>(fn: () => T | undefined | false, ms: number, what: strin
   }
 }
 
+async function untilAsync(fn: () => Promise<boolean>, ms: number, what: string): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await fn())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 async function hubStack(t: Parameters<typeof startStack>[0], policy = {}) {
   const hub = await IotHubStandin.start();
   t!.after(() => hub.close());
@@ -45,8 +53,13 @@ test('an onboarded device becomes an X.509 child of its edge device in IoT Hub',
     deviceScope: edgeScope, parentScopes: [edgeScope],
   });
   assert.equal((dev as any).status, 'enabled');
-  const audit = await stack.authority.store.listAudit({ deviceId: 'hub-1' });
-  assert.ok(audit.some((a) => a.action === 'iothub-create' && a.outcome === 'ok'));
+  // The audit row follows the hub's answer: wait for it rather than race it.
+  let created = false;
+  for (let i = 0; i < 200 && !created; i++) {
+    created = (await stack.authority.store.listAudit({ deviceId: 'hub-1' })).some((a) => a.action === 'iothub-create' && a.outcome === 'ok');
+    if (!created) await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.ok(created, 'the create call is audited');
 });
 
 test('renewal rolls the thumbprints (secondary first, then primary); revocation disables; decommission deletes', async (t) => {
@@ -85,9 +98,10 @@ test('a throttled hub (429 + Retry-After) is retried later and nothing is lost',
   await stack.device('hub-3', 'pki-signature').onboard();
   await until(() => hub.devices.get('hub-3'), 10_000, 'the hub device after throttling');
   assert.ok(hub.requests.filter((r) => r.status === 429).length >= 1);
+  // Audit rows follow the hub's answers: wait for them rather than race them.
+  await untilAsync(async () => (await stack.authority.store.listAudit({ limit: 100 })).some((a) => a.action === 'iothub-create' && a.outcome === 'ok' && a.deviceId === 'hub-3'), 5000, 'the audited create');
   const audit = await stack.authority.store.listAudit({ limit: 100 });
   assert.ok(audit.some((a) => a.action.startsWith('iothub-') && a.outcome === 'error' && (a.detail as any)?.status === 429), 'the throttled call is audited');
-  assert.ok(audit.some((a) => a.action === 'iothub-create' && a.outcome === 'ok' && a.deviceId === 'hub-3'));
 });
 
 test('a hub that is down: the certificate is issued, the registry write waits (also across an authority restart) and completes later', async (t) => {
