@@ -6,16 +6,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { DpsStandin } from './support/dps-standin.ts';
 import { startStack } from './support/stack.ts';
+import { until } from './support/wait.ts';
 
-async function until<T>(fn: () => T | undefined | false, ms: number, what: string): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 test('individual mode: an X.509 enrollment per device; revocation disables it; decommission deletes it; 429 is retried', async (t) => {
   const dps = await DpsStandin.start();

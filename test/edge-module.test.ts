@@ -7,16 +7,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { IotHubStandin } from './support/iothub-standin.ts';
 import { startStack } from './support/stack.ts';
+import { until } from './support/wait.ts';
 
-async function until<T>(fn: () => T | undefined | false, ms: number, what: string): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 test('twin, direct methods and telemetry relay of the gateway module', async (t) => {
   const hub = await IotHubStandin.start();

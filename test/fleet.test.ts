@@ -10,15 +10,8 @@ import { test } from 'node:test';
 import { AuthorityClient } from '../cloud-bridge/index.ts';
 import { pkix } from '../protocol/index.ts';
 import { startStack } from './support/stack.ts';
-import { within } from './support/wait.ts';
+import { until, within } from './support/wait.ts';
 
-async function until(cond: () => boolean, ms: number, what: string): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 test('2,000 devices registering at once all get certificates; requests to the authority stay within the bound', { timeout: 240_000 }, async (t) => {
   const concurrency = 8;

@@ -9,25 +9,9 @@ import { thumbprint } from '../authority/registry/index.ts';
 import type { DeviceIdentity } from '../device/index.ts';
 import { IotHubStandin } from './support/iothub-standin.ts';
 import { startStack } from './support/stack.ts';
-import { within } from './support/wait.ts';
+import { until, within } from './support/wait.ts';
 
-async function until<T>(fn: () => T | undefined | false, ms: number, what: string): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
-async function untilAsync(fn: () => Promise<boolean>, ms: number, what: string): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await fn())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function hubStack(t: Parameters<typeof startStack>[0], policy = {}) {
   const hub = await IotHubStandin.start();
@@ -99,7 +83,7 @@ test('a throttled hub (429 + Retry-After) is retried later and nothing is lost',
   await until(() => hub.devices.get('hub-3'), 10_000, 'the hub device after throttling');
   assert.ok(hub.requests.filter((r) => r.status === 429).length >= 1);
   // Audit rows follow the hub's answers: wait for them rather than race them.
-  await untilAsync(async () => (await stack.authority.store.listAudit({ limit: 100 })).some((a) => a.action === 'iothub-create' && a.outcome === 'ok' && a.deviceId === 'hub-3'), 5000, 'the audited create');
+  await until(async () => (await stack.authority.store.listAudit({ limit: 100 })).some((a) => a.action === 'iothub-create' && a.outcome === 'ok' && a.deviceId === 'hub-3'), 5000, 'the audited create');
   const audit = await stack.authority.store.listAudit({ limit: 100 });
   assert.ok(audit.some((a) => a.action.startsWith('iothub-') && a.outcome === 'error' && (a.detail as any)?.status === 429), 'the throttled call is audited');
 });

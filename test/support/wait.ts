@@ -23,3 +23,14 @@ export function nextEvent<T = unknown>(emitter: NodeJS.EventEmitter, event: stri
   });
   return within(p, ms, `event ${event}`).finally(() => emitter.off(event, handler!));
 }
+
+/** Polls `fn` every 25 ms until it returns a truthy value (returned), bounded by `ms`. */
+export async function until<T>(fn: () => T | undefined | false | null | Promise<T | undefined | false | null>, ms: number, what: string): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
