@@ -68,9 +68,9 @@ export class DpsConnector extends RegistrySync {
   protected async syncCertificate(cert: CertificateRow): Promise<void> {
     const store = this.opts.store;
     const deviceId = cert.subjectId;
-    if (this.opts.mode === 'group' || cert.status === 'superseded') return store.markHubSynced(cert.serial, this.now(), undefined, 'dps');
+    if (this.opts.mode === 'group' || cert.status === 'superseded') return store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
     const active = await store.listCertificates({ subjectId: deviceId, status: 'active', limit: 1 });
-    if (cert.status === 'revoked' && active.length) return store.markHubSynced(cert.serial, this.now(), undefined, 'dps');
+    if (cert.status === 'revoked' && active.length) return store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
     await this.call(cert.status === 'revoked' ? 'dps-disable' : 'dps-enroll', deviceId, () => this.opts.client.createOrUpdateIndividualEnrollment({
       registrationId: deviceId,
       deviceId,
@@ -79,6 +79,6 @@ export class DpsConnector extends RegistrySync {
       ...(this.opts.iotHubHostName ? { iotHubHostName: this.opts.iotHubHostName } : {}),
     }));
     await store.setDeviceHubState(deviceId, cert.status === 'revoked' ? 'disabled' : 'present', 'dps');
-    await store.markHubSynced(cert.serial, this.now(), undefined, 'dps');
+    await store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
   }
 }

@@ -72,8 +72,8 @@ export class IotHubConnector extends RegistrySync {
   protected async syncCertificate(cert: CertificateRow): Promise<void> {
     const deviceId = cert.subjectId;
     const device = await this.opts.store.getDevice(deviceId);
-    if (!device) return this.opts.store.markHubSynced(cert.serial, this.now(), 'device row missing');
-    if (cert.status === 'superseded') return this.opts.store.markHubSynced(cert.serial, this.now());
+    if (!device) return this.opts.store.markHubSynced(cert.serial, this.now(), 'device row missing', 'hub', cert.status);
+    if (cert.status === 'superseded') return this.opts.store.markHubSynced(cert.serial, this.now(), undefined, 'hub', cert.status);
     if (cert.status === 'revoked') {
       const stillActive = (await this.opts.store.listCertificates({ subjectId: deviceId, status: 'active' })).length;
       if (!stillActive && device.hubState !== 'deleted') {
@@ -83,7 +83,7 @@ export class IotHubConnector extends RegistrySync {
           await this.opts.store.setDeviceHubState(deviceId, 'disabled');
         }
       }
-      return this.opts.store.markHubSynced(cert.serial, this.now());
+      return this.opts.store.markHubSynced(cert.serial, this.now(), undefined, 'hub', cert.status);
     }
 
     const auth = this.opts.authentication(device.groupName);
@@ -113,6 +113,6 @@ export class IotHubConnector extends RegistrySync {
       await this.call('iothub-update', deviceId, () => this.opts.registry.update({ ...existing.responseBody, status: 'enabled', ...scopes }));
     }
     await this.opts.store.setDeviceHubState(deviceId, 'present');
-    await this.opts.store.markHubSynced(cert.serial, this.now());
+    await this.opts.store.markHubSynced(cert.serial, this.now(), undefined, 'hub', cert.status);
   }
 }

@@ -278,9 +278,13 @@ export class SqliteStore implements AuthorityStore {
     return rows.map(toCert);
   }
 
-  async markHubSynced(serial: string, at: number, error?: string, target: RegistryTarget = 'hub'): Promise<void> {
-    if (target === 'hub') this.db.prepare('UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?').run(at, error ?? null, serial);
-    else this.db.prepare('UPDATE certificates SET dps_synced_at = ? WHERE serial = ?').run(at, serial);
+  async markHubSynced(serial: string, at: number, error?: string, target: RegistryTarget = 'hub', status?: CertificateRow['status']): Promise<void> {
+    // Only if the row is still in the state that was synced: a revocation that landed
+    // meanwhile (it clears the mark) must be picked up by the next pass, not hidden by this one.
+    const cond = status ? ' AND status = ?' : '';
+    const args: unknown[] = status ? [serial, status] : [serial];
+    if (target === 'hub') this.db.prepare(`UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?${cond}`).run(at, error ?? null, ...args);
+    else this.db.prepare(`UPDATE certificates SET dps_synced_at = ? WHERE serial = ?${cond}`).run(at, ...args);
   }
 
   async listHubDecommissioned(limit: number, target: RegistryTarget = 'hub'): Promise<string[]> {

@@ -156,7 +156,7 @@ export interface AuthorityStore {
 
   /** Device certificates not yet reflected in an external registry, oldest first. */
   listHubPending(limit: number, target?: RegistryTarget): Promise<CertificateRow[]>;
-  markHubSynced(serial: string, at: number, error?: string, target?: RegistryTarget): Promise<void>;
+  markHubSynced(serial: string, at: number, error?: string, target?: RegistryTarget, status?: CertificateRow['status']): Promise<void>;
   /** Disabled (decommissioned) devices still present in an external registry. */
   listHubDecommissioned(limit: number, target?: RegistryTarget): Promise<string[]>;
   setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target?: RegistryTarget): Promise<void>;
