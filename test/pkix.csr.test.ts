@@ -3,6 +3,7 @@
  * parsed by us, and a seeded mutation fuzzer checks that parseCsrDer never accepts a request
  * that OpenSSL refuses.
  */
+import { throwsDer } from './support/der.ts';
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
 import { test } from 'node:test';
@@ -28,13 +29,6 @@ const [P256, P384, RSA] = PAIRS;
 
 const csrDer = (pem: string) => fromPem(pem, 'CERTIFICATE REQUEST');
 
-function throwsDer(fn: () => unknown, message?: RegExp, what = ''): void {
-  assert.throws(fn, (err: unknown) => {
-    assert.ok(err instanceof DerError, `${what ? what + ': ' : ''}expected DerError, got ${(err as Error)?.name}: ${(err as Error)?.message}`);
-    if (message) assert.match(err.message, message, what || undefined);
-    return true;
-  }, what || undefined);
-}
 
 /** OpenSSL's verdict on a DER CSR: parses and the self-signature verifies. */
 function opensslAccepts(w: Workdir, csr: Buffer, name = 'verdict.der'): boolean {

@@ -2,6 +2,7 @@
  * protocol/pkix/der.ts: encoder round trips (checked byte for byte and against `openssl
  * asn1parse`) and decoder refusals, which must all be DerError -- never a RangeError or a hang.
  */
+import { throwsDer } from './support/der.ts';
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import * as der from '../protocol/pkix/der.ts';
@@ -12,14 +13,6 @@ import { prng, workdir } from './support/openssl.ts';
 const hex = (b: Buffer) => b.toString('hex');
 const h = (s: string) => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
-/** assert.throws that also insists on the error class and, optionally, the message. */
-function throwsDer(fn: () => unknown, message?: RegExp, what = ''): void {
-  assert.throws(fn, (err: unknown) => {
-    assert.ok(err instanceof DerError, `${what ? what + ': ' : ''}expected DerError, got ${(err as Error)?.name}: ${(err as Error)?.message}`);
-    if (message) assert.match(err.message, message, what || undefined);
-    return true;
-  }, what || undefined);
-}
 
 /** Recursive walk the way a parser would descend, passing depth so MAX_DEPTH applies. */
 function walk(node: der.DerNode, depth = 0): number {
