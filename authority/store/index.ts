@@ -1,2 +1,3 @@
-export { SqliteStore, listMigrations } from './sqlite.ts';
+export { SqlStore, SqliteStore, listMigrations, openStore } from './sql-store.ts';
+export { SqliteDriver, PostgresDriver, isPostgresUrl, isConnectionError, redactUrl, type SqlDriver, type Queryable } from './sql.ts';
 export type * from './types.ts';

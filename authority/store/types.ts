@@ -1,4 +1,4 @@
-/** Rows and the store contract. Every implementation (SQLite now, PostgreSQL next) passes one suite. */
+/** Rows and the store contract. Both engines (SQLite, PostgreSQL) pass one suite: test/store.test.ts. */
 import type { AuthMethod } from '../../protocol/index.ts';
 
 export interface DeviceRow {
@@ -87,6 +87,14 @@ export interface CrlRow {
   der: Buffer;
 }
 
+/** One CA of the built-in CA as stored for a cluster: certificate and encrypted PKCS#8 key, PEM. */
+export interface CaMaterialRow {
+  name: 'root' | 'device-ca' | 'infra-ca';
+  certPem: string;
+  keyPem: string;
+  createdAt: number;
+}
+
 export interface GatewayRow {
   id: string;
   status: 'active' | 'disabled';
@@ -163,4 +171,13 @@ export interface AuthorityStore {
 
   appendAudit(entry: AuditEntry): Promise<void>;
   listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;
+
+  /** The shared CA (cluster mode): every stored CA row. */
+  getCaMaterial(): Promise<CaMaterialRow[]>;
+  /** Stores the CA set unless one exists (all rows or none); false when another node's set was there first. */
+  insertCaMaterialIfAbsent(rows: CaMaterialRow[]): Promise<boolean>;
+  /** Claims a periodic job for the whole cluster: true for exactly one caller per `minIntervalMs`. */
+  claimJob(name: string, now: number, minIntervalMs: number): Promise<boolean>;
+  /** Runs `fn` unless another node runs a job of that name right now (try-lock; no waiting). */
+  exclusive<T>(name: string, fn: () => Promise<T>): Promise<{ ran: true; value: T } | { ran: false }>;
 }

@@ -1,0 +1,377 @@
+/**
+ * The authority store over either SQL driver (./sql.ts): every query is written once, with
+ * `?` placeholders and portable SQL, for the embedded SQLite default and for PostgreSQL.
+ * Migrations from ./migrations are applied in order at open (see openStore).
+ *
+ * Portability notes, so the next query stays portable too:
+ * - epoch milliseconds are BIGINT and come back as numbers on both engines;
+ * - crl_number is read as text (CAST) and turned into a bigint, never through a double;
+ * - a parameter multiplied with a BIGINT column is CAST to DOUBLE PRECISION, or PostgreSQL
+ *   would infer it as bigint and refuse 0.6667;
+ * - "insert unless present" is INSERT .. ON CONFLICT DO NOTHING and its change count.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { LeafgateError } from '../../protocol/index.ts';
+import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
+import type {
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CertificateRow, ChallengeRow, CrlRow, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
+} from './types.ts';
+
+const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
+
+export function listMigrations(): Array<{ version: number; sql: string; name: string }> {
+  return readdirSync(MIGRATIONS_DIR)
+    .filter((f) => /^\d+_.+\.sql$/.test(f))
+    .sort()
+    .map((name) => ({ version: Number(name.split('_')[0]), sql: readFileSync(join(MIGRATIONS_DIR, name), 'utf8'), name }));
+}
+
+const json = (v: unknown) => JSON.stringify(v);
+const parse = (v: string | null) => (v == null ? null : JSON.parse(v));
+
+function toDevice(r: Row | undefined): DeviceRow | null {
+  if (!r) return null;
+  return {
+    id: r.id, groupName: r.group_name, method: r.method, status: r.status, gatewayId: r.gateway_id, ddkgSalt: r.ddkg_salt,
+    ddkgPublicKey: r.ddkg_public_key, birthCertFingerprint: r.birth_cert_fingerprint, hubState: r.hub_state ?? null, createdAt: r.created_at, updatedAt: r.updated_at,
+  };
+}
+
+function toCert(r: Row): CertificateRow {
+  return {
+    serial: r.serial, subjectId: r.subject_id, kind: r.kind, fingerprint: r.fingerprint, notBefore: r.not_before, notAfter: r.not_after,
+    status: r.status, requestId: r.request_id, pem: r.pem, revokedAt: r.revoked_at, revocationReason: r.revocation_reason, createdAt: r.created_at,
+  };
+}
+
+const TARGETS: Record<RegistryTarget, true> = { hub: true, dps: true };
+function target(t: RegistryTarget): RegistryTarget {
+  if (!TARGETS[t]) throw new Error(`unknown registry target ${String(t)}`);
+  return t;
+}
+
+const SQL = {
+  insertToken: 'INSERT INTO enrollment_tokens (token_hash, gateway_id, expires_at) VALUES (?, ?, ?)',
+  useToken: 'UPDATE enrollment_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING gateway_id',
+  upsertGateway: `INSERT INTO gateways (id, status, cert_serial, cert_fingerprint, created_at, updated_at) VALUES (?, 'active', ?, ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET status = 'active', cert_serial = excluded.cert_serial, cert_fingerprint = excluded.cert_fingerprint, updated_at = excluded.updated_at`,
+  getGateway: 'SELECT * FROM gateways WHERE id = ?',
+  getDevice: 'SELECT * FROM devices WHERE id = ?',
+  insertDevice: `INSERT INTO devices (id, group_name, method, status, gateway_id, ddkg_salt, ddkg_public_key, birth_cert_fingerprint, created_at, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+  insertCode: 'INSERT INTO enrollment_codes (code_hash, device_id, group_name, expires_at) VALUES (?, ?, ?, ?)',
+  useCode: 'UPDATE enrollment_codes SET used_at = ? WHERE code_hash = ? AND device_id = ? AND group_name = ? AND used_at IS NULL AND expires_at > ?',
+  insertChallenge: 'INSERT INTO challenges (id, device_id, gateway_id, method, nonce, context, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)',
+  getChallenge: 'SELECT * FROM challenges WHERE id = ?',
+  useChallenge: 'UPDATE challenges SET used_at = ? WHERE id = ? AND used_at IS NULL',
+  insertSession: 'INSERT INTO auth_sessions (id, device_id, gateway_id, instruction, expires_at) VALUES (?, ?, ?, ?, ?)',
+  liveSession: 'SELECT * FROM auth_sessions WHERE device_id = ? AND used_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1',
+  useSession: 'UPDATE auth_sessions SET used_at = ? WHERE id = ? AND used_at IS NULL',
+  getRequest: 'SELECT * FROM requests WHERE device_id = ? AND request_id = ?',
+  insertRequest: 'INSERT INTO requests (device_id, request_id, kind, body_hash, response, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING',
+  // No ON CONFLICT: a serial that already exists is an error and rolls the issuance back;
+  // the primary key is what guarantees serial uniqueness across nodes.
+  insertCert: `INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  supersede: "UPDATE certificates SET status = 'superseded' WHERE serial = ? AND status = 'active'",
+  countActive: "SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?",
+  revoke: "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL WHERE serial = ? AND status = 'active'",
+  getCert: 'SELECT * FROM certificates WHERE serial = ?',
+  getCrl: 'SELECT issuer, CAST(crl_number AS TEXT) AS crl_number, this_update, next_update, der FROM crls WHERE issuer = ?',
+  saveCrl: `INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (issuer) DO UPDATE SET crl_number = excluded.crl_number, this_update = excluded.this_update, next_update = excluded.next_update, der = excluded.der
+    WHERE excluded.crl_number > crls.crl_number`,
+  insertAudit: 'INSERT INTO audit_log (at, action, outcome, code, device_id, gateway_id, request_id, serial, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+  dueForRenewal: `SELECT c.* FROM certificates c JOIN devices d ON d.id = c.subject_id
+    WHERE c.kind = 'device' AND c.status = 'active' AND d.group_name = ? AND d.status != 'disabled'
+      AND c.not_after > ? AND c.not_before + (c.not_after - c.not_before) * CAST(? AS DOUBLE PRECISION) <= ?
+    ORDER BY c.not_after, c.serial LIMIT ?`,
+  getCaMaterial: 'SELECT name, cert_pem, key_pem, created_at FROM ca_material',
+  insertCaMaterial: 'INSERT INTO ca_material (name, cert_pem, key_pem, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING',
+  claimJob: `INSERT INTO job_runs (name, last_run_at) VALUES (?, ?)
+    ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at WHERE job_runs.last_run_at <= ?`,
+} as const;
+
+export class SqlStore implements AuthorityStore {
+  constructor(readonly db: SqlDriver) {}
+
+  get dialect(): SqlDriver['dialect'] {
+    return this.db.dialect;
+  }
+
+  /** Applies the migrations not yet applied; returns their versions. */
+  migrate(): Promise<number[]> {
+    return this.db.migrate(listMigrations());
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+
+  private audit(q: Queryable, e: AuditEntry): Promise<unknown> {
+    return q.run(SQL.insertAudit, [e.at, e.action, e.outcome, e.code ?? null, e.deviceId ?? null, e.gatewayId ?? null, e.requestId ?? null, e.serial ?? null, e.detail ? json(e.detail) : null]);
+  }
+
+  private insertCert(q: Queryable, c: CertificateRow): Promise<unknown> {
+    return q.run(SQL.insertCert, [c.serial, c.subjectId, c.kind, c.fingerprint, c.notBefore, c.notAfter, c.status, c.requestId, c.pem, c.createdAt]);
+  }
+
+  private insertRequestRow(q: Queryable, r: RequestRow) {
+    return q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(r.response), r.createdAt]);
+  }
+
+  async createEnrollmentToken(tokenHash: string, gatewayId: string, expiresAt: number): Promise<void> {
+    await this.db.run(SQL.insertToken, [tokenHash, gatewayId, expiresAt]);
+  }
+
+  async consumeEnrollmentToken(tokenHash: string, now: number): Promise<string | null> {
+    const r = await this.db.run(SQL.useToken, [now, tokenHash, now]);
+    return r.rows[0]?.gateway_id ?? null;
+  }
+
+  async recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry, opts: { updateGatewayCert?: boolean } = {}): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      await this.insertCert(tx, cert);
+      if (opts.updateGatewayCert !== false) await tx.run(SQL.upsertGateway, [gatewayId, cert.serial, cert.fingerprint, cert.createdAt, cert.createdAt]);
+      await this.audit(tx, audit);
+    });
+  }
+
+  async getGateway(id: string): Promise<GatewayRow | null> {
+    const r = await this.db.one(SQL.getGateway, [id]);
+    return r ? { id: r.id, status: r.status, certSerial: r.cert_serial, certFingerprint: r.cert_fingerprint, createdAt: r.created_at, updatedAt: r.updated_at } : null;
+  }
+
+  async getDevice(id: string): Promise<DeviceRow | null> {
+    return toDevice(await this.db.one(SQL.getDevice, [id]));
+  }
+
+  async insertDevice(d: DeviceRow): Promise<boolean> {
+    const r = await this.db.run(SQL.insertDevice, [d.id, d.groupName, d.method, d.status, d.gatewayId, d.ddkgSalt, d.ddkgPublicKey, d.birthCertFingerprint, d.createdAt, d.updatedAt]);
+    return r.changes === 1;
+  }
+
+  async updateDevice(id: string, patch: Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>, now: number): Promise<void> {
+    const cols: Record<string, string> = { status: 'status', gatewayId: 'gateway_id', ddkgPublicKey: 'ddkg_public_key', birthCertFingerprint: 'birth_cert_fingerprint' };
+    const keys = Object.keys(patch).filter((k) => k in cols);
+    if (!keys.length) return;
+    const sql = `UPDATE devices SET ${keys.map((k) => `${cols[k]} = ?`).join(', ')}, updated_at = ? WHERE id = ?`;
+    await this.db.run(sql, [...keys.map((k) => (patch as Row)[k]), now, id]);
+  }
+
+  async createEnrollmentCode(codeHash: string, deviceId: string, groupName: string, expiresAt: number): Promise<void> {
+    await this.db.run(SQL.insertCode, [codeHash, deviceId, groupName, expiresAt]);
+  }
+
+  async consumeEnrollmentCode(codeHash: string, deviceId: string, groupName: string, now: number): Promise<boolean> {
+    return (await this.db.run(SQL.useCode, [now, codeHash, deviceId, groupName, now])).changes === 1;
+  }
+
+  async insertChallenge(c: ChallengeRow): Promise<void> {
+    await this.db.run(SQL.insertChallenge, [c.id, c.deviceId, c.gatewayId, c.method, c.nonce, json(c.context), c.expiresAt]);
+  }
+
+  async getChallenge(id: string): Promise<ChallengeRow | null> {
+    const r = await this.db.one(SQL.getChallenge, [id]);
+    if (!r) return null;
+    return { id: r.id, deviceId: r.device_id, gatewayId: r.gateway_id, method: r.method, nonce: r.nonce, context: parse(r.context), expiresAt: r.expires_at, usedAt: r.used_at };
+  }
+
+  async useChallenge(id: string, now: number): Promise<boolean> {
+    return (await this.db.run(SQL.useChallenge, [now, id])).changes === 1;
+  }
+
+  async insertAuthSession(s: AuthSessionRow): Promise<void> {
+    await this.db.run(SQL.insertSession, [s.id, s.deviceId, s.gatewayId, json(s.instruction), s.expiresAt]);
+  }
+
+  async getLiveAuthSession(deviceId: string, now: number): Promise<AuthSessionRow | null> {
+    const r = await this.db.one(SQL.liveSession, [deviceId, now]);
+    if (!r) return null;
+    return { id: r.id, deviceId: r.device_id, gatewayId: r.gateway_id, instruction: parse(r.instruction), expiresAt: r.expires_at, usedAt: r.used_at };
+  }
+
+  async getRequest(deviceId: string, requestId: string): Promise<RequestRow | null> {
+    const r = await this.db.one(SQL.getRequest, [deviceId, requestId]);
+    if (!r) return null;
+    return { deviceId: r.device_id, requestId: r.request_id, kind: r.kind, bodyHash: r.body_hash, response: parse(r.response), createdAt: r.created_at };
+  }
+
+  async insertRequest(q: RequestRow, audit: AuditEntry): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      const ok = (await this.insertRequestRow(tx, q)).changes === 1;
+      if (ok) await this.audit(tx, audit);
+      return ok;
+    });
+  }
+
+  async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean> {
+    const { request: q, certificate, authSessionId, audit } = args;
+    return this.db.transaction(async (tx) => {
+      // First the answer: on PostgreSQL a concurrent insert of the same (device, requestId) on
+      // another node waits here for this one to commit, then does nothing: one certificate.
+      if ((await this.insertRequestRow(tx, q)).changes !== 1) return false;
+      if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
+      await this.insertCert(tx, certificate);
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
+  async recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean> {
+    const { request: q, certificate, supersedes, audit } = args;
+    return this.db.transaction(async (tx) => {
+      if ((await this.insertRequestRow(tx, q)).changes !== 1) return false;
+      if ((await tx.run(SQL.supersede, [supersedes])).changes !== 1) throw new Error('certificate to supersede is no longer active');
+      await this.insertCert(tx, certificate);
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
+  async listDueForRenewal(group: string, fraction: number, now: number, limit: number): Promise<CertificateRow[]> {
+    return (await this.db.query(SQL.dueForRenewal, [group, now, fraction, now, limit])).map(toCert);
+  }
+
+  async countActiveCertificates(subjectId: string, now: number): Promise<number> {
+    return Number((await this.db.one(SQL.countActive, [subjectId, now]))?.n ?? 0);
+  }
+
+  async listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]> {
+    const where: string[] = [];
+    const args: unknown[] = [];
+    if (filter.subjectId) (where.push('subject_id = ?'), args.push(filter.subjectId));
+    if (filter.status) (where.push('status = ?'), args.push(filter.status));
+    if (filter.kind) (where.push('kind = ?'), args.push(filter.kind));
+    if (filter.expiringBefore !== undefined) (where.push('not_after <= ?'), args.push(filter.expiringBefore));
+    const sql = `SELECT * FROM certificates ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, serial LIMIT ?`;
+    return (await this.db.query(sql, [...args, filter.limit ?? 1000])).map(toCert);
+  }
+
+  async revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null> {
+    return this.db.transaction(async (tx) => {
+      if ((await tx.run(SQL.revoke, [at, reason, serial])).changes !== 1) return null;
+      await this.audit(tx, audit);
+      return toCert((await tx.one(SQL.getCert, [serial]))!);
+    });
+  }
+
+  async listRevoked(kinds: CertificateRow['kind'][]): Promise<CertificateRow[]> {
+    if (!kinds.length) return [];
+    const rows = await this.db.query(`SELECT * FROM certificates WHERE status = 'revoked' AND kind IN (${kinds.map(() => '?').join(', ')}) ORDER BY revoked_at, serial`, kinds);
+    return rows.map(toCert);
+  }
+
+  async getCertificate(serial: string): Promise<CertificateRow | null> {
+    const r = await this.db.one(SQL.getCert, [serial]);
+    return r ? toCert(r) : null;
+  }
+
+  async getCrl(issuer: string): Promise<CrlRow | null> {
+    const r = await this.db.one(SQL.getCrl, [issuer]);
+    // The DER is stored base64 in a TEXT column: portable, and migration 002 already made it so.
+    return r ? { issuer: r.issuer, crlNumber: BigInt(r.crl_number), thisUpdate: r.this_update, nextUpdate: r.next_update, der: Buffer.from(r.der, 'base64') } : null;
+  }
+
+  async saveCrl(c: CrlRow): Promise<boolean> {
+    return (await this.db.run(SQL.saveCrl, [c.issuer, c.crlNumber, c.thisUpdate, c.nextUpdate, c.der.toString('base64')])).changes === 1;
+  }
+
+  async listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]> {
+    const where: string[] = [];
+    const args: unknown[] = [];
+    if (filter.status) (where.push('status = ?'), args.push(filter.status));
+    if (filter.group) (where.push('group_name = ?'), args.push(filter.group));
+    const sql = `SELECT * FROM devices ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY id LIMIT ?`;
+    return (await this.db.query(sql, [...args, filter.limit ?? 1000])).map((r) => toDevice(r)!);
+  }
+
+  async listHubPending(limit: number, t: RegistryTarget = 'hub'): Promise<CertificateRow[]> {
+    const rows = await this.db.query(`SELECT * FROM certificates WHERE kind = 'device' AND ${target(t)}_synced_at IS NULL ORDER BY created_at, serial LIMIT ?`, [limit]);
+    return rows.map(toCert);
+  }
+
+  async markHubSynced(serial: string, at: number, error?: string, t: RegistryTarget = 'hub', status?: CertificateRow['status']): Promise<void> {
+    // Only if the row is still in the state that was synced: a revocation that landed
+    // meanwhile (it clears the mark) must be picked up by the next pass, not hidden by this one.
+    const cond = status ? ' AND status = ?' : '';
+    const args: unknown[] = status ? [serial, status] : [serial];
+    if (target(t) === 'hub') await this.db.run(`UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?${cond}`, [at, error ?? null, ...args]);
+    else await this.db.run(`UPDATE certificates SET dps_synced_at = ? WHERE serial = ?${cond}`, [at, ...args]);
+  }
+
+  async listHubDecommissioned(limit: number, t: RegistryTarget = 'hub'): Promise<string[]> {
+    const col = `${target(t)}_state`;
+    const rows = await this.db.query(`SELECT id FROM devices WHERE status = 'disabled' AND ${col} IS NOT NULL AND ${col} != 'deleted' ORDER BY id LIMIT ?`, [limit]);
+    return rows.map((r) => r.id);
+  }
+
+  async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', t: RegistryTarget = 'hub'): Promise<void> {
+    await this.db.run(`UPDATE devices SET ${target(t)}_state = ? WHERE id = ?`, [state, deviceId]);
+  }
+
+  async appendAudit(entry: AuditEntry): Promise<void> {
+    await this.audit(this.db, entry);
+  }
+
+  async listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]> {
+    const rows = filter.deviceId
+      ? await this.db.query('SELECT * FROM audit_log WHERE device_id = ? ORDER BY seq DESC LIMIT ?', [filter.deviceId, filter.limit ?? 1000])
+      : await this.db.query('SELECT * FROM audit_log ORDER BY seq DESC LIMIT ?', [filter.limit ?? 1000]);
+    return rows.map((r) => ({
+      seq: r.seq, at: r.at, action: r.action, outcome: r.outcome, code: r.code, deviceId: r.device_id, gatewayId: r.gateway_id, requestId: r.request_id, serial: r.serial, detail: parse(r.detail),
+    }));
+  }
+
+  async getCaMaterial(): Promise<CaMaterialRow[]> {
+    const rows = await this.db.query(SQL.getCaMaterial);
+    return rows.map((r) => ({ name: r.name, certPem: r.cert_pem, keyPem: r.key_pem, createdAt: r.created_at }));
+  }
+
+  async insertCaMaterialIfAbsent(rows: CaMaterialRow[]): Promise<boolean> {
+    // One transaction: the set is written whole or not at all, so a node never finds a root
+    // without its issuing CAs. A node racing this one waits on the primary key, then inserts nothing.
+    return this.db.transaction(async (tx) => {
+      let inserted = 0;
+      for (const r of rows) inserted += (await tx.run(SQL.insertCaMaterial, [r.name, r.certPem, r.keyPem, r.createdAt])).changes;
+      return inserted === rows.length;
+    });
+  }
+
+  async claimJob(name: string, now: number, minIntervalMs: number): Promise<boolean> {
+    return (await this.db.run(SQL.claimJob, [name, now, now - minIntervalMs])).changes === 1;
+  }
+
+  exclusive<T>(name: string, fn: () => Promise<T>): Promise<{ ran: true; value: T } | { ran: false }> {
+    return this.db.exclusive(name, fn);
+  }
+}
+
+/** The embedded store on one SQLite file, migrated when constructed (synchronous, as before). */
+export class SqliteStore extends SqlStore {
+  constructor(file: string) {
+    const driver = new SqliteDriver(file);
+    driver.migrateNow(listMigrations());
+    super(driver);
+  }
+}
+
+/**
+ * Opens the store a `database` setting names: a postgres:// URL (several authority nodes may
+ * share it) or a SQLite file. Migrations are applied before it is returned. A database that
+ * cannot be reached is a clear `authority_unavailable` error naming it (without password).
+ */
+export async function openStore(database: string, opts: { onError?: (err: Error) => void } = {}): Promise<SqlStore> {
+  if (!isPostgresUrl(database)) return new SqliteStore(database);
+  const store = new SqlStore(new PostgresDriver({ url: database, onError: opts.onError }));
+  try {
+    await store.migrate();
+  } catch (err) {
+    await store.close().catch(() => undefined);
+    if (err instanceof LeafgateError) throw new LeafgateError(err.code, `cannot open the authority database: ${err.message}`, { cause: err });
+    throw new LeafgateError('internal', `cannot migrate the authority database ${redactUrl(database)}: ${(err as Error).message}`, { cause: err });
+  }
+  return store;
+}
