@@ -6,9 +6,11 @@ import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { LeafgateError } from '../protocol/index.ts';
 import { DEFAULT_POLICY, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
+import { isPostgresUrl } from './store/index.ts';
+import { pgConfig } from './store/sql.ts';
 
 export interface AuthorityConfig {
-  /** CA material, TLS material and the SQLite file live here. */
+  /** CA material (SQLite mode), the admin token and the SQLite file live here. */
   dataDir: string;
   /** Encrypts the CA private keys at rest. Env: LEAFGATE_CA_PASSPHRASE. */
   caPassphrase: string;
@@ -17,8 +19,12 @@ export interface AuthorityConfig {
   hostnames: string[];
   /** Organization in CA names. */
   organization: string;
-  /** SQLite file; default `<dataDir>/authority.db`. */
-  databaseFile: string;
+  /**
+   * The store: a SQLite file path (default `<dataDir>/authority.db`, one node) or a
+   * postgres:// URL that several authority nodes share (`?schema=NAME` selects a schema).
+   * Env: LEAFGATE_DATABASE_URL. The old key `databaseFile` is still read.
+   */
+  database: string;
   challengeTtlSeconds: number;
   /** Time a device has after authenticating to send its CSR. */
   csrDeadlineSeconds: number;
@@ -59,6 +65,8 @@ export interface AuthorityConfig {
 }
 
 export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps'>> & {
+  /** Older name of `database` (a SQLite file). */
+  databaseFile?: string;
   dps?: Partial<NonNullable<AuthorityConfig['dps']>> & { connectionString: string };
   iotHub?: Partial<NonNullable<AuthorityConfig['iotHub']>> & { connectionString: string };
   gatewaySubCa?: Partial<AuthorityConfig['gatewaySubCa']>;
@@ -82,7 +90,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_AUTHORITY_PORT ?? 8443) },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
-    databaseFile: input.databaseFile ?? join(dataDir, 'authority.db'),
+    database: input.database ?? env.LEAFGATE_DATABASE_URL ?? input.databaseFile ?? join(dataDir, 'authority.db'),
     challengeTtlSeconds: input.challengeTtlSeconds ?? 120,
     csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
     gatewayCertDays: input.gatewayCertDays ?? 90,
@@ -111,6 +119,9 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     policies,
   };
   if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);
+  if (typeof cfg.database !== 'string' || !cfg.database) throw new LeafgateError('internal', 'database must be a file path or a postgres:// URL');
+  if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
+  else if (/^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) throw new LeafgateError('internal', 'database: only postgres:// URLs or SQLite file paths are supported');
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
   return Object.freeze(cfg);
 }

@@ -3,7 +3,8 @@ export { startAuthority, loadAdminToken, type RunningAuthority } from './service
 export { resolveAuthorityConfig, loadAuthorityConfigFile, type AuthorityConfig, type AuthorityConfigInput } from './config.ts';
 export { DEFAULT_POLICY, type DevicePolicy } from './policy/index.ts';
 export { LocalCa, type CaConnector } from './ca/index.ts';
-export { SqliteStore, type AuthorityStore } from './store/index.ts';
+export { SqlStore, SqliteStore, openStore, isPostgresUrl, type AuthorityStore } from './store/index.ts';
+export { LocalBus, PgBus, type ClusterBus, type ClusterMessage } from './cluster.ts';
 export { DeviceOnboarding } from './onboarding.ts';
 export { GatewayEnrollment } from './gateways.ts';
 export { Revocation, type CrlSnapshot } from './revocation.ts';

@@ -10,6 +10,8 @@ import type { AuthorityConfig } from './config.ts';
 import type { AuthorityEvents, RenewalDue } from './events.ts';
 import { buildInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
 import type { AuthorityStore, CertificateRow } from './store/index.ts';
+import type { ClusterBus } from './cluster.ts';
+import type { Logger } from 'pino';
 
 /** The key of the renewed certificate: the current kind if policy still allows it. */
 export function renewalKey(policy: DevicePolicy, certPem: string): KeySpec {
@@ -26,6 +28,9 @@ export class RenewalScheduler {
       events: AuthorityEvents;
       config: Pick<AuthorityConfig, 'policies' | 'renewalScanSeconds'>;
       now?: () => number;
+      /** Other authority nodes on the same database; LocalBus when alone. */
+      bus?: ClusterBus;
+      logger?: Logger;
     },
   ) {}
 
@@ -34,8 +39,25 @@ export class RenewalScheduler {
   }
 
   start(): void {
-    this.timer = setInterval(() => void this.announce().catch(() => undefined), this.deps.config.renewalScanSeconds * 1000);
+    // Another node's scan: announce to the gateways connected here (their streams are here).
+    this.deps.bus?.onMessage((msg) => {
+      if (msg.type === 'renewal-scan') void this.announce().catch((err: Error) => this.deps.logger?.warn({ err: err.message }, 'renewal announcement failed'));
+    });
+    this.timer = setInterval(() => void this.scan().catch((err: Error) => this.deps.logger?.warn({ err: err.message }, 'renewal scan failed')), this.deps.config.renewalScanSeconds * 1000);
     this.timer.unref();
+  }
+
+  /**
+   * The periodic scan, once per period for the whole cluster: the node that claims the period
+   * announces to its gateways and signals the others to announce to theirs. (Every node's
+   * timer fires; the claim in the store lets one of them through.)
+   */
+  async scan(): Promise<number | null> {
+    const every = this.deps.config.renewalScanSeconds * 1000;
+    if (!(await this.deps.store.claimJob('renewal-scan', this.now(), every * 0.9))) return null;
+    const n = await this.announce();
+    await this.deps.bus?.publish({ type: 'renewal-scan' });
+    return n;
   }
 
   stop(): void {

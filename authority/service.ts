@@ -19,7 +19,9 @@ import { RenewalScheduler } from './renewal.ts';
 import { AuthorityEvents } from './events.ts';
 import { AuthorityMetrics } from './metrics.ts';
 import { DpsConnector, IotHubConnector, createDpsClient, createHubRegistry } from './registry/index.ts';
-import { SqliteStore, type AuthorityStore } from './store/index.ts';
+import { PostgresDriver, isPostgresUrl, openStore, redactUrl, type AuthorityStore, type SqlStore } from './store/index.ts';
+import { LocalBus, PgBus, type ClusterBus } from './cluster.ts';
+import { LeafgateError } from '../protocol/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 
 /**
@@ -40,6 +42,8 @@ export interface RunningAuthority {
   port: number;
   ca: LocalCa;
   store: AuthorityStore;
+  /** Signals between authority nodes sharing a PostgreSQL database (a no-op bus on SQLite). */
+  bus: ClusterBus;
   onboarding: DeviceOnboarding;
   enrollment: GatewayEnrollment;
   revocation: Revocation;
@@ -54,114 +58,150 @@ export interface RunningAuthority {
   close(): Promise<void>;
 }
 
-export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { logger?: Logger; now?: () => number } = {}): Promise<RunningAuthority> {
+export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { logger?: Logger; now?: () => number; crlRefreshMs?: number } = {}): Promise<RunningAuthority> {
   const logger = opts.logger ?? pino({ name: 'authority', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
-  const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
-  const store = new SqliteStore(config.databaseFile);
-  // Late-bound: the metrics read parts made below.
-  const parts: { renewals?: RenewalScheduler; revocation?: Revocation } = {};
-  const metrics = new AuthorityMetrics({
-    renewals: () => parts.renewals?.counts() ?? Promise.resolve({ due: 0, overdue: 0 }),
-    crlNumber: () => Number(parts.revocation?.crl().crlNumber ?? 0),
-  });
-  const onboarding = new DeviceOnboarding({
-    store, ca, config, now: opts.now,
-    onOutcome(action, outcome) {
-      metrics.requests.inc({ action, outcome });
-      if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
-    },
-  });
-  const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, now: opts.now });
-  const events = new AuthorityEvents();
-  const revocation = new Revocation({
-    store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now,
-    onRevoked: (reason) => metrics.revocations.inc({ reason }),
-  });
-  await revocation.start();
-  parts.revocation = revocation;
-  const renewals = new RenewalScheduler({ store, events, config, now: opts.now });
-  parts.renewals = renewals;
-  const hub = config.iotHub
-    ? new IotHubConnector({
-        registry: createHubRegistry(config.iotHub.connectionString, config.iotHub.localEndpoint),
-        store,
-        logger: logger.child({ component: 'iothub' }),
-        authentication: () => config.iotHub!.authentication,
-        edgeDeviceId: (gatewayId) => config.iotHub!.edgeDeviceId.replaceAll('{gatewayId}', gatewayId),
-        now: opts.now,
-      })
-    : undefined;
-  const dps = config.dps
-    ? new DpsConnector({
-        client: createDpsClient(config.dps.connectionString, config.dps.localEndpoint), store, logger: logger.child({ component: 'dps' }),
-        mode: config.dps.mode, deviceCaPem: ca.deviceCa.pem, iotHubHostName: config.dps.iotHubHostName, now: opts.now,
-      })
-    : undefined;
-  renewals.start();
-  hub?.start();
-  dps?.start();
+  const database = isPostgresUrl(config.database) ? redactUrl(config.database) : config.database;
+  let store: SqlStore;
+  try {
+    store = await openStore(config.database, { onError: (err) => logger.warn({ database, err: err.message }, 'database connection error') });
+  } catch (err) {
+    logger.error({ database, err: (err as Error).message }, 'cannot open the authority database');
+    throw err;
+  }
+  let bus: ClusterBus = new LocalBus();
+  let ca: LocalCa;
+  try {
+    if (store.db instanceof PostgresDriver) {
+      // Several nodes on one database share one CA, kept in the database (keys encrypted).
+      const shared = await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization, adoptDir: join(config.dataDir, 'ca') });
+      ca = shared.ca;
+      if (shared.created) logger.info({ adopted: shared.adopted }, shared.adopted ? 'CA files of the data directory stored in the database for the cluster' : 'new CA created in the database');
+      bus = await PgBus.start(store.db, logger.child({ component: 'cluster' }));
+    } else {
+      ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+    }
+  } catch (err) {
+    await bus.close();
+    await store.close();
+    if (err instanceof LeafgateError && err.code === 'authority_unavailable') logger.error({ database, err: err.message }, 'cannot open the authority database');
+    throw err;
+  }
+  // What was started so far, stopped in reverse if a later step fails (e.g. the port is taken).
+  const started: Array<() => unknown> = [() => store.close(), () => bus.close()];
+  try {
+    // Late-bound: the metrics read parts made below.
+    const parts: { renewals?: RenewalScheduler; revocation?: Revocation } = {};
+    const metrics = new AuthorityMetrics({
+      renewals: () => parts.renewals?.counts() ?? Promise.resolve({ due: 0, overdue: 0 }),
+      crlNumber: () => Number(parts.revocation?.crl().crlNumber ?? 0),
+    });
+    const onboarding = new DeviceOnboarding({
+      store, ca, config, now: opts.now,
+      onOutcome(action, outcome) {
+        metrics.requests.inc({ action, outcome });
+        if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
+      },
+    });
+    const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, now: opts.now });
+    const events = new AuthorityEvents();
+    const revocation = new Revocation({
+      store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now, bus, logger: logger.child({ component: 'revocation' }), refreshMs: opts.crlRefreshMs,
+      onRevoked: (reason) => metrics.revocations.inc({ reason }),
+    });
+    await revocation.start();
+    started.push(() => revocation.stop());
+    parts.revocation = revocation;
+    const renewals = new RenewalScheduler({ store, events, config, now: opts.now, bus, logger: logger.child({ component: 'renewal' }) });
+    parts.renewals = renewals;
+    const hub = config.iotHub
+      ? new IotHubConnector({
+          registry: createHubRegistry(config.iotHub.connectionString, config.iotHub.localEndpoint),
+          store,
+          logger: logger.child({ component: 'iothub' }),
+          authentication: () => config.iotHub!.authentication,
+          edgeDeviceId: (gatewayId) => config.iotHub!.edgeDeviceId.replaceAll('{gatewayId}', gatewayId),
+          now: opts.now,
+        })
+      : undefined;
+    const dps = config.dps
+      ? new DpsConnector({
+          client: createDpsClient(config.dps.connectionString, config.dps.localEndpoint), store, logger: logger.child({ component: 'dps' }),
+          mode: config.dps.mode, deviceCaPem: ca.deviceCa.pem, iotHubHostName: config.dps.iotHubHostName, now: opts.now,
+        })
+      : undefined;
+    renewals.start();
+    hub?.start();
+    dps?.start();
+    started.push(() => renewals.stop(), () => hub?.stop(), () => dps?.stop());
 
-  const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-  const now = Date.now();
-  const tlsCert = ca.issue('infra', {
-    subjectDer: pkix.encodeName(`${config.organization} authority`),
-    spkiDer: tlsKey.publicKey.export({ type: 'spki', format: 'der' }),
-    profile: { kind: 'server', keyType: 'ec' },
-    sans: { dns: config.hostnames.filter((h) => !isIP(h)), ip: config.hostnames.filter((h) => isIP(h)) },
-    notBefore: new Date(now - BACKDATE_MS),
-    notAfter: new Date(now + 30 * 86_400_000),
-  });
-  const bundle = ca.bundle();
-  const adminToken = loadAdminToken(config);
-  const app = await buildAuthorityApi({
-    onboarding,
-    enrollment,
-    revocation,
-    events,
-    renewals,
-    ca,
-    store,
-    logger,
-    policies: config.policies,
-    metrics,
-    adminTokenHash: hashAdminToken(adminToken),
-    tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
-    bodyLimitBytes: config.bodyLimitBytes,
-  });
-  // Small JSON request/answer pairs: Nagle + delayed ACK would add ~40 ms to each.
-  app.server.on('secureConnection', (socket: import('node:tls').TLSSocket) => socket.setNoDelay(true));
-  await app.listen({ host: config.listen.host, port: config.listen.port });
-  const address = app.server.address();
-  const port = typeof address === 'object' && address ? address.port : config.listen.port;
-  const host = config.listen.host === '0.0.0.0' || config.listen.host === '::' ? 'localhost' : config.listen.host;
-  const url = `https://${isIP(host) === 6 ? `[${host}]` : host}:${port}`;
-  logger.info({ url, root: ca.root.certificate.fingerprint256 }, 'authority listening');
+    const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const now = Date.now();
+    const tlsCert = ca.issue('infra', {
+      subjectDer: pkix.encodeName(`${config.organization} authority`),
+      spkiDer: tlsKey.publicKey.export({ type: 'spki', format: 'der' }),
+      profile: { kind: 'server', keyType: 'ec' },
+      sans: { dns: config.hostnames.filter((h) => !isIP(h)), ip: config.hostnames.filter((h) => isIP(h)) },
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter: new Date(now + 30 * 86_400_000),
+    });
+    const bundle = ca.bundle();
+    const adminToken = loadAdminToken(config);
+    const app = await buildAuthorityApi({
+      onboarding,
+      enrollment,
+      revocation,
+      events,
+      renewals,
+      ca,
+      store,
+      logger,
+      policies: config.policies,
+      metrics,
+      adminTokenHash: hashAdminToken(adminToken),
+      tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
+      bodyLimitBytes: config.bodyLimitBytes,
+    });
+    // Small JSON request/answer pairs: Nagle + delayed ACK would add ~40 ms to each.
+    app.server.on('secureConnection', (socket: import('node:tls').TLSSocket) => socket.setNoDelay(true));
+    started.push(() => app.close());
+    await app.listen({ host: config.listen.host, port: config.listen.port });
+    const address = app.server.address();
+    const port = typeof address === 'object' && address ? address.port : config.listen.port;
+    const host = config.listen.host === '0.0.0.0' || config.listen.host === '::' ? 'localhost' : config.listen.host;
+    const url = `https://${isIP(host) === 6 ? `[${host}]` : host}:${port}`;
+    logger.info({ url, root: ca.root.certificate.fingerprint256 }, 'authority listening');
 
-  return {
-    url,
-    port,
-    ca,
-    store,
-    onboarding,
-    enrollment,
-    revocation,
-    renewals,
-    hub,
-    dps,
-    rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
-    async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
-      const code = randomBytes(12).toString('base64url');
-      await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
-      return code;
-    },
-    async close() {
-      revocation.stop();
-      renewals.stop();
-      hub?.stop();
-      dps?.stop();
-      await app.close();
-      await store.close();
-    },
-  };
+    return {
+      url,
+      port,
+      ca,
+      store,
+      bus,
+      onboarding,
+      enrollment,
+      revocation,
+      renewals,
+      hub,
+      dps,
+      rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
+      async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
+        const code = randomBytes(12).toString('base64url');
+        await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
+        return code;
+      },
+      async close() {
+        revocation.stop();
+        renewals.stop();
+        hub?.stop();
+        dps?.stop();
+        await bus.close();
+        await app.close();
+        await store.close();
+      },
+    };
+  } catch (err) {
+    for (const stop of started.reverse()) await Promise.resolve(stop()).catch(() => undefined);
+    throw err;
+  }
 }

@@ -1,7 +1,7 @@
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { GatewayEnrollment, LocalCa, SqliteStore, loadAuthorityConfigFile, resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
+import { GatewayEnrollment, LocalCa, isPostgresUrl, loadAuthorityConfigFile, openStore, resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { hashEnrollmentCode } from '../authority/auth-methods/index.ts';
 import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
 import { printTable } from './table.ts';
@@ -27,6 +27,8 @@ Options:
   --data-dir DIR     data directory (default .leafgate/authority, env LEAFGATE_AUTHORITY_DATA)
   --host HOST        listen address (start; default 0.0.0.0)
   --port N           listen port (start; default 8443, env LEAFGATE_AUTHORITY_PORT)
+  --database DB      SQLite file (default <data-dir>/authority.db) or postgres://user@host/db
+                     shared by several authority nodes (env LEAFGATE_DATABASE_URL)
   --gateway ID       gateway id (token)
   --device ID        device id (code)
   --group NAME       device group (code; default: the default group)
@@ -51,13 +53,14 @@ function configFrom(values: Record<string, any>): ReturnType<typeof resolveAutho
   return resolveAuthorityConfig({
     ...file,
     ...(values['data-dir'] ? { dataDir: values['data-dir'] } : {}),
+    ...(values.database ? { database: values.database } : {}),
     listen: { ...file.listen, ...(values.host ? { host: values.host } : {}), ...(values.port !== undefined ? { port: intOption(values.port, 'port', 0, 65535) } : {}) },
   });
 }
 
 export async function authorityCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
-    config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
+    config: { type: 'string' }, 'data-dir': { type: 'string' }, database: { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
     gateway: { type: 'string' }, device: { type: 'string' }, group: { type: 'string' }, ttl: { type: 'string' },
     authority: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
     expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
@@ -75,10 +78,10 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     }
     case 'token': {
       if (!v.gateway) throw new UsageError('--gateway ID is required');
-      const store = new SqliteStore(config.databaseFile);
+      const store = await openStore(config.database);
       try {
         // The CA is opened only to fail early on a wrong passphrase; tokens do not need it.
-        const ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+        const ca = await openCa(config, store);
         const token = await new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa }).createToken(v.gateway, intOption(v.ttl, 'ttl', 60) ?? 86_400);
         process.stdout.write(`${token}\n`);
       } finally {
@@ -88,7 +91,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     }
     case 'code': {
       if (!v.device) throw new UsageError('--device ID is required');
-      const store = new SqliteStore(config.databaseFile);
+      const store = await openStore(config.database);
       try {
         const code = randomBytes(12).toString('base64url');
         const ttl = intOption(v.ttl, 'ttl', 60) ?? 7 * 86_400;
@@ -100,8 +103,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
       return 0;
     }
     case 'fingerprint': {
-      const pem = readFileSync(join(config.dataDir, 'ca', 'root.crt.pem'), 'utf8');
-      process.stdout.write(`${new X509Certificate(pem).fingerprint256}\n`);
+      process.stdout.write(`${new X509Certificate(await rootPem(config)).fingerprint256}\n`);
       return 0;
     }
     case 'devices':
@@ -112,6 +114,27 @@ export async function authorityCommand(argv: string[]): Promise<number> {
       return adminCommand(command, v, config);
     default:
       throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
+  }
+}
+
+/** The CA: files in the data directory, or the cluster's CA in PostgreSQL. */
+async function openCa(config: ReturnType<typeof resolveAuthorityConfig>, store: Awaited<ReturnType<typeof openStore>>): Promise<LocalCa> {
+  if (!isPostgresUrl(config.database)) return LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+  const rows = await store.getCaMaterial();
+  if (!rows.length) throw new LeafgateError('internal', 'the database holds no CA yet: start an authority node first');
+  return (await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization })).ca;
+}
+
+/** The root certificate (public): from the data directory, or from the cluster's database. */
+async function rootPem(config: ReturnType<typeof resolveAuthorityConfig>): Promise<string> {
+  if (!isPostgresUrl(config.database)) return readFileSync(join(config.dataDir, 'ca', 'root.crt.pem'), 'utf8');
+  const store = await openStore(config.database);
+  try {
+    const root = (await store.getCaMaterial()).find((r) => r.name === 'root');
+    if (!root) throw new LeafgateError('internal', 'the database holds no CA yet: start an authority node first');
+    return root.certPem;
+  } finally {
+    await store.close();
   }
 }
 
@@ -142,7 +165,7 @@ function adminCall(base: string, ca: string, token: string, method: string, path
 
 async function adminCommand(command: string, v: Record<string, any>, config: ReturnType<typeof resolveAuthorityConfig>): Promise<number> {
   const base = v.authority ?? `https://localhost:${config.listen.port}`;
-  const ca = readFileSync(join(config.dataDir, 'ca', 'root.crt.pem'), 'utf8');
+  const ca = await rootPem(config);
   const token = loadAdminToken(config);
   const q = new URLSearchParams();
   for (const k of ['status', 'expiring', 'limit', 'device']) if (v[k] !== undefined) q.set(k, String(v[k]));

@@ -85,6 +85,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   app.setErrorHandler((err: Error & { code?: string; statusCode?: number }, req, reply) => {
     const e = err instanceof LeafgateError ? err : FASTIFY_CODES[err.code ?? ''] ? new LeafgateError(FASTIFY_CODES[err.code!], err.message) : toLeafgateError(err);
     if (e.code === 'internal') req.log.error({ err }, 'request failed');
+    // The database is down: every request fails alike (503, retry-after); say so loudly.
+    else if (e.code === 'authority_unavailable') req.log.error({ code: e.code, url: req.url.slice(0, 100) }, e.message);
     else req.log.info({ code: e.code, url: req.url, gatewayId: req.gatewayId }, e.message);
     if (e.retryAfterMs !== undefined) reply.header('retry-after', Math.ceil(e.retryAfterMs / 1000));
     void reply.status(e.status).send(e.toBody());
@@ -118,6 +120,11 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   };
 
   app.get('/healthz', async () => ({ status: 'ok' }));
+  // Ready = the database answers: a load balancer in front of several nodes drains one that lost it.
+  app.get('/readyz', async () => {
+    await deps.store.ping();
+    return { status: 'ready' };
+  });
 
   // Counts only, no identities: readable without credentials, like /healthz.
   app.get('/metrics', async (_req, reply) => {

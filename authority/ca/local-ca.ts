@@ -69,9 +69,7 @@ export class LocalCa implements CaConnector {
 
   /** Loads the CA from `dir`, creating root and issuing CAs on first start. */
   static open(dir: string, passphrase: string, opts: { organization?: string; now?: Date } = {}): LocalCa {
-    if (typeof passphrase !== 'string' || passphrase.length < MIN_PASSPHRASE) {
-      throw new LeafgateError('internal', `CA passphrase must have at least ${MIN_PASSPHRASE} characters (LEAFGATE_CA_PASSPHRASE)`);
-    }
+    checkPassphrase(passphrase);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const now = opts.now ?? new Date();
     const org = opts.organization ?? 'leafgate';
@@ -79,6 +77,48 @@ export class LocalCa implements CaConnector {
     const deviceCa = loadOrCreate(dir, 'device-ca', passphrase, () => root, `${org} Device CA`, now, 10);
     const infraCa = loadOrCreate(dir, 'infra-ca', passphrase, () => root, `${org} Infrastructure CA`, now, 10);
     return new LocalCa(root, deviceCa, infraCa);
+  }
+
+  /**
+   * The CA of a cluster, kept in the shared database so that every authority node signs with
+   * the same root and issuing CAs. On first start the node offers a set -- the CA files of
+   * `adoptDir` if it holds a complete one (a single node moving to PostgreSQL keeps its CA),
+   * else a new set -- with insert-if-absent; a node that loses the race loads the winner's.
+   * Keys are stored encrypted exactly as in the files, so every node needs the same passphrase.
+   */
+  static async openShared(
+    store: CaMaterialStore,
+    passphrase: string,
+    opts: { organization?: string; now?: Date; adoptDir?: string } = {},
+  ): Promise<{ ca: LocalCa; created: boolean; adopted: boolean }> {
+    checkPassphrase(passphrase);
+    let rows = await store.getCaMaterial();
+    let created = false;
+    let adopted = false;
+    if (rows.length === 0) {
+      const files = opts.adoptDir ? readCaFiles(opts.adoptDir) : null;
+      if (files) {
+        // Checked before it is offered: a set this passphrase cannot open must not become the cluster's.
+        const root = fromPem('root', files[0].certPem, files[0].keyPem, passphrase, null, join(opts.adoptDir!, 'root.key.pem'));
+        for (const f of files.slice(1)) fromPem(f.name, f.certPem, f.keyPem, passphrase, root, join(opts.adoptDir!, `${f.name}.key.pem`));
+      }
+      const offer = files ?? generateSet(passphrase, opts.organization ?? 'leafgate', opts.now ?? new Date());
+      const now = (opts.now ?? new Date()).getTime();
+      created = await store.insertCaMaterialIfAbsent(offer.map((r) => ({ ...r, createdAt: now })));
+      adopted = created && files !== null;
+      rows = await store.getCaMaterial();
+    }
+    const by = new Map(rows.map((r) => [r.name, r]));
+    const row = (name: IssuingCa['name']) => {
+      const r = by.get(name);
+      if (!r) throw new LeafgateError('internal', `the database holds an incomplete CA (no ${name}): restore the ca_material table from a backup`);
+      return r;
+    };
+    const where = (name: string) => `the ${name} CA stored in the database`;
+    const root = fromPem('root', row('root').certPem, row('root').keyPem, passphrase, null, where('root'));
+    const deviceCa = fromPem('device-ca', row('device-ca').certPem, row('device-ca').keyPem, passphrase, root, where('device'));
+    const infraCa = fromPem('infra-ca', row('infra-ca').certPem, row('infra-ca').keyPem, passphrase, root, where('infrastructure'));
+    return { ca: new LocalCa(root, deviceCa, infraCa), created, adopted };
   }
 
   issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate {
@@ -123,27 +163,60 @@ function truncateToSeconds(d: Date): Date {
   return new Date(Math.floor(d.getTime() / 1000) * 1000);
 }
 
-function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, parent: () => IssuingCa | null, commonName: string, now: Date, years: number): IssuingCa {
-  const certPath = join(dir, `${name}.crt.pem`);
-  const keyPath = join(dir, `${name}.key.pem`);
-  if (existsSync(certPath) && existsSync(keyPath)) {
-    const pem = readFileSync(certPath, 'utf8');
-    let privateKey: KeyObject;
-    try {
-      privateKey = createPrivateKey({ key: readFileSync(keyPath, 'utf8'), format: 'pem', passphrase });
-    } catch (err) {
-      throw new LeafgateError('internal', `cannot decrypt ${keyPath}: wrong CA passphrase?`, { cause: err });
-    }
-    const certificate = new X509Certificate(pem);
-    if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `${keyPath} does not match ${certPath}`);
-    const issuer = parent();
-    // An issuing CA that does not chain to the current root (e.g. the root was regenerated)
-    // would make every issued chain invalid without a word: refuse to start instead.
-    if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
-      throw new LeafgateError('internal', `${certPath} is not issued by the current root: restore the root or remove the issuing CAs`);
-    }
-    return { name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey };
+function checkPassphrase(passphrase: string): void {
+  if (typeof passphrase !== 'string' || passphrase.length < MIN_PASSPHRASE) {
+    throw new LeafgateError('internal', `CA passphrase must have at least ${MIN_PASSPHRASE} characters (LEAFGATE_CA_PASSPHRASE)`);
   }
+}
+
+/** Where a cluster keeps its CA: the store's ca_material table (see authority/store). */
+export interface CaMaterialStore {
+  getCaMaterial(): Promise<Array<{ name: IssuingCa['name']; certPem: string; keyPem: string }>>;
+  insertCaMaterialIfAbsent(rows: Array<{ name: IssuingCa['name']; certPem: string; keyPem: string; createdAt: number }>): Promise<boolean>;
+}
+
+type CaFileSet = Array<{ name: IssuingCa['name']; certPem: string; keyPem: string }>;
+const CA_NAMES: IssuingCa['name'][] = ['root', 'device-ca', 'infra-ca'];
+
+/** The PEM files of a complete file CA in `dir`, as they are (keys stay encrypted); null if incomplete. */
+function readCaFiles(dir: string): CaFileSet | null {
+  const paths = CA_NAMES.map((name) => ({ name, cert: join(dir, `${name}.crt.pem`), key: join(dir, `${name}.key.pem`) }));
+  if (!paths.every((p) => existsSync(p.cert) && existsSync(p.key))) return null;
+  return paths.map((p) => ({ name: p.name, certPem: readFileSync(p.cert, 'utf8'), keyPem: readFileSync(p.key, 'utf8') }));
+}
+
+/** A new root and two issuing CAs, in memory, keys encrypted as the files would hold them. */
+function generateSet(passphrase: string, org: string, now: Date): CaFileSet {
+  const root = createCa('root', () => null, `${org} Root CA`, now, 20);
+  const deviceCa = createCa('device-ca', () => root.ca, `${org} Device CA`, now, 10);
+  const infraCa = createCa('infra-ca', () => root.ca, `${org} Infrastructure CA`, now, 10);
+  return [root, deviceCa, infraCa].map((c) => ({ name: c.ca.name, certPem: c.ca.pem, keyPem: encryptPkcs8Scrypt(c.ca.privateKey, passphrase) }));
+}
+
+/** One CA from its certificate and encrypted key; checks the key matches and the chain to `issuer`. */
+function fromPem(name: IssuingCa['name'], pem: string, keyPem: string, passphrase: string, issuer: IssuingCa | null, where: string, certWhere = where): IssuingCa {
+  let privateKey: KeyObject;
+  try {
+    privateKey = createPrivateKey({ key: keyPem, format: 'pem', passphrase });
+  } catch (err) {
+    throw new LeafgateError('internal', `cannot decrypt ${where}: wrong CA passphrase?`, { cause: err });
+  }
+  let certificate: X509Certificate;
+  try {
+    certificate = new X509Certificate(pem);
+  } catch (err) {
+    throw new LeafgateError('internal', `${certWhere} is not a certificate`, { cause: err });
+  }
+  if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `${where} does not match ${certWhere}`);
+  // An issuing CA that does not chain to the current root (e.g. the root was regenerated)
+  // would make every issued chain invalid without a word: refuse to start instead.
+  if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
+    throw new LeafgateError('internal', `${certWhere} is not issued by the current root: restore the root or remove the issuing CAs`);
+  }
+  return { name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey };
+}
+
+function createCa(name: IssuingCa['name'], parent: () => IssuingCa | null, commonName: string, now: Date, years: number): { ca: IssuingCa } {
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const spkiDer = publicKey.export({ type: 'spki', format: 'der' });
   const subjectDer = pkix.encodeName(commonName);
@@ -161,12 +234,22 @@ function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, 
     issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey } : { subjectDer, keyId, privateKey },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
+  return { ca: { name, certificate: new X509Certificate(der), pem, subjectDer, keyId, privateKey } };
+}
+
+function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, parent: () => IssuingCa | null, commonName: string, now: Date, years: number): IssuingCa {
+  const certPath = join(dir, `${name}.crt.pem`);
+  const keyPath = join(dir, `${name}.key.pem`);
+  if (existsSync(certPath) && existsSync(keyPath)) {
+    return fromPem(name, readFileSync(certPath, 'utf8'), readFileSync(keyPath, 'utf8'), passphrase, parent(), keyPath, certPath);
+  }
+  const { ca } = createCa(name, parent, commonName, now, years);
   // Key first: a crash between the two writes leaves a key without a cert, which the next
   // start overwrites, never a cert whose key is lost.
-  writeFileSync(keyPath, encryptPkcs8Scrypt(privateKey, passphrase), { mode: 0o600 });
+  writeFileSync(keyPath, encryptPkcs8Scrypt(ca.privateKey, passphrase), { mode: 0o600 });
   chmodSync(keyPath, 0o600); // the mode above applies only when the file is created
-  writeFileSync(certPath, pem);
-  return { name, certificate: new X509Certificate(der), pem, subjectDer, keyId, privateKey };
+  writeFileSync(certPath, ca.pem);
+  return ca;
 }
 
 // N=2^14 is what `openssl pkcs8 -scrypt` uses, and within OpenSSL's 32 MiB decryption limit.

@@ -63,12 +63,16 @@ export abstract class RegistrySync {
     if (this.now() < this.backoffUntil) return;
     const store = this.base.store;
     try {
-      await this.prepare();
-      for (const cert of await store.listHubPending(50, this.target)) await this.syncCertificate(cert);
-      for (const deviceId of await store.listHubDecommissioned(50, this.target)) {
-        await this.removeDevice(deviceId);
-        await store.setDeviceHubState(deviceId, 'deleted', this.target);
-      }
+      // One node at a time per target: two nodes syncing the same rows would both create the
+      // device and both audit it. The other node skips this pass (try-lock, no waiting).
+      await store.exclusive(`registry-sync:${this.target}`, async () => {
+        await this.prepare();
+        for (const cert of await store.listHubPending(50, this.target)) await this.syncCertificate(cert);
+        for (const deviceId of await store.listHubDecommissioned(50, this.target)) {
+          await this.removeDevice(deviceId);
+          await store.setDeviceHubState(deviceId, 'deleted', this.target);
+        }
+      });
       this.failures = 0;
     } catch (err) {
       const e = err as SdkError;

@@ -110,6 +110,10 @@ export class SqlStore implements AuthorityStore {
     await this.db.close();
   }
 
+  async ping(): Promise<void> {
+    await this.db.one('SELECT 1 AS ok');
+  }
+
   private audit(q: Queryable, e: AuditEntry): Promise<unknown> {
     return q.run(SQL.insertAudit, [e.at, e.action, e.outcome, e.code ?? null, e.deviceId ?? null, e.gatewayId ?? null, e.requestId ?? null, e.serial ?? null, e.detail ? json(e.detail) : null]);
   }

@@ -379,10 +379,12 @@ export class PostgresDriver implements SqlDriver {
   readonly schema: string | null;
   readonly url: string;
   private readonly onError: (err: Error) => void;
+  private readonly clientConfig: pg.ClientConfig;
   private closed = false;
 
   constructor(opts: PgOptions) {
     const { config, schema } = pgConfig(opts.url);
+    this.clientConfig = { ...config, connectionTimeoutMillis: opts.connectionTimeoutMillis ?? 5000, types: pgTypes };
     this.schema = schema;
     this.url = redactUrl(opts.url);
     this.onError = opts.onError ?? (() => undefined);
@@ -552,6 +554,11 @@ export class PostgresDriver implements SqlDriver {
       client.off('error', onClientError);
       client.release(broken);
     }
+  }
+
+  /** A dedicated connection outside the pool (LISTEN needs one); the caller handles its events. */
+  newClient(): pg.Client {
+    return new pg.Client(this.clientConfig);
   }
 
   /** The NOTIFY channel of this deployment (one per schema), for the cluster event bus. */

@@ -110,6 +110,8 @@ export interface GatewayRow {
  */
 export interface AuthorityStore {
   close(): Promise<void>;
+  /** Resolves when the database answers; authority_unavailable when it cannot be reached. */
+  ping(): Promise<void>;
 
   createEnrollmentToken(tokenHash: string, gatewayId: string, expiresAt: number): Promise<void>;
   /** Marks the token used and returns its gateway id; null when unknown, used or expired. */

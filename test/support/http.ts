@@ -32,6 +32,8 @@ export interface RequestOptions {
   identity?: ClientIdentity;
   /** Trust anchor for the server; the stack's root by default. */
   ca?: string;
+  /** Extra request headers (e.g. the admin API's authorization). */
+  headers?: Record<string, string>;
 }
 
 /** The enrolled gateway's key and certificate chain, as the gateway stores them. */
@@ -43,7 +45,7 @@ export function gatewayIdentity(stack: Stack): ClientIdentity {
 export function authorityRequest(stack: Stack, path: string, opts: RequestOptions = {}): Promise<HttpAnswer> {
   const url = new URL(path, stack.authority.url);
   const payload = opts.body === undefined ? undefined : typeof opts.body === 'string' || Buffer.isBuffer(opts.body) ? Buffer.from(opts.body) : Buffer.from(JSON.stringify(opts.body));
-  const headers: Record<string, string | number> = {};
+  const headers: Record<string, string | number> = { ...opts.headers };
   if (payload) {
     headers['content-type'] = opts.contentType ?? 'application/json';
     headers['content-length'] = payload.length;
