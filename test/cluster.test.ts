@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
 import pino from 'pino';
-import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type RunningAuthority } from '../authority/index.ts';
+import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type DevicePolicy, type RunningAuthority } from '../authority/index.ts';
 import { challengeSigningInput, downFilter } from '../protocol/index.ts';
 import { authorityRequest, gatewayIdentity, type HttpAnswer } from './support/http.ts';
 import { pgSchema } from './support/pg.ts';
@@ -29,11 +29,11 @@ const PASSPHRASE = 'test-passphrase-0123456789';
 const ADMIN = 'cluster-admin-token-0123456789';
 
 /** Node A with a gateway enrolled on it (the test stack), plus node B on the same database. */
-async function cluster(t: TestContext, url: string): Promise<{ stack: Stack; a: RunningAuthority; b: RunningAuthority; onB: Stack }> {
-  const stack = await startStack(null, { authority: { database: url, adminToken: ADMIN } });
+async function cluster(t: TestContext, url: string, policy: Partial<DevicePolicy> = {}): Promise<{ stack: Stack; a: RunningAuthority; b: RunningAuthority; onB: Stack }> {
+  const stack = await startStack(null, { authority: { database: url, adminToken: ADMIN }, policy });
   let b: RunningAuthority;
   try {
-    b = await startNode(stack, url);
+    b = await startNode(stack, url, { policy });
   } catch (err) {
     await stack.close();
     throw err;
@@ -46,18 +46,18 @@ async function cluster(t: TestContext, url: string): Promise<{ stack: Stack; a: 
   return { stack, a: stack.authority, b, onB: { ...stack, authority: b } };
 }
 
-function nodeConfig(stack: Pick<Stack, 'manufacturer'>, url: string, extra: AuthorityConfigInput = {}) {
+function nodeConfig(stack: Pick<Stack, 'manufacturer'>, url: string, policy: Partial<DevicePolicy> = {}, extra: AuthorityConfigInput = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-node-'));
   const config = resolveAuthorityConfig({
     dataDir: dir, caPassphrase: PASSPHRASE, listen: { host: '127.0.0.1', port: 0 }, database: url, adminToken: ADMIN,
-    policies: { default: { pkiSignature: { manufacturerCAs: [stack.manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['ddkg-*'] } } },
+    policies: { default: { ...policy, pkiSignature: { manufacturerCAs: [stack.manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['ddkg-*'] } } },
     ...extra,
   }, {});
   return { config, dir };
 }
 
-async function startNode(stack: Pick<Stack, 'manufacturer'>, url: string, opts: { logger?: pino.Logger } = {}): Promise<RunningAuthority> {
-  const { config, dir } = nodeConfig(stack, url);
+async function startNode(stack: Pick<Stack, 'manufacturer'>, url: string, opts: { logger?: pino.Logger; policy?: Partial<DevicePolicy> } = {}): Promise<RunningAuthority> {
+  const { config, dir } = nodeConfig(stack, url, opts.policy);
   const node = await startAuthority(config, { logger: opts.logger ?? logger });
   const close = node.close.bind(node);
   node.close = async () => {
@@ -84,6 +84,30 @@ async function authenticate(stack: Stack, r: Stack, a: Stack, deviceId: string):
 
 const csrRequest = (node: Stack, stack: Stack, deviceId: string, body: { requestId: string; csr: string }) =>
   authorityRequest(node, '/v1/devices/csr', { body: { deviceId, ...body }, identity: gatewayIdentity(stack) });
+
+test('two nodes starting at once on an empty database: migrated once, one CA (the loser of the insert race loads the winner\'s)', { timeout: 60_000 }, async (t) => {
+  const { url, schema, admin } = await pgSchema(t);
+  const manufacturer = { pem: '' } as Stack['manufacturer'];
+  const nodes = await Promise.all([startNode({ manufacturer }, url), startNode({ manufacturer }, url), startNode({ manufacturer }, url)]);
+  t.after(async () => {
+    for (const n of nodes) await n.close();
+  });
+  assert.equal(new Set(nodes.map((n) => n.rootFingerprint)).size, 1);
+  assert.equal(new Set(nodes.map((n) => n.ca.deviceCa.pem)).size, 1);
+  const rows = (await admin.query(`SELECT name, key_pem FROM "${schema}".ca_material ORDER BY name`)).rows;
+  assert.deepEqual(rows.map((r) => r.name), ['device-ca', 'infra-ca', 'root']);
+  for (const r of rows) assert.match(r.key_pem, /^-----BEGIN ENCRYPTED PRIVATE KEY-----\n/, 'keys are stored encrypted');
+  const versions = (await admin.query(`SELECT version FROM "${schema}".schema_migrations ORDER BY version`)).rows.map((r) => r.version);
+  assert.deepEqual(versions, [1, 2, 3, 4, 5]);
+  // Every node's CRL is the one stored CRL line (numbers only go up).
+  const crl = (await admin.query(`SELECT crl_number FROM "${schema}".crls`)).rows[0];
+  assert.ok(nodes.every((n) => n.revocation.crl().crlNumber <= BigInt(crl.crl_number)));
+
+  // A node with another passphrase cannot use the cluster's CA: a clear refusal at start.
+  const { config, dir } = nodeConfig({ manufacturer }, url, {}, { caPassphrase: 'another-passphrase-0123' });
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  await assert.rejects(startAuthority(config, { logger }), /cannot decrypt the root CA stored in the database: wrong CA passphrase\?/);
+});
 
 test('two nodes on one database: one shared CA, distinct serials across nodes, a requestId repeated or raced on both yields one certificate', { timeout: 120_000 }, async (t) => {
   const { url, schema, admin } = await pgSchema(t);
@@ -168,4 +192,132 @@ test('a revocation on node B is in node A\'s CRL and reaches the gateway whose e
   assert.equal(stack.gateway.revocations.crlNumber, crlNumber);
   assert.equal(stack.gateway.revocations.isRevoked(identity.serial), true);
   assert.equal(b.revocation.crl().crlNumber, crlNumber);
+});
+
+test('the renewal scan runs once per period for the cluster; its announcement reaches the gateway on the other node', { timeout: 60_000 }, async (t) => {
+  const { url } = await pgSchema(t);
+  // Due at once (see test/renewal.test.ts).
+  const { stack, a, b } = await cluster(t, url, { renewAfterFraction: 0.001, validityDays: 1 });
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the gateway event stream on A');
+  const device = stack.device('pki-cluster-renew', 'pki-signature');
+  const first = await device.onboard();
+  assert.equal(stack.gateway.renewals.get(first.serial), undefined, 'not announced yet');
+
+  // B's timer fires first: B claims this period, announces to its own gateways (none) and
+  // signals A, which announces to the gateway connected to it.
+  assert.equal(await b.renewals.scan(), 1);
+  await until(() => stack.gateway.renewals.get(first.serial), 5000, 'the due renewal at the gateway on A');
+  // A's timer in the same period: already claimed, nothing announced twice.
+  assert.equal(await a.renewals.scan(), null);
+  assert.equal(await b.renewals.scan(), null);
+});
+
+/** A TCP proxy in front of PostgreSQL that the test can cut and restore: an outage for one authority only. */
+async function pgProxy(target: URL): Promise<{ port: number; down(): Promise<void>; up(): Promise<void>; close(): Promise<void> }> {
+  const sockets = new Set<net.Socket>();
+  let server: net.Server | null = null;
+  let port = 0;
+  const up = () =>
+    new Promise<void>((resolve, reject) => {
+      const s = net.createServer((c) => {
+        const pgSocket = net.connect(Number(target.port || 5432), target.hostname);
+        sockets.add(c);
+        sockets.add(pgSocket);
+        const kill = () => {
+          c.destroy();
+          pgSocket.destroy();
+          sockets.delete(c);
+          sockets.delete(pgSocket);
+        };
+        for (const x of [c, pgSocket]) x.on('error', kill).on('close', kill);
+        c.pipe(pgSocket).pipe(c);
+      });
+      s.once('error', reject);
+      s.listen(port, '127.0.0.1', () => {
+        port = (s.address() as net.AddressInfo).port;
+        server = s;
+        resolve();
+      });
+    });
+  const down = () =>
+    new Promise<void>((resolve) => {
+      for (const s of sockets) s.destroy();
+      sockets.clear();
+      if (!server) return resolve();
+      server.close(() => resolve());
+      server = null;
+    });
+  await up();
+  return { get port() { return port; }, down, up, close: down };
+}
+
+/** A pino logger whose JSON lines the test can read. */
+function capturedLogger(): { logger: pino.Logger; lines: Array<Record<string, any>> } {
+  const lines: Array<Record<string, any>> = [];
+  const sink = new Writable({
+    write(chunk, _enc, cb) {
+      for (const l of String(chunk).split('\n')) if (l.trim()) lines.push(JSON.parse(l));
+      cb();
+    },
+  });
+  return { logger: pino({ level: 'info' }, sink), lines };
+}
+
+test('PostgreSQL unreachable: start-up fails with a clear message; a running node answers 503 with a body, logs it, and recovers', { timeout: 90_000 }, async (t) => {
+  // Start-up, through the CLI: a closed port.
+  const closedPort = await new Promise<number>((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-node-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const cli = spawnSync(process.execPath, ['--import', 'tsx', 'bin/leafgate.ts', 'authority', 'start', '--data-dir', dir, '--port', '0', '--database', `postgres://leafgate:pg-secret@127.0.0.1:${closedPort}/leafgate`], {
+    encoding: 'utf8', env: { ...process.env, LEAFGATE_CA_PASSPHRASE: PASSPHRASE, LEAFGATE_LOG_LEVEL: 'info' }, timeout: 60_000,
+  });
+  assert.equal(cli.status, 1, cli.stderr);
+  assert.match(cli.stderr, new RegExp(`^error \\[authority_unavailable\\]: cannot open the authority database: database unavailable \\(postgres://leafgate@127\\.0\\.0\\.1:${closedPort}/leafgate\\): .*ECONNREFUSED`, 'm'));
+  assert.doesNotMatch(cli.stderr + cli.stdout, /pg-secret/);
+  const logLine = cli.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((l) => l.msg === 'cannot open the authority database');
+  assert.ok(logLine, cli.stdout);
+  assert.equal(logLine.level, 50);
+
+  // A running node whose database goes away.
+  const { url } = await pgSchema(t);
+  const target = new URL(url);
+  const proxy = await pgProxy(target);
+  const viaProxy = new URL(url);
+  viaProxy.host = `127.0.0.1:${proxy.port}`;
+  const { logger: log, lines } = capturedLogger();
+  const node = await startNode({ manufacturer: { pem: '' } as Stack['manufacturer'] }, viaProxy.toString(), { logger: log });
+  t.after(async () => {
+    await node.close();
+    await proxy.close();
+  });
+  const api = { authority: node, rootPem: node.ca.root.pem } as unknown as Stack;
+  const auth = { authorization: `Bearer ${ADMIN}` };
+  assert.equal((await authorityRequest(api, '/admin/v1/devices', { headers: auth })).status, 200);
+  assert.equal((await authorityRequest(api, '/readyz')).status, 200);
+
+  await proxy.down();
+  const failed = await authorityRequest(api, '/admin/v1/devices', { headers: auth });
+  assert.equal(failed.status, 503, failed.text);
+  assert.equal(failed.body.code, 'authority_unavailable');
+  assert.match(failed.body.message, /^database unavailable \(postgres:\/\/postgres@127\.0\.0\.1:\d+\/test\?schema=lgtest_[0-9a-f]+\)/);
+  assert.equal(typeof failed.body.retryAfterMs, 'number');
+  assert.equal(failed.headers['retry-after'], '5');
+  const enroll = await authorityRequest(api, '/v1/gateways/enroll', { body: { token: 'some-token-0123456789', csr: 'x' } });
+  // Even a refusal needs the database (it is audited): 503 too, never a 500.
+  assert.deepEqual([enroll.status, enroll.body.code], [503, 'authority_unavailable']);
+  assert.equal((await authorityRequest(api, '/readyz')).status, 503);
+  // What needs no database still works: the CRL is served from memory.
+  assert.equal((await authorityRequest(api, '/v1/crl')).status, 200);
+  await until(() => lines.some((l) => l.level >= 50 && /database unavailable/.test(l.msg)), 5000, 'an error log line about the database');
+  await until(() => lines.some((l) => l.msg === 'cluster event connection lost; reconnecting'), 5000, 'the event connection loss to be logged');
+
+  await proxy.up();
+  await until(async () => (await authorityRequest(api, '/admin/v1/devices', { headers: auth })).status === 200, 10_000, 'the API to answer again');
+  await until(() => lines.some((l) => l.msg === 'cluster event connection restored'), 20_000, 'the event connection to come back');
+  assert.equal((await authorityRequest(api, '/readyz')).status, 200);
 });
