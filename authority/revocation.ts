@@ -62,7 +62,7 @@ export class Revocation {
   /** Loads the stored CRL (or issues the first), then keeps it current: timer, and the other nodes' signals. */
   async start(): Promise<void> {
     const row = await this.deps.store.getCrl('device-ca');
-    if (row && row.nextUpdate - this.now() > this.validityMs() / 2) this.current = snapshot(row);
+    if (row && row.der.length && row.nextUpdate - this.now() > this.validityMs() / 2) this.current = snapshot(row);
     else await this.reissue();
     // A revocation on another node: load its CRL and tell this node's gateways.
     this.deps.bus?.onMessage((msg) => {
@@ -88,7 +88,7 @@ export class Revocation {
    */
   async refresh(revoked: string[] = []): Promise<boolean> {
     const row = await this.deps.store.getCrl('device-ca');
-    if (!row || (this.current && row.crlNumber <= this.current.crlNumber)) return false;
+    if (!row || !row.der.length || (this.current && row.crlNumber <= this.current.crlNumber)) return false;
     this.current = snapshot(row);
     this.deps.events.emit('crl', { crlNumber: row.crlNumber.toString(), revoked });
     return true;

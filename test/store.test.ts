@@ -9,7 +9,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { listMigrations, openStore, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type RequestRow } from '../authority/store/index.ts';
+import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type RequestRow } from '../authority/store/index.ts';
+import { AuthorityEvents, LocalCa, Revocation } from '../authority/index.ts';
 import { rewriteDdl, toPgPlaceholders } from '../authority/store/sql.ts';
 import { pgSchema } from './support/pg.ts';
 
@@ -75,6 +76,14 @@ for (const engine of ENGINES) {
     assert.deepEqual(rows.map((r) => [Number(r.version), r.name]), listMigrations().map((m) => [m.version, m.name]));
     const again = await reopen();
     assert.deepEqual(await again.migrate(), []);
+    if (engine === 'postgres') {
+      // The documented rewrites took effect: BLOB -> BYTEA, AUTOINCREMENT -> BIGSERIAL.
+      const type = async (table: string, column: string) =>
+        (await store.db.one('SELECT data_type, column_default FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?', [table, column]))!;
+      assert.equal((await type('crls', 'der')).data_type, 'bytea');
+      assert.equal((await type('audit_log', 'seq')).data_type, 'bigint');
+      assert.match((await type('audit_log', 'seq')).column_default, /^nextval\(/);
+    }
   });
 
   test(`[${engine}] tokens, devices, codes, challenges and auth sessions`, async (t) => {
@@ -223,6 +232,35 @@ for (const engine of ENGINES) {
     assert.equal(await store.claimJob('scan', NOW + 59_999, 60_000), false);
     assert.equal(await store.claimJob('other', NOW, 60_000), true);
     assert.equal(await store.claimJob('scan', NOW + 60_000, 60_000), true);
+  });
+}
+
+for (const engine of ENGINES) {
+  test(`[${engine}] migration 006 keeps the CRL number of a base64 CRL; the authority signs the next number at start`, async (t) => {
+    let driver: SqliteDriver | PostgresDriver;
+    if (engine === 'sqlite') {
+      const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
+      t.after(() => rmSync(dir, { recursive: true, force: true }));
+      driver = new SqliteDriver(join(dir, 'old.db'));
+    } else driver = new PostgresDriver({ url: (await pgSchema(t)).url });
+    const store = new SqlStore(driver);
+    t.after(() => store.close());
+    // A database as the previous release left it: migrations 1-5, the CRL DER base64 in TEXT.
+    await driver.migrate(listMigrations().filter((m) => m.version <= 5));
+    await driver.run('INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)', ['device-ca', 41, NOW, NOW + DAY, randomBytes(50).toString('base64')]);
+    assert.deepEqual(await store.migrate(), [6]);
+    const carried = (await store.getCrl('device-ca'))!;
+    assert.deepEqual([carried.crlNumber, carried.nextUpdate, carried.der.length], [41n, 0, 0]);
+
+    const dir = mkdtempSync(join(tmpdir(), 'leafgate-ca-'));
+    t.after(() => rmSync(dir, { recursive: true, force: true }));
+    const revocation = new Revocation({ store, ca: LocalCa.open(dir, 'test-passphrase-0123456789'), events: new AuthorityEvents(), crlValidityHours: 24 });
+    await revocation.start();
+    revocation.stop();
+    assert.equal(revocation.crl().crlNumber, 42n);
+    const stored = (await store.getCrl('device-ca'))!;
+    assert.equal(stored.crlNumber, 42n);
+    assert.ok(stored.der.equals(revocation.crl().der));
   });
 }
 

@@ -275,12 +275,13 @@ export class SqlStore implements AuthorityStore {
 
   async getCrl(issuer: string): Promise<CrlRow | null> {
     const r = await this.db.one(SQL.getCrl, [issuer]);
-    // The DER is stored base64 in a TEXT column: portable, and migration 002 already made it so.
-    return r ? { issuer: r.issuer, crlNumber: BigInt(r.crl_number), thisUpdate: r.this_update, nextUpdate: r.next_update, der: Buffer.from(r.der, 'base64') } : null;
+    // BLOB / BYTEA: a Buffer from both drivers. Empty only for the CRL carried over by
+    // migration 006 (next_update 0, so it is reissued before it is served).
+    return r ? { issuer: r.issuer, crlNumber: BigInt(r.crl_number), thisUpdate: r.this_update, nextUpdate: r.next_update, der: r.der ? Buffer.from(r.der) : Buffer.alloc(0) } : null;
   }
 
   async saveCrl(c: CrlRow): Promise<boolean> {
-    return (await this.db.run(SQL.saveCrl, [c.issuer, c.crlNumber, c.thisUpdate, c.nextUpdate, c.der.toString('base64')])).changes === 1;
+    return (await this.db.run(SQL.saveCrl, [c.issuer, c.crlNumber, c.thisUpdate, c.nextUpdate, c.der])).changes === 1;
   }
 
   async listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]> {
