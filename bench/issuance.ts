@@ -230,6 +230,32 @@ export const issuanceBench = defineBench({
       emit('raw_verify_us', 1e6 / rawVerify, 'us', { key: label, note: 'part of parse_verify_us: one CSR signature verify' });
       emit('steps_sum_us', sum, 'us/cert', { key: label, note: 'sum of the steps above (a separate pass, so it can differ from cert_us by noise); what cert_us has beyond it is promise hops, the per-device lock and building the answer' });
     }
+
+    // The issuance commit alone (store.recordIssuance with a real-sized answer and certificate),
+    // one at a time and 64 in flight: what the SQLite group commit changes, without the
+    // signing and parsing around it (which dominate, and drown it in noise on a shared machine).
+    const sample = await store.listCertificates({ kind: 'device', limit: 1 });
+    const pem = sample[0]?.pem ?? '';
+    for (const inFlight of [1, 64]) {
+      const n = 5000;
+      const ready = await prepare('commit', KEY_SPECS['ec-256'], await keyPool(KEY_SPECS['ec-256'], 1), n);
+      const now = Date.now();
+      let next = 0;
+      const t0 = performance.now();
+      await Promise.all(Array.from({ length: inFlight }, async () => {
+        while (next < ready.length) {
+          const p = ready[next++];
+          const serial = randomBytes(16).toString('hex').toUpperCase();
+          await store.recordIssuance({
+            request: { deviceId: p.deviceId, requestId: p.msg.requestId, kind: 'csr', bodyHash: 'h', response: { requestId: p.msg.requestId, certificate: pem, chain: [ca.deviceCa.pem, ca.root.pem], serial }, createdAt: now },
+            certificate: { serial, subjectId: p.deviceId, kind: 'device', fingerprint: serial, notBefore: now, notAfter: now + 86_400_000, status: 'active', requestId: p.msg.requestId, pem, revokedAt: null, revocationReason: null, createdAt: now },
+            authSessionId: p.sessionId,
+            audit: { at: now, action: 'issue', outcome: 'ok', deviceId: p.deviceId, gatewayId: GATEWAY_ID, requestId: p.msg.requestId, serial, detail: { key: 'ec-256' } },
+          });
+        }
+      }));
+      emit('commit_us', ((performance.now() - t0) * 1000) / n, 'us/issuance', { in_flight: inFlight, note: 'store.recordIssuance alone (answer, certificate row, session consumed, audit row); in flight > 1 shares COMMITs' });
+    }
     await store.close();
   },
 });
