@@ -37,6 +37,8 @@ export interface BrokerOptions {
   queueLimit?: number;
   /** aedes: inbound QoS 2 messages awaiting PUBREL per client. */
   maxInflightInbound?: number;
+  /** A gateway cluster: shared persistence and message bus (Redis), and this node's id. */
+  cluster?: { persistence: unknown; mq: unknown; id: string };
 }
 
 export interface RunningBroker {
@@ -84,7 +86,7 @@ function capPacketSize(client: Client, max: number): void {
 export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
   const aedes = await Aedes.createBroker({
     ...opts.hooks,
-    id: undefined,
+    ...(opts.cluster ? { persistence: opts.cluster.persistence as AedesOptions['persistence'], mq: opts.cluster.mq as AedesOptions['mq'], id: opts.cluster.id } : { id: undefined }),
     connectTimeout: opts.connectTimeoutMs ?? 10_000,
     // Device ids are up to 128 characters; aedes applies this only to MQTT 3.1 clients.
     maxClientsIdLength: 128,
@@ -150,8 +152,18 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     async close() {
       // Stop accepting first, then end every client, then wait for the listener to drain.
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-      await new Promise<void>((resolve) => aedes.close(() => resolve()));
-      await (aedes as unknown as { persistence?: { destroy?: () => Promise<void> } }).persistence?.destroy?.();
+      // Bounded: with a shared persistence that went away (Redis down) aedes can wait on it
+      // forever while closing clients; the sockets are then cut so the process can stop.
+      const aedesClosed = new Promise<void>((resolve) => aedes.close(() => resolve()));
+      const timedOut = await Promise.race([aedesClosed.then(() => false), new Promise<boolean>((resolve) => setTimeout(() => resolve(true), 5_000).unref())]);
+      if (timedOut) {
+        opts.logger.warn('broker did not close its clients within 5 s (persistence unavailable?); cutting their connections');
+        for (const c of Object.values((aedes as unknown as { clients: Record<string, { conn?: { destroy?: () => void } }> }).clients)) c.conn?.destroy?.();
+      }
+      // A shared persistence whose store is gone (Redis down) has nothing left to flush, and
+      // its destroy() waits on the bus: bounded, so a gateway can always be stopped.
+      const destroyed = (aedes as unknown as { persistence?: { destroy?: () => Promise<void> } }).persistence?.destroy?.()?.catch(() => undefined);
+      if (destroyed) await Promise.race([destroyed, new Promise((resolve) => setTimeout(resolve, 2_000).unref())]);
       await closed;
     },
   };

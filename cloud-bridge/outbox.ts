@@ -55,9 +55,34 @@ const toEntry = (r: Row): OutboxEntry => ({
   attempts: r.attempts, nextAttemptAt: r.next_attempt_at, response: r.response ? JSON.parse(r.response) : null, createdAt: r.created_at, deliveredAt: r.delivered_at,
 });
 
+/**
+ * What the relay and the worker need from an outbox. The embedded SQLite outbox answers
+ * synchronously; the Redis one (a gateway cluster) with promises; callers await both.
+ */
+export interface OutboxStore {
+  /** True when due() leases what it returns (shared by several gateways). */
+  readonly leasing?: boolean;
+  get(deviceId: string, requestId: string): OutboxEntry | null | Promise<OutboxEntry | null>;
+  accept(deviceId: string, requestId: string, kind: OutboxKind, body: Record<string, unknown>, now: number): { entry: OutboxEntry; isNew: boolean } | Promise<{ entry: OutboxEntry; isNew: boolean }>;
+  /**
+   * Entries due now, claimed for this worker: in a cluster each is leased for `leaseMs`, so
+   * two gateways do not send the same request at once (the authority's idempotency would
+   * make that harmless, but it costs a round trip).
+   */
+  due(now: number, limit: number, leaseMs?: number): OutboxEntry[] | Promise<OutboxEntry[]>;
+  finish(seq: number, state: 'done' | 'failed', response: Record<string, unknown>, now: number): boolean | Promise<boolean>;
+  reschedule(seq: number, nextAttemptAt: number): void | Promise<void>;
+  retryAllNow(now: number): void | Promise<void>;
+  markDelivered(seq: number, now: number): void | Promise<void>;
+  undelivered(deviceId: string): OutboxEntry[] | Promise<OutboxEntry[]>;
+  pendingCount(): number | Promise<number>;
+  purge(before: number): number | Promise<number>;
+  close(): void | Promise<void>;
+}
+
 export const hashRequestBody = (body: unknown) => createHash('sha256').update(JSON.stringify(body)).digest('hex');
 
-export class Outbox {
+export class Outbox implements OutboxStore {
   private readonly db: Database.Database;
   /** Same file, synchronous=NORMAL: for updates whose loss a crash repairs by itself. */
   private readonly lazy: Database.Database;

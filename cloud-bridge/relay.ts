@@ -23,7 +23,7 @@ import {
 import { PublishRefusal, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
 import type { AuthorityClient } from './authority-client.ts';
 import type { AuthorityGate } from './authority-gate.ts';
-import type { Outbox } from './outbox.ts';
+import type { OutboxStore } from './outbox.ts';
 import type { OutboxWorker } from './outbox-worker.ts';
 
 export interface RelayOptions {
@@ -31,7 +31,7 @@ export interface RelayOptions {
   /** Bounds requests in flight to the authority (shared with the outbox worker). */
   gate: AuthorityGate;
   sessions: SessionRegistry;
-  outbox: Outbox;
+  outbox: OutboxStore;
   worker: OutboxWorker;
   publish(deviceId: string, kind: DownKind, body: unknown): void;
   logger: Logger;
@@ -57,35 +57,40 @@ export class OnboardingRelay {
       name: 'outbox',
       authorizePublish: (client, packet) => {
         if (parseTopic(packet.topic)?.kind !== 'csr') return;
-        const session = this.opts.sessions.get(client);
-        if (!session) return;
-        const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-        let requestId: string | undefined;
-        try {
-          const obj = parseJsonObject(payload);
-          requestId = requestIdOf(obj);
-          const msg = validateCsr(obj);
-          const existing = this.opts.outbox.get(session.deviceId, msg.requestId);
-          if (existing) {
-            // A re-query (e.g. after a reconnect): same body -> the stored answer, or `pending`.
-            if (existing.body.csr !== msg.csr) throw new LeafgateError('request_conflict', `requestId ${msg.requestId} was already used for another CSR`);
-            setImmediate(() => this.opts.worker.deliver(this.opts.outbox.get(session.deviceId, msg.requestId)!));
-            return;
-          }
-          const renewal = session.kind === 'operational';
-          if (!renewal && !session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
-          const body: Record<string, unknown> = { ...msg, deviceId: session.deviceId };
-          if (renewal) body.currentSerial = session.certSerial;
-          this.opts.outbox.accept(session.deviceId, msg.requestId, renewal ? 'renew' : 'csr', body, Date.now());
-          this.opts.worker.kick();
-        } catch (err) {
-          const e = toLeafgateError(err);
-          if (e.code === 'internal') this.opts.logger.error({ err, deviceId: session.deviceId }, 'CSR could not be queued');
-          this.opts.onOutcome?.({ deviceId: session.deviceId, step: 'csr', ok: false, code: e.code, ms: 0 });
-          throw new PublishRefusal(e.code, e.message, e.retryAfterMs, requestId);
-        }
+        return this.acceptCsr(client, packet);
       },
     };
+  }
+
+  /** Validates a CSR publish and stores it in the outbox; a refusal is thrown as PublishRefusal. */
+  private async acceptCsr(client: import('aedes').Client, packet: { payload: Buffer | string }): Promise<void> {
+    const session = this.opts.sessions.get(client);
+    if (!session) return;
+    const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
+    let requestId: string | undefined;
+    try {
+      const obj = parseJsonObject(payload);
+      requestId = requestIdOf(obj);
+      const msg = validateCsr(obj);
+      const existing = await this.opts.outbox.get(session.deviceId, msg.requestId);
+      if (existing) {
+        // A re-query (e.g. after a reconnect): same body -> the stored answer, or `pending`.
+        if (existing.body.csr !== msg.csr) throw new LeafgateError('request_conflict', `requestId ${msg.requestId} was already used for another CSR`);
+        setImmediate(() => void this.opts.worker.deliverFresh(session.deviceId, msg.requestId));
+        return;
+      }
+      const renewal = session.kind === 'operational';
+      if (!renewal && !session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
+      const body: Record<string, unknown> = { ...msg, deviceId: session.deviceId };
+      if (renewal) body.currentSerial = session.certSerial;
+      await this.opts.outbox.accept(session.deviceId, msg.requestId, renewal ? 'renew' : 'csr', body, Date.now());
+      this.opts.worker.kick();
+    } catch (err) {
+      const e = toLeafgateError(err);
+      if (e.code === 'internal' || e.code === 'gateway_unavailable') this.opts.logger.error({ err: e.message, code: e.code, deviceId: session.deviceId }, 'CSR could not be queued');
+      this.opts.onOutcome?.({ deviceId: session.deviceId, step: 'csr', ok: false, code: e.code, ms: 0 });
+      throw new PublishRefusal(e.code, e.message, e.retryAfterMs, requestId);
+    }
   }
 
   /**
@@ -93,11 +98,16 @@ export class OnboardingRelay {
    * connects with a certificate has everything up to it; it still gets a renewal answer if
    * it is using the very certificate that renewal replaces.
    */
-  deliverStored(session: DeviceSession): void {
-    for (const entry of this.opts.outbox.undelivered(session.deviceId)) {
-      const stillOnOld = entry.kind === 'renew' && entry.body.currentSerial === session.certSerial;
-      if (session.kind === 'operational' && entry.state === 'done' && !stillOnOld) this.opts.worker.markDelivered(entry);
-      else this.opts.worker.deliver(entry);
+  async deliverStored(session: DeviceSession): Promise<void> {
+    try {
+      for (const entry of await this.opts.outbox.undelivered(session.deviceId)) {
+        const stillOnOld = entry.kind === 'renew' && entry.body.currentSerial === session.certSerial;
+        if (session.kind === 'operational' && entry.state === 'done' && !stillOnOld) await this.opts.worker.markDelivered(entry);
+        else await this.opts.worker.deliver(entry);
+      }
+    } catch (err) {
+      // The store is down: the answers stay undelivered and go out on the next subscribe.
+      this.opts.logger.warn({ err: (err as Error).message, deviceId: session.deviceId }, 'stored answers could not be read');
     }
   }
 

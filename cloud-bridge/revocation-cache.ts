@@ -54,6 +54,27 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     return !this.crl?.nextUpdate || this.crl.nextUpdate.getTime() < now;
   }
 
+  /** DER of the CRL held, to share it with the other gateways of a cluster. */
+  get der(): Buffer | undefined {
+    return this.crl?.der;
+  }
+
+  /**
+   * Applies a CRL that came from elsewhere than the authority (the cluster's Redis): it is
+   * trusted only if its signature verifies with the device CA. False when it does not.
+   */
+  applyDer(der: Buffer, source: string): boolean {
+    let parsed: pkix.ParsedCrl;
+    try {
+      parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
+    } catch (err) {
+      this.opts.logger.warn({ err: (err as Error).message, source }, 'refusing a CRL whose signature or encoding is bad');
+      return false;
+    }
+    this.apply(parsed);
+    return true;
+  }
+
   isRevoked(serial: string): boolean {
     return this.crl?.revoked.has(serial) ?? false;
   }

@@ -41,7 +41,7 @@ export interface DeviceOptions {
   timeoutMs?: number;
   /** When set, key.pem, cert.pem and chain.pem are written here (key 0600). */
   storeDir?: string;
-  /** Retries of the whole flow after rate_limited / authority_unavailable (default 5). */
+  /** Retries of the whole flow after rate_limited / authority_unavailable / gateway_unavailable (default 5). */
   retries?: number;
 }
 
@@ -161,7 +161,7 @@ export class LeafDevice {
       } catch (err) {
         const e = err as LeafgateError & { code?: string };
         // Transport failures of the bootstrap connection (reset during a surge) are transient too.
-        const transient = (e instanceof LeafgateError && (e.code === 'rate_limited' || e.code === 'authority_unavailable')) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(String(e.code));
+        const transient = (e instanceof LeafgateError && (e.code === 'rate_limited' || e.code === 'authority_unavailable' || e.code === 'gateway_unavailable')) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(String(e.code));
         if (!transient || attempt >= attempts) throw err;
         const base = e.retryAfterMs ?? 1000 * 2 ** attempt;
         await new Promise((r) => setTimeout(r, base + Math.random() * base * 0.5));

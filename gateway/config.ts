@@ -47,9 +47,15 @@ export interface GatewayConfig {
   /** /metrics, /healthz, /readyz. */
   http: { host: string; port: number };
   rateLimits: RateLimitConfig;
+  /**
+   * Gateway cluster: broker sessions, outbox, shared limits and the CRL in Redis. Off (all
+   * embedded) when absent. Env: LEAFGATE_REDIS_URL, LEAFGATE_REDIS_PREFIX.
+   */
+  redis?: { url: string; keyPrefix: string; startTimeoutMs: number };
 }
 
-export type GatewayConfigInput = Partial<Omit<GatewayConfig, 'listen' | 'http' | 'rateLimits'>> & {
+export type GatewayConfigInput = Partial<Omit<GatewayConfig, 'listen' | 'http' | 'rateLimits' | 'redis'>> & {
+  redis?: { url: string; keyPrefix?: string; startTimeoutMs?: number };
   listen?: Partial<GatewayConfig['listen']>;
   http?: Partial<GatewayConfig['http']>;
   rateLimits?: Partial<RateLimitConfig>;
@@ -81,6 +87,8 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     http: { host: input.http?.host ?? env.LEAFGATE_GATEWAY_HTTP_HOST ?? '0.0.0.0', port: input.http?.port ?? Number(env.LEAFGATE_GATEWAY_HTTP_PORT ?? 9464) },
     rateLimits: { ...DEFAULT_RATE_LIMITS, ...input.rateLimits },
   };
+  const redisUrl = input.redis?.url ?? env.LEAFGATE_REDIS_URL;
+  if (redisUrl) cfg.redis = { url: redisUrl, keyPrefix: input.redis?.keyPrefix ?? env.LEAFGATE_REDIS_PREFIX ?? 'leafgate:', startTimeoutMs: input.redis?.startTimeoutMs ?? 10_000 };
   const bad = (m: string) => {
     throw new LeafgateError('internal', `gateway config: ${m}`);
   };
@@ -90,5 +98,15 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
   if (!(cfg.certRenewAfterFraction > 0 && cfg.certRenewAfterFraction < 1)) bad('certRenewAfterFraction must be in (0, 1)');
   if (!Number.isInteger(cfg.http.port) || cfg.http.port < 0 || cfg.http.port > 65535) bad('http.port is invalid');
   for (const k of ['bootstrapTimeoutMs', 'handshakeTimeoutMs', 'connectTimeoutMs', 'maxConnections', 'keepaliveMaxSeconds', 'crlRefreshMs', 'authorityConcurrency'] as const) if (!(cfg[k] > 0)) bad(`${k} must be > 0`);
+  if (cfg.redis) {
+    let u: URL | undefined;
+    try {
+      u = new URL(cfg.redis.url);
+    } catch {
+      bad('redis url is not a URL');
+    }
+    if (u!.protocol !== 'redis:' && u!.protocol !== 'rediss:') bad('redis url must start with redis:// or rediss://');
+    if (!/^[A-Za-z0-9:_.-]{1,64}$/.test(cfg.redis.keyPrefix)) bad('redis keyPrefix must be 1-64 characters of A-Z a-z 0-9 : _ . -');
+  }
   return Object.freeze(cfg);
 }

@@ -14,6 +14,7 @@ export class GatewayMetrics {
   readonly authorityLink: Gauge;
   readonly revokedSessionsClosed: Counter;
   readonly crlStale: Gauge;
+  readonly clusterLink: Gauge;
   readonly clockSkewSeconds: Gauge;
   readonly renewals: Counter<'outcome'>;
   readonly renewalsDue: Gauge<'state'>;
@@ -45,6 +46,7 @@ export class GatewayMetrics {
     this.crlNextUpdate = new Gauge({ name: 'leafgate_gateway_crl_next_update_seconds', help: 'nextUpdate of the CRL in force (unix seconds)', registers });
     this.authorityLink = new Gauge({ name: 'leafgate_gateway_authority_link_up', help: '1 while the event stream to the authority is open', registers });
     this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
+    this.clusterLink = new Gauge({ name: 'leafgate_gateway_cluster_link', help: '1 while the Redis cluster link is up (only on a gateway cluster)', registers });
     this.crlStale = new Gauge({ name: 'leafgate_gateway_crl_stale', help: '1 while the CRL in force is past its nextUpdate', registers });
     this.clockSkewSeconds = new Gauge({ name: 'leafgate_gateway_clock_skew_seconds', help: 'Local clock minus the authority clock (from its Date header)', registers });
     this.renewals = new Counter({ name: 'leafgate_gateway_renewals_total', help: 'Device renewals by outcome (asked, renewed, failed)', labelNames: ['outcome'], registers });

@@ -16,6 +16,8 @@ import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
 import { edgeModuleWanted, startEdgeModule, type RunningEdgeModule } from './edge-module.ts';
+import { GatewayCluster } from './cluster.ts';
+import type { OutboxStore } from '../cloud-bridge/outbox.ts';
 
 export interface RunningGateway {
   gatewayId: string;
@@ -26,7 +28,9 @@ export interface RunningGateway {
   sessions: SessionRegistry;
   metrics: GatewayMetrics;
   revocations: RevocationCache;
-  outbox: Outbox;
+  outbox: OutboxStore;
+  /** The Redis cluster link, when `redis` is configured. */
+  cluster?: GatewayCluster;
   renewals: RenewalTracker;
   gate: AuthorityGate;
   /** PEM of the root that devices must trust to verify the gateway. */
@@ -73,7 +77,17 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       if (err) log.error({ err, deviceId, kind }, 'publish to device failed');
     });
   };
-  const outbox = new Outbox(join(config.dataDir, 'outbox.db'));
+  // A cluster keeps its outbox, limits, broker sessions and CRL hand-over in Redis.
+  const cluster = config.redis ? new GatewayCluster(config.redis, meta.gatewayId, log.child({ component: 'cluster' })) : undefined;
+  if (cluster) {
+    try {
+      await cluster.ready();
+    } catch (err) {
+      await cluster.close();
+      throw new LeafgateError('internal', `gateway cluster: ${(err as Error).message}`);
+    }
+  }
+  const outbox: OutboxStore = cluster ? cluster.outbox : new Outbox(join(config.dataDir, 'outbox.db'));
   const gate = new AuthorityGate({ concurrency: config.authorityConcurrency, maxQueue: config.authorityQueueMax, pendingAfterMs: config.pendingAfterMs });
   parts.gate = gate;
   const renewals = new RenewalTracker();
@@ -83,7 +97,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     authority,
     gate,
     publish,
-    isConnected: (deviceId) => sessions.holder(deviceId) !== undefined,
+    isConnected: (deviceId) => sessions.holder(deviceId) !== undefined || (cluster ? cluster.isPresent(deviceId) : false),
     logger: log,
     concurrency: config.authorityConcurrency,
     onAnswer({ entry, ok, code }) {
@@ -130,8 +144,9 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
   };
   updateCrlMetrics();
-  revocations.on('updated', ({ newlyRevoked }) => {
+  revocations.on('updated', ({ crlNumber, newlyRevoked }) => {
     updateCrlMetrics();
+    if (cluster && revocations.der) void cluster.shareCrl(crlNumber, revocations.der);
     if (!newlyRevoked.length) return;
     const hit = new Set(newlyRevoked);
     for (const { client, session } of sessions.entries()) {
@@ -157,7 +172,26 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   });
   events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
 
-  const limits = rateLimitPlugin({ sessions, limits: config.rateLimits, factory: opts.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) } });
+  // A CRL another gateway of the cluster got first (its own signature check decides).
+  const adoptSharedCrl = async (announced?: bigint) => {
+    if (!cluster || (announced !== undefined && revocations.crlNumber !== undefined && announced <= revocations.crlNumber)) return;
+    const der = await cluster.sharedCrl();
+    if (der) revocations.applyDer(der, 'cluster');
+  };
+  if (cluster) {
+    await adoptSharedCrl();
+    cluster.on('crl', (n) => void adoptSharedCrl(n));
+    cluster.on('link', (up) => {
+      metrics.clusterLink.set(up ? 1 : 0);
+      if (up) {
+        void adoptSharedCrl();
+        worker.kick();
+      }
+    });
+    metrics.clusterLink.set(cluster.connected ? 1 : 0);
+  }
+
+  const limits = rateLimitPlugin({ sessions, limits: config.rateLimits, factory: opts.limiters ?? cluster?.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) } });
   const hooks = composePlugins(
     [
       authenticationPlugin({
@@ -212,13 +246,21 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     connectTimeoutMs: config.connectTimeoutMs,
     maxConnections: config.maxConnections,
     acceptConnection: (address) => limits.acceptConnection(address),
+    cluster: cluster?.brokerOptions(),
   });
+  if (cluster) {
+    const c = cluster;
+    broker.aedes.on('client', (client) => {
+      if (sessions.get(client)) c.present(client.id);
+    });
+    broker.aedes.on('clientDisconnect', (client) => c.absent(client.id));
+  }
   // A device (re)subscribing to its answers gets what was stored for it, and a renewal
   // request if its certificate is due.
   broker.aedes.on('subscribe', (_subs, client) => {
     const session = client ? sessions.get(client) : undefined;
     if (!session) return;
-    relay.deliverStored(session);
+    void relay.deliverStored(session);
     askToRenew(client, session);
   });
   const identity = new GatewayIdentity({
@@ -257,12 +299,18 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
     return { ready: checks.brokerListening && (checks.authorityLink || crlOk), checks };
   };
+  // The Redis outbox answers asynchronously: the status reports the last count read.
+  let pendingQueue: number | null = 0;
+  const refreshPending = () => {
+    Promise.resolve(outbox.pendingCount()).then((n) => (pendingQueue = n), () => (pendingQueue = null));
+    return pendingQueue;
+  };
   const moduleStatus = () => {
     const certOf = (p: string) => (existsSync(p) ? new X509Certificate(readFileSync(p, 'utf8')).validTo : null);
     return {
       gatewayId: meta.gatewayId,
       connections: { bootstrap: sessions.count('bootstrap'), operational: sessions.count('operational') },
-      pendingQueue: outbox.pendingCount(),
+      pendingQueue: refreshPending(),
       gatewayCertNotAfter: certOf(files.cert),
       edgeCaNotAfter: certOf(edgeCaFiles(config.dataDir).cert),
       authorityLink: events.connected,
@@ -307,7 +355,8 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     worker.stop();
     await running.close();
     authority.close();
-    outbox.close();
+    await outbox.close();
+    await cluster?.close();
     throw err;
   }
   log.info({ port: running.port, httpPort: ops.port, authority: meta.authorityUrl }, 'gateway listening');
@@ -322,6 +371,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     metrics,
     revocations,
     outbox,
+    cluster,
     renewals,
     gate,
     rootPem,
@@ -338,9 +388,11 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       worker.stop();
       identity.stop();
       await ops.app.close();
+      await cluster?.releaseBroker();
       await running.close();
       authority.close();
-      outbox.close();
+      await outbox.close();
+      await cluster?.close();
     },
   };
 }

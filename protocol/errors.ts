@@ -26,6 +26,7 @@ export const ERROR_CATALOGUE = {
   revoked: { status: 403, text: 'certificate is revoked' },
   rate_limited: { status: 429, text: 'too many requests' },
   authority_unavailable: { status: 503, text: 'authority cannot be reached' },
+  gateway_unavailable: { status: 503, text: 'gateway storage is unavailable; retry later' },
   not_found: { status: 404, text: 'no such resource' },
   internal: { status: 500, text: 'internal error' },
 } as const satisfies Record<string, { status: number; text: string }>;

@@ -10,13 +10,8 @@ import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pkix, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
-import { authenticate, bootstrap, rid, type RawDevice } from './support/mqtt.ts';
+import { authenticate, bootstrap, csrFor, rid, type RawDevice } from './support/mqtt.ts';
 import { startStack, type Stack } from './support/stack.ts';
-
-function csrFor(instruction: InstructionMessage): string {
-  const pair = instruction.keyType === 'rsa' ? generateKeyPairSync('rsa', { modulusLength: instruction.keySize }) : generateKeyPairSync('ec', { namedCurve: `P-${instruction.keySize}` });
-  return pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, ...pair });
-}
 
 async function authenticated(t: Parameters<typeof bootstrap>[0], stack: Stack, id: string): Promise<{ dev: RawDevice; csr: string }> {
   const dev = await bootstrap(t, stack, id);
@@ -33,11 +28,11 @@ test('a CSR sent while the authority is down is queued (pending) and completed o
   await dev.send('csr', { requestId, csr });
   const pending = await dev.next('pending', { requestId });
   assert.ok(pending.retryAfterMs > 0, 'pending carries retryAfterMs');
-  assert.equal(stack.gateway.outbox.pendingCount(), 1);
+  assert.equal((await stack.gateway.outbox.pendingCount()), 1);
 
   await stack.startAuthorityAgain();
   const cert = await dev.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
-  assert.equal(stack.gateway.outbox.pendingCount(), 0);
+  assert.equal((await stack.gateway.outbox.pendingCount()), 0);
   const rows = await stack.authority.store.listCertificates({ subjectId: 'queued-1' });
   assert.deepEqual(rows.map((r) => r.serial), [cert.serial]);
 
@@ -59,8 +54,8 @@ test('a device that disconnected while its CSR was queued gets the certificate w
 
   await stack.startAuthorityAgain();
   // Wait until the outbox has the answer, then come back.
-  for (let i = 0; i < 200 && stack.gateway.outbox.pendingCount() > 0; i++) await new Promise((r) => setTimeout(r, 50));
-  assert.equal(stack.gateway.outbox.pendingCount(), 0);
+  for (let i = 0; i < 200 && (await stack.gateway.outbox.pendingCount()) > 0; i++) await new Promise((r) => setTimeout(r, 50));
+  assert.equal((await stack.gateway.outbox.pendingCount()), 0);
   const back = await bootstrap(t, stack, 'queued-2');
   const cert = await back.next<CertMessage>('cert', { requestId });
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'queued-2' }))[0].serial, cert.serial);
@@ -155,7 +150,7 @@ test('a device that drops right after sending its CSR gets the certificate when 
   const requestId = rid('csr');
   await dev.send('csr', { requestId, csr });
   await dev.end();
-  for (let i = 0; i < 200 && stack.gateway.outbox.pendingCount() > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 200 && (await stack.gateway.outbox.pendingCount()) > 0; i++) await new Promise((r) => setTimeout(r, 20));
   const back = await bootstrap(t, stack, 'dropped-1');
   const cert = await back.next<CertMessage>('cert', { requestId });
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'dropped-1' }))[0].serial, cert.serial);

@@ -3,12 +3,13 @@
  * inbox), record every message they receive, and let a test wait for the next message of
  * a kind with a bounded timeout. Clients are ended in t.after.
  */
-import { sign, type KeyObject } from 'node:crypto';
+import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
 import tls from 'node:tls';
 import type { TestContext } from 'node:test';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import {
   challengeSigningInput,
+  pkix,
   downFilter,
   parseTopic,
   upTopic,
@@ -279,4 +280,10 @@ export function rawConnack(stack: Stack, packet: Buffer): Promise<number | null>
     socket.on('close', () => resolve(null));
   });
   return within(p, DEFAULT_WAIT_MS, 'a raw CONNACK');
+}
+
+/** A CSR that answers an instruction (a fresh key of the asked type and size). */
+export function csrFor(instruction: InstructionMessage): string {
+  const pair = instruction.keyType === 'rsa' ? generateKeyPairSync('rsa', { modulusLength: instruction.keySize }) : generateKeyPairSync('ec', { namedCurve: `P-${instruction.keySize}` });
+  return pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, ...pair });
 }

@@ -27,6 +27,12 @@ export interface Stack {
   stopAuthority(): Promise<void>;
   /** Starts the authority again on the same data directory and port. */
   startAuthorityAgain(): Promise<RunningAuthority>;
+  /**
+   * Enrolls and starts another gateway on the same authority (e.g. a second cluster node);
+   * `authorityUrl` lets it reach the authority through something else (a cuttable proxy).
+   * Closed with the stack.
+   */
+  addGateway(gatewayId: string, config?: GatewayConfigInput, opts?: { authorityUrl?: string }): Promise<RunningGateway>;
   close(): Promise<void>;
 }
 
@@ -74,6 +80,7 @@ export async function startStack(
     method === 'pki-signature' ? { method, ...manufacturer.issueBirthCertificate(id) } : { method, attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'rev-b' } };
 
   let closed = false;
+  const extraGateways: RunningGateway[] = [];
   const stack: Stack = {
     dir, authority, gateway,
     async stopAuthority() {
@@ -86,11 +93,21 @@ export async function startStack(
       authorityUp = true;
       stack.authority = authority;
       return authority;
-    }, brokerUrl, rootPem, manufacturer, gatewayId, credential,
+    },
+    async addGateway(id, config = {}, o = {}) {
+      const gwDir = join(dir, `gateway-${id}`);
+      const token = await stack.authority.enrollment.createToken(id);
+      await enrollGateway({ authorityUrl: o.authorityUrl ?? stack.authority.url.replace('localhost', '127.0.0.1'), token, rootFingerprint: stack.authority.rootFingerprint, gatewayId: id, dataDir: gwDir, hostnames: ['localhost', '127.0.0.1'] });
+      const gw = await startGateway(resolveGatewayConfig({ dataDir: gwDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...config }, {}), { logger });
+      extraGateways.push(gw);
+      return gw;
+    },
+    brokerUrl, rootPem, manufacturer, gatewayId, credential,
     device: (id, method, extra = {}) => new LeafDevice({ deviceId: id, brokerUrl, ca: rootPem, credential: credential(id, method), timeoutMs: 10_000, ...extra }),
     async close() {
       if (closed) return;
       closed = true;
+      for (const gw of extraGateways) await gw.close();
       await stack.gateway.close();
       if (authorityUp) await stack.authority.close();
       rmSync(dir, { recursive: true, force: true });

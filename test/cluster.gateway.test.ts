@@ -1,0 +1,235 @@
+/**
+ * A gateway cluster: two gateway processes' worth of components (brokers, plugin chains,
+ * outboxes, CRL caches) sharing one real Redis. Every test uses its own key prefix, so it
+ * never sees another test's state; the restart test runs its own redis-server.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import net from 'node:net';
+import { test, type TestContext } from 'node:test';
+import { Redis } from 'ioredis';
+import type { CertMessage } from '../protocol/index.ts';
+import { RedisOutbox } from '../cloud-bridge/outbox-redis.ts';
+import { authenticate, bootstrap, csrFor, register, registerMessage, rid } from './support/mqtt.ts';
+import { Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
+import { startStack, type Stack } from './support/stack.ts';
+import { startTcpProxy } from './support/tcp-proxy.ts';
+import { downFilter } from '../protocol/index.ts';
+
+const REDIS_URL = process.env.LEAFGATE_TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+const prefix = () => `lgtest:${randomBytes(6).toString('hex')}:`;
+const uid = (base: string) => `${base}-${randomBytes(3).toString('hex')}`;
+
+/** Deletes a test's keys at the end, so the shared Redis does not fill up. */
+function cleanUp(t: TestContext, keyPrefix: string, url = REDIS_URL): void {
+  t.after(async () => {
+    const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1 });
+    r.on('error', () => undefined);
+    try {
+      await r.connect();
+      let cursor = '0';
+      do {
+        const [next, keys] = await r.scan(cursor, 'MATCH', `${keyPrefix}*`, 'COUNT', 1000);
+        cursor = next;
+        if (keys.length) await r.del(...keys);
+      } while (cursor !== '0');
+    } catch {
+      // the restart test's own server is already gone
+    } finally {
+      r.disconnect();
+    }
+  });
+}
+
+/** A stack whose gateway A and a second gateway B share one Redis prefix. */
+async function cluster(t: TestContext, extra: Parameters<typeof startStack>[1] = {}, b: { authorityUrl?: string } = {}, url = REDIS_URL) {
+  const keyPrefix = prefix();
+  cleanUp(t, keyPrefix, url);
+  const redis = { url, keyPrefix };
+  const stack = await startStack(t, { ...extra, gateway: { ...extra.gateway, redis } });
+  const gwB = await stack.addGateway(uid('gw-b'), { ...extra.gateway, redis }, b);
+  const onB = { ...stack, brokerUrl: `mqtts://127.0.0.1:${gwB.port}` } as Stack;
+  return { stack, gwB, onB, keyPrefix };
+}
+
+test('a device that sent its CSR through gateway A and reconnects to gateway B gets its certificate there', async (t) => {
+  const { stack, gwB, onB } = await cluster(t);
+  assert.ok(stack.gateway.cluster && gwB.cluster, 'both gateways run in cluster mode');
+  const id = uid('hop');
+  const dev = await bootstrap(t, stack, id);
+  const instruction = await authenticate(dev, stack.credential(id, 'pki-signature'));
+  // The authority is away, so the CSR stays queued in the shared outbox.
+  await stack.stopAuthority();
+  const requestId = rid('csr');
+  const csr = csrFor(instruction);
+  await dev.send('csr', { requestId, csr });
+  await dev.next('pending', { requestId });
+  assert.equal((await gwB.outbox.get(id, requestId))?.state, 'queued', 'gateway B sees the request accepted by A');
+  await dev.end();
+
+  // Back on B (a different process in production), with the authority up again.
+  const back = await bootstrap(t, onB, id);
+  await stack.startAuthorityAgain();
+  const cert = await back.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
+  const rows = await stack.authority.store.listCertificates({ subjectId: id });
+  assert.deepEqual(rows.map((r) => r.serial), [cert.serial], 'exactly one certificate');
+
+  // Asking B again with the same requestId returns the same certificate.
+  await back.send('csr', { requestId, csr });
+  const again = await back.next<CertMessage>('cert', { requestId });
+  assert.equal(again.serial, cert.serial);
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: id })).length, 1);
+  const audits = (await stack.authority.store.listAudit({ deviceId: id })).filter((a) => a.action === 'issue' && a.outcome === 'ok');
+  assert.equal(audits.length, 1, 'one issue audit row');
+});
+
+test('a revocation that reaches gateway A cuts the device off on gateway B, whose authority link is down', async (t) => {
+  // B reaches the authority only through a proxy the test cuts.
+  const keyPrefix = prefix();
+  cleanUp(t, keyPrefix);
+  const redis = { url: REDIS_URL, keyPrefix };
+  const stack = await startStack(t, { gateway: { redis } });
+  const authorityUrl = new URL(stack.authority.url);
+  const proxy = await startTcpProxy({ host: '127.0.0.1', port: Number(authorityUrl.port) });
+  t.after(() => proxy.close());
+  const gwB = await stack.addGateway(uid('gw-b'), { redis }, { authorityUrl: `https://127.0.0.1:${proxy.port}` });
+  const onB = { ...stack, brokerUrl: `mqtts://127.0.0.1:${gwB.port}` } as Stack;
+
+  const id = uid('pki-cut');
+  const identity = await onboardDevice(onB, id);
+  const client = await connectOk(onB, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  const inbox = new Inbox(client);
+  assert.deepEqual(await subscribeGranted(client, downFilter(id)), [1]);
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'gateway A event stream');
+
+  proxy.cut();
+  await until(() => gwB.readiness().checks.authorityLink === false, 5000, 'gateway B to lose its authority link');
+  const gone = closed(client, 5000);
+  const revoked = await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  await gone;
+  assert.ok(inbox.messages.some((m) => m.kind === 'revoked'), 'down/revoked reached the device before the close');
+  assert.equal(gwB.revocations.crlNumber?.toString(), revoked.crlNumber, 'B holds the CRL that A received');
+  assert.equal((await tryConnect(onB, operationalOptions(identity))).code, 5, 'B refuses the revoked certificate');
+});
+
+test('limits are shared: onboarding attempts of one device count on every gateway', async (t) => {
+  const { stack, onB } = await cluster(t, { gateway: { rateLimits: { onboardingsPerDevice: { points: 3, durationSeconds: 3600 } } } });
+  const id = uid('pki-budget');
+  const cred = stack.credential(id, 'pki-signature');
+  const onA = await bootstrap(t, stack, id);
+  await register(onA, cred);
+  await register(onA, cred);
+  await onA.end();
+  const b = await bootstrap(t, onB, id);
+  await register(b, cred);
+  const requestId = rid('reg');
+  await b.send('register', registerMessage(cred, { requestId }));
+  const refusal = await b.next('error');
+  assert.equal(refusal.code, 'rate_limited', 'the fourth attempt, on the other gateway, is over the shared budget');
+  assert.ok(Number(refusal.retryAfterMs) > 0);
+});
+
+test('two outboxes on one Redis: a queued request is claimed by one gateway at a time, and purge drops only old answers', async (t) => {
+  const keyPrefix = prefix();
+  cleanUp(t, keyPrefix);
+  const r = new Redis(REDIS_URL);
+  t.after(() => r.disconnect());
+  // Two nodes with one gateway identity (the same owner), and another gateway.
+  const a = new RedisOutbox(r, keyPrefix, 'gw-1');
+  const b = new RedisOutbox(r, keyPrefix, 'gw-1');
+  const other = new RedisOutbox(r, keyPrefix, 'gw-2');
+  const body = { csr: 'x', requestId: 'q1' };
+  const first = await a.accept('dev-1', 'q1', 'csr', body, 1000);
+  assert.equal(first.isNew, true);
+  const repeat = await b.accept('dev-1', 'q1', 'csr', body, 1001);
+  assert.equal(repeat.isNew, false);
+  assert.equal(repeat.entry.seq, first.entry.seq);
+  await assert.rejects(b.accept('dev-1', 'q1', 'csr', { csr: 'y', requestId: 'q1' }, 1002), { code: 'request_conflict' });
+
+  assert.deepEqual(await other.due(2000, 10, 60_000), [], 'only the accepting gateway sends it');
+  assert.equal((await other.get('dev-1', 'q1'))?.state, 'queued', 'but every gateway reads it');
+  const claimedByA = await a.due(2000, 10, 60_000);
+  assert.deepEqual(claimedByA.map((e) => e.requestId), ['q1']);
+  assert.deepEqual(await b.due(2000, 10, 60_000), [], 'leased to A');
+  assert.deepEqual((await b.due(70_000, 10, 60_000)).map((e) => e.requestId), ['q1'], 'due again once the lease ran out (A died)');
+
+  assert.equal(await b.finish(first.entry.seq, 'done', { serial: 'AA' }, 3000), true);
+  assert.equal(await a.finish(first.entry.seq, 'done', { serial: 'BB' }, 3001), false, 'an answer is final once');
+  assert.equal(await a.pendingCount(), 0);
+  assert.deepEqual((await a.undelivered('dev-1')).map((e) => e.response), [{ serial: 'AA' }]);
+  await a.markDelivered(first.entry.seq, 3002);
+  assert.deepEqual(await a.undelivered('dev-1'), []);
+
+  await a.accept('dev-2', 'q2', 'csr', { csr: 'z' }, 4000);
+  assert.equal(await a.purge(3500), 1);
+  assert.equal(await a.get('dev-1', 'q1'), null);
+  assert.equal((await a.get('dev-2', 'q2'))?.state, 'queued', 'queued work is never purged');
+});
+
+async function freePort(): Promise<number> {
+  const s = net.createServer().listen(0, '127.0.0.1');
+  await once(s, 'listening');
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+async function startRedis(port: number): Promise<ChildProcess> {
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const probe = new Redis(`redis://127.0.0.1:${port}`, { retryStrategy: () => 50 });
+  probe.on('error', () => undefined);
+  await until(async () => (await probe.ping().catch(() => '')) === 'PONG', 10_000, `redis-server on ${port}`);
+  probe.disconnect();
+  return proc;
+}
+
+async function stopRedis(proc: ChildProcess): Promise<void> {
+  if (proc.exitCode !== null) return;
+  proc.kill('SIGKILL');
+  await once(proc, 'exit');
+}
+
+test('Redis restarted in the middle of onboarding: a CSR is refused with gateway_unavailable, then completes once, and certified devices reconnect', async (t) => {
+  const port = await freePort();
+  let redisProc = await startRedis(port);
+  t.after(() => stopRedis(redisProc));
+  const url = `redis://127.0.0.1:${port}`;
+  const { stack, gwB, onB } = await cluster(t, {}, {}, url);
+  const certified = await onboardDevice(onB, uid('pki-steady'));
+  const id = uid('pki-mid');
+  const dev = await bootstrap(t, stack, id);
+  const instruction = await authenticate(dev, stack.credential(id, 'pki-signature'));
+
+  await stopRedis(redisProc);
+  await until(() => stack.gateway.cluster!.connected === false, 10_000, 'gateway A to see Redis down');
+  const requestId = rid('csr');
+  const csr = csrFor(instruction);
+  await dev.send('csr', { requestId, csr });
+  const refusal = await dev.next('error', { requestId });
+  assert.equal(refusal.code, 'gateway_unavailable');
+  assert.ok(Number(refusal.retryAfterMs) > 0, 'the refusal says when to retry');
+
+  redisProc = await startRedis(port);
+  await until(() => stack.gateway.cluster!.connected && gwB.cluster!.connected, 15_000, 'both gateways to reconnect to Redis');
+  await dev.send('csr', { requestId, csr });
+  const cert = await dev.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
+  assert.deepEqual((await stack.authority.store.listCertificates({ subjectId: id })).map((r) => r.serial), [cert.serial]);
+
+  // A device with a certificate connects again after the outage, on either gateway.
+  for (const target of [stack, onB]) {
+    const c = await connectOk(target, operationalOptions(certified));
+    await closeQuietly(c);
+  }
+});
+
+test('a gateway configured for a Redis that is not there fails to start with a clear message', async (t) => {
+  const port = await freePort();
+  const stack = await startStack(t);
+  await assert.rejects(
+    stack.addGateway(uid('gw-nored'), { redis: { url: `redis://127.0.0.1:${port}`, keyPrefix: prefix(), startTimeoutMs: 1500 } }),
+    (err: Error) => /Redis at redis:\/\/127\.0\.0\.1:\d+\/? did not answer within 1500 ms/.test(err.message),
+  );
+});
