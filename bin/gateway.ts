@@ -20,6 +20,8 @@ Options:
   --data-dir DIR         identity files (default .leafgate/gateway, env LEAFGATE_GATEWAY_DATA)
   --host HOST            listen address (start; default 0.0.0.0)
   --port N               MQTT TLS port (start; default 8883, env LEAFGATE_GATEWAY_PORT)
+  --redis URL            gateway cluster: shared Redis (start; env LEAFGATE_REDIS_URL)
+  --redis-prefix P       key prefix in that Redis, one per site (default leafgate:)
   --authority URL        authority base URL (enroll), e.g. https://authority:8443
   --token TOKEN          one-time enrollment token (enroll)
   --fingerprint SHA256   the authority root fingerprint to pin (enroll)
@@ -35,7 +37,7 @@ Options:
 
 export async function gatewayCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
-    config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
+    config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' }, redis: { type: 'string' }, 'redis-prefix': { type: 'string' },
     authority: { type: 'string' }, token: { type: 'string' }, fingerprint: { type: 'string' }, id: { type: 'string' }, hostname: { type: 'string', multiple: true },
     name: { type: 'string' }, dns: { type: 'string', multiple: true }, ip: { type: 'string', multiple: true }, days: { type: 'string' }, out: { type: 'string' },
   }, USAGE);
@@ -47,6 +49,7 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
     ...file,
     ...(v['data-dir'] ? { dataDir: v['data-dir'] } : {}),
     listen: { ...file.listen, ...(v.host ? { host: v.host } : {}), ...(v.port !== undefined ? { port: intOption(v.port, 'port', 0, 65535) } : {}) },
+    ...(v.redis || v['redis-prefix'] ? { redis: { ...file.redis, url: v.redis ?? file.redis?.url ?? process.env.LEAFGATE_REDIS_URL ?? '', ...(v['redis-prefix'] ? { keyPrefix: v['redis-prefix'] } : {}) } } : {}),
   });
   switch (command) {
     case 'enroll': {
