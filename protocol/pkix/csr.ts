@@ -141,21 +141,28 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
   const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
   const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
   for (const attr of der.children(attrsNode)) {
-    const [typeNode, valuesNode] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
-    const type = der.decodeOid(typeNode);
+    // Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) } (RFC 2986 4.1), nothing after
+    const [typeNode, valuesNode, ...attrExtra] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
+    const type = der.decodeOid(der.expectTag(typeNode, der.TAG.OID, 'attribute type'));
     der.expectTag(valuesNode, der.TAG.SET, 'attribute values');
+    if (attrExtra.length) throw new der.DerError('unexpected fields in Attribute');
+    const values = der.children(valuesNode);
+    if (values.length === 0) throw new der.DerError('attribute values: empty SET');
     if (type !== OID.extensionRequest) continue; // e.g. challengePassword: not used, not trusted
-    for (const exts of der.children(valuesNode)) {
+    for (const exts of values) {
       for (const ext of der.children(der.expectTag(exts, der.TAG.SEQUENCE, 'Extensions'))) {
+        // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
         const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
-        const extOid = der.decodeOid(parts[0]);
+        const extOid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
         let critical = false;
-        let valueNode = parts[1];
-        if (valueNode?.tag === der.TAG.BOOLEAN) {
-          critical = valueNode.value[0] !== 0;
-          valueNode = parts[2];
+        let next = 1;
+        if (parts[1]?.tag === der.TAG.BOOLEAN) {
+          if (parts[1].value.length !== 1) throw new der.DerError('bad BOOLEAN');
+          critical = parts[1].value[0] !== 0;
+          next = 2;
         }
-        der.expectTag(valueNode, der.TAG.OCTET_STRING, 'extnValue');
+        const valueNode = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
+        if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
         requestedExtensions.push({ oid: extOid, critical });
         if (extOid === OID.subjectAltName) readSan(valueNode.value, sans);
       }
@@ -182,9 +189,12 @@ export function decodeName(nameNode: der.DerNode): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   for (const rdn of der.children(nameNode)) {
     der.expectTag(rdn, der.TAG.SET, 'RelativeDistinguishedName');
-    for (const atv of der.children(rdn)) {
-      const [type, value] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
+    const atvs = der.children(rdn);
+    if (atvs.length === 0) throw new der.DerError('RelativeDistinguishedName: empty SET');
+    for (const atv of atvs) {
+      const [type, value, ...extra] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
       if (!value) throw new der.DerError('attribute value missing');
+      if (extra.length) throw new der.DerError('unexpected fields in AttributeTypeAndValue');
       out.push([der.decodeOid(type), der.decodeString(value)]);
     }
   }
