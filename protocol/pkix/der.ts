@@ -94,11 +94,26 @@ export const contextTag = (n: number, content: Buffer, constructed = true): Buff
 
 /** RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050, always Zulu, no fractions. */
 export function time(d: Date): Buffer {
-  const iso = d.toISOString(); // YYYY-MM-DDTHH:MM:SS.sssZ
-  const compact = iso.slice(0, 19).replace(/[-:T]/g, '') + 'Z';
   const year = d.getUTCFullYear();
-  if (year >= 1950 && year < 2050) return tlv(TAG.UTC_TIME, Buffer.from(compact.slice(2), 'ascii'));
-  return tlv(TAG.GENERALIZED_TIME, Buffer.from(compact, 'ascii'));
+  if (!(year >= 0 && year <= 9999)) throw new DerError(`time out of range: ${d.getTime()}`);
+  const utc = year >= 1950 && year < 2050;
+  const out = Buffer.allocUnsafe(utc ? 15 : 17);
+  out[0] = utc ? TAG.UTC_TIME : TAG.GENERALIZED_TIME;
+  out[1] = out.length - 2;
+  let o = 2;
+  const two = (n: number) => {
+    out[o++] = 0x30 + ((n / 10) | 0);
+    out[o++] = 0x30 + (n % 10);
+  };
+  if (!utc) two((year / 100) | 0);
+  two(year % 100);
+  two(d.getUTCMonth() + 1);
+  two(d.getUTCDate());
+  two(d.getUTCHours());
+  two(d.getUTCMinutes());
+  two(d.getUTCSeconds());
+  out[o] = 0x5a; // Z
+  return out;
 }
 
 // ---- decoder -----------------------------------------------------------------------------
