@@ -198,17 +198,18 @@ export class DeviceOnboarding {
     return instruction;
   }
 
-  private parseCsr(pem: string): pkix.ParsedCsr {
+  /** Parse + self-signature check; the signature is verified on the threadpool. */
+  private async parseCsr(pem: string): Promise<pkix.ParsedCsr> {
     try {
-      return pkix.parseCsr(pem);
+      return await pkix.parseCsrAsync(pem);
     } catch (err) {
       throw new LeafgateError('bad_csr', (err as Error).message);
     }
   }
 
-  /** Signs a checked CSR as a device certificate; returns the answer and the row to store. */
-  private sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, validityDays: number, now: number): { answer: CertMessage; row: CertificateRow } {
-    const issued = this.ca.issue('device', {
+  /** Signs a checked CSR as a device certificate (on the threadpool); returns the answer and the row to store. */
+  private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, validityDays: number, now: number): Promise<{ answer: CertMessage; row: CertificateRow }> {
+    const issued = await this.ca.issueAsync('device', {
       subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
       notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + validityDays * 86_400_000),
     });
@@ -244,13 +245,13 @@ export class DeviceOnboarding {
     this.checkDeviceUsable(device);
     const policy = this.policyFor(device.groupName);
 
-    const csr = this.parseCsr(msg.csr);
+    const csr = await this.parseCsr(msg.csr);
     const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group: device.groupName, key: renewalKey(policy, current.pem), csrDeadline: new Date(now) });
     checkCsrAgainstInstruction(csr, instruction);
     // A renewal rotates the key: the same key again would extend a possibly leaked one.
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
-    const { answer, row } = this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
     const recorded = await this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
@@ -272,13 +273,13 @@ export class DeviceOnboarding {
     this.checkDeviceUsable(device);
     const policy = this.policyFor(device!.groupName);
 
-    const csr = this.parseCsr(msg.csr);
+    const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
     checkCsrAgainstInstruction(csr, instruction);
     const active = await this.store.countActiveCertificates(deviceId, now);
     if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
 
-    const { answer, row } = this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
     const recorded = await this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,

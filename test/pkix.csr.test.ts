@@ -319,6 +319,20 @@ test('structural refusals of hand-made requests', () => {
   throwsDer(() => parseCsr('-----BEGIN CERTIFICATE REQUEST-----\n\n-----END CERTIFICATE REQUEST-----\n'), /not base64/);
 });
 
+test('extra fields and empty SETs in attributes, extensions and names are refused (openssl refuses the first)', (t) => {
+  const w = workdir(t);
+  const san = ext(OID.subjectAltName, der.seq(der.tlv(0x82, Buffer.from('a.example'))));
+  // values SET emptied, the Extensions left behind as a third Attribute field: we used to read no SAN and accept
+  const stray = craft(P256, { attributes: [der.seq(der.oid(OID.extensionRequest), der.tlv(der.TAG.SET, Buffer.alloc(0)), der.seq(san))] });
+  assert.equal(opensslAccepts(w, stray), false);
+  throwsDer(() => parseCsrDer(stray), /unexpected fields in Attribute/);
+  throwsDer(() => parseCsrDer(craft(P256, { attributes: [der.seq(der.oid(OID.extensionRequest), der.tlv(der.TAG.SET, Buffer.alloc(0)))] })), /empty SET/);
+  throwsDer(() => parseCsrDer(craft(P256, { attributes: [extensionRequest(der.seq(der.oid(OID.subjectAltName), der.octetString(der.seq()), der.nullValue()))] })), /unexpected fields in Extension/);
+  throwsDer(() => parseCsrDer(craft(P256, { attributes: [extensionRequest(der.seq(der.oid(OID.subjectAltName), der.tlv(der.TAG.BOOLEAN, Buffer.alloc(0)), der.octetString(der.seq())))] })), /bad BOOLEAN/);
+  throwsDer(() => parseCsrDer(craft(P256, { subject: der.seq(der.setOf(der.seq(der.oid(OID.commonName), der.utf8String('dev-1'), der.nullValue()))) })), /unexpected fields in AttributeTypeAndValue/);
+  throwsDer(() => parseCsrDer(craft(P256, { subject: der.seq(der.tlv(der.TAG.SET, Buffer.alloc(0)), der.setOf(der.seq(der.oid(OID.commonName), der.utf8String('dev-1')))) })), /RelativeDistinguishedName: empty SET/);
+});
+
 test('a signature BIT STRING with unused bits is refused as openssl refuses it', {
 }, (t) => {
   const w = workdir(t);

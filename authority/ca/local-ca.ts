@@ -10,7 +10,7 @@ import { createCipheriv, createHash, createPrivateKey, randomBytes, scryptSync, 
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
-const { encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
+const { CertificateTemplate, encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
 type CertificateProfile = pkix.CertificateProfile;
 
 export interface IssuingCa {
@@ -20,6 +20,8 @@ export interface IssuingCa {
   subjectDer: Buffer;
   keyId: Buffer;
   privateKey: KeyObject;
+  /** certificate.validTo as a Date, read once. */
+  notAfter: Date;
 }
 
 export interface IssueRequest {
@@ -47,6 +49,11 @@ export interface IssuedCertificate {
 export interface CaConnector {
   readonly name: string;
   issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate;
+  /**
+   * The same certificate without blocking the caller's thread on the signature: the
+   * issuance hot path uses this one (a remote or HSM connector is asynchronous anyway).
+   */
+  issueAsync(issuer: 'device' | 'infra' | 'root', req: IssueRequest): Promise<IssuedCertificate>;
   /** Trust bundle, root last. */
   bundle(): { root: string; deviceCa: string; infraCa: string };
 }
@@ -122,29 +129,45 @@ export class LocalCa implements CaConnector {
   }
 
   issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate {
+    const { template, fields, ca } = this.prepare(issuer, req);
+    return this.result(issuer, ca, fields, template.encode(fields), req.notBefore);
+  }
+
+  async issueAsync(issuer: 'device' | 'infra' | 'root', req: IssueRequest): Promise<IssuedCertificate> {
+    const { template, fields, ca } = this.prepare(issuer, req);
+    return this.result(issuer, ca, fields, await template.encodeAsync(fields), req.notBefore);
+  }
+
+  private prepare(issuer: 'device' | 'infra' | 'root', req: IssueRequest): { template: pkix.CertificateTemplate; fields: pkix.TemplateFields; ca: IssuingCa } {
     // The root signs only gateway Sub-CAs (pathLen 0 below it); everything else comes from an issuing CA.
     const ca = issuer === 'device' ? this.deviceCa : issuer === 'infra' ? this.infraCa : this.root;
     // A certificate never outlives its issuer (RFC 5280 6.1.3 would reject the tail anyway).
-    const caNotAfter = new Date(ca.certificate.validTo);
-    const notAfter = req.notAfter > caNotAfter ? caNotAfter : req.notAfter;
-    const serial = newSerial();
-    const certDer = encodeCertificate({
-      serial,
-      subjectDer: req.subjectDer,
-      spkiDer: req.spkiDer,
-      notBefore: req.notBefore,
-      notAfter,
-      profile: req.profile,
-      sans: req.sans,
-      issuer: { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: ca.privateKey },
-    });
+    const notAfter = req.notAfter > ca.notAfter ? ca.notAfter : req.notAfter;
+    const fields = { serial: newSerial(), subjectDer: req.subjectDer, spkiDer: req.spkiDer, notBefore: req.notBefore, notAfter, sans: req.sans };
+    return { template: this.template(ca, req.profile), fields, ca };
+  }
+
+  /** One pre-encoded TBSCertificate template per issuing CA and profile, made on first use. */
+  private readonly templates = new Map<string, pkix.CertificateTemplate>();
+
+  private template(ca: IssuingCa, profile: CertificateProfile): pkix.CertificateTemplate {
+    const key = profile.kind === 'root' || profile.kind === 'intermediate' ? `${ca.name} ${JSON.stringify(profile)}` : `${ca.name} ${profile.kind} ${profile.keyType}`;
+    let t = this.templates.get(key);
+    if (!t) {
+      t = new CertificateTemplate(profile, { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: ca.privateKey });
+      this.templates.set(key, t);
+    }
+    return t;
+  }
+
+  private result(issuer: 'device' | 'infra' | 'root', ca: IssuingCa, fields: pkix.TemplateFields, certDer: Buffer, notBefore: Date): IssuedCertificate {
     return {
       pem: pkix.toPem(certDer, 'CERTIFICATE'),
       der: certDer,
-      serial: serial.toString('hex').toUpperCase(),
+      serial: fields.serial.toString('hex').toUpperCase(),
       fingerprint256: fingerprint(certDer),
-      notBefore: truncateToSeconds(req.notBefore),
-      notAfter: truncateToSeconds(notAfter),
+      notBefore: truncateToSeconds(notBefore),
+      notAfter: truncateToSeconds(fields.notAfter),
       chain: issuer === 'root' ? [this.root.pem] : [ca.pem, this.root.pem],
     };
   }
@@ -156,7 +179,10 @@ export class LocalCa implements CaConnector {
 
 /** SHA-256 of the DER, colon-separated upper-case hex: the form X509Certificate.fingerprint256 prints. */
 export function fingerprint(certDer: Buffer): string {
-  return createHash('sha256').update(certDer).digest('hex').toUpperCase().replace(/(..)(?!$)/g, '$1:');
+  const hex = createHash('sha256').update(certDer).digest('hex').toUpperCase();
+  let out = hex.slice(0, 2);
+  for (let i = 2; i < hex.length; i += 2) out += ':' + hex.slice(i, i + 2);
+  return out;
 }
 
 function truncateToSeconds(d: Date): Date {
@@ -213,7 +239,10 @@ function fromPem(name: IssuingCa['name'], pem: string, keyPem: string, passphras
   if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
     throw new LeafgateError('internal', `${certWhere} is not issued by the current root: restore the root or remove the issuing CAs`);
   }
-  return { name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey };
+  return {
+    name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey,
+    notAfter: new Date(certificate.validTo),
+  };
 }
 
 function createCa(name: IssuingCa['name'], parent: () => IssuingCa | null, commonName: string, now: Date, years: number): { ca: IssuingCa } {
@@ -229,12 +258,13 @@ function createCa(name: IssuingCa['name'], parent: () => IssuingCa | null, commo
     subjectDer,
     spkiDer,
     notBefore: new Date(now.getTime() - BACKDATE_MS),
-    notAfter: issuer ? minDate(notAfter, new Date(issuer.certificate.validTo)) : notAfter,
+    notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
     profile: issuer ? { kind: 'intermediate', pathLen: 0 } : { kind: 'root' },
     issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey } : { subjectDer, keyId, privateKey },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
-  return { ca: { name, certificate: new X509Certificate(der), pem, subjectDer, keyId, privateKey } };
+  const certificate = new X509Certificate(der);
+  return { ca: { name, certificate, pem, subjectDer, keyId, privateKey, notAfter: new Date(certificate.validTo) } };
 }
 
 function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, parent: () => IssuingCa | null, commonName: string, now: Date, years: number): IssuingCa {

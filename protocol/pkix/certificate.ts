@@ -4,13 +4,11 @@
  * with node:crypto. This is the issuance hot path: no ASN.1 object model, no copies beyond
  * one Buffer.concat per level.
  */
-import { createHash, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { createHash, randomFillSync, sign, type KeyObject } from 'node:crypto';
 import * as der from './der.ts';
 import { OID } from './oids.ts';
 import { encodeSan } from './csr.ts';
 import { signatureAlgorithmFor } from './keys.ts';
-
-
 
 export type CertificateProfile =
   | { kind: 'root' }
@@ -30,9 +28,20 @@ export interface CertificateInput {
   issuer: { subjectDer: Buffer; keyId: Buffer; privateKey: KeyObject };
 }
 
+// Serial randomness is drawn from the CSPRNG 4 KiB at a time (one RAND_bytes call per 256
+// serials instead of one each), as node does for randomUUID.
+const SERIAL_POOL = Buffer.alloc(4096);
+let serialPoolOffset = SERIAL_POOL.length;
+
 /** 16 random octets with the top bit clear: positive, unpredictable, within RFC 5280's 20. */
 export function newSerial(): Buffer {
-  const b = randomBytes(16);
+  if (serialPoolOffset + 16 > SERIAL_POOL.length) {
+    randomFillSync(SERIAL_POOL);
+    serialPoolOffset = 0;
+  }
+  const b = Buffer.from(SERIAL_POOL.subarray(serialPoolOffset, serialPoolOffset + 16));
+  SERIAL_POOL.fill(0, serialPoolOffset, serialPoolOffset + 16); // a serial's bytes are never handed out twice
+  serialPoolOffset += 16;
   b[0] &= 0x7f;
   if (b[0] === 0) b[0] = 0x01; // keep 16 significant octets so the hex form has a fixed width
   return b;
@@ -40,7 +49,11 @@ export function newSerial(): Buffer {
 
 /** RFC 5280 4.2.1.2 method (1): SHA-1 of the subjectPublicKey BIT STRING value. */
 export function keyIdentifier(spkiDer: Buffer): Buffer {
-  const [, keyBits] = der.children(der.parseDer(spkiDer));
+  const spki = der.expectTag(der.parseDer(spkiDer), der.TAG.SEQUENCE, 'SubjectPublicKeyInfo');
+  // SEQUENCE { AlgorithmIdentifier, BIT STRING }: skip the first element, read the second
+  const { next } = der.readElement(spki.value, 0);
+  const { node: keyBits, next: end } = der.readElement(spki.value, next);
+  if (end !== spki.value.length) throw new der.DerError('unexpected fields in SubjectPublicKeyInfo');
   return createHash('sha1').update(der.decodeBitString(keyBits)).digest();
 }
 
@@ -62,10 +75,9 @@ function keyUsage(bits: number[]): Buffer {
 
 const KU = { digitalSignature: 0, keyEncipherment: 2, keyCertSign: 5, cRLSign: 6 };
 
-function profileExtensions(input: CertificateInput): Buffer[] {
-  const { profile } = input;
+/** The extensions that depend only on the profile and the issuer: those before SKI, and AKI after it. */
+function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer): { before: Buffer[]; aki: Buffer } {
   const ext: Buffer[] = [];
-  const ski = keyIdentifier(input.spkiDer);
   switch (profile.kind) {
     case 'root':
       ext.push(extension(OID.basicConstraints, true, der.seq(der.bool(true))));
@@ -90,10 +102,16 @@ function profileExtensions(input: CertificateInput): Buffer[] {
       ext.push(extension(OID.extKeyUsage, false, der.seq(...eku.map((o) => der.oid(o)))));
     }
   }
-  ext.push(extension(OID.subjectKeyIdentifier, false, der.octetString(ski)));
-  if (profile.kind !== 'root') ext.push(extension(OID.authorityKeyIdentifier, false, der.seq(der.tlv(0x80, input.issuer.keyId))));
-  const sans = input.sans;
-  if (sans && (sans.dns?.length || sans.uri?.length || sans.ip?.length)) ext.push(extension(OID.subjectAltName, false, encodeSan(sans)));
+  // A self-signed root carries no AKI (RFC 5280 4.2.1.1 MAY), as openssl 3.0 does with an explicit extensions section.
+  const aki = profile.kind === 'root' ? EMPTY : extension(OID.authorityKeyIdentifier, false, der.seq(der.tlv(0x80, issuerKeyId)));
+  return { before: ext, aki };
+}
+
+function profileExtensions(input: CertificateInput): Buffer[] {
+  const { before, aki } = constantExtensions(input.profile, input.issuer.keyId);
+  const ext = [...before, extension(OID.subjectKeyIdentifier, false, der.octetString(keyIdentifier(input.spkiDer)))];
+  if (aki.length) ext.push(aki);
+  if (hasSans(input.sans)) ext.push(extension(OID.subjectAltName, false, encodeSan(input.sans!)));
   return ext;
 }
 
@@ -112,6 +130,131 @@ export function encodeCertificate(input: CertificateInput): Buffer {
   );
   const signature = sign(hash, tbs, input.issuer.privateKey);
   return der.seq(tbs, algorithm, der.bitString(signature));
+}
+
+// ---- templates: the issuance hot path --------------------------------------------------------
+
+/** What varies from one certificate to the next under one issuer and profile. */
+export interface TemplateFields {
+  serial: Buffer;
+  subjectDer: Buffer;
+  spkiDer: Buffer;
+  notBefore: Date;
+  notAfter: Date;
+  sans?: { dns?: string[]; uri?: string[]; ip?: string[] };
+}
+
+/**
+ * One issuer and one profile with everything constant pre-encoded once: version, signature
+ * AlgorithmIdentifier, issuer Name, the profile's extensions, the authorityKeyIdentifier.
+ * Per certificate only serial, validity, subject, SPKI, subjectKeyIdentifier and SAN are
+ * written, into one buffer. The output is byte for byte what encodeCertificate produces for
+ * the same input (test/pkix.template.test.ts holds the two side by side).
+ */
+export class CertificateTemplate {
+  readonly hash: string;
+  private readonly privateKey: KeyObject;
+  private readonly head: Buffer; // [0] version, then the serial follows
+  private readonly algorithm: Buffer;
+  private readonly issuerDer: Buffer;
+  private readonly fixedExtensions: Buffer; // the profile's extensions before SKI
+  private readonly akiExtension: Buffer; // after SKI; empty for a self-signed root
+
+  constructor(profile: CertificateProfile, issuer: CertificateInput['issuer']) {
+    const { algorithm, hash } = signatureAlgorithmFor(issuer.privateKey);
+    this.hash = hash;
+    this.privateKey = issuer.privateKey;
+    this.algorithm = algorithm;
+    this.head = der.contextTag(0, der.integer(2));
+    this.issuerDer = Buffer.from(issuer.subjectDer);
+    const exts = constantExtensions(profile, issuer.keyId);
+    this.fixedExtensions = Buffer.concat(exts.before);
+    this.akiExtension = exts.aki;
+  }
+
+  /** DER of the TBSCertificate. */
+  encodeTbs(f: TemplateFields): Buffer {
+    const serial = der.integer(f.serial);
+    const validity = der.seq(der.time(f.notBefore), der.time(f.notAfter));
+    const ski = SKI_PREFIX.length + 20;
+    const san = hasSans(f.sans) ? extension(OID.subjectAltName, false, encodeSan(f.sans!)) : EMPTY;
+    const extsLen = this.fixedExtensions.length + ski + this.akiExtension.length + san.length;
+    const extsSeqLen = headerLength(extsLen) + extsLen;
+    const extsWrapLen = headerLength(extsSeqLen) + extsSeqLen;
+    const bodyLen =
+      this.head.length + serial.length + this.algorithm.length + this.issuerDer.length + validity.length + f.subjectDer.length + f.spkiDer.length + extsWrapLen;
+    const out = Buffer.allocUnsafe(headerLength(bodyLen) + bodyLen);
+    let o = writeHeader(out, 0, der.TAG.SEQUENCE, bodyLen);
+    o += this.head.copy(out, o);
+    o += serial.copy(out, o);
+    o += this.algorithm.copy(out, o);
+    o += this.issuerDer.copy(out, o);
+    o += validity.copy(out, o);
+    o += f.subjectDer.copy(out, o);
+    o += f.spkiDer.copy(out, o);
+    o = writeHeader(out, o, 0xa3, extsSeqLen);
+    o = writeHeader(out, o, der.TAG.SEQUENCE, extsLen);
+    o += this.fixedExtensions.copy(out, o);
+    o += SKI_PREFIX.copy(out, o);
+    o += keyIdentifier(f.spkiDer).copy(out, o);
+    o += this.akiExtension.copy(out, o);
+    o += san.copy(out, o);
+    if (o !== out.length) throw new Error(`certificate template wrote ${o} of ${out.length} octets`);
+    return out;
+  }
+
+  /** Certificate DER from a TBS and its signature. */
+  assemble(tbs: Buffer, signature: Buffer): Buffer {
+    const bitsLen = signature.length + 1;
+    const bodyLen = tbs.length + this.algorithm.length + headerLength(bitsLen) + bitsLen;
+    const out = Buffer.allocUnsafe(headerLength(bodyLen) + bodyLen);
+    let o = writeHeader(out, 0, der.TAG.SEQUENCE, bodyLen);
+    o += tbs.copy(out, o);
+    o += this.algorithm.copy(out, o);
+    o = writeHeader(out, o, der.TAG.BIT_STRING, bitsLen);
+    out[o++] = 0; // no unused bits
+    o += signature.copy(out, o);
+    return out;
+  }
+
+  /** Encodes and signs on this thread. */
+  encode(f: TemplateFields): Buffer {
+    const tbs = this.encodeTbs(f);
+    return this.assemble(tbs, sign(this.hash, tbs, this.privateKey));
+  }
+
+  /** Encodes here and signs on the libuv threadpool (crypto.sign with a callback). */
+  encodeAsync(f: TemplateFields): Promise<Buffer> {
+    const tbs = this.encodeTbs(f);
+    return new Promise((resolve, reject) => {
+      sign(this.hash, tbs, this.privateKey, (err, signature) => (err ? reject(err) : resolve(this.assemble(tbs, signature))));
+    });
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+/** subjectKeyIdentifier Extension up to its 20 key-id octets: SEQ { OID, OCTET STRING { OCTET STRING(20) } }. */
+const SKI_PREFIX = (() => {
+  const full = extension(OID.subjectKeyIdentifier, false, der.octetString(Buffer.alloc(20)));
+  return full.subarray(0, full.length - 20);
+})();
+
+const hasSans = (sans: TemplateFields['sans']) => !!(sans && (sans.dns?.length || sans.uri?.length || sans.ip?.length));
+
+function headerLength(len: number): number {
+  return len < 0x80 ? 2 : len < 0x100 ? 3 : len < 0x10000 ? 4 : len < 0x1000000 ? 5 : 6;
+}
+
+function writeHeader(out: Buffer, o: number, tag: number, len: number): number {
+  out[o++] = tag;
+  if (len < 0x80) {
+    out[o++] = len;
+    return o;
+  }
+  const n = headerLength(len) - 2;
+  out[o++] = 0x80 | n;
+  for (let i = n - 1; i >= 0; i--) out[o++] = Math.floor(len / 2 ** (8 * i)) & 0xff;
+  return o;
 }
 
 /** Subject Name DER of a certificate (its 6th TBS field), to use as the issuer of the next. */

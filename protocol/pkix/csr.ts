@@ -2,12 +2,12 @@
  * PKCS#10 certification requests (RFC 2986): built by devices, parsed and verified by the
  * authority. Verification uses node:crypto on the exact DER of CertificationRequestInfo.
  */
-import { createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
+import { sign, verify, type KeyObject } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
 import * as der from './der.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
-import { keyDescription, signatureAlgorithmFor, type KeyDescription } from './keys.ts';
+import { importSpki, importSpkiFast, readSpki, signatureAlgorithmFor, type KeyDescription, type SpkiKey } from './keys.ts';
 
 export interface SubjectAltNames {
   dns: string[];
@@ -100,7 +100,59 @@ export function parseCsr(pem: string): ParsedCsr {
   return parseCsrDer(raw);
 }
 
+/**
+ * parseCsr for the issuance hot path: the same checks and result, but the key is imported by
+ * the cheapest route and the self-signature is verified on the libuv threadpool
+ * (crypto.verify with a callback), so concurrent requests keep the other cores busy while
+ * this thread parses and encodes.
+ */
+export async function parseCsrAsync(pem: string): Promise<ParsedCsr> {
+  return parseCsrDerAsync(fromPem(pem, 'CERTIFICATE REQUEST'));
+}
+
 export function parseCsrDer(raw: Buffer): ParsedCsr {
+  const env = readEnvelope(raw);
+  const { publicKey, key } = importSpki(env.spkiNode.raw, env.spki);
+  const alg = checkAlgorithm(env, key);
+  let ok = false;
+  try {
+    ok = verify(alg.hash, env.infoNode.raw, publicKey, alg.signature);
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new der.DerError('CSR signature does not verify');
+  return finish(env, publicKey, key, alg.oid);
+}
+
+export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
+  const env = readEnvelope(raw);
+  const { publicKey, key } = await importSpkiFast(env.spkiNode.raw, env.spki);
+  const alg = checkAlgorithm(env, key);
+  const ok = await new Promise<boolean>((resolve) => {
+    try {
+      verify(alg.hash, env.infoNode.raw, publicKey, alg.signature, (err, result) => resolve(!err && result));
+    } catch {
+      resolve(false);
+    }
+  });
+  if (!ok) throw new der.DerError('CSR signature does not verify');
+  return finish(env, publicKey, key, alg.oid);
+}
+
+/** The outer structure, the subject and our own reading of the key: everything before the key import. */
+interface Envelope {
+  raw: Buffer;
+  infoNode: der.DerNode;
+  algNode: der.DerNode;
+  sigNode: der.DerNode;
+  subjectNode: der.DerNode;
+  spkiNode: der.DerNode;
+  attrsNode: der.DerNode;
+  subject: Array<[string, string]>;
+  spki: SpkiKey;
+}
+
+function readEnvelope(raw: Buffer): Envelope {
   const outer = der.expectTag(der.parseDer(raw), der.TAG.SEQUENCE, 'CertificationRequest');
   const [infoNode, algNode, sigNode, ...extra] = der.children(outer);
   if (extra.length) throw new der.DerError('unexpected fields after signature');
@@ -111,51 +163,49 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
   der.expectTag(subjectNode, der.TAG.SEQUENCE, 'subject');
   der.expectTag(spkiNode, der.TAG.SEQUENCE, 'subjectPKInfo');
   der.expectTag(attrsNode, 0xa0, 'attributes');
-
   const subject = decodeName(subjectNode);
+  return { raw, infoNode, algNode, sigNode, subjectNode, spkiNode, attrsNode, subject, spki: readSpki(spkiNode.raw) };
+}
 
-  let publicKey: KeyObject;
-  try {
-    publicKey = createPublicKey({ key: spkiNode.raw, format: 'der', type: 'spki' });
-  } catch {
-    throw new der.DerError('subject public key cannot be read');
-  }
-  const key = keyDescription(publicKey);
-
-  const [algOid, algParams, ...algExtra] = der.children(der.expectTag(algNode, der.TAG.SEQUENCE, 'signatureAlgorithm'));
+/** signatureAlgorithm against the key, and the signature octets. */
+function checkAlgorithm(env: Envelope, key: KeyDescription): { oid: string; hash: string; signature: Buffer } {
+  const [algOid, algParams, ...algExtra] = der.children(der.expectTag(env.algNode, der.TAG.SEQUENCE, 'signatureAlgorithm'));
   if (algExtra.length) throw new der.DerError('unexpected fields in signatureAlgorithm');
-  const signatureAlgorithm = der.decodeOid(algOid);
-  const alg = SIGNATURE_ALGORITHMS[signatureAlgorithm];
-  if (!alg) throw new der.DerError(`signature algorithm ${signatureAlgorithm} is not accepted`);
+  const oid = der.decodeOid(algOid);
+  const alg = SIGNATURE_ALGORITHMS[oid];
+  if (!alg) throw new der.DerError(`signature algorithm ${oid} is not accepted`);
   if (alg.keyType !== key.keyType) throw new der.DerError('signature algorithm does not match the key type');
   if (alg.keyType === 'ec' && algParams) throw new der.DerError('ECDSA algorithm identifier must have no parameters');
-  const signature = der.decodeBitString(sigNode);
-  let ok = false;
-  try {
-    ok = verify(alg.hash, infoNode.raw, publicKey, signature);
-  } catch {
-    ok = false;
-  }
-  if (!ok) throw new der.DerError('CSR signature does not verify');
+  return { oid, hash: alg.hash, signature: der.decodeBitString(env.sigNode) };
+}
 
+/** After the self-signature verified: requested extensions and SANs. */
+function finish(env: Envelope, publicKey: KeyObject, key: KeyDescription, signatureAlgorithm: string): ParsedCsr {
   const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
   const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
-  for (const attr of der.children(attrsNode)) {
-    const [typeNode, valuesNode] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
-    const type = der.decodeOid(typeNode);
+  for (const attr of der.children(env.attrsNode)) {
+    // Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) } (RFC 2986 4.1), nothing after
+    const [typeNode, valuesNode, ...attrExtra] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
+    const type = der.decodeOid(der.expectTag(typeNode, der.TAG.OID, 'attribute type'));
     der.expectTag(valuesNode, der.TAG.SET, 'attribute values');
+    if (attrExtra.length) throw new der.DerError('unexpected fields in Attribute');
+    const values = der.children(valuesNode);
+    if (values.length === 0) throw new der.DerError('attribute values: empty SET');
     if (type !== OID.extensionRequest) continue; // e.g. challengePassword: not used, not trusted
-    for (const exts of der.children(valuesNode)) {
+    for (const exts of values) {
       for (const ext of der.children(der.expectTag(exts, der.TAG.SEQUENCE, 'Extensions'))) {
+        // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
         const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
-        const extOid = der.decodeOid(parts[0]);
+        const extOid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
         let critical = false;
-        let valueNode = parts[1];
-        if (valueNode?.tag === der.TAG.BOOLEAN) {
-          critical = valueNode.value[0] !== 0;
-          valueNode = parts[2];
+        let next = 1;
+        if (parts[1]?.tag === der.TAG.BOOLEAN) {
+          if (parts[1].value.length !== 1) throw new der.DerError('bad BOOLEAN');
+          critical = parts[1].value[0] !== 0;
+          next = 2;
         }
-        der.expectTag(valueNode, der.TAG.OCTET_STRING, 'extnValue');
+        const valueNode = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
+        if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
         requestedExtensions.push({ oid: extOid, critical });
         if (extOid === OID.subjectAltName) readSan(valueNode.value, sans);
       }
@@ -163,11 +213,11 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
   }
 
   return {
-    der: raw,
-    subject,
-    commonName: subject.find(([o]) => o === OID.commonName)?.[1],
-    subjectDer: subjectNode.raw,
-    spkiDer: spkiNode.raw,
+    der: env.raw,
+    subject: env.subject,
+    commonName: env.subject.find(([o]) => o === OID.commonName)?.[1],
+    subjectDer: env.subjectNode.raw,
+    spkiDer: env.spkiNode.raw,
     publicKey,
     key,
     signatureAlgorithm,
@@ -182,9 +232,12 @@ export function decodeName(nameNode: der.DerNode): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   for (const rdn of der.children(nameNode)) {
     der.expectTag(rdn, der.TAG.SET, 'RelativeDistinguishedName');
-    for (const atv of der.children(rdn)) {
-      const [type, value] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
+    const atvs = der.children(rdn);
+    if (atvs.length === 0) throw new der.DerError('RelativeDistinguishedName: empty SET');
+    for (const atv of atvs) {
+      const [type, value, ...extra] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
       if (!value) throw new der.DerError('attribute value missing');
+      if (extra.length) throw new der.DerError('unexpected fields in AttributeTypeAndValue');
       out.push([der.decodeOid(type), der.decodeString(value)]);
     }
   }

@@ -94,11 +94,26 @@ export const contextTag = (n: number, content: Buffer, constructed = true): Buff
 
 /** RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050, always Zulu, no fractions. */
 export function time(d: Date): Buffer {
-  const iso = d.toISOString(); // YYYY-MM-DDTHH:MM:SS.sssZ
-  const compact = iso.slice(0, 19).replace(/[-:T]/g, '') + 'Z';
   const year = d.getUTCFullYear();
-  if (year >= 1950 && year < 2050) return tlv(TAG.UTC_TIME, Buffer.from(compact.slice(2), 'ascii'));
-  return tlv(TAG.GENERALIZED_TIME, Buffer.from(compact, 'ascii'));
+  if (!(year >= 0 && year <= 9999)) throw new DerError(`time out of range: ${d.getTime()}`);
+  const utc = year >= 1950 && year < 2050;
+  const out = Buffer.allocUnsafe(utc ? 15 : 17);
+  out[0] = utc ? TAG.UTC_TIME : TAG.GENERALIZED_TIME;
+  out[1] = out.length - 2;
+  let o = 2;
+  const two = (n: number) => {
+    out[o++] = 0x30 + ((n / 10) | 0);
+    out[o++] = 0x30 + (n % 10);
+  };
+  if (!utc) two((year / 100) | 0);
+  two(year % 100);
+  two(d.getUTCMonth() + 1);
+  two(d.getUTCDate());
+  two(d.getUTCHours());
+  two(d.getUTCMinutes());
+  two(d.getUTCSeconds());
+  out[o] = 0x5a; // Z
+  return out;
 }
 
 // ---- decoder -----------------------------------------------------------------------------
@@ -169,19 +184,25 @@ export function decodeOid(node: DerNode): string {
   expectTag(node, TAG.OID, 'OID');
   const b = node.value;
   if (b.length === 0 || b.length > 64) throw new DerError('bad OID length');
-  const arcs: bigint[] = [];
-  let cur = 0n;
+  // Arcs are numbers while they stay exact (below 2^52 after the next shift), BigInt beyond.
+  const arcs: Array<number | bigint> = [];
+  let cur = 0;
+  let big: bigint | null = null;
   for (let i = 0; i < b.length; i++) {
-    if (cur === 0n && b[i] === 0x80) throw new DerError('non-minimal OID arc');
-    cur = (cur << 7n) | BigInt(b[i] & 0x7f);
+    if (cur === 0 && big === null && b[i] === 0x80) throw new DerError('non-minimal OID arc');
+    if (big !== null) big = (big << 7n) | BigInt(b[i] & 0x7f);
+    else if (cur >= 2 ** 45) big = (BigInt(cur) << 7n) | BigInt(b[i] & 0x7f);
+    else cur = cur * 128 + (b[i] & 0x7f);
     if (!(b[i] & 0x80)) {
-      arcs.push(cur);
-      cur = 0n;
+      arcs.push(big ?? cur);
+      cur = 0;
+      big = null;
     } else if (i === b.length - 1) throw new DerError('truncated OID');
   }
-  const first = arcs[0] < 80n ? arcs[0] / 40n : 2n;
-  const second = arcs[0] - first * 40n;
-  return [first, second, ...arcs.slice(1)].join('.');
+  const head = arcs[0];
+  const [first, second] = typeof head === 'bigint' ? [2, head - 80n] : head < 80 ? [Math.floor(head / 40), head % 40] : [2, head - 80];
+  arcs[0] = second;
+  return `${first}.${arcs.join('.')}`;
 }
 
 export function decodeInteger(node: DerNode): bigint {

@@ -1,8 +1,8 @@
 export * as der from './der.ts';
 export { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 export { toPem, fromPem, allPem } from './pem.ts';
-export { buildCsr, parseCsr, parseCsrDer, encodeName, decodeName, certificateSubject, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
-export { keyDescription, signatureAlgorithmFor, keySpecLabel, type KeyDescription } from './keys.ts';
+export { buildCsr, parseCsr, parseCsrDer, parseCsrAsync, parseCsrDerAsync, encodeName, decodeName, certificateSubject, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
+export { keyDescription, signatureAlgorithmFor, keySpecLabel, readSpki, importSpki, importSpkiFast, type KeyDescription, type SpkiKey } from './keys.ts';
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
-export { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, type CertificateProfile, type CertificateInput } from './certificate.ts';
+export { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, CertificateTemplate, type CertificateProfile, type CertificateInput, type TemplateFields } from './certificate.ts';
 export { encodeCrl, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';

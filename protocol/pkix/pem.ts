@@ -3,8 +3,9 @@ import { DerError } from './der.ts';
 
 export function toPem(der: Buffer, label: string): string {
   const b64 = der.toString('base64');
-  const lines = b64.match(/.{1,64}/g) ?? [];
-  return `-----BEGIN ${label}-----\n${lines.join('\n')}\n-----END ${label}-----\n`;
+  let body = '';
+  for (let i = 0; i < b64.length; i += 64) body += b64.slice(i, i + 64) + '\n';
+  return `-----BEGIN ${label}-----\n${body}-----END ${label}-----\n`;
 }
 
 /** Decodes the first PEM block with `label`; throws DerError when absent or not base64. */
