@@ -140,7 +140,9 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       // Synchronous: runs on every publish, before the ACL, so refused publishes count too.
       authorizePublish(client) {
         if (!opts.sessions.get(client)) return;
-        const now = Date.now();
+        // Monotonic: a wall clock stepped back (NTP on a gateway that booted with a wrong
+        // RTC) must not freeze the refill, nor a step forward grant a burst.
+        const now = performance.now();
         let b = budgets.get(client);
         if (b === undefined || b.limits !== l) {
           b = { bucket: new TokenBucket(l.publishesPerClient, now), limits: l };

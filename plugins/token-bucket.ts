@@ -3,7 +3,8 @@
  * client): checked on every publish, so it must cost no promise and no store. It holds
  * `points` tokens and refills `points` per `durationSeconds`, continuously: a device may
  * burst up to `points`, and sustain `points / durationSeconds` per second. Being per
- * connection, it never needs a shared store (Redis) in a cluster.
+ * connection, it never needs a shared store (Redis) in a cluster. Times are milliseconds
+ * on a monotonic clock (performance.now()).
  */
 export class TokenBucket {
   private tokens: number;
