@@ -10,6 +10,12 @@
  * per message:
  *
  *   node --import tsx bench/plugin-chain.ts [messages=2000000] [batch=64]
+ *
+ * With a third argument `full` or `bare`, only that chain runs (warm-up + messages), for
+ * instruction counts: the difference of two callgrind totals (messages = N and 2N) over N
+ * is the instructions per message, without start-up and compilation:
+ *
+ *   valgrind --tool=callgrind --callgrind-out-file=/dev/null node --import tsx bench/plugin-chain.ts 100000 64 full
  */
 import type { Client, PublishPacket } from 'aedes';
 import { PerformanceObserver, constants } from 'node:perf_hooks';
@@ -20,6 +26,7 @@ import { upTopic } from '../protocol/index.ts';
 
 const messages = Number(process.argv[2] ?? 2_000_000);
 const batch = Number(process.argv[3] ?? 64);
+const only = process.argv[4] as 'full' | 'bare' | undefined;
 
 const sessions = new SessionRegistry();
 let relayed = 0;
@@ -75,6 +82,13 @@ async function run(hooks: ReturnType<typeof gatewayHooks>, n: number): Promise<n
 
 const bare = gatewayHooks(false);
 const full = gatewayHooks(true);
+if (only) {
+  const hooks = only === 'full' ? full : bare;
+  await run(hooks, 100_000); // warm-up
+  const ns = await run(hooks, messages);
+  process.stdout.write(JSON.stringify({ bench: 'plugin-chain', metric: 'ns_per_publish', value: Math.round((ns / messages) * 10) / 10, unit: 'ns', chain: only, messages, batch }) + '\n');
+  process.exit(0);
+}
 await run(bare, Math.min(200_000, messages)); // warm-up: JIT, inline caches
 await run(full, Math.min(200_000, messages));
 let minorGcs = 0;
