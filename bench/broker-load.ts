@@ -37,6 +37,10 @@ export interface LoadResult {
   windowStartNs: bigint;
   windowEndNs: bigint;
   errors: number;
+  /** QoS 1 throughput: messages per client write (refills coalesced per loop turn). */
+  msgsPerWrite?: number;
+  /** QoS 1 throughput: PUBACKs per socket read. */
+  acksPerRead?: number;
 }
 
 const MAX_SAMPLES = 2_000_000;
@@ -64,6 +68,46 @@ interface Pub {
   t1: PublishTemplate;
   nextId: number;
   sentAt: Float64Array;
+  /** QoS 1 messages acknowledged but not yet replaced (see Refill). */
+  owed: number;
+}
+
+/**
+ * Refills QoS 1 windows once per event-loop turn instead of once per socket read. A broker
+ * that writes every PUBACK on its own (Mosquitto: one TLS record each) would otherwise cost
+ * the client one TLS write -- encryption and a syscall -- per message, and the client, not
+ * the broker, would be measured. The window stays the bound on messages in flight; a
+ * replacement leaves at most one loop turn (microseconds) after its PUBACK arrived.
+ */
+class Refill {
+  private readonly dirty: Pub[] = [];
+  private scheduled = false;
+  running = true;
+  writes = 0;
+  messages = 0;
+
+  owe(p: Pub, acks: number): void {
+    if (!this.running) return;
+    if (p.owed === 0) this.dirty.push(p);
+    p.owed += acks;
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(this.flush);
+    }
+  }
+
+  private readonly flush = (): void => {
+    this.scheduled = false;
+    for (const p of this.dirty) {
+      if (this.running) {
+        send(p, 1, p.owed);
+        this.writes++;
+        this.messages += p.owed;
+      }
+      p.owed = 0;
+    }
+    this.dirty.length = 0;
+  };
 }
 
 let pubs: Pub[] = [];
@@ -101,7 +145,11 @@ async function throughput(qos: 0 | 1, seconds: number, warmupMs: number, window:
   let running = true;
   let messages = 0;
   if (qos === 1) {
+    const refill = new Refill();
+    let reads = 0;
+    let acked = 0;
     for (const p of pubs) {
+      p.owed = 0;
       p.client.onPuback = (id) => {
         if (counting) {
           messages++;
@@ -109,7 +157,9 @@ async function throughput(qos: 0 | 1, seconds: number, warmupMs: number, window:
         }
       };
       p.client.onChunkDone = (acks) => {
-        if (running) send(p, 1, acks);
+        reads++;
+        acked += acks;
+        refill.owe(p, acks);
       };
       send(p, 1, window);
     }
@@ -122,10 +172,14 @@ async function throughput(qos: 0 | 1, seconds: number, warmupMs: number, window:
     const windowMs = monoMs() - t0;
     const endNs = nowNs();
     running = false;
+    refill.running = false;
     // Let the in-flight window drain before the next phase.
     await new Promise((r) => setTimeout(r, 300));
     await barrier();
-    return { messages, windowMs, ackLatency: ack.done(), deliveryLatency: new Float64Array(0), windowStartNs: startNs, windowEndNs: endNs, errors };
+    return {
+      messages, windowMs, ackLatency: ack.done(), deliveryLatency: new Float64Array(0), windowStartNs: startNs, windowEndNs: endNs, errors,
+      msgsPerWrite: refill.messages / Math.max(1, refill.writes), acksPerRead: acked / Math.max(1, reads),
+    };
   }
   // QoS 0: pump while the socket takes it; warm-up, barrier, measured window, barrier.
   const BATCH = 64;
@@ -227,7 +281,7 @@ async function handle(msg: LoadCommand): Promise<unknown> {
         const client = await RawMqtt.connect({ host: msg.host, port: msg.port, clientId: p.id, key: p.key, cert: p.cert, maxVersion: msg.maxVersion, keepalive: 600 });
         client.socket.on('error', () => errors++);
         client.socket.on('close', () => errors++);
-        return { client, t0: new PublishTemplate(topicOf(p.id), msg.payloadBytes, 0), t1: new PublishTemplate(topicOf(p.id), msg.payloadBytes, 1), nextId: 1, sentAt: new Float64Array(65536) };
+        return { client, t0: new PublishTemplate(topicOf(p.id), msg.payloadBytes, 0), t1: new PublishTemplate(topicOf(p.id), msg.payloadBytes, 1), nextId: 1, sentAt: new Float64Array(65536), owed: 0 };
       }));
       const s = pubs[0].client.socket;
       return { protocol: s.getProtocol(), cipher: s.getCipher().name };

@@ -24,7 +24,7 @@ import { BACKDATE_MS } from '../authority/ca/index.ts';
 import { startBroker } from '../broker/index.ts';
 import { resolveGatewayConfig, startGateway } from '../gateway/index.ts';
 import { pkix } from '../protocol/index.ts';
-import { CpuMeter, log, onCleanup, percentiles, sleep, spawnNode, waitForQuiet, type Json, type SpawnedNode } from './common.ts';
+import { CpuMeter, log, onCleanup, percentiles, round, sleep, spawnNode, waitForQuiet, type Json, type SpawnedNode } from './common.ts';
 import type { Identity, LoadCommand, LoadResult } from './broker-load.ts';
 import { BENCH_PASSPHRASE, startProcStack } from './proc-stack.ts';
 import { summarizeProfile } from './profile-summary.ts';
@@ -86,8 +86,11 @@ function internalSubscriber(aedes: Aedes) {
 
 type Load = { proc: SpawnedNode; call<T>(cmd: LoadCommand): Promise<T> };
 
-async function startLoad(i: number): Promise<Load> {
-  const proc = spawnNode('bench/broker-load.ts', [], { name: `broker-load-${i}`, ipc: true, env: { BENCH_BROKER_LOAD: '1' } });
+async function startLoad(i: number, profDir: string): Promise<Load> {
+  const proc = spawnNode('bench/broker-load.ts', [], {
+    name: `broker-load-${i}`, ipc: true, env: { BENCH_BROKER_LOAD: '1' },
+    ...(profDir ? { nodeArgs: ['--cpu-prof', '--cpu-prof-dir', profDir] } : {}),
+  });
   const replies: Array<(m: { ok: boolean; result?: unknown; message?: string }) => void> = [];
   proc.child.on('message', (m: { ok: boolean; result?: unknown; message?: string }) => replies.shift()?.(m));
   const call = <T>(cmd: LoadCommand | null): Promise<T> => new Promise((resolve, reject) => {
@@ -118,8 +121,11 @@ function merge(rs: LoadResult[]): LoadResult & { rate: number } {
     windowStartNs: rs.map((r) => r.windowStartNs).reduce((a, b) => (b < a ? b : a)),
     windowEndNs: rs.map((r) => r.windowEndNs).reduce((a, b) => (b > a ? b : a)),
     errors: rs.reduce((a, r) => a + r.errors, 0),
+    ...(rs[0].msgsPerWrite !== undefined ? { msgsPerWrite: avg(rs.map((r) => r.msgsPerWrite!)), acksPerRead: avg(rs.map((r) => r.acksPerRead!)) } : {}),
   };
 }
+
+const avg = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 
 export const brokerBench = defineBench({
   name: 'broker',
@@ -136,6 +142,7 @@ export const brokerBench = defineBench({
     rounds: { default: 2, help: 'interleaved throughput rounds over the brokers; the best round per broker is reported' },
     'load-procs': { default: 1, help: 'client processes (publishers dealt out among them; on 2 cores more steal CPU from the broker)' },
     'cpu-prof': { default: '', help: 'file prefix: CPU-profile the in-process brokers (gateway, aedes) during each throughput phase and print the top functions' },
+    'load-prof': { default: '', help: 'directory: run the client processes under --cpu-prof (one profile per process, written when it exits)' },
   },
   async run(opts, emit) {
     if (opts.payload < 8) throw new Error('--payload must be at least 8');
@@ -192,7 +199,7 @@ export const brokerBench = defineBench({
     }
 
     // The load processes (publishers are dealt out round-robin; the subscriber lives in the first).
-    const loads = await Promise.all(Array.from({ length: Math.max(1, opts['load-procs']) }, (_, i) => startLoad(i)));
+    const loads = await Promise.all(Array.from({ length: Math.max(1, opts['load-procs']) }, (_, i) => startLoad(i, opts['load-prof'])));
     const slices = loads.map((_, i) => pubs.filter((__, j) => j % loads.length === i));
     const each = <T>(mk: (i: number) => LoadCommand): Promise<T[]> => Promise.all(loads.map((l, i) => l.call<T>(mk(i))));
     const loadPids: Record<string, number> = {};
@@ -201,7 +208,7 @@ export const brokerBench = defineBench({
     // Throughput: interleaved rounds (gateway, aedes, mosquitto, gateway, ...) so that a change
     // in machine load (another session's tests on a shared machine) hits every broker alike;
     // per broker and QoS the best round is reported, with every round's rate alongside.
-    interface Phase { rate: number; brokerPct: number; loadPct: number; foreignPct: number; clientBound: boolean; ackLatency: Float64Array; errors: number }
+    interface Phase { rate: number; brokerPct: number; loadPct: number; foreignPct: number; clientBound: boolean; ackLatency: Float64Array; errors: number; msgsPerWrite?: number; acksPerRead?: number }
     const phases: Record<string, Record<number, Phase[]>> = {};
     const tctx: Record<string, Record<string, Json>> = {};
     const connect = async (t: Target) => {
@@ -230,6 +237,7 @@ export const brokerBench = defineBench({
             rate: r.rate, brokerPct: (cpu.cpuMs.broker / cpu.wallMs) * 100, loadPct: (loadCpu / cpu.wallMs) * 100, foreignPct: cpu.foreignPct,
             // A load process above 90% of a core was the limit, not the broker.
             clientBound: Object.keys(loadPids).some((k) => cpu.cpuMs[k] / cpu.wallMs > 0.9), ackLatency: r.ackLatency, errors: r.errors,
+            msgsPerWrite: r.msgsPerWrite, acksPerRead: r.acksPerRead,
           });
         }
         await each(() => ({ cmd: 'disconnect' }));
@@ -247,7 +255,7 @@ export const brokerBench = defineBench({
         (results[t.name] ??= {})[qos] = best.rate;
         (perCpu[t.name] ??= {})[qos] = best.rate / (best.brokerPct / 100);
         emit('msgs_per_s', best.rate, 'msgs/s', {
-          ...ctx, ...(qos ? { window_per_publisher: opts.window } : { method: 'publish as fast as TCP takes it, QoS 1 barrier at the end' }),
+          ...ctx, ...(qos ? { window_per_publisher: opts.window, client_msgs_per_write: round(best.msgsPerWrite ?? 0), client_acks_per_read: round(best.acksPerRead ?? 0) } : { method: 'publish as fast as TCP takes it, QoS 1 barrier at the end' }),
           client_bound: best.clientBound, rates_by_round: all.map((p) => Math.round(p.rate)), foreign_cpu_pct_by_round: all.map((p) => Math.round(p.foreignPct)),
         });
         emit('msgs_per_cpu_s', best.rate / (best.brokerPct / 100), 'msgs/CPU-s', { ...ctx, note: 'msgs_per_s / broker cores busy: comparable even when the client was the limit' });

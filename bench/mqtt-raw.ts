@@ -43,7 +43,12 @@ export class RawMqtt {
 
   private constructor(socket: TLSSocket) {
     this.socket = socket;
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    // Paused mode: every TLS record a read brought in is taken in one go, not one 'data'
+    // event per record (a broker writing each PUBACK on its own sends one record each).
+    socket.on('readable', () => {
+      let chunk: Buffer | null;
+      while ((chunk = socket.read() as Buffer | null) !== null) this.onData(chunk);
+    });
   }
 
   /** Opens TLS, sends CONNECT, resolves after CONNACK 0. */

@@ -10,7 +10,6 @@ import type { Logger } from 'pino';
 import {
   LeafgateError,
   parseJsonObject,
-  parseTopic,
   requestIdOf,
   toLeafgateError,
   validateAuth,
@@ -20,7 +19,7 @@ import {
   type DownKind,
   type InstructionMessage,
 } from '../protocol/index.ts';
-import { PublishRefusal, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
+import { PublishRefusal, parsedTopicOf, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
 import type { AuthorityClient } from './authority-client.ts';
 import type { AuthorityGate } from './authority-gate.ts';
 import type { OutboxStore } from './outbox.ts';
@@ -56,7 +55,7 @@ export class OnboardingRelay {
     return {
       name: 'outbox',
       authorizePublish: (client, packet) => {
-        if (parseTopic(packet.topic)?.kind !== 'csr') return;
+        if (parsedTopicOf(client, packet.topic)?.kind !== 'csr') return;
         return this.acceptCsr(client, packet);
       },
     };

@@ -8,10 +8,10 @@ import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { downTopic, parseTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
+import { downTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
-import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
+import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
@@ -225,7 +225,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       },
       onPublished(client, packet) {
         const session = sessions.get(client);
-        const t = parseTopic(packet.topic);
+        const t = parsedTopicOf(client, packet.topic);
         if (!session || !t || t.direction !== 'up') return;
         if (t.kind === 'telemetry') module?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         if (t.kind === 'register' || t.kind === 'auth') {

@@ -4,8 +4,9 @@
  * to the onboarding kinds. Nothing else: no other device, no wildcards across devices,
  * no `$SYS`, no retained onboarding messages, no wills outside the device's own telemetry.
  */
-import { BOOTSTRAP_UP_KINDS, DOWN_KINDS, TOPIC_ROOT, parseTopic, type UpKind } from '../protocol/index.ts';
+import { BOOTSTRAP_UP_KINDS, DOWN_KINDS, TOPIC_ROOT, parseTopic, type ParsedTopic, type UpKind } from '../protocol/index.ts';
 import type { DeviceSession, SessionRegistry } from './sessions.ts';
+import { topicMemo } from './topic-memo.ts';
 import { ConnectRefusal, PublishRefusal, type BrokerPlugin } from './types.ts';
 
 const OPERATIONAL_UP_KINDS: readonly UpKind[] = ['csr', 'telemetry'];
@@ -13,7 +14,11 @@ const MAX_TELEMETRY_LEVELS = 8;
 
 /** Null when allowed, else the reason. */
 export function publishDenial(session: DeviceSession, topic: string): string | null {
-  const t = parseTopic(topic);
+  return denialFor(session, parseTopic(topic));
+}
+
+/** publishDenial on an already parsed topic. */
+function denialFor(session: DeviceSession, t: ParsedTopic | null): string | null {
   if (!t || t.direction !== 'up') return 'devices publish only to their own up/ topics';
   if (t.deviceId !== session.deviceId) return 'devices publish only to their own topics';
   const kinds = session.kind === 'bootstrap' ? BOOTSTRAP_UP_KINDS : OPERATIONAL_UP_KINDS;
@@ -48,10 +53,16 @@ export function authorizationPlugin(opts: { sessions: SessionRegistry }): Broker
     authorizePublish(client, packet) {
       const session = opts.sessions.get(client);
       if (!session) throw new Error('publish without a session');
-      const denial = publishDenial(session, packet.topic);
-      if (denial) throw new PublishRefusal('forbidden', denial);
+      // The ACL is a function of the session (id, kind) and the topic: a verdict is kept
+      // with the client's topic memo until either changes.
+      const m = topicMemo(client, packet.topic);
+      if (m.aclSession !== session) {
+        m.denial = denialFor(session, m.parsed);
+        m.aclSession = session;
+      }
+      if (m.denial !== null) throw new PublishRefusal('forbidden', m.denial);
       // Onboarding requests are commands, not state: never retained.
-      if (parseTopic(packet.topic)?.kind !== 'telemetry') packet.retain = false;
+      if (m.parsed!.kind !== 'telemetry') packet.retain = false;
     },
 
     authorizeSubscribe(client, sub) {

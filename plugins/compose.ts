@@ -3,6 +3,11 @@
  * first refusal wins. Hooks that return plain values run synchronously (the publish hot
  * path stays free of promise hops); a hook that returns a promise is awaited, and after
  * every await the client is re-checked, since it may have gone (aedes #928, #979).
+ *
+ * authorizePublish runs for every message, so its synchronous path allocates nothing: a
+ * plain loop over the hooks, no closure, no promise. Only when a hook answers with a
+ * promise (e.g. an onboarding limit in a shared store) does the rest of the chain continue
+ * in an async function, from the hook after it.
  */
 import type { AedesOptions, AuthenticateError, Client, PublishPacket } from 'aedes';
 import type { Logger } from 'pino';
@@ -70,6 +75,30 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
     }
   };
 
+  /** The chain's answer to aedes: a PublishRefusal drops the message and tells the device. */
+  const publishVerdict = (client: Client, packet: PublishPacket, err: unknown, cb: (err: Error | null) => void): void => {
+    if (err instanceof PublishRefusal) {
+      opts.onPublishRefused(client, packet, err);
+      packet.topic = DROPPED_TOPIC;
+      packet.retain = false;
+      return cb(null);
+    }
+    cb(err as Error);
+  };
+
+  /** The slow path: awaits `pending` (hook `from - 1`), then runs the hooks from `from` on. */
+  const publishRest = async (client: Client, packet: PublishPacket, pending: Promise<unknown>, from: number, closing: boolean): Promise<void> => {
+    await pending;
+    if (!closing && client.closed) throw new Error('client closed during check');
+    for (let i = from; i < pub.length; i++) {
+      const r = pub[i].authorizePublish!(client, packet);
+      if (r !== undefined && isPromise(r)) {
+        await r;
+        if (!closing && client.closed) throw new Error('client closed during check');
+      }
+    }
+  };
+
   return {
     disconnect,
 
@@ -108,21 +137,22 @@ export function composePlugins(plugins: BrokerPlugin[], opts: ComposeOptions): H
       if (!client) return cb(null);
       // aedes authorizes a will from client.close(): the client is already closed then.
       const closing = client.closed;
-      runAll(
-        pub,
-        (p) => p.authorizePublish!(client, packet),
-        (err) => {
-          if (!err) return cb(null);
-          if (err instanceof PublishRefusal) {
-            opts.onPublishRefused(client, packet, err);
-            packet.topic = DROPPED_TOPIC;
-            packet.retain = false;
-            return cb(null);
-          }
-          cb(err as Error);
-        },
-        () => closing || !client.closed,
-      );
+      for (let i = 0; i < pub.length; i++) {
+        let r: unknown;
+        try {
+          r = pub[i].authorizePublish!(client, packet);
+        } catch (err) {
+          return publishVerdict(client, packet, err, cb);
+        }
+        if (r !== undefined && isPromise(r)) {
+          publishRest(client, packet, r, i + 1, closing).then(
+            () => cb(null),
+            (err: unknown) => publishVerdict(client, packet, err, cb),
+          );
+          return;
+        }
+      }
+      cb(null);
     },
 
     authorizeSubscribe(client, subscription, cb) {

@@ -6,3 +6,5 @@ export { authorizationPlugin, publishDenial, subscriptionAllowed } from './autho
 export { payloadLimitPlugin, type PayloadLimitOptions } from './payload-limit.ts';
 export { composePlugins, DROPPED_TOPIC, type ComposeOptions } from './compose.ts';
 export { rateLimitPlugin, memoryLimiters, DEFAULT_RATE_LIMITS, type RateLimitConfig, type RateLimitPlugin, type Limit, type LimiterFactory, type RateLimitObserver } from './rate-limit.ts';
+export { parsedTopicOf, topicMemo, type TopicMemo } from './topic-memo.ts';
+export { TokenBucket } from './token-bucket.ts';

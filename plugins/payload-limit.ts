@@ -3,7 +3,8 @@
  * connection (broker/); this plugin refuses oversized messages politely with
  * `payload_too_large` so a device learns what went wrong.
  */
-import { LIMITS, parseTopic } from '../protocol/index.ts';
+import { LIMITS } from '../protocol/index.ts';
+import { parsedTopicOf } from './topic-memo.ts';
 import { PublishRefusal, type BrokerPlugin } from './types.ts';
 
 export interface PayloadLimitOptions {
@@ -16,8 +17,8 @@ export function payloadLimitPlugin(opts: PayloadLimitOptions = {}): BrokerPlugin
   const telemetry = opts.telemetryBytes ?? LIMITS.telemetryPayloadBytes;
   return {
     name: 'payload-limit',
-    authorizePublish(_client, packet) {
-      const cap = parseTopic(packet.topic)?.kind === 'telemetry' ? telemetry : onboarding;
+    authorizePublish(client, packet) {
+      const cap = parsedTopicOf(client, packet.topic)?.kind === 'telemetry' ? telemetry : onboarding;
       const size = typeof packet.payload === 'string' ? Buffer.byteLength(packet.payload) : packet.payload.length;
       if (size > cap) throw new PublishRefusal('payload_too_large', `payload of ${size} bytes exceeds ${cap}`);
     },

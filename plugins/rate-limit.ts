@@ -4,12 +4,15 @@
  * per device per hour, CSRs per device per day, and concurrent onboardings per gateway.
  * A limited device gets `down/error` with `rate_limited` and `retryAfterMs`; a client that
  * keeps going after being limited is disconnected. Limiters are built by one factory so a
- * cluster swaps the memory store for Redis in one place.
+ * cluster swaps the memory store for Redis in one place; the publish budget is per
+ * connection and checked on every publish, so it is a synchronous in-memory token bucket
+ * (plugins/token-bucket.ts) and never goes through the factory.
  */
 import type { Client } from 'aedes';
 import { RateLimiterMemory, RateLimiterRes, type RateLimiterAbstract } from 'rate-limiter-flexible';
-import { parseTopic } from '../protocol/index.ts';
 import type { SessionRegistry } from './sessions.ts';
+import { TokenBucket } from './token-bucket.ts';
+import { parsedTopicOf } from './topic-memo.ts';
 import { PublishRefusal, type BrokerPlugin } from './types.ts';
 
 export interface Limit {
@@ -66,11 +69,12 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
   const make = opts.factory ?? memoryLimiters;
   let l = opts.limits;
   let connections = make('lg:conn', l.connectionsPerAddress);
-  let publishes = make('lg:pub', l.publishesPerClient);
   let onboardings = make('lg:onb', l.onboardingsPerDevice);
   let csrs = make('lg:csr', l.csrsPerDevice);
   const active = new Set<Client>();
   const strikes = new WeakMap<Client, number>();
+  /** Per connection: its publish budget, and the limits it was made for (reconfigure restarts it). */
+  const budgets = new WeakMap<Client, { bucket: TokenBucket; limits: RateLimitConfig }>();
 
   /** Consumes one point; returns the wait in ms when over the limit, 0 when allowed. */
   const over = async (limiter: RateLimiterAbstract, key: string): Promise<number> => {
@@ -92,6 +96,22 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
     throw new PublishRefusal('rate_limited', `rate limit ${limit} reached`, retryAfterMs);
   };
 
+  const onboardingBudget = async (client: Client, kind: 'bootstrap' | 'operational', deviceId: string): Promise<void> => {
+    if (kind === 'bootstrap' && !active.has(client)) {
+      if (active.size >= l.concurrentOnboardings) refuse(client, 'concurrentOnboardings', 5_000);
+      active.add(client);
+    }
+    const wait = await over(onboardings, deviceId);
+    if (wait) refuse(client, 'onboardingsPerDevice', wait);
+    strikes.delete(client);
+  };
+
+  const csrBudget = async (client: Client, deviceId: string): Promise<void> => {
+    const wait = await over(csrs, deviceId);
+    if (wait) refuse(client, 'csrsPerDevice', wait);
+    strikes.delete(client);
+  };
+
   return {
     name: 'rate-limit',
 
@@ -107,7 +127,6 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       // New budgets start fresh: counters of the old limits do not carry over.
       l = { ...l, ...next };
       connections = make('lg:conn', l.connectionsPerAddress);
-      publishes = make('lg:pub', l.publishesPerClient);
       onboardings = make('lg:onb', l.onboardingsPerDevice);
       csrs = make('lg:csr', l.csrsPerDevice);
     },
@@ -118,30 +137,29 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
 
     publishBudget: {
       name: 'publish-budget',
-      async authorizePublish(client) {
-        const session = opts.sessions.get(client);
-        if (!session) return;
-        const wait = await over(publishes, session.deviceId);
+      // Synchronous: runs on every publish, before the ACL, so refused publishes count too.
+      authorizePublish(client) {
+        if (!opts.sessions.get(client)) return;
+        // Monotonic: a wall clock stepped back (NTP on a gateway that booted with a wrong
+        // RTC) must not freeze the refill, nor a step forward grant a burst.
+        const now = performance.now();
+        let b = budgets.get(client);
+        if (b === undefined || b.limits !== l) {
+          b = { bucket: new TokenBucket(l.publishesPerClient, now), limits: l };
+          budgets.set(client, b);
+        }
+        const wait = b.bucket.take(now);
         if (wait) refuse(client, 'publishesPerClient', wait);
       },
     },
 
-    async authorizePublish(client, packet) {
+    // Synchronous for telemetry; onboarding kinds consult the shared (possibly remote) limiters.
+    authorizePublish(client, packet) {
       const session = opts.sessions.get(client);
       if (!session) return;
-      let wait = 0;
-      const kind = parseTopic(packet.topic)?.kind;
-      if (kind === 'register') {
-        if (session.kind === 'bootstrap' && !active.has(client)) {
-          if (active.size >= l.concurrentOnboardings) refuse(client, 'concurrentOnboardings', 5_000);
-          active.add(client);
-        }
-        wait = await over(onboardings, session.deviceId);
-        if (wait) refuse(client, 'onboardingsPerDevice', wait);
-      } else if (kind === 'csr') {
-        wait = await over(csrs, session.deviceId);
-        if (wait) refuse(client, 'csrsPerDevice', wait);
-      }
+      const kind = parsedTopicOf(client, packet.topic)?.kind;
+      if (kind === 'register') return onboardingBudget(client, session.kind, session.deviceId);
+      if (kind === 'csr') return csrBudget(client, session.deviceId);
       strikes.delete(client);
     },
 

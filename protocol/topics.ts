@@ -46,13 +46,25 @@ export interface ParsedTopic {
   rest: string[];
 }
 
-/** Splits a concrete topic (no wildcards) of our tree; null when it is not one of ours. */
+const ROOT_PREFIX = `${TOPIC_ROOT}/`;
+
+/**
+ * Splits a concrete topic (no wildcards) of our tree; null when it is not one of ours.
+ * On the broker's per-publish path: it scans with indexOf instead of splitting the whole
+ * topic, and splits only the levels after the kind.
+ */
 export function parseTopic(topic: string): ParsedTopic | null {
-  const parts = topic.split('/');
-  if (parts.length < 5 || parts[0] !== 'lg' || parts[1] !== 'v1') return null;
-  const [, , deviceId, direction, kind, ...rest] = parts;
+  if (!topic.startsWith(ROOT_PREFIX)) return null;
+  const idEnd = topic.indexOf('/', ROOT_PREFIX.length);
+  if (idEnd < 0) return null;
+  const dirEnd = topic.indexOf('/', idEnd + 1);
+  if (dirEnd < 0) return null;
+  const deviceId = topic.slice(ROOT_PREFIX.length, idEnd);
   if (!isValidDeviceId(deviceId)) return null;
+  const direction = topic.slice(idEnd + 1, dirEnd);
   if (direction !== 'up' && direction !== 'down') return null;
+  const kindEnd = topic.indexOf('/', dirEnd + 1);
+  const kind = kindEnd < 0 ? topic.slice(dirEnd + 1) : topic.slice(dirEnd + 1, kindEnd);
   if (kind.length === 0) return null;
-  return { deviceId, direction, kind, rest };
+  return { deviceId, direction, kind, rest: kindEnd < 0 ? [] : topic.slice(kindEnd + 1).split('/') };
 }
