@@ -46,9 +46,20 @@ if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'number', ARGV[1], 'der', ARGV[2])
 return 1`;
 
+// A presence value is `<nodeId>|<kind>|<certificate fingerprint>`; only its own node drops it.
 const PRESENCE_DROP = `
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.sub(v, 1, #ARGV[2] + 1) == ARGV[2] .. '|' then return redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 0`;
+
+/** How a device is held on another gateway of the cluster. */
+export interface RemoteHolder {
+  nodeId: string;
+  kind: 'bootstrap' | 'operational';
+  certFingerprint?: string;
+}
+
+const HEARTBEAT_TTL_MS = 30_000;
 
 export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; link: [up: boolean] }> {
   /** This process in the cluster; also its aedes broker id. */
@@ -63,6 +74,7 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
   private up = false;
   private db: Redis | undefined;
   private watchdog: NodeJS.Timeout | undefined;
+  private heartbeat: NodeJS.Timeout | undefined;
   private bus: (LocalFirstBus & { close(cb: () => void): void; subConn: Redis }) | undefined;
 
   constructor(private readonly config: ClusterConfig, gatewayId: string, private readonly logger: Logger) {
@@ -146,6 +158,9 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
     await Promise.all([wait(this.cmd), wait(this.sub)]);
     await this.sub.subscribe(this.crlChannel);
     this.setLink(true);
+    this.beat();
+    this.heartbeat = setInterval(() => this.beat(), HEARTBEAT_TTL_MS / 3);
+    this.heartbeat.unref();
   }
 
   /** aedes options: shared persistence and message bus; each gets its own connections. */
@@ -171,8 +186,8 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
   }
 
   /** Records that a device is connected here. Best effort: a miss only delays an answer. */
-  present(deviceId: string): void {
-    this.cmd.hset(`${this.config.keyPrefix}presence`, deviceId, this.nodeId).catch(() => undefined);
+  present(deviceId: string, kind: 'bootstrap' | 'operational', certFingerprint = ''): void {
+    this.cmd.hset(`${this.config.keyPrefix}presence`, deviceId, `${this.nodeId}|${kind}|${certFingerprint}`).catch(() => undefined);
   }
 
   absent(deviceId: string): void {
@@ -188,6 +203,29 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
     } catch {
       return true;
     }
+  }
+
+  /**
+   * The session holding this id on another live gateway, if any. An entry of a gateway
+   * whose heartbeat has lapsed (it crashed) does not count, so a dead node never locks a
+   * device out. Unknown (Redis down) is undefined: the local rules still apply.
+   */
+  async remoteHolder(deviceId: string): Promise<RemoteHolder | undefined> {
+    try {
+      const v = await this.cmd.hget(`${this.config.keyPrefix}presence`, deviceId);
+      if (!v) return undefined;
+      const [nodeId = '', kind, certFingerprint] = v.split('|');
+      if (nodeId === this.nodeId || (kind !== 'bootstrap' && kind !== 'operational')) return undefined;
+      if (!(await this.cmd.exists(`${this.config.keyPrefix}node:${nodeId}`))) return undefined;
+      return { nodeId, kind, certFingerprint: certFingerprint || undefined };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** This node is alive: refreshed well within its expiry. */
+  private beat(): void {
+    this.cmd.set(`${this.config.keyPrefix}node:${this.nodeId}`, String(Date.now()), 'PX', HEARTBEAT_TTL_MS).catch(() => undefined);
   }
 
   /** Shares a verified CRL; announces it when it is newer than the shared one. */
@@ -242,6 +280,8 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
   async close(): Promise<void> {
     this.closing = true;
     clearTimeout(this.watchdog);
+    clearInterval(this.heartbeat);
+    if (this.cmd.status === 'ready') await this.cmd.del(`${this.config.keyPrefix}node:${this.nodeId}`).catch(() => undefined);
     const bye = (r: Redis) =>
       r.status === 'ready' ? Promise.race([r.quit().catch(() => undefined), new Promise((resolve) => setTimeout(resolve, 1000).unref())]) : undefined;
     await Promise.all([bye(this.cmd), bye(this.sub)]);

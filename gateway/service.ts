@@ -197,6 +197,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       authenticationPlugin({
         sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
         isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
+        remoteHolder: cluster ? (deviceId) => cluster.remoteHolder(deviceId) : undefined,
         revocationUsable: () => config.staleCrlPolicy === 'keep' || !revocations.isStale(),
       }),
       limits.publishBudget,
@@ -251,7 +252,8 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   if (cluster) {
     const c = cluster;
     broker.aedes.on('client', (client) => {
-      if (sessions.get(client)) c.present(client.id);
+      const session = sessions.get(client);
+      if (session) c.present(client.id, session.kind, session.certFingerprint);
     });
     broker.aedes.on('clientDisconnect', (client) => c.absent(client.id));
   }

@@ -24,6 +24,12 @@ export interface AuthenticationOptions {
   revocationUsable?: () => boolean;
   /** Keepalive must be 1..this many seconds: 0 (off) would keep dead sessions forever. */
   keepaliveMaxSeconds?: number;
+  /**
+   * A gateway cluster: how the id is held on another gateway, if it is. The rules that hold
+   * on one gateway (a bootstrap claim never takes over a certified device, another
+   * certificate never takes over an id) then hold across the site.
+   */
+  remoteHolder?: (deviceId: string) => Promise<{ kind: 'bootstrap' | 'operational'; certFingerprint?: string } | undefined>;
   logger: Logger;
 }
 
@@ -59,13 +65,21 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
         if (holder?.session.kind === 'operational' && holder.session.certFingerprint !== peer.fingerprint256) {
           throw new ConnectRefusal(2, 'client id is held by another certificate');
         }
-        opts.sessions.bind(client, { ...base, kind: 'operational', certSerial: serial, certFingerprint: peer.fingerprint256 });
-        return;
+        const bindOperational = () => opts.sessions.bind(client, { ...base, kind: 'operational', certSerial: serial, certFingerprint: peer.fingerprint256 });
+        if (holder || !opts.remoteHolder) return bindOperational();
+        return opts.remoteHolder(deviceId).then((remote) => {
+          if (remote?.kind === 'operational' && remote.certFingerprint !== peer.fingerprint256) throw new ConnectRefusal(2, 'client id is held by another certificate on another gateway');
+          bindOperational();
+        });
       }
 
       // A bootstrap claim must never take over a device that is connected with its certificate.
       if (holder?.session.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device');
-      opts.sessions.bind(client, { ...base, kind: 'bootstrap' });
+      if (holder || !opts.remoteHolder) return opts.sessions.bind(client, { ...base, kind: 'bootstrap' });
+      return opts.remoteHolder(deviceId).then((remote) => {
+        if (remote?.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device on another gateway');
+        opts.sessions.bind(client, { ...base, kind: 'bootstrap' });
+      });
     },
 
     onConnected(client) {

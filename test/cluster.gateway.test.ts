@@ -12,7 +12,7 @@ import { test, type TestContext } from 'node:test';
 import { Redis } from 'ioredis';
 import type { CertMessage } from '../protocol/index.ts';
 import { RedisOutbox } from '../cloud-bridge/outbox-redis.ts';
-import { authenticate, bootstrap, csrFor, register, registerMessage, rid } from './support/mqtt.ts';
+import { authenticate, bootstrap, connackRefusal, csrFor, register, registerMessage, rid } from './support/mqtt.ts';
 import { Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 import { startStack, type Stack } from './support/stack.ts';
 import { startTcpProxy } from './support/tcp-proxy.ts';
@@ -131,6 +131,34 @@ test('limits are shared: onboarding attempts of one device count on every gatewa
   assert.equal(refusal.code, 'rate_limited', 'the fourth attempt, on the other gateway, is over the shared budget');
   assert.ok(Number(refusal.retryAfterMs) > 0);
 });
+
+test('a bootstrap claim on gateway B of an id held by a certified device on gateway A is refused; a dead gateway holds nothing', async (t) => {
+  const { stack, onB, keyPrefix } = await cluster(t);
+  const id = uid('pki-held');
+  const identity = await onboardDevice(stack, id);
+  const client = await connectOk(stack, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  await until(async () => (await stack.gateway.cluster!.remoteHolder(id)) === undefined && (await gwPresence(keyPrefix, id)) !== null, 5000, 'presence of the device');
+  assert.equal(await connackRefusal(onB, id), 2, 'bootstrap with the id of a certified device on another gateway');
+  assert.ok(client.connected, 'the certified session on A is untouched');
+
+  // A gateway that crashed leaves its presence entry behind, but no heartbeat.
+  const ghost = uid('ghost');
+  const r = new Redis(REDIS_URL);
+  t.after(() => r.disconnect());
+  await r.hset(`${keyPrefix}presence`, ghost, 'dead-node|operational|AA:BB');
+  const dev = await bootstrap(t, onB, ghost);
+  assert.ok(dev, 'a bootstrap session is allowed: the holder is not alive');
+});
+
+async function gwPresence(keyPrefix: string, id: string): Promise<string | null> {
+  const r = new Redis(REDIS_URL);
+  try {
+    return await r.hget(`${keyPrefix}presence`, id);
+  } finally {
+    r.disconnect();
+  }
+}
 
 test('two outboxes on one Redis: a queued request is claimed by one gateway at a time, and purge drops only old answers', async (t) => {
   const keyPrefix = prefix();
