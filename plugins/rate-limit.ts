@@ -9,6 +9,7 @@
  * (plugins/token-bucket.ts) and never goes through the factory.
  */
 import type { Client } from 'aedes';
+import { performance } from 'node:perf_hooks';
 import { RateLimiterMemory, RateLimiterRes, type RateLimiterAbstract } from 'rate-limiter-flexible';
 import type { SessionRegistry } from './sessions.ts';
 import { TokenBucket } from './token-bucket.ts';
