@@ -6,12 +6,12 @@
  * keeps going after being limited is disconnected. Limiters are built by one factory so a
  * cluster swaps the memory store for Redis in one place; the publish budget is per
  * connection and checked on every publish, so it is a synchronous in-memory token bucket
- * (plugins/token-bucket.ts) and never goes through the factory.
+ * (plugins/connection-limits.ts) and never goes through the factory.
  */
 import type { Client } from 'aedes';
 import { RateLimiterMemory, RateLimiterRes, type RateLimiterAbstract } from 'rate-limiter-flexible';
+import { ConnectionLimits } from './connection-limits.ts';
 import type { SessionRegistry } from './sessions.ts';
-import { TokenBucket } from './token-bucket.ts';
 import { parsedTopicOf } from './topic-memo.ts';
 import { PublishRefusal, type BrokerPlugin } from './types.ts';
 
@@ -72,9 +72,8 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
   let onboardings = make('lg:onb', l.onboardingsPerDevice);
   let csrs = make('lg:csr', l.csrsPerDevice);
   const active = new Set<Client>();
-  const strikes = new WeakMap<Client, number>();
-  /** Per connection: its publish budget, and the limits it was made for (reconfigure restarts it). */
-  const budgets = new WeakMap<Client, { bucket: TokenBucket; limits: RateLimitConfig }>();
+  /** Per connection: the publish budget and the strikes. */
+  const perConnection = new ConnectionLimits();
 
   /** Consumes one point; returns the wait in ms when over the limit, 0 when allowed. */
   const over = async (limiter: RateLimiterAbstract, key: string): Promise<number> => {
@@ -89,8 +88,7 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
 
   const refuse = (client: Client, limit: string, retryAfterMs: number): never => {
     opts.observer?.limited(limit);
-    const n = (strikes.get(client) ?? 0) + 1;
-    strikes.set(client, n);
+    const n = perConnection.strike(client);
     // Past the budget a client that does not back off is cut rather than answered forever.
     if (n > l.abuseDisconnectAfter) throw new Error(`rate limit ${limit} ignored ${n} times`);
     throw new PublishRefusal('rate_limited', `rate limit ${limit} reached`, retryAfterMs);
@@ -103,13 +101,13 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
     }
     const wait = await over(onboardings, deviceId);
     if (wait) refuse(client, 'onboardingsPerDevice', wait);
-    strikes.delete(client);
+    perConnection.forgive(client);
   };
 
   const csrBudget = async (client: Client, deviceId: string): Promise<void> => {
     const wait = await over(csrs, deviceId);
     if (wait) refuse(client, 'csrsPerDevice', wait);
-    strikes.delete(client);
+    perConnection.forgive(client);
   };
 
   return {
@@ -140,15 +138,8 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       // Synchronous: runs on every publish, before the ACL, so refused publishes count too.
       authorizePublish(client) {
         if (!opts.sessions.get(client)) return;
-        // Monotonic: a wall clock stepped back (NTP on a gateway that booted with a wrong
-        // RTC) must not freeze the refill, nor a step forward grant a burst.
-        const now = performance.now();
-        let b = budgets.get(client);
-        if (b === undefined || b.limits !== l) {
-          b = { bucket: new TokenBucket(l.publishesPerClient, now), limits: l };
-          budgets.set(client, b);
-        }
-        const wait = b.bucket.take(now);
+        // Sized by the whole config object: any reconfigure restarts the budgets.
+        const wait = perConnection.takePublish(client, l.publishesPerClient, l);
         if (wait) refuse(client, 'publishesPerClient', wait);
       },
     },
@@ -160,7 +151,7 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       const kind = parsedTopicOf(client, packet.topic)?.kind;
       if (kind === 'register') return onboardingBudget(client, session.kind, session.deviceId);
       if (kind === 'csr') return csrBudget(client, session.deviceId);
-      strikes.delete(client);
+      perConnection.forgive(client);
     },
 
     onDisconnect(client) {

@@ -24,15 +24,22 @@ export interface DeviceSession {
 export class SessionRegistry {
   private readonly byClient = new WeakMap<Client, DeviceSession>();
   private readonly live = new Map<string, { client: Client; session: DeviceSession }>();
+  /**
+   * Every hook of one publish asks for the same client in turn: the last answer is kept
+   * at hand so that only the first pays the WeakMap lookup (it keeps one client reachable).
+   */
+  private lastClient: Client | undefined;
+  private lastSession: DeviceSession | undefined;
 
   attach(client: Client, session: DeviceSession): void {
-    this.byClient.set(client, session);
+    this.bind(client, session);
     this.live.set(session.deviceId, { client, session });
   }
 
   /** Known for this connection, but not (yet) the holder of its id. */
   bind(client: Client, session: DeviceSession): void {
     this.byClient.set(client, session);
+    if (client === this.lastClient) this.lastSession = session;
   }
 
   /** The connection was accepted: it now holds its id. */
@@ -42,7 +49,14 @@ export class SessionRegistry {
   }
 
   get(client: Client): DeviceSession | undefined {
-    return this.byClient.get(client);
+    if (client === this.lastClient) return this.lastSession;
+    const session = this.byClient.get(client);
+    // Only a known client is kept: a miss must not pin an unknown object.
+    if (session !== undefined) {
+      this.lastClient = client;
+      this.lastSession = session;
+    }
+    return session;
   }
 
   /** The connected client currently holding `deviceId`, if any. */

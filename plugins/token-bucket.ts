@@ -4,7 +4,7 @@
  * `points` tokens and refills `points` per `durationSeconds`, continuously: a device may
  * burst up to `points`, and sustain `points / durationSeconds` per second. Being per
  * connection, it never needs a shared store (Redis) in a cluster. Times are milliseconds
- * on a monotonic clock (performance.now()).
+ * on a monotonic clock (performance.now(), see connection-limits.ts).
  */
 export class TokenBucket {
   private tokens: number;

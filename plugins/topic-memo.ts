@@ -21,14 +21,26 @@ export interface TopicMemo {
 }
 
 const memos = new WeakMap<object, TopicMemo>();
+/**
+ * The hooks of one publish ask one after the other for the same client: the last client's
+ * memo is kept at hand, so only the first of them pays the WeakMap lookup. (It keeps the
+ * last publishing client reachable until another client publishes: one object.)
+ */
+let lastClient: object | undefined;
+let lastMemo: TopicMemo | undefined;
 
 /** The memo for `client`, holding `topic` parsed. */
 export function topicMemo(client: object, topic: string): TopicMemo {
-  const m = memos.get(client);
-  if (m === undefined) {
-    const fresh: TopicMemo = { topic, parsed: parseTopic(topic), aclSession: undefined, denial: null };
-    memos.set(client, fresh);
-    return fresh;
+  let m: TopicMemo | undefined;
+  if (client === lastClient) m = lastMemo!;
+  else {
+    m = memos.get(client);
+    if (m === undefined) {
+      m = { topic, parsed: parseTopic(topic), aclSession: undefined, denial: null };
+      memos.set(client, m);
+    }
+    lastClient = client;
+    lastMemo = m;
   }
   if (m.topic !== topic) {
     m.topic = topic;

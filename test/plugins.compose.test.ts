@@ -25,6 +25,7 @@ import {
   type BrokerPlugin,
   type DeviceSession,
 } from '../plugins/index.ts';
+import { runClock } from '../plugins/connection-limits.ts';
 import { startStack } from './support/stack.ts';
 import { Inbox, closeQuietly, connectOk, metricValue, metricsText, onboardDevice, operationalOptions, subscribeGranted, until } from './support/plugins-helpers.ts';
 
@@ -180,6 +181,16 @@ test('TokenBucket: bursts up to points, refills continuously, says how long to w
   assert.ok(b.take(1_000_000) > 0);
   // A clock that goes back never refills.
   assert.ok(b.take(0) > 0);
+});
+
+test('runClock: one reading per synchronous run (the publishes of one socket read), a fresh one after it', async () => {
+  const first = runClock();
+  const spin = performance.now() + 2;
+  while (performance.now() < spin);
+  assert.equal(runClock(), first, 'same run, same reading');
+  await Promise.resolve();
+  await new Promise((r) => setTimeout(r, 2));
+  assert.ok(runClock() > first, 'a later run reads the clock again');
 });
 
 test('publish budget: synchronous, per connection; a refusal is rate_limited with retryAfterMs and counted; ignoring it disconnects', () => {
