@@ -28,7 +28,7 @@ import { RateLimiterMemory, RateLimiterRedis } from 'rate-limiter-flexible';
 import createPersistence from 'aedes-persistence-redis';
 import createMq from 'mqemitter-redis';
 import msgpack from 'msgpack-lite';
-import { memoryLimiters, type LimiterFactory } from '../plugins/index.ts';
+import type { LimiterFactory } from '../plugins/index.ts';
 import { RedisOutbox } from '../cloud-bridge/outbox-redis.ts';
 
 export interface ClusterConfig {
@@ -96,18 +96,16 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
         this.logger.warn({ channel }, 'ignoring a malformed CRL announcement');
       }
     });
-    // Shared budgets; the per-client publish budget counts one connection, so it stays local.
+    // Site-wide budgets (the per-connection publish budget is a local token bucket anyway).
     this.limiters = (name, limit) =>
-      name === 'lg:pub'
-        ? memoryLimiters(name, limit)
-        : new RateLimiterRedis({
-            storeClient: this.cmd,
-            keyPrefix: `${config.keyPrefix}${name}`,
-            points: limit.points,
-            duration: limit.durationSeconds,
-            rejectIfRedisNotReady: true,
-            insuranceLimiter: new RateLimiterMemory({ keyPrefix: name, points: limit.points, duration: limit.durationSeconds }),
-          });
+      new RateLimiterRedis({
+        storeClient: this.cmd,
+        keyPrefix: `${config.keyPrefix}${name}`,
+        points: limit.points,
+        duration: limit.durationSeconds,
+        rejectIfRedisNotReady: true,
+        insuranceLimiter: new RateLimiterMemory({ keyPrefix: name, points: limit.points, duration: limit.durationSeconds }),
+      });
   }
 
   /** The Redis connections are up (the readiness check and the metric read this). */
