@@ -252,6 +252,27 @@ export async function stopChild(child: ChildProcess, graceMs = 5000): Promise<vo
   clearTimeout(timer);
 }
 
+// Children still running when this process exits (a test that timed out, an uncaught error,
+// process.exit past the watchdog) are killed with it rather than left behind. SIGKILL of this
+// process cannot be caught; everything else reaches 'exit'.
+const liveChildren = new Set<ChildProcess>();
+let exitHookInstalled = false;
+function trackChild(child: ChildProcess): void {
+  liveChildren.add(child);
+  child.once('exit', () => liveChildren.delete(child));
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.once('exit', () => {
+    for (const c of liveChildren) {
+      try {
+        c.kill('SIGKILL');
+      } catch {
+        /* already gone */
+      }
+    }
+  });
+}
+
 export interface SpawnedNode {
   child: ChildProcess;
   pid: number;
@@ -275,6 +296,7 @@ export function spawnNode(script: string, args: string[], opts: { env?: NodeJS.P
   const child = opts.nofile
     ? spawn('bash', ['-c', `n=${Math.floor(opts.nofile)}; h=$(ulimit -Hn); if [ "$h" != unlimited ] && [ "$h" -lt "$n" ]; then n=$h; fi; ulimit -n "$n" && exec "$0" "$@"`, process.execPath, ...nodeArgv], base)
     : spawn(process.execPath, nodeArgv, base);
+  trackChild(child);
   const lines: string[] = [];
   const waiters: Array<{ re: RegExp; resolve: (m: RegExpMatchArray) => void }> = [];
   let stderr = '';

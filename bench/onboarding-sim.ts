@@ -16,7 +16,8 @@ export type SimCredential =
 export interface SimConfig {
   brokerUrl: string;
   ca: string;
-  devices: Array<{ id: string; credential: SimCredential }>;
+  /** `brokerUrl` per device overrides the default (several gateways: devices spread over them). */
+  devices: Array<{ id: string; credential: SimCredential; brokerUrl?: string }>;
   concurrency: number;
   keyPreference?: KeySpec[];
   timeoutMs: number;
@@ -42,7 +43,7 @@ export async function simulate(cfg: SimConfig): Promise<SimResult> {
     const credential: DeviceCredential = d.credential.method === 'pki-signature'
       ? { method: 'pki-signature', birthCert: d.credential.birthCert, factoryKey: createPrivateKey(d.credential.factoryKeyPem) }
       : { method: 'ddkg', attributes: d.credential.attributes };
-    return new LeafDevice({ deviceId: d.id, brokerUrl: cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}) });
+    return new LeafDevice({ deviceId: d.id, brokerUrl: d.brokerUrl ?? cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}) });
   });
   const r: SimResult = { ok: 0, failed: 0, notStarted: 0, errors: {}, latencies: [], phases: { auth: [], keygen: [], issue: [], mtls: [] }, firstStart: Infinity, lastEnd: 0 };
   let next = 0;

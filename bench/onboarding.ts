@@ -6,10 +6,17 @@
  * Reports devices/s, latency percentiles (start of onboarding to the mTLS CONNACK of the
  * reconnect), and per process (authority, gateway, simulator) CPU ms per device, CPU
  * utilization during the run (100% = one core busy) and peak RSS.
+ *
+ * `--gateways N` (N > 1) runs N gateway processes on one Redis (a random key prefix, its
+ * keys deleted afterwards), every one enrolled with the one authority, and spreads the
+ * devices over them round-robin by device (a device onboards and reconnects on the same one).
  */
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
+import { Redis } from 'ioredis';
 import type { KeySpec } from '../protocol/index.ts';
-import { CpuMeter, log, monoMs, percentiles, procStatusKb, spawnNode, waitForQuiet, type SpawnedNode } from './common.ts';
+import { CpuMeter, log, monoMs, onCleanup, type Json, percentiles, procStatusKb, spawnNode, waitForQuiet, type SpawnedNode } from './common.ts';
 import { mergeResults, simulate, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
 import { startProcStack, type ProcStack } from './proc-stack.ts';
 import { defineBench } from './types.ts';
@@ -24,6 +31,42 @@ function credentials(stack: ProcStack, prefix: string, n: number, method: string
     const birth = stack.manufacturer.issueBirthCertificate(id);
     return { id, credential: { method: 'pki-signature' as const, birthCert: birth.birthCert, factoryKeyPem: birth.factoryKey.export({ type: 'pkcs8', format: 'pem' }) as string } };
   });
+}
+
+/** The Redis of the gateway cluster: answers, and the pid of its server when it runs on this machine. */
+async function redisServer(url: string): Promise<{ pid: number | undefined }> {
+  const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1, connectTimeout: 3000, retryStrategy: () => null });
+  r.on('error', () => undefined);
+  try {
+    await r.connect();
+    const pid = Number(/^process_id:(\d+)/m.exec(await r.info('server'))?.[1]);
+    // Same machine and pid namespace: its CPU is ours to count (else it would look foreign).
+    const local = pid > 0 && existsSync(`/proc/${pid}/stat`) && /redis/.test(readFileSync(`/proc/${pid}/cmdline`, 'utf8'));
+    return { pid: local ? pid : undefined };
+  } catch (err) {
+    throw new Error(`the gateway cluster needs a Redis at ${url} (BENCH_REDIS_URL): ${(err as Error).message}`);
+  } finally {
+    r.disconnect();
+  }
+}
+
+/** Deletes every key under `prefix` (the run's own). */
+async function deleteRedisKeys(url: string, prefix: string): Promise<void> {
+  const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1, connectTimeout: 3000, retryStrategy: () => null });
+  r.on('error', () => undefined);
+  try {
+    await r.connect();
+    let cursor = '0';
+    let n = 0;
+    do {
+      const [next, keys] = await r.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+      cursor = next;
+      if (keys.length) n += await r.del(...keys);
+    } while (cursor !== '0');
+    log(`deleted ${n} Redis keys ${prefix}*`);
+  } finally {
+    r.disconnect();
+  }
 }
 
 interface Worker {
@@ -62,29 +105,49 @@ export const onboardingBench = defineBench({
     'run-seconds': { default: 150, help: 'no new device starts after this many seconds of the measured run' },
     'timeout-ms': { default: 60_000, help: 'per-device SDK timeout' },
     'gateway-prof': { default: '', help: 'directory: run gateway and authority with --cpu-prof (profiles written there at exit)' },
+    gateways: { default: 1, help: 'gateway processes; more than one share a Redis (BENCH_REDIS_URL, default redis://127.0.0.1:6379) and devices are spread over them round-robin' },
+    redis: { default: false, help: 'run the gateway(s) on Redis even with --gateways 1 (cluster mode: sessions, outbox, limits in Redis)' },
   },
   async run(opts, emit) {
     const key = KEYS[opts.key];
     if (!key) throw new Error(`--key must be one of ${Object.keys(KEYS).join(', ')}`);
     if (!['pki-signature', 'ddkg', 'mixed'].includes(opts.method)) throw new Error('--method must be pki-signature, ddkg or mixed');
     const total = opts.devices + opts.warmup;
+    const nGateways = opts.gateways;
+    if (!Number.isInteger(nGateways) || nGateways < 1) throw new Error('--gateways must be a positive integer');
     const profArgs = (name: string) => (opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', `${name}.cpuprofile`] : undefined);
+    let redis: { url: string; keyPrefix: string } | undefined;
+    let redisPid: number | undefined;
+    if (nGateways > 1 || opts.redis) {
+      const url = process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379';
+      redisPid = (await redisServer(url)).pid;
+      redis = { url, keyPrefix: `lgbench:${randomBytes(6).toString('hex')}:` };
+      // Registered before the processes start, so it runs after they are stopped.
+      const r = redis;
+      onCleanup(() => deleteRedisKeys(r.url, r.keyPrefix));
+    }
     const stack = await startProcStack({
       keep: opts.keep,
+      gateways: nGateways,
+      redis,
       gateway: {
         // Every simulated device comes from 127.0.0.1, twice (bootstrap + mTLS).
         rateLimits: { connectionsPerAddress: { points: total * 4 + 1000, durationSeconds: 60 }, concurrentOnboardings: total + 1000 },
         ...(opts['authority-concurrency'] > 0 ? { authorityConcurrency: opts['authority-concurrency'] } : {}),
       },
-      gatewayNodeArgs: profArgs('gateway'),
+      gatewayNodeArgs: (i) => profArgs(nGateways > 1 ? `gateway-${i + 1}` : 'gateway'),
       authorityNodeArgs: profArgs('authority'),
     });
-    const brokerUrl = `mqtts://127.0.0.1:${stack.gateway.port}`;
+    const brokerUrls = stack.gateways.map((g) => `mqtts://127.0.0.1:${g.port}`);
+    const brokerUrl = brokerUrls[0];
     const keyPreference = [key];
 
     log(`preparing ${total} device credentials (${opts.method})`);
-    const warm = credentials(stack, 'warm', opts.warmup, opts.method);
-    const devices = credentials(stack, 'dev', opts.devices, opts.method);
+    // Round-robin over the gateways by device, across worker slices too: worker w gets devices
+    // w, w+W, w+2W, ... and those alternate between the gateways.
+    const spread = <T extends object>(list: T[]) => list.map((d, i) => (nGateways > 1 ? { ...d, brokerUrl: brokerUrls[Math.floor(i / Math.max(1, opts.workers)) % nGateways] } : d));
+    const warm = spread(credentials(stack, 'warm', opts.warmup, opts.method));
+    const devices = spread(credentials(stack, 'dev', opts.devices, opts.method));
 
     const workers: Worker[] = [];
     for (let i = 0; i < opts.workers; i++) workers.push(await startWorker(i));
@@ -102,18 +165,22 @@ export const onboardingBench = defineBench({
       if (w.failed) log('warm-up failures:', w.errors);
     }
 
-    const procs: Record<string, number | 'self'> = { authority: stack.authority.pid, gateway: stack.gateway.pid, simulator: 'self' };
+    const gatewayNames = stack.gateways.map((_, i) => (nGateways > 1 ? `gateway-${i + 1}` : 'gateway'));
+    const procs: Record<string, number | 'self'> = { authority: stack.authority.pid, simulator: 'self' };
+    stack.gateways.forEach((g, i) => (procs[gatewayNames[i]] = g.pid));
+    if (redisPid) procs.redis = redisPid;
     workers.forEach((w, i) => (procs[`simulator-${i}`] = w.proc.pid));
     const meter = new CpuMeter(procs);
     await waitForQuiet(60_000);
-    log(`measured run: ${devices.length} devices, concurrency ${opts.concurrency}, ${opts.workers || 'no'} simulator workers`);
+    log(`measured run: ${devices.length} devices, concurrency ${opts.concurrency}, ${opts.workers || 'no'} simulator workers, ${nGateways} gateway${nGateways > 1 ? 's' : ''}${redis ? ' on Redis' : ''}`);
     meter.begin();
     const t0 = monoMs();
     const r = await runSim(devices, t0 + opts['run-seconds'] * 1000);
     const { wallMs, cpuMs, foreignPct } = meter.end();
     const spanMs = r.lastEnd - r.firstStart;
 
-    const ctx = { method: opts.method, key: opts.key };
+    // `gateways` (an option) is on every line already; say where the gateways keep their state.
+    const ctx = { method: opts.method, key: opts.key, ...(redis ? { gateway_state: 'redis' } : {}) };
     emit('devices_per_s', (r.ok * 1000) / spanMs, 'devices/s', { ...ctx, ok: r.ok, failed: r.failed, not_started: r.notStarted, wall_s: spanMs / 1000 });
     if (r.failed) emit('devices_failed', r.failed, 'devices', { ...ctx, errors: r.errors });
     const [p50, p90, p99, max] = percentiles(r.latencies, [50, 90, 99, 100]);
@@ -130,18 +197,28 @@ export const onboardingBench = defineBench({
 
     // Simulator = this process plus its workers.
     const simCpu = Object.entries(cpuMs).filter(([k]) => k.startsWith('simulator')).reduce((a, [, v]) => a + v, 0);
-    const perProcess: Record<string, { cpu: number; hwmKb: number }> = {
+    // With several gateways, `gateway` is their sum and each one has its own lines too.
+    const perProcess: Record<string, { cpu: number; hwmKb: number; processes?: number }> = {
       authority: { cpu: cpuMs.authority, hwmKb: procStatusKb(stack.authority.pid, 'VmHWM') },
-      gateway: { cpu: cpuMs.gateway, hwmKb: procStatusKb(stack.gateway.pid, 'VmHWM') },
+      gateway: {
+        cpu: gatewayNames.reduce((a, n) => a + cpuMs[n], 0),
+        hwmKb: stack.gateways.reduce((a, g) => a + procStatusKb(g.pid, 'VmHWM'), 0),
+        ...(nGateways > 1 ? { processes: nGateways } : {}),
+      },
       simulator: { cpu: simCpu, hwmKb: procStatusKb(process.pid, 'VmHWM') + workers.reduce((a, w) => a + procStatusKb(w.proc.pid, 'VmHWM'), 0) },
     };
+    if (nGateways > 1) stack.gateways.forEach((g, i) => (perProcess[gatewayNames[i]] = { cpu: cpuMs[gatewayNames[i]], hwmKb: procStatusKb(g.pid, 'VmHWM') }));
+    // Redis-server, when it runs here: shared with whatever else uses it meanwhile.
+    if (redisPid) perProcess.redis = { cpu: cpuMs.redis, hwmKb: procStatusKb(redisPid, 'VmHWM') };
     for (const [name, p] of Object.entries(perProcess)) {
-      emit('cpu_ms_per_device', p.cpu / Math.max(1, r.ok), 'ms', { ...ctx, process: name });
-      emit('cpu_util_pct', (p.cpu / wallMs) * 100, '%', { ...ctx, process: name, note: '100 = one core busy for the whole run' });
-      emit('rss_mb_peak', p.hwmKb / 1024, 'MB', { ...ctx, process: name, ...(name === 'simulator' && workers.length ? { processes: workers.length + 1 } : {}) });
+      const more: Record<string, Json> = p.processes ? { processes: p.processes } : {};
+      emit('cpu_ms_per_device', p.cpu / Math.max(1, r.ok), 'ms', { ...ctx, process: name, ...more });
+      emit('cpu_util_pct', (p.cpu / wallMs) * 100, '%', { ...ctx, process: name, ...more, note: '100 = one core busy for the whole run' });
+      emit('rss_mb_peak', p.hwmKb / 1024, 'MB', { ...ctx, process: name, ...more, ...(name === 'simulator' && workers.length ? { processes: workers.length + 1 } : {}) });
     }
-    const totalCpu = Object.values(perProcess).reduce((a, p) => a + p.cpu, 0);
-    emit('bench_cpu_util_pct', (totalCpu / wallMs) * 100, '%', { ...ctx, note: `authority + gateway + simulator; the machine has ${cpus().length * 100}%` });
+    const counted = ['authority', 'gateway', 'simulator', ...(redisPid ? ['redis'] : [])];
+    const totalCpu = counted.reduce((a, n) => a + perProcess[n].cpu, 0);
+    emit('bench_cpu_util_pct', (totalCpu / wallMs) * 100, '%', { ...ctx, note: `${counted.join(' + ')}; the machine has ${cpus().length * 100}%` });
     emit('foreign_cpu_pct', foreignPct, '%', { ...ctx, note: 'CPU used by processes outside this benchmark during the run (another session\'s tests, services): > 10 means the numbers are low' });
 
     for (const w of workers) w.proc.child.send({ cmd: 'exit' });
