@@ -4,11 +4,12 @@
  * authenticates to the authority and serves TLS to devices). Only the token's SHA-256 is
  * stored, so a copy of the database does not hold usable tokens.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
 import { LeafgateError, isValidDeviceId, pkix } from '../protocol/index.ts';
 import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
 import type { AuthorityStore } from './store/index.ts';
+import { newSecret } from './secret.ts';
 
 export interface GatewayEnrollmentResult {
   gatewayId: string;
@@ -41,7 +42,7 @@ export class GatewayEnrollment {
   /** Returns the token to hand to the gateway's operator; valid once, for `ttlSeconds`. */
   async createToken(gatewayId: string, ttlSeconds = 24 * 3600): Promise<string> {
     if (!isValidDeviceId(gatewayId)) throw new LeafgateError('invalid_device_id', 'gateway id is not allowed');
-    const token = randomBytes(24).toString('base64url');
+    const token = newSecret(24);
     await this.deps.store.createEnrollmentToken(hashToken(token), gatewayId, this.now() + ttlSeconds * 1000);
     return token;
   }

@@ -2,7 +2,7 @@
  * Starts an authority: CA, store, TLS identity, HTTPS API. The TLS key of the API is made
  * fresh at every start and never written to disk; gateways trust the root, not this key.
  */
-import { generateKeyPairSync, randomBytes, X509Certificate } from 'node:crypto';
+import { generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isIP } from 'node:net';
@@ -23,6 +23,7 @@ import { PostgresDriver, isPostgresUrl, openStore, redactUrl, type AuthorityStor
 import { LocalBus, PgBus, type ClusterBus } from './cluster.ts';
 import { LeafgateError } from '../protocol/index.ts';
 import { hashAdminToken } from './api/admin.ts';
+import { newSecret } from './secret.ts';
 
 /**
  * The admin credential: LEAFGATE_ADMIN_TOKEN, else a token made on first start in
@@ -32,7 +33,7 @@ export function loadAdminToken(config: Pick<AuthorityConfig, 'dataDir' | 'adminT
   if (config.adminToken) return config.adminToken;
   const file = join(config.dataDir, 'admin-token');
   if (existsSync(file)) return readFileSync(file, 'utf8').trim();
-  const token = randomBytes(24).toString('base64url');
+  const token = newSecret(24);
   writeFileSync(file, token + '\n', { mode: 0o600 });
   return token;
 }
@@ -186,7 +187,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       dps,
       rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
       async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
-        const code = randomBytes(12).toString('base64url');
+        const code = newSecret(12);
         await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
         return code;
       },

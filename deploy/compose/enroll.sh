@@ -8,6 +8,6 @@ for gw in gw-1 gw-2; do
   dir="/var/lib/leafgate/$gw"
   if [ -f "$dir/gateway.json" ]; then echo "$gw already enrolled"; continue; fi
   token=$($cli authority token --gateway "$gw" --config /etc/leafgate/authority.json --database "$LEAFGATE_DATABASE_URL" | tail -1 | awk '{print $NF}')
-  $cli gateway enroll --authority https://authority:8443 --token "$token" --fingerprint "$fp" --id "$gw" \
+  $cli gateway enroll --authority https://authority:8443 --token="$token" --fingerprint "$fp" --id "$gw" \
     --hostname gateway --hostname localhost --data-dir "$dir"
 done
