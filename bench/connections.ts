@@ -15,6 +15,9 @@ import type { ConnCommand, ConnectResult } from './connections-worker.ts';
 import { BENCH_PASSPHRASE, metricValue, startProcStack } from './proc-stack.ts';
 import { startMosquitto } from './reference-brokers.ts';
 import { defineBench } from './types.ts';
+import { formatDelta, heapCensus, heapDelta } from './heap-summary.ts';
+import { mkdirSync, readdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 
 interface ConnWorker {
   proc: SpawnedNode;
@@ -33,15 +36,59 @@ async function startWorker(i: number, nofile: number): Promise<ConnWorker> {
   return { proc, call };
 }
 
-async function gatewayMemory(stack: { gateway: { pid: number }; gatewayMetrics(): Promise<string> }) {
+interface ServerMemory {
+  rssKb: number;
+  heapUsedKb: number;
+  heapTotalKb: number;
+  externalKb: number;
+  /** V8 young generation (committed): grows under load, a fixed cost, not a per-connection one. */
+  newSpaceKb: number;
+  operational: number;
+}
+
+async function gatewayMemory(stack: { gateway: { pid: number }; gatewayMetrics(): Promise<string> }): Promise<ServerMemory> {
   const text = await stack.gatewayMetrics();
   return {
     rssKb: procStatusKb(stack.gateway.pid, 'VmRSS'),
     heapUsedKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_used_bytes') / 1024,
     heapTotalKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_total_bytes') / 1024,
     externalKb: metricValue(text, 'leafgate_gateway_nodejs_external_memory_bytes') / 1024,
+    newSpaceKb: metricValue(text, 'leafgate_gateway_nodejs_heap_space_size_total_bytes', 'space="new"') / 1024,
     operational: metricValue(text, 'leafgate_gateway_connections', 'kind="operational"'),
   };
+}
+
+/** The JS heap / native split of an RSS delta, per connection, as context fields. */
+function split(m: ServerMemory, base: ServerMemory, n: number): Record<string, number> {
+  if (!Number.isFinite(m.heapUsedKb)) return {};
+  const per = (a: number, b: number) => Math.round(((a - b) / Math.max(1, n)) * 100) / 100;
+  return {
+    heap_used_kb: per(m.heapUsedKb, base.heapUsedKb),
+    heap_total_kb: per(m.heapTotalKb, base.heapTotalKb),
+    native_kb: per(m.rssKb - m.heapTotalKb, base.rssKb - base.heapTotalKb),
+    external_kb: per(m.externalKb, base.externalKb),
+    new_space_mb: Math.round(m.newSpaceKb / 102.4) / 10,
+  };
+}
+
+/**
+ * Asks the gateway (started with --heapsnapshot-signal=SIGUSR2) for a heap snapshot and
+ * returns its path once written: the snapshot blocks the gateway's event loop, so its
+ * /metrics answering again means the file is complete.
+ */
+async function heapSnapshot(stack: { gateway: { pid: number }; gatewayMetrics(): Promise<string> }, dir: string): Promise<string> {
+  mkdirSync(dir, { recursive: true });
+  const known = new Set(readdirSync(dir));
+  process.kill(stack.gateway.pid, 'SIGUSR2');
+  for (let i = 0; i < 600; i++) {
+    await sleep(500);
+    const fresh = readdirSync(dir).filter((f) => f.endsWith('.heapsnapshot') && !known.has(f));
+    if (fresh.length) {
+      await stack.gatewayMetrics();
+      return join(dir, fresh[0]);
+    }
+  }
+  throw new Error('the gateway wrote no heap snapshot within 300 s');
 }
 
 export const connectionsBench = defineBench({
@@ -57,6 +104,9 @@ export const connectionsBench = defineBench({
     warmup: { default: 300, help: 'connections opened and closed first (JIT, allocator), not counted' },
     'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (profile written there when it exits)' },
     target: { default: 'gateway', help: 'server to connect to: gateway, aedes (bare aedes, same TLS listener, own process) or mosquitto (same certificates)' },
+    'gateway-env': { default: '', help: 'extra environment of the gateway process, KEY=VALUE,... (e.g. MALLOC_ARENA_MAX=2, to try allocator settings)' },
+    steps: { default: '1000,5000', help: 'comma-separated connection counts below --connections at which memory is also measured (empty: only at the end)' },
+    'heap-snapshot': { default: '', help: 'directory: gateway heap snapshots before and after (--heapsnapshot-signal), and the per-connection JS heap growth by constructor' },
   },
   async run(opts, emit) {
     const K = opts.connections;
@@ -68,7 +118,11 @@ export const connectionsBench = defineBench({
     const stack = await startProcStack({
       keep: opts.keep,
       gatewayNofile: nofile,
-      gatewayNodeArgs: opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', 'gateway.cpuprofile'] : undefined,
+      gatewayNodeArgs: [
+        ...(opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', 'gateway.cpuprofile'] : []),
+        ...(opts['heap-snapshot'] ? ['--heapsnapshot-signal=SIGUSR2', '--diagnostic-dir', resolve(opts['heap-snapshot'])] : []),
+      ],
+      gatewayEnv: Object.fromEntries(String(opts['gateway-env']).split(',').filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)])),
       gateway: {
         maxConnections: K + opts.warmup + 1000,
         rateLimits: { connectionsPerAddress: { points: (K + opts.warmup) * 2 + 1000, durationSeconds: 60 } },
@@ -76,16 +130,16 @@ export const connectionsBench = defineBench({
     });
     // The server under test: the gateway, or a reference broker on the gateway's TLS material.
     let port = stack.gateway.port;
-    let server = { pid: stack.gateway.pid, memory: () => gatewayMemory(stack) };
+    let server: { pid: number; memory(): Promise<ServerMemory> } = { pid: stack.gateway.pid, memory: () => gatewayMemory(stack) };
     if (opts.target === 'aedes') {
       const aedes = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir], { name: 'aedes', nofile });
       port = Number((await aedes.waitFor(/on port (\d+)/))[1]);
-      server = { pid: aedes.pid, memory: async () => ({ rssKb: procStatusKb(aedes.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, operational: NaN }) };
+      server = { pid: aedes.pid, memory: async () => ({ rssKb: procStatusKb(aedes.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, newSpaceKb: NaN, operational: NaN }) };
     } else if (opts.target === 'mosquitto') {
       const m = await startMosquitto({ dir: stack.dir, gatewayDir: stack.gateway.dataDir, caPems: [stack.deviceCaPem, stack.rootPem], tls: opts.tls === '1.2' ? '1.2' : '1.3', nofile });
       log(`mosquitto ${m.version} on port ${m.port}`);
       port = m.port;
-      server = { pid: m.pid, memory: async () => ({ rssKb: procStatusKb(m.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, operational: NaN }) };
+      server = { pid: m.pid, memory: async () => ({ rssKb: procStatusKb(m.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, newSpaceKb: NaN, operational: NaN }) };
     } else if (opts.target !== 'gateway') throw new Error('--target must be gateway, aedes or mosquitto');
 
     log(`starting ${W} client processes; issuing ${K + opts.warmup} device certificates`);
@@ -105,47 +159,82 @@ export const connectionsBench = defineBench({
       await sleep(3000);
     }
     await waitForQuiet(60_000);
+    const snapshots = opts['heap-snapshot'] && opts.target === 'gateway' ? resolve(opts['heap-snapshot']) : '';
+    const snapBefore = snapshots ? await heapSnapshot(stack, snapshots) : '';
     const before = await server.memory();
 
-    log(`opening ${K} connections (${W} processes x ${opts.concurrency} in flight, sources ${addrs.join(',')}, ${maxVersion})`);
+    // Connections open in steps (--steps), with the memory measured after each; the connect
+    // rate counts only the time spent connecting.
+    const steps = [...new Set([...String(opts.steps).split(',').map(Number).filter((n) => n > 0 && n < K), K])].sort((a, b) => a - b);
+    log(`opening ${K} connections in steps ${steps.join(', ')} (${W} processes x ${opts.concurrency} in flight, sources ${addrs.join(',')}, ${maxVersion})`);
     const procs: Record<string, number> = { gateway: server.pid };
     workers.forEach((w, i) => (procs[`client-${i}`] = w.proc.pid));
-    const meter = new CpuMeter(procs);
-    meter.begin();
-    const results = await Promise.all(workers.map((w, wi) => w.call<ConnectResult>({
-      cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: ids.filter((_, i) => i % W === wi),
-    })));
-    const cpu = meter.end();
-    const ok = results.reduce((a, r) => a + r.ok, 0);
-    const failed = results.reduce((a, r) => a + r.failed, 0);
-    const errors: Record<string, number> = {};
-    for (const r of results) for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
-    const span = Math.max(...results.map((r) => r.lastEnd)) - Math.min(...results.map((r) => r.firstStart));
-    const lat = results.flatMap((r) => Array.from(r.latencies));
-    const [p50, p99] = percentiles(lat, [50, 99]);
     const ctx = { target: opts.target, tls_protocol: maxVersion, source_addrs: addrs.length };
+    const cpuMs: Record<string, number> = {};
+    let wallMs = 0;
+    let foreignMs = 0;
+    let span = 0;
+    let ok = 0;
+    let failed = 0;
+    const errors: Record<string, number> = {};
+    const lat: number[] = [];
+    let opened = 0;
+    for (const target of steps) {
+      const slice = ids.slice(opened, target);
+      opened = target;
+      const meter = new CpuMeter(procs);
+      meter.begin();
+      const results = await Promise.all(workers.map((w, wi) => w.call<ConnectResult>({
+        cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: slice.filter((_, i) => i % W === wi),
+      })));
+      const cpu = meter.end();
+      for (const [k, v] of Object.entries(cpu.cpuMs)) cpuMs[k] = (cpuMs[k] ?? 0) + v;
+      wallMs += cpu.wallMs;
+      foreignMs += cpu.foreignMs;
+      const started = results.filter((r) => r.ok + r.failed > 0);
+      if (started.length) span += Math.max(...started.map((r) => r.lastEnd)) - Math.min(...started.map((r) => r.firstStart));
+      for (const r of results) {
+        ok += r.ok;
+        failed += r.failed;
+        for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
+        for (const l of r.latencies) lat.push(l);
+      }
+      if (target < K) {
+        await sleep(1000);
+        const m = await server.memory();
+        emit('rss_kb_per_connection_at', (m.rssKb - before.rssKb) / Math.max(1, ok), 'kB', { ...ctx, at: ok, ...split(m, before, ok) });
+      }
+    }
+    const [p50, p99] = percentiles(lat, [50, 99]);
     emit('connect_per_s', (ok * 1000) / span, 'connections/s', { ...ctx, ok, failed, wall_s: span / 1000 });
     if (failed) emit('connections_failed', failed, 'connections', { ...ctx, errors });
     emit('connect_p50_ms', p50, 'ms', ctx);
     emit('connect_p99_ms', p99, 'ms', ctx);
-    emit('server_cpu_ms_per_connect', cpu.cpuMs.gateway / Math.max(1, ok), 'ms', { ...ctx, note: 'TLS handshake with client certificate + CONNECT handling' });
-    emit('server_cpu_util_pct', (cpu.cpuMs.gateway / cpu.wallMs) * 100, '%', { ...ctx, note: '100 = one core' });
-    const clientCpu = Object.entries(cpu.cpuMs).filter(([k]) => k.startsWith('client')).reduce((a, [, v]) => a + v, 0);
-    emit('clients_cpu_util_pct', (clientCpu / cpu.wallMs) * 100, '%', { ...ctx, processes: W });
-    emit('foreign_cpu_pct', cpu.foreignPct, '%', { ...ctx, note: 'CPU of processes outside this benchmark meanwhile' });
+    emit('server_cpu_ms_per_connect', cpuMs.gateway / Math.max(1, ok), 'ms', { ...ctx, note: 'TLS handshake with client certificate + CONNECT handling' });
+    emit('server_cpu_util_pct', (cpuMs.gateway / wallMs) * 100, '%', { ...ctx, note: '100 = one core' });
+    const clientCpu = Object.entries(cpuMs).filter(([k]) => k.startsWith('client')).reduce((a, [, v]) => a + v, 0);
+    emit('clients_cpu_util_pct', (clientCpu / wallMs) * 100, '%', { ...ctx, processes: W, client_cpu_ms_per_connect: clientCpu / Math.max(1, ok) });
+    emit('foreign_cpu_pct', (foreignMs / wallMs) * 100, '%', { ...ctx, note: 'CPU of processes outside this benchmark meanwhile' });
 
     log(`holding ${ok} connections idle for ${opts.hold} s`);
     await sleep(opts.hold * 1000);
     const after = await server.memory();
+    const snapAfter = snapshots ? await heapSnapshot(stack, snapshots) : '';
     const dropped = (await Promise.all(workers.map((w) => w.call<{ closed: number; dropped: number }>({ cmd: 'close' })))).reduce((a, r) => a + r.dropped, 0);
     const held = ok - dropped;
     emit('connections_held', held, 'connections', { ...ctx, ...(Number.isFinite(after.operational) ? { gateway_sees: after.operational } : {}), dropped });
     const per = (a: number, b: number) => (a - b) / Math.max(1, held);
-    emit('rss_kb_per_connection', per(after.rssKb, before.rssKb), 'kB', { ...ctx, rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024 });
+    emit('rss_kb_per_connection', per(after.rssKb, before.rssKb), 'kB', { ...ctx, ...split(after, before, held), rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024 });
     if (opts.target === 'gateway') emit('heap_kb_per_connection', per(after.heapUsedKb, before.heapUsedKb), 'kB', { ...ctx, note: 'V8 heap used (JS objects: aedes client, parser, session, socket wrappers)' });
     if (opts.target === 'gateway') emit('external_kb_per_connection', per(after.externalKb, before.externalKb), 'kB', { ...ctx, note: 'V8 external memory (Buffers)' });
     if (opts.target === 'gateway') emit('native_kb_per_connection', per(after.rssKb - after.heapTotalKb, before.rssKb - before.heapTotalKb), 'kB', { ...ctx, note: 'RSS outside the V8 heap: OpenSSL SSL objects and buffers, libuv, malloc' });
     emit('server_rss_mb_peak', procStatusKb(server.pid, 'VmHWM') / 1024, 'MB', ctx);
+    if (snapBefore && snapAfter) {
+      log(`heap snapshots: ${snapBefore} ${snapAfter}`);
+      const rows = heapDelta(heapCensus(snapBefore), heapCensus(snapAfter));
+      for (const l of formatDelta(rows, Math.max(1, held), 25)) log(l);
+      for (const r of rows.slice(0, 15)) emit('heap_bytes_per_connection', r.bytes / Math.max(1, held), 'B', { ...ctx, kind: r.key, count_per_connection: r.count / Math.max(1, held) });
+    }
 
     for (const w of workers) w.proc.child.send({ cmd: 'exit' });
     await stack.close();

@@ -42,6 +42,8 @@ export interface ProcStackOptions {
   /** Extra node flags for the gateway / authority (e.g. --cpu-prof). */
   gatewayNodeArgs?: string[];
   authorityNodeArgs?: string[];
+  /** Extra environment of the gateway process (e.g. allocator settings to try). */
+  gatewayEnv?: NodeJS.ProcessEnv;
 }
 
 /** A metric value from Prometheus text (first sample whose name and labels match). */
@@ -103,7 +105,7 @@ export async function startProcStack(opts: ProcStackOptions): Promise<ProcStack>
     // The /metrics port was free a moment ago; if something took it meanwhile, pick another.
     for (let attempt = 1; ; attempt++) {
       log('starting gateway');
-      gateway = spawnNode(CLI, ['gateway', 'start', '--config', gatewayConfig], { env, name: 'gateway', nofile: opts.gatewayNofile, nodeArgs: opts.gatewayNodeArgs });
+      gateway = spawnNode(CLI, ['gateway', 'start', '--config', gatewayConfig], { env: { ...env, ...opts.gatewayEnv }, name: 'gateway', nofile: opts.gatewayNofile, nodeArgs: opts.gatewayNodeArgs });
       try {
         [, port] = await gateway.waitFor(/serving MQTT over TLS on port (\d+)/, 120_000);
         break;
