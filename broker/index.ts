@@ -4,6 +4,7 @@
  * does not reject; the authentication plugin decides at CONNECT.
  */
 import { Aedes, type AedesOptions, type Client } from 'aedes';
+import { constants } from 'node:crypto';
 import { once } from 'node:events';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
@@ -37,6 +38,12 @@ export interface BrokerOptions {
   queueLimit?: number;
   /** aedes: inbound QoS 2 messages awaiting PUBREL per client. */
   maxInflightInbound?: number;
+  /**
+   * TLS session tickets (resumption). Off by default: issuing them grows every connection's
+   * outgoing TLS buffer by 16 kB for its whole life (the tickets carry the client
+   * certificate), and the device SDK never resumes.
+   */
+  sessionTickets?: boolean;
 }
 
 export interface RunningBroker {
@@ -58,8 +65,13 @@ export const TLS_CIPHERS = [
   'ECDHE-RSA-CHACHA20-POLY1305',
 ].join(':');
 
-function secureContextOptions(t: BrokerTls): tls.SecureContextOptions {
-  return { key: t.key, cert: t.cert, ca: t.ca, minVersion: 'TLSv1.2', ciphers: TLS_CIPHERS, honorCipherOrder: true };
+function secureContextOptions(t: BrokerTls, sessionTickets: boolean): tls.SecureContextOptions {
+  return {
+    key: t.key, cert: t.cert, ca: t.ca, minVersion: 'TLSv1.2', ciphers: TLS_CIPHERS, honorCipherOrder: true,
+    // Without tickets a TLS 1.3 client gets stateful tickets that name no stored session
+    // (node keeps no server session cache): a reconnect is a full handshake, as it is today.
+    ...(sessionTickets ? {} : { secureOptions: constants.SSL_OP_NO_TICKET }),
+  };
 }
 
 /**
@@ -94,8 +106,9 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     drainTimeout: 30_000,
   });
   const maxPacket = opts.maxPacketBytes ?? 256 * 1024;
+  const sessionTickets = opts.sessionTickets ?? false;
   const server = tls.createServer({
-    ...secureContextOptions(opts.tls),
+    ...secureContextOptions(opts.tls, sessionTickets),
     requestCert: true,
     rejectUnauthorized: false,
     handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
@@ -145,7 +158,7 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     server,
     port,
     setTls(t) {
-      server.setSecureContext(secureContextOptions(t));
+      server.setSecureContext(secureContextOptions(t, sessionTickets));
     },
     async close() {
       // Stop accepting first, then end every client, then wait for the listener to drain.
