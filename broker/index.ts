@@ -74,23 +74,46 @@ function secureContextOptions(t: BrokerTls, sessionTickets: boolean): tls.Secure
   };
 }
 
+const kMaxPacket = Symbol('leafgate.maxPacketBytes');
+const kCapped = Symbol('leafgate.packetCap');
+
+interface PacketParser {
+  _parseLength(): boolean;
+  packet: { length: number };
+  _list?: { length: number; constructor: { BufferList?: new () => unknown } };
+  emit(e: string, err: Error): boolean;
+  [kMaxPacket]?: number;
+}
+
 /**
- * mqtt-packet buffers a whole packet before aedes sees it, and has no size limit. Wrap its
- * length step -- a private hook, kept here alone -- so an oversized declared length fails
- * the parse (and the connection) before the body is read.
+ * mqtt-packet's parser, fitted once per connection through private fields -- kept here
+ * alone:
+ * - it buffers a whole packet before aedes sees it, and has no size limit: its length step
+ *   is wrapped (once, on the prototype; the cap is a field of each parser) so an oversized
+ *   declared length fails the parse, and the connection, before the body is read;
+ * - its buffer is a `bl` BufferListStream, a full Duplex stream (~0.7 kB of stream state)
+ *   of which it uses only the list methods: a plain BufferList from the same module does.
  */
-function capPacketSize(client: Client, max: number): void {
-  const parser = (client as unknown as { _parser?: { _parseLength: () => boolean; packet: { length: number }; emit: (e: string, err: Error) => void } })._parser;
+function fitParser(client: Client, max: number): void {
+  const parser = (client as unknown as { _parser?: PacketParser })._parser;
   if (!parser || typeof parser._parseLength !== 'function') return;
-  const original = parser._parseLength.bind(parser);
-  parser._parseLength = () => {
-    const done = original();
-    if (done && parser.packet.length > max) {
-      parser.emit('error', new Error(`packet of ${parser.packet.length} bytes exceeds ${max}`));
-      return false;
-    }
-    return done;
-  };
+  const proto = Object.getPrototypeOf(parser) as PacketParser & { [kCapped]?: true };
+  if (!Object.hasOwn(proto, kCapped)) {
+    const original = proto._parseLength;
+    proto._parseLength = function (this: PacketParser) {
+      const done = original.call(this);
+      const cap = this[kMaxPacket];
+      if (done && cap !== undefined && this.packet.length > cap) {
+        this.emit('error', new Error(`packet of ${this.packet.length} bytes exceeds ${cap}`));
+        return false;
+      }
+      return done;
+    };
+    proto[kCapped] = true;
+  }
+  parser[kMaxPacket] = max;
+  const List = parser._list?.constructor.BufferList;
+  if (parser._list && parser._list.length === 0 && typeof List === 'function') parser._list = new List() as PacketParser['_list'];
 }
 
 export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
@@ -135,7 +158,7 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     // MQTT is request/answer with small packets: Nagle + delayed ACK would add ~40 ms per hop.
     socket.setNoDelay(true);
     const client = aedes.handle(socket);
-    capPacketSize(client, maxPacket);
+    fitParser(client, maxPacket);
   });
   server.on('tlsClientError', (err, socket) => {
     opts.logger.debug({ err: err.message, remote: socket.remoteAddress }, 'TLS handshake failed');
