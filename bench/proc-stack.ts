@@ -11,6 +11,8 @@ import { freePort, log, removeDirLater, runNode, spawnNode, type SpawnedNode } f
 
 export const BENCH_PASSPHRASE = 'bench-passphrase-0123456789';
 const CLI = 'bin/leafgate.ts';
+/** The gateway's production start script. */
+export const GATEWAY_LAUNCHER = 'bin/leafgate-gateway';
 
 export interface ProcStack {
   dir: string;
@@ -35,8 +37,6 @@ export interface ProcStackOptions {
   gateway?: Record<string, unknown>;
   /** Merged into the default device policy. */
   policy?: Record<string, unknown>;
-  /** File-descriptor limit for the gateway process. */
-  gatewayNofile?: number;
   /** False: enroll the gateway but do not start it (the caller runs it in-process). */
   startGateway?: boolean;
   /** Extra node flags for the gateway / authority (e.g. --cpu-prof). */
@@ -105,7 +105,9 @@ export async function startProcStack(opts: ProcStackOptions): Promise<ProcStack>
     // The /metrics port was free a moment ago; if something took it meanwhile, pick another.
     for (let attempt = 1; ; attempt++) {
       log('starting gateway');
-      gateway = spawnNode(CLI, ['gateway', 'start', '--config', gatewayConfig], { env: { ...env, ...opts.gatewayEnv }, name: 'gateway', nofile: opts.gatewayNofile, nodeArgs: opts.gatewayNodeArgs });
+      // As production starts it (the Dockerfile's ENTRYPOINT): file-descriptor limit,
+      // allocator and node flags are set by bin/leafgate-gateway.
+      gateway = spawnNode(GATEWAY_LAUNCHER, ['start', '--config', gatewayConfig], { env: { ...env, ...opts.gatewayEnv }, name: 'gateway', launcher: true, nodeArgs: opts.gatewayNodeArgs });
       try {
         [, port] = await gateway.waitFor(/serving MQTT over TLS on port (\d+)/, 120_000);
         break;
