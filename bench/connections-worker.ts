@@ -13,7 +13,7 @@ import { monoMs } from './common.ts';
 import { RawMqtt } from './mqtt-raw.ts';
 
 export type ConnCommand =
-  | { cmd: 'prepare'; caDir: string; passphrase: string; ids: string[] }
+  | { cmd: 'prepare'; caDir: string; passphrase: string; ids: string[]; chain?: boolean }
   | { cmd: 'connect'; host: string; port: number; sourceAddrs: string[]; concurrency: number; maxVersion: 'TLSv1.2' | 'TLSv1.3'; ids?: string[]; deadline?: number }
   | { cmd: 'close' }
   | { cmd: 'exit' };
@@ -48,8 +48,9 @@ async function handle(msg: ConnCommand): Promise<unknown> {
           subjectDer: pkix.encodeName(id), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
           notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
         });
-        // Leaf + device CA, as the SDK sends it. Contexts are built here, not in the timed part.
-        contexts.set(id, createSecureContext({ key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + issued.chain[0] }));
+        // Leaf + device CA, as the protocol asks and the SDK sends it (chain: false sends the
+        // leaf alone). Contexts are built here, not in the timed part.
+        contexts.set(id, createSecureContext({ key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + (msg.chain === false ? '' : issued.chain[0]) }));
       }
       return { ms: monoMs() - t0 };
     }

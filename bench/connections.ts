@@ -116,6 +116,7 @@ export const connectionsBench = defineBench({
     'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (profile written there when it exits)' },
     target: { default: 'gateway', help: 'server to connect to: gateway, aedes (bare aedes, same TLS listener, own process) or mosquitto (same certificates)' },
     'gateway-env': { default: '', help: 'extra environment of the gateway process, KEY=VALUE,... (e.g. MALLOC_ARENA_MAX=2, to try allocator settings)' },
+    'client-chain': { default: true, help: 'clients present the device CA with their certificate, as the protocol asks (false: the certificate alone)' },
     'connect-seconds': { default: 150, help: 'no connection attempt starts after this many seconds of connecting (the run reports what it got)' },
     steps: { default: '1000,5000', help: 'comma-separated connection counts below --connections at which memory is also measured (empty: only at the end)' },
     'heap-snapshot': { default: '', help: 'directory: gateway heap snapshots before and after (--heapsnapshot-signal), and the per-connection JS heap growth by constructor' },
@@ -163,7 +164,7 @@ export const connectionsBench = defineBench({
     const ids = Array.from({ length: K }, (_, i) => `bench-conn-${i}`);
     const warmIds = Array.from({ length: opts.warmup }, (_, i) => `bench-warm-${i}`);
     await Promise.all(workers.map((w, wi) => w.call({
-      cmd: 'prepare', caDir: stack.caDir, passphrase: BENCH_PASSPHRASE,
+      cmd: 'prepare', caDir: stack.caDir, passphrase: BENCH_PASSPHRASE, chain: opts['client-chain'],
       ids: [...ids.filter((_, i) => i % W === wi), ...(wi === 0 ? warmIds : [])],
     })));
 
