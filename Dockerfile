@@ -24,8 +24,8 @@ ENV NODE_ENV=production \
     LEAFGATE_GATEWAY_DATA=/var/lib/leafgate/gateway \
     LEAFGATE_GATEWAY_PORT=8883 \
     LEAFGATE_GATEWAY_HTTP_PORT=9464
-# jemalloc: bin/leafgate-gateway preloads it (about 4 kB less RSS per idle device
-# connection than glibc malloc; see README, Scale).
+# jemalloc: bin/leafgate-gateway preloads it (2-3 kB less RSS per idle device connection
+# than glibc malloc; README, "Many devices on one gateway").
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*
