@@ -24,6 +24,11 @@ ENV NODE_ENV=production \
     LEAFGATE_GATEWAY_DATA=/var/lib/leafgate/gateway \
     LEAFGATE_GATEWAY_PORT=8883 \
     LEAFGATE_GATEWAY_HTTP_PORT=9464
+# jemalloc: bin/leafgate-gateway preloads it (2-3 kB less RSS per idle device connection
+# than glibc malloc; README, "Many devices on one gateway").
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 leafgate \
  && useradd --system --uid 10001 --gid leafgate --home /var/lib/leafgate --shell /usr/sbin/nologin leafgate \
  && mkdir -p /var/lib/leafgate/gateway && chown -R leafgate:leafgate /var/lib/leafgate
@@ -34,5 +39,9 @@ VOLUME ["/var/lib/leafgate"]
 EXPOSE 8883 9464
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
   CMD node -e "fetch('http://127.0.0.1:'+(process.env.LEAFGATE_GATEWAY_HTTP_PORT||9464)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
-ENTRYPOINT ["node", "--import", "tsx", "bin/leafgate.ts", "gateway"]
+# The production start (also what the connections benchmark runs): raises the open-files
+# soft limit to the hard one (one descriptor per device; give the container a hard limit
+# above the device count: --ulimit nofile=65536:65536), preloads jemalloc, then
+# `leafgate gateway <command>`.
+ENTRYPOINT ["bin/leafgate-gateway"]
 CMD ["start"]

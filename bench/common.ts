@@ -287,15 +287,23 @@ export interface SpawnedNode {
  * `bash -c 'ulimit -n N && exec node ...'` so the node process (same pid) gets the limit,
  * capped at the hard limit (raising that needs privileges a container may not have).
  */
-export function spawnNode(script: string, args: string[], opts: { env?: NodeJS.ProcessEnv; nofile?: number; name: string; ipc?: boolean; nodeArgs?: string[] }): SpawnedNode {
+export function spawnNode(script: string, args: string[], opts: { env?: NodeJS.ProcessEnv; nofile?: number; name: string; ipc?: boolean; nodeArgs?: string[]; launcher?: boolean }): SpawnedNode {
   const nodeArgv = [...(opts.nodeArgs ?? []), '--import', 'tsx', script, ...args];
   const stdio: SpawnOptions['stdio'] = opts.ipc ? ['ignore', 'pipe', 'pipe', 'ipc'] : ['ignore', 'pipe', 'pipe'];
-  const env = { ...process.env, ...opts.env };
+  const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
   // 'advanced' IPC (structured clone) keeps typed arrays and Infinity intact.
   const base: SpawnOptions = { cwd: REPO_ROOT, env, stdio, serialization: 'advanced' };
-  const child = opts.nofile
-    ? spawn('bash', ['-c', `n=${Math.floor(opts.nofile)}; h=$(ulimit -Hn); if [ "$h" != unlimited ] && [ "$h" -lt "$n" ]; then n=$h; fi; ulimit -n "$n" && exec "$0" "$@"`, process.execPath, ...nodeArgv], base)
-    : spawn(process.execPath, nodeArgv, base);
+  let child: ChildProcess;
+  if (opts.launcher) {
+    // `script` is an executable that starts node itself (bin/leafgate-gateway): node flags
+    // travel in NODE_OPTIONS, the file-descriptor limit is the launcher's business.
+    if (opts.nodeArgs?.length) env.NODE_OPTIONS = [env.NODE_OPTIONS, ...opts.nodeArgs].filter(Boolean).join(' ');
+    child = spawn(join(REPO_ROOT, script), args, base);
+  } else {
+    child = opts.nofile
+      ? spawn('bash', ['-c', `n=${Math.floor(opts.nofile)}; h=$(ulimit -Hn); if [ "$h" != unlimited ] && [ "$h" -lt "$n" ]; then n=$h; fi; ulimit -n "$n" && exec "$0" "$@"`, process.execPath, ...nodeArgv], base)
+      : spawn(process.execPath, nodeArgv, base);
+  }
   trackChild(child);
   const lines: string[] = [];
   const waiters: Array<{ re: RegExp; resolve: (m: RegExpMatchArray) => void }> = [];

@@ -13,8 +13,8 @@ import { monoMs } from './common.ts';
 import { RawMqtt } from './mqtt-raw.ts';
 
 export type ConnCommand =
-  | { cmd: 'prepare'; caDir: string; passphrase: string; ids: string[] }
-  | { cmd: 'connect'; host: string; port: number; sourceAddrs: string[]; concurrency: number; maxVersion: 'TLSv1.2' | 'TLSv1.3'; ids?: string[] }
+  | { cmd: 'prepare'; caDir: string; passphrase: string; ids: string[]; chain?: boolean }
+  | { cmd: 'connect'; host: string; port: number; sourceAddrs: string[]; concurrency: number; maxVersion: 'TLSv1.2' | 'TLSv1.3'; ids?: string[]; deadline?: number }
   | { cmd: 'close' }
   | { cmd: 'exit' };
 
@@ -27,6 +27,8 @@ export interface ConnectResult {
   latencies: Float64Array;
   /** Connections that closed after CONNACK while being held. */
   dropped: number;
+  /** Connections never attempted because the deadline (monotonic ms) passed. */
+  skipped: number;
 }
 
 let contexts = new Map<string, SecureContext>();
@@ -46,18 +48,26 @@ async function handle(msg: ConnCommand): Promise<unknown> {
           subjectDer: pkix.encodeName(id), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
           notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
         });
-        // Leaf + device CA, as the SDK sends it. Contexts are built here, not in the timed part.
-        contexts.set(id, createSecureContext({ key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + issued.chain[0] }));
+        // Leaf + device CA, as the protocol asks and the SDK sends it (chain: false sends the
+        // leaf alone). Contexts are built here, not in the timed part.
+        contexts.set(id, createSecureContext({ key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + (msg.chain === false ? '' : issued.chain[0]) }));
       }
       return { ms: monoMs() - t0 };
     }
     case 'connect': {
       const ids = msg.ids ?? [...contexts.keys()];
-      const r: ConnectResult = { ok: 0, failed: 0, errors: {}, firstStart: Infinity, lastEnd: 0, latencies: new Float64Array(ids.length), dropped: 0 };
+      const r: ConnectResult = { ok: 0, failed: 0, errors: {}, firstStart: Infinity, lastEnd: 0, latencies: new Float64Array(ids.length), dropped: 0, skipped: 0 };
       let next = 0;
       let n = 0;
+      const deadline = msg.deadline ?? Infinity;
       const lane = async () => {
         while (next < ids.length) {
+          // Past the deadline no new attempt starts; those in flight finish (bounded by their timeout).
+          if (monoMs() > deadline) {
+            r.skipped = ids.length - next;
+            next = ids.length;
+            break;
+          }
           const i = next++;
           const id = ids[i];
           const t0 = monoMs();
@@ -65,7 +75,7 @@ async function handle(msg: ConnCommand): Promise<unknown> {
           try {
             const c = await RawMqtt.connect({
               host: msg.host, port: msg.port, clientId: id, secureContext: contexts.get(id), keepalive: 1200, maxVersion: msg.maxVersion,
-              localAddress: msg.sourceAddrs[i % msg.sourceAddrs.length], timeoutMs: 60_000,
+              localAddress: msg.sourceAddrs[i % msg.sourceAddrs.length], timeoutMs: Math.max(5_000, Math.min(60_000, deadline - t0 + 10_000)),
             });
             const t1 = monoMs();
             r.latencies[n++] = t1 - t0;

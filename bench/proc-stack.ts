@@ -18,6 +18,8 @@ import { freePort, log, removeDirLater, runNode, spawnNode, type SpawnedNode } f
 
 export const BENCH_PASSPHRASE = 'bench-passphrase-0123456789';
 const CLI = 'bin/leafgate.ts';
+/** The gateway's production start script. */
+export const GATEWAY_LAUNCHER = 'bin/leafgate-gateway';
 
 export type AuthorityProc = SpawnedNode & { url: string; fingerprint: string; dataDir: string; configFile: string };
 export type GatewayProc = SpawnedNode & {
@@ -61,8 +63,10 @@ export interface ProcStackOptions {
   gateway?: Record<string, unknown>;
   /** Merged into the default device policy. */
   policy?: Record<string, unknown>;
-  /** File-descriptor limit for the gateway processes. */
+  /** File-descriptor limit for the gateway processes (bin/leafgate-gateway raises it to the hard limit anyway). */
   gatewayNofile?: number;
+  /** Extra environment of the gateway processes (e.g. allocator settings to try). */
+  gatewayEnv?: NodeJS.ProcessEnv;
   /** False: enroll the gateway(s) but do not start them (the caller runs one in-process). */
   startGateway?: boolean;
   /** Extra node flags for the gateways / authorities (e.g. --cpu-prof). */
@@ -187,7 +191,9 @@ export async function startProcStack(opts: ProcStackOptions): Promise<ProcStack>
       // The /metrics port was free a moment ago; if something took it meanwhile, pick another.
       for (let attempt = 1; ; attempt++) {
         log(`starting ${name}`);
-        p = spawnNode(CLI, ['gateway', 'start', '--config', configFile], { env, name, nofile: opts.gatewayNofile, nodeArgs: argsFor(opts.gatewayNodeArgs, i) });
+        // As production starts it (the Dockerfile's ENTRYPOINT): file-descriptor limit,
+        // allocator and node flags are set by bin/leafgate-gateway.
+        p = spawnNode(GATEWAY_LAUNCHER, ['start', '--config', configFile], { env: { ...env, ...opts.gatewayEnv }, name, launcher: true, nodeArgs: argsFor(opts.gatewayNodeArgs, i) });
         try {
           [, port] = await p.waitFor(/serving MQTT over TLS on port (\d+)/, 120_000);
           break;

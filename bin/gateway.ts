@@ -33,6 +33,11 @@ Options:
   --days N               lifetime (issue-server-cert; default 30, capped by the edge CA)
   --out DIR              output directory (issue-server-cert; default <data-dir>/server-certs)
   -h, --help             this text
+
+In production start it through bin/leafgate-gateway (the container's entrypoint): it
+raises the open-files soft limit to the hard limit (one descriptor per device connection)
+and preloads jemalloc when installed (LEAFGATE_ALLOCATOR=glibc to keep glibc malloc);
+LEAFGATE_NODE_FLAGS adds node flags.
 `;
 
 export async function gatewayCommand(argv: string[]): Promise<number> {

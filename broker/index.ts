@@ -4,6 +4,7 @@
  * does not reject; the authentication plugin decides at CONNECT.
  */
 import { Aedes, type AedesOptions, type Client } from 'aedes';
+import { constants } from 'node:crypto';
 import { once } from 'node:events';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
@@ -39,6 +40,12 @@ export interface BrokerOptions {
   maxInflightInbound?: number;
   /** A gateway cluster: shared persistence and message bus (Redis), and this node's id. */
   cluster?: { persistence: unknown; mq: unknown; id: string };
+  /**
+   * TLS session tickets (resumption). Off by default: issuing them grows every connection's
+   * outgoing TLS buffer by 16 kB for its whole life (the tickets carry the client
+   * certificate), and the device SDK never resumes.
+   */
+  sessionTickets?: boolean;
 }
 
 export interface RunningBroker {
@@ -60,27 +67,55 @@ export const TLS_CIPHERS = [
   'ECDHE-RSA-CHACHA20-POLY1305',
 ].join(':');
 
-function secureContextOptions(t: BrokerTls): tls.SecureContextOptions {
-  return { key: t.key, cert: t.cert, ca: t.ca, minVersion: 'TLSv1.2', ciphers: TLS_CIPHERS, honorCipherOrder: true };
+function secureContextOptions(t: BrokerTls, sessionTickets: boolean): tls.SecureContextOptions {
+  return {
+    key: t.key, cert: t.cert, ca: t.ca, minVersion: 'TLSv1.2', ciphers: TLS_CIPHERS, honorCipherOrder: true,
+    // Without tickets a TLS 1.3 client gets stateful tickets that name no stored session
+    // (node keeps no server session cache): a reconnect is a full handshake, as it is today.
+    ...(sessionTickets ? {} : { secureOptions: constants.SSL_OP_NO_TICKET }),
+  };
+}
+
+const kMaxPacket = Symbol('leafgate.maxPacketBytes');
+const kCapped = Symbol('leafgate.packetCap');
+
+interface PacketParser {
+  _parseLength(): boolean;
+  packet: { length: number };
+  _list?: { length: number; constructor: { BufferList?: new () => unknown } };
+  emit(e: string, err: Error): boolean;
+  [kMaxPacket]?: number;
 }
 
 /**
- * mqtt-packet buffers a whole packet before aedes sees it, and has no size limit. Wrap its
- * length step -- a private hook, kept here alone -- so an oversized declared length fails
- * the parse (and the connection) before the body is read.
+ * mqtt-packet's parser, fitted once per connection through private fields -- kept here
+ * alone:
+ * - it buffers a whole packet before aedes sees it, and has no size limit: its length step
+ *   is wrapped (once, on the prototype; the cap is a field of each parser) so an oversized
+ *   declared length fails the parse, and the connection, before the body is read;
+ * - its buffer is a `bl` BufferListStream, a full Duplex stream (~0.7 kB of stream state)
+ *   of which it uses only the list methods: a plain BufferList from the same module does.
  */
-function capPacketSize(client: Client, max: number): void {
-  const parser = (client as unknown as { _parser?: { _parseLength: () => boolean; packet: { length: number }; emit: (e: string, err: Error) => void } })._parser;
+function fitParser(client: Client, max: number): void {
+  const parser = (client as unknown as { _parser?: PacketParser })._parser;
   if (!parser || typeof parser._parseLength !== 'function') return;
-  const original = parser._parseLength.bind(parser);
-  parser._parseLength = () => {
-    const done = original();
-    if (done && parser.packet.length > max) {
-      parser.emit('error', new Error(`packet of ${parser.packet.length} bytes exceeds ${max}`));
-      return false;
-    }
-    return done;
-  };
+  const proto = Object.getPrototypeOf(parser) as PacketParser & { [kCapped]?: true };
+  if (!Object.hasOwn(proto, kCapped)) {
+    const original = proto._parseLength;
+    proto._parseLength = function (this: PacketParser) {
+      const done = original.call(this);
+      const cap = this[kMaxPacket];
+      if (done && cap !== undefined && this.packet.length > cap) {
+        this.emit('error', new Error(`packet of ${this.packet.length} bytes exceeds ${cap}`));
+        return false;
+      }
+      return done;
+    };
+    proto[kCapped] = true;
+  }
+  parser[kMaxPacket] = max;
+  const List = parser._list?.constructor.BufferList;
+  if (parser._list && parser._list.length === 0 && typeof List === 'function') parser._list = new List() as PacketParser['_list'];
 }
 
 export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
@@ -96,8 +131,9 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     drainTimeout: 30_000,
   });
   const maxPacket = opts.maxPacketBytes ?? 256 * 1024;
+  const sessionTickets = opts.sessionTickets ?? false;
   const server = tls.createServer({
-    ...secureContextOptions(opts.tls),
+    ...secureContextOptions(opts.tls, sessionTickets),
     requestCert: true,
     rejectUnauthorized: false,
     handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
@@ -124,7 +160,7 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     // MQTT is request/answer with small packets: Nagle + delayed ACK would add ~40 ms per hop.
     socket.setNoDelay(true);
     const client = aedes.handle(socket);
-    capPacketSize(client, maxPacket);
+    fitParser(client, maxPacket);
   });
   server.on('tlsClientError', (err, socket) => {
     opts.logger.debug({ err: err.message, remote: socket.remoteAddress }, 'TLS handshake failed');
@@ -147,7 +183,7 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
     server,
     port,
     setTls(t) {
-      server.setSecureContext(secureContextOptions(t));
+      server.setSecureContext(secureContextOptions(t, sessionTickets));
     },
     async close() {
       // Stop accepting first, then end every client, then wait for the listener to drain.

@@ -16,6 +16,8 @@ export interface GatewayConfig {
   telemetryPayloadBytes: number;
   handshakeTimeoutMs: number;
   connectTimeoutMs: number;
+  /** TLS session tickets for device connections (off: 16 kB less per idle connection). */
+  tlsSessionTickets: boolean;
   maxConnections: number;
   /** Keepalive must be 1..this (seconds). */
   keepaliveMaxSeconds: number;
@@ -71,6 +73,7 @@ export function resolveGatewayConfig(input: GatewayConfigInput, env: NodeJS.Proc
     telemetryPayloadBytes: input.telemetryPayloadBytes ?? LIMITS.telemetryPayloadBytes,
     handshakeTimeoutMs: input.handshakeTimeoutMs ?? 10_000,
     connectTimeoutMs: input.connectTimeoutMs ?? 10_000,
+    tlsSessionTickets: input.tlsSessionTickets ?? false,
     maxConnections: input.maxConnections ?? 50_000,
     keepaliveMaxSeconds: input.keepaliveMaxSeconds ?? 1200,
     crlRefreshMs: input.crlRefreshMs ?? 5 * 60_000,

@@ -245,6 +245,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     maxPacketBytes: config.maxPacketBytes,
     handshakeTimeoutMs: config.handshakeTimeoutMs,
     connectTimeoutMs: config.connectTimeoutMs,
+    sessionTickets: config.tlsSessionTickets,
     maxConnections: config.maxConnections,
     acceptConnection: (address) => limits.acceptConnection(address),
     cluster: cluster?.brokerOptions(),

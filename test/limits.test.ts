@@ -109,3 +109,22 @@ test('a bootstrap onboarding message over the onboarding cap is refused with pay
   assert.equal(answer.body.code, 'payload_too_large');
   assert.equal(session.client.connected, true);
 });
+
+test('TLS session tickets are off unless tlsSessionTickets is set: a reconnect with the last session is resumed only then', async (t) => {
+  for (const tickets of [false, true]) {
+    const stack = await startStack(t, { gateway: tickets ? { tlsSessionTickets: true } : {} });
+    for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {
+      const first = await rawTls(stack, stack.gateway.port, { minVersion: version, maxVersion: version });
+      first.on('error', () => undefined);
+      first.write(connectPacket({ clientId: `dev-tickets-${version.slice(-3)}`, clean: true }));
+      // The CONNACK comes after every ticket the server sends (TLS 1.3 sends them right after
+      // the handshake; TLS 1.2 inside it), so the session is final by then.
+      await nextEvent(first, 'data', 5000);
+      const session = first.getSession();
+      first.destroy();
+      const second = await rawTls(stack, stack.gateway.port, { minVersion: version, maxVersion: version, ...(session ? { session } : {}) });
+      assert.equal(second.isSessionReused(), tickets, `${version} with tlsSessionTickets ${tickets}`);
+      second.destroy();
+    }
+  }
+});

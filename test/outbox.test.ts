@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { pkix, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
 import { authenticate, bootstrap, csrFor, rid, type RawDevice } from './support/mqtt.ts';
 import { startStack, type Stack } from './support/stack.ts';
@@ -90,9 +91,12 @@ test('devices with certificates keep connecting and publishing while the authori
   assert.equal((await ready.json()).checks.authorityLink, false);
 });
 
-/** The gateway as its own process, so it can be killed with SIGKILL. */
+/**
+ * The gateway as its own process, so it can be killed with SIGKILL; started as production
+ * starts it, through bin/leafgate-gateway (which execs node: the pid is the gateway's).
+ */
 async function spawnGateway(dataDir: string): Promise<{ child: ChildProcess; port: number }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'bin/leafgate.ts', 'gateway', 'start', '--data-dir', dataDir, '--host', '127.0.0.1', '--port', '0'], {
+  const child = spawn(fileURLToPath(new URL('../bin/leafgate-gateway', import.meta.url)), ['start', '--data-dir', dataDir, '--host', '127.0.0.1', '--port', '0'], {
     env: { ...process.env, LEAFGATE_GATEWAY_HTTP_PORT: '0', LEAFGATE_LOG_LEVEL: 'warn' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
