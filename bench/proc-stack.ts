@@ -86,7 +86,7 @@ export async function startProcStack(opts: ProcStackOptions): Promise<ProcStack>
   const gatewayId = 'gw-bench';
   const token = (await runNode(CLI, ['authority', 'token', '--config', authorityConfig, '--gateway', gatewayId], { env, name: 'authority token' })).trim();
   const gatewayDir = join(dir, 'gateway');
-  await runNode(CLI, ['gateway', 'enroll', '--data-dir', gatewayDir, '--authority', url, '--token', token, '--fingerprint', fingerprint, '--id', gatewayId, '--hostname', '127.0.0.1', '--hostname', 'localhost'], { env, name: 'gateway enroll' });
+  await runNode(CLI, ['gateway', 'enroll', '--data-dir', gatewayDir, '--authority', url, `--token=${token}`, '--fingerprint', fingerprint, '--id', gatewayId, '--hostname', '127.0.0.1', '--hostname', 'localhost'], { env, name: 'gateway enroll' });
 
   const gatewayConfig = join(dir, 'gateway.json');
   const writeGatewayConfig = (httpPort: number) => writeFileSync(gatewayConfig, JSON.stringify({
