@@ -296,8 +296,9 @@ export function spawnNode(script: string, args: string[], opts: { env?: NodeJS.P
   let child: ChildProcess;
   if (opts.launcher) {
     // `script` is an executable that starts node itself (bin/leafgate-gateway): node flags
-    // travel in NODE_OPTIONS, the file-descriptor limit is the launcher's business.
-    if (opts.nodeArgs?.length) env.NODE_OPTIONS = [env.NODE_OPTIONS, ...opts.nodeArgs].filter(Boolean).join(' ');
+    // travel in LEAFGATE_NODE_FLAGS (NODE_OPTIONS refuses --cpu-prof), the file-descriptor
+    // limit is the launcher's business.
+    if (opts.nodeArgs?.length) env.LEAFGATE_NODE_FLAGS = [env.LEAFGATE_NODE_FLAGS, ...opts.nodeArgs].filter(Boolean).join(' ');
     child = spawn(join(REPO_ROOT, script), args, base);
   } else {
     child = opts.nofile

@@ -25,8 +25,11 @@ interface ConnWorker {
   call<T>(cmd: ConnCommand): Promise<T>;
 }
 
-async function startWorker(i: number, nofile: number): Promise<ConnWorker> {
-  const proc = spawnNode('bench/connections-worker.ts', [], { name: `conn-worker-${i}`, ipc: true, nofile, env: { BENCH_CONN_WORKER: '1' } });
+async function startWorker(i: number, nofile: number, profDir: string): Promise<ConnWorker> {
+  // No fixed file name: with tsx the module-loader thread writes a profile too and would
+  // overwrite the main thread's (tid 0 in the default name CPU.<date>.<time>.<pid>.<tid>.<n>).
+  const nodeArgs = profDir ? ['--cpu-prof', '--cpu-prof-dir', join(profDir, `client-${i}`)] : undefined;
+  const proc = spawnNode('bench/connections-worker.ts', [], { name: `conn-worker-${i}`, ipc: true, nofile, nodeArgs, env: { BENCH_CONN_WORKER: '1' } });
   const replies: Array<(m: { ok: boolean; result?: unknown; message?: string }) => void> = [];
   proc.child.on('message', (m: { ok: boolean; result?: unknown; message?: string }) => replies.shift()?.(m));
   const call = <T>(cmd: ConnCommand | null): Promise<T> => new Promise((resolve, reject) => {
@@ -113,12 +116,13 @@ export const connectionsBench = defineBench({
     'source-addrs': { default: 0, help: 'source addresses 127.0.0.1..N (0: one per 25,000 connections)' },
     tls: { default: '1.3', help: 'TLS version the clients use: 1.2 or 1.3 (the gateway allows both)' },
     warmup: { default: 300, help: 'connections opened and closed first (JIT, allocator), not counted' },
-    'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (profile written there when it exits)' },
+    'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (in DIR/gateway/ when it exits; the main thread\'s file has thread id 0: CPU.<date>.<time>.<pid>.0.<n>.cpuprofile)' },
     target: { default: 'gateway', help: 'server to connect to: gateway, aedes (bare aedes, same TLS listener, own process) or mosquitto (same certificates)' },
     'gateway-env': { default: '', help: 'extra environment of the gateway process, KEY=VALUE,... (e.g. MALLOC_ARENA_MAX=2, to try allocator settings)' },
     'client-chain': { default: true, help: 'clients present the device CA with their certificate, as the protocol asks (false: the certificate alone)' },
     'connect-seconds': { default: 150, help: 'no connection attempt starts after this many seconds of connecting (the run reports what it got)' },
     steps: { default: '1000,5000', help: 'comma-separated connection counts below --connections at which memory is also measured (empty: only at the end)' },
+    'clients-prof': { default: '', help: 'directory: run the client processes with --cpu-prof (in DIR/client-N/; the main thread\'s file has thread id 0: CPU.<date>.<time>.<pid>.0.<n>.cpuprofile)' },
     'heap-snapshot': { default: '', help: 'directory: gateway heap snapshots before and after (--heapsnapshot-signal), and the per-connection JS heap growth by constructor' },
   },
   async run(opts, emit) {
@@ -131,7 +135,7 @@ export const connectionsBench = defineBench({
     const stack = await startProcStack({
       keep: opts.keep,
       gatewayNodeArgs: [
-        ...(opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', opts['gateway-prof'], '--cpu-prof-name', 'gateway.cpuprofile'] : []),
+        ...(opts['gateway-prof'] ? ['--cpu-prof', '--cpu-prof-dir', join(resolve(opts['gateway-prof']), 'gateway')] : []),
         ...(opts['heap-snapshot'] ? ['--heapsnapshot-signal=SIGUSR2', '--diagnostic-dir', resolve(opts['heap-snapshot'])] : []),
       ],
       gatewayEnv: Object.fromEntries(String(opts['gateway-env']).split(',').filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)])),
@@ -160,7 +164,7 @@ export const connectionsBench = defineBench({
     } else if (opts.target !== 'gateway') throw new Error('--target must be gateway, aedes or mosquitto');
 
     log(`starting ${W} client processes; issuing ${K + opts.warmup} device certificates`);
-    const workers = await Promise.all(Array.from({ length: W }, (_, i) => startWorker(i, Math.ceil(K / W) + 4096)));
+    const workers = await Promise.all(Array.from({ length: W }, (_, i) => startWorker(i, Math.ceil(K / W) + 4096, opts['clients-prof'] ? resolve(opts['clients-prof']) : '')));
     const ids = Array.from({ length: K }, (_, i) => `bench-conn-${i}`);
     const warmIds = Array.from({ length: opts.warmup }, (_, i) => `bench-warm-${i}`);
     await Promise.all(workers.map((w, wi) => w.call({
@@ -286,7 +290,10 @@ export const connectionsBench = defineBench({
       for (const r of rows.slice(0, 15)) emit('heap_bytes_per_connection', r.bytes / Math.max(1, held), 'B', { ...ctx, kind: r.key, count_per_connection: r.count / Math.max(1, held) });
     }
 
-    for (const w of workers) w.proc.child.send({ cmd: 'exit' });
+    await Promise.all(workers.map((w) => new Promise<void>((r) => {
+      w.proc.child.once('exit', () => r());
+      w.proc.child.send({ cmd: 'exit' });
+    })));
     await stack.close();
   },
 });
