@@ -149,9 +149,15 @@ export class SqliteDriver implements SqlDriver {
     return s.all(...sqliteParams(params)) as Row[];
   }
 
-  /** Waits until no batch is open (statements outside transactions never join one). */
+  /**
+   * Waits until no batch is open (statements outside transactions never join one), and
+   * until a batch already scheduled has committed, so that a read issued after a transaction
+   * sees it. One wait only: the next batch starts after the waiters ran (setImmediate), so a
+   * stream of transactions cannot starve readers.
+   */
   private async idle(): Promise<void> {
     if (this.closed) throw new LeafgateError('authority_unavailable', 'the store is closed');
+    if (this.open || this.scheduled) await new Promise<void>((r) => this.waiters.push(r));
     while (this.open) await new Promise<void>((r) => this.waiters.push(r));
   }
 
@@ -173,7 +179,13 @@ export class SqliteDriver implements SqlDriver {
     if (this.closed) return Promise.reject(new LeafgateError('authority_unavailable', 'the store is closed'));
     return new Promise<T>((resolve, reject) => {
       this.pending.push({ fn: fn as Pending['fn'], resolve: resolve as Pending['resolve'], reject });
-      if (!this.open && !this.scheduled) void this.runBatch();
+      // Not at once: the batch starts after this event-loop turn, so that the transactions of
+      // every request that completed in it (e.g. signatures finishing together on the
+      // threadpool) share its COMMIT. Costs one setImmediate hop per batch.
+      if (!this.open && !this.scheduled) {
+        this.scheduled = true;
+        setImmediate(() => void this.runBatch());
+      }
     });
   }
 
