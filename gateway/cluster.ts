@@ -52,6 +52,15 @@ local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v and string.sub(v, 1, #ARGV[2] + 1) == ARGV[2] .. '|' then return redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 0`;
 
+// The presence entry of a device, only if the gateway that wrote it is alive (its heartbeat
+// key exists): one round trip on the CONNECT path instead of two.
+const PRESENCE_LIVE = `
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return false end
+local node = string.match(v, '^([^|]*)|')
+if node and redis.call('EXISTS', ARGV[2] .. node) == 1 then return v end
+return false`;
+
 /** How a device is held on another gateway of the cluster. */
 export interface RemoteHolder {
   nodeId: string;
@@ -84,6 +93,7 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
     this.crlChannel = `${config.keyPrefix}crl`;
     this.cmd.defineCommand('lgCrlSet', { numberOfKeys: 1, lua: CRL_SET });
     this.cmd.defineCommand('lgPresenceDrop', { numberOfKeys: 1, lua: PRESENCE_DROP });
+    this.cmd.defineCommand('lgPresenceLive', { numberOfKeys: 1, lua: PRESENCE_LIVE });
     this.outbox = new RedisOutbox(this.cmd, config.keyPrefix, gatewayId);
     this.cmd.on('ready', () => this.setLink(true));
     this.cmd.on('end', () => this.setLink(false));
@@ -210,11 +220,11 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
    */
   async remoteHolder(deviceId: string): Promise<RemoteHolder | undefined> {
     try {
-      const v = await this.cmd.hget(`${this.config.keyPrefix}presence`, deviceId);
+      const v = await (this.cmd as unknown as { lgPresenceLive(k: string, d: string, nodePrefix: string): Promise<string | null> })
+        .lgPresenceLive(`${this.config.keyPrefix}presence`, deviceId, `${this.config.keyPrefix}node:`);
       if (!v) return undefined;
       const [nodeId = '', kind, certFingerprint] = v.split('|');
       if (nodeId === this.nodeId || (kind !== 'bootstrap' && kind !== 'operational')) return undefined;
-      if (!(await this.cmd.exists(`${this.config.keyPrefix}node:${nodeId}`))) return undefined;
       return { nodeId, kind, certFingerprint: certFingerprint || undefined };
     } catch {
       return undefined;

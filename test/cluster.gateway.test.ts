@@ -16,31 +16,15 @@ import { authenticate, bootstrap, connackRefusal, csrFor, register, registerMess
 import { Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 import { startStack, type Stack } from './support/stack.ts';
 import { startTcpProxy } from './support/tcp-proxy.ts';
+import { TEST_REDIS_URL as REDIS_URL, deleteRedisKeys } from './support/redis.ts';
 import { downFilter } from '../protocol/index.ts';
 
-const REDIS_URL = process.env.LEAFGATE_TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
 const prefix = () => `lgtest:${randomBytes(6).toString('hex')}:`;
 const uid = (base: string) => `${base}-${randomBytes(3).toString('hex')}`;
 
 /** Deletes a test's keys at the end, so the shared Redis does not fill up. */
 function cleanUp(t: TestContext, keyPrefix: string, url = REDIS_URL): void {
-  t.after(async () => {
-    const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1 });
-    r.on('error', () => undefined);
-    try {
-      await r.connect();
-      let cursor = '0';
-      do {
-        const [next, keys] = await r.scan(cursor, 'MATCH', `${keyPrefix}*`, 'COUNT', 1000);
-        cursor = next;
-        if (keys.length) await r.del(...keys);
-      } while (cursor !== '0');
-    } catch {
-      // the restart test's own server is already gone
-    } finally {
-      r.disconnect();
-    }
-  });
+  t.after(() => deleteRedisKeys(keyPrefix, url));
 }
 
 /** A stack whose gateway A and a second gateway B share one Redis prefix. */

@@ -19,7 +19,6 @@ import assert from 'node:assert/strict';
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
 import { test } from 'node:test';
-import { Redis } from 'ioredis';
 import type { MqttClient } from 'mqtt';
 import { LeafDevice, type DeviceCredential, type OnboardResult } from '../device/index.ts';
 import { pkix } from '../protocol/index.ts';
@@ -29,25 +28,10 @@ import { pgSchema } from './support/pg.ts';
 import { closeQuietly, closed, metricValue, operationalOptions, tryConnect } from './support/plugins-helpers.ts';
 import { startTcpBalancer } from './support/tcp-proxy.ts';
 import { within } from './support/wait.ts';
+import { TEST_REDIS_URL as REDIS_URL, deleteRedisKeys } from './support/redis.ts';
 
-const REDIS_URL = process.env.LEAFGATE_TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
 const DEVICES = 10;
 
-/** Deletes the test's keys; bounded, and quiet when Redis is not there (the test failed already). */
-async function deleteKeys(keyPrefix: string): Promise<void> {
-  const r = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 1, connectTimeout: 2000, retryStrategy: () => null });
-  r.on('error', () => undefined);
-  const work = (async () => {
-    await r.connect();
-    let cursor = '0';
-    do {
-      const [next, keys] = await r.scan(cursor, 'MATCH', `${keyPrefix}*`, 'COUNT', 1000);
-      cursor = next;
-      if (keys.length) await r.del(...keys);
-    } while (cursor !== '0');
-  })();
-  await within(work, 10_000, `deleting the Redis keys ${keyPrefix}*`).catch(() => undefined).finally(() => r.disconnect());
-}
 
 test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gateways on Redis, a TCP load balancer', { timeout: 60_000 }, async (t) => {
   // After-hooks run in the order they are added: clients and balancer, then the processes
@@ -59,7 +43,7 @@ test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gatew
   });
   const run = randomBytes(4).toString('hex');
   const keyPrefix = `lgtest:topo:${run}:`;
-  t.after(() => deleteKeys(keyPrefix));
+  t.after(() => deleteRedisKeys(keyPrefix));
   const { url: database, schema, admin: sql } = await pgSchema(t, 'lgtopo');
   const table = (name: string) => `"${schema}".${name}`;
 
