@@ -15,6 +15,7 @@ import { RedisOutbox } from '../cloud-bridge/outbox-redis.ts';
 import { authenticate, bootstrap, connackRefusal, csrFor, register, registerMessage, rid } from './support/mqtt.ts';
 import { Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 import { startStack, type Stack } from './support/stack.ts';
+import { resolveGatewayConfig } from '../gateway/index.ts';
 import { startTcpProxy } from './support/tcp-proxy.ts';
 import { TEST_REDIS_URL as REDIS_URL, deleteRedisKeys } from './support/redis.ts';
 import { downFilter } from '../protocol/index.ts';
@@ -244,4 +245,33 @@ test('a gateway configured for a Redis that is not there fails to start with a c
     stack.addGateway(uid('gw-nored'), { redis: { url: `redis://127.0.0.1:${port}`, keyPrefix: prefix(), startTimeoutMs: 1500 } }),
     (err: Error) => /Redis at redis:\/\/127\.0\.0\.1:\d+\/? did not answer within 1500 ms/.test(err.message),
   );
+});
+
+test('a CRL planted in Redis that the device CA did not sign is refused; garbage announcements are ignored', async (t) => {
+  const { stack, gwB, keyPrefix } = await cluster(t);
+  const id = uid('pki-kept');
+  const identity = await onboardDevice(stack, id);
+  const client = await connectOk(stack, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  const before = stack.gateway.revocations.crlNumber;
+  const r = new Redis(REDIS_URL);
+  t.after(() => r.disconnect());
+  // A hostile writer on Redis: bytes that are no CRL, then an announcement far ahead, then junk.
+  await r.hset(`${keyPrefix}crl`, 'number', '999999', 'der', Buffer.from('30820100deadbeef', 'hex'));
+  await r.publish(`${keyPrefix}crl`, '999999');
+  await r.publish(`${keyPrefix}crl`, 'not-a-number');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(stack.gateway.revocations.crlNumber, before, 'gateway A keeps its verified CRL');
+  assert.equal(gwB.revocations.crlNumber, before, 'gateway B too');
+  assert.ok(client.connected, 'the certified session is untouched');
+  assert.equal((await tryConnect(stack, operationalOptions(identity))).code, 0, 'and its certificate still logs in');
+});
+
+test('gateway config: a Redis URL of another scheme or a hostile key prefix is refused at start', () => {
+  assert.throws(() => resolveGatewayConfig({ redis: { url: 'ftp://127.0.0.1:6379' } }, {}), /redis url must start with redis:\/\/ or rediss:\/\//);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: 'not a url' } }, {}), /redis url is not a URL/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'a b*' } }, {}), /keyPrefix must be/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'x'.repeat(65) } }, {}), /keyPrefix must be/);
+  assert.deepEqual(resolveGatewayConfig({}, { LEAFGATE_REDIS_URL: REDIS_URL }).redis, { url: REDIS_URL, keyPrefix: 'leafgate:', startTimeoutMs: 10_000 });
+  assert.equal(resolveGatewayConfig({}, {}).redis, undefined, 'embedded by default');
 });
