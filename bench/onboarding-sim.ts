@@ -37,21 +37,32 @@ export interface SimResult {
   lastEnd: number;
 }
 
-export async function simulate(cfg: SimConfig): Promise<SimResult> {
-  // Credentials become KeyObjects before the clock starts (a device has its key at hand).
+/**
+ * Builds the devices (factory keys decoded into KeyObjects: a device has its key at hand),
+ * then returns the run itself, so that the caller starts its clock and CPU meter between.
+ */
+export function prepareSimulation(cfg: SimConfig): { run(stopLaunchingAt: number): Promise<SimResult> } {
   const prepared = cfg.devices.map((d) => {
     const credential: DeviceCredential = d.credential.method === 'pki-signature'
       ? { method: 'pki-signature', birthCert: d.credential.birthCert, factoryKey: createPrivateKey(d.credential.factoryKeyPem) }
       : { method: 'ddkg', attributes: d.credential.attributes };
     return new LeafDevice({ deviceId: d.id, brokerUrl: d.brokerUrl ?? cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}) });
   });
+  return { run: (stopLaunchingAt) => runDevices(prepared, cfg.concurrency, stopLaunchingAt) };
+}
+
+export function simulate(cfg: SimConfig): Promise<SimResult> {
+  return prepareSimulation(cfg).run(cfg.stopLaunchingAt);
+}
+
+async function runDevices(prepared: LeafDevice[], concurrency: number, stopLaunchingAt: number): Promise<SimResult> {
   const r: SimResult = { ok: 0, failed: 0, notStarted: 0, errors: {}, latencies: [], phases: { auth: [], keygen: [], issue: [], mtls: [] }, firstStart: Infinity, lastEnd: 0 };
   let next = 0;
   const lane = async () => {
     while (next < prepared.length) {
       const device = prepared[next++];
       const t0 = monoMs();
-      if (t0 > cfg.stopLaunchingAt) {
+      if (t0 > stopLaunchingAt) {
         r.notStarted++;
         continue;
       }
@@ -77,7 +88,7 @@ export async function simulate(cfg: SimConfig): Promise<SimResult> {
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.max(1, Math.min(cfg.concurrency, prepared.length)) }, lane));
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(concurrency, prepared.length)) }, lane));
   return r;
 }
 
@@ -99,9 +110,25 @@ export function mergeResults(results: SimResult[]): SimResult {
 
 // Worker mode: forked by bench/onboarding.ts with an IPC channel.
 if (process.send && process.env.BENCH_ONBOARDING_WORKER === '1') {
-  process.on('message', (msg: { cmd: 'run'; cfg: SimConfig } | { cmd: 'exit' }) => {
+  let pending: ReturnType<typeof prepareSimulation> | undefined;
+  process.on('message', (msg: { cmd: 'prepare'; cfg: SimConfig } | { cmd: 'run'; stopLaunchingAt: number } | { cmd: 'exit' }) => {
     if (msg.cmd === 'exit') process.exit(0);
-    void simulate(msg.cfg).then(
+    if (msg.cmd === 'prepare') {
+      try {
+        pending = prepareSimulation(msg.cfg);
+        process.send!({ cmd: 'prepared' });
+      } catch (err) {
+        process.send!({ cmd: 'error', message: (err as Error).stack ?? String(err) });
+      }
+      return;
+    }
+    const sim = pending;
+    pending = undefined;
+    if (!sim) {
+      process.send!({ cmd: 'error', message: 'run before prepare' });
+      return;
+    }
+    void sim.run(msg.stopLaunchingAt).then(
       (result) => process.send!({ cmd: 'result', result }),
       (err) => process.send!({ cmd: 'error', message: (err as Error).stack ?? String(err) }),
     );

@@ -17,7 +17,7 @@ import { cpus } from 'node:os';
 import { Redis } from 'ioredis';
 import type { KeySpec } from '../protocol/index.ts';
 import { CpuMeter, log, monoMs, onCleanup, type Json, percentiles, procStatusKb, spawnNode, waitForQuiet, type SpawnedNode } from './common.ts';
-import { mergeResults, simulate, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
+import { mergeResults, prepareSimulation, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
 import { startProcStack, type ProcStack } from './proc-stack.ts';
 import { defineBench } from './types.ts';
 
@@ -71,7 +71,8 @@ async function deleteRedisKeys(url: string, prefix: string): Promise<void> {
 
 interface Worker {
   proc: SpawnedNode;
-  run(cfg: SimConfig): Promise<SimResult>;
+  prepare(cfg: SimConfig): Promise<void>;
+  run(stopLaunchingAt: number): Promise<SimResult>;
 }
 
 async function startWorker(i: number): Promise<Worker> {
@@ -80,14 +81,14 @@ async function startWorker(i: number): Promise<Worker> {
     proc.child.once('message', () => resolve());
     proc.child.once('exit', (c) => reject(new Error(`simulator worker exited (${c}): ${proc.stderrTail()}`)));
   });
+  const call = <T>(msg: object, ok: string, pick: (m: { result?: SimResult }) => T) => new Promise<T>((resolve, reject) => {
+    proc.child.once('message', (m: { cmd: string; result?: SimResult; message?: string }) => (m.cmd === ok ? resolve(pick(m)) : reject(new Error(m.message))));
+    proc.child.send(msg);
+  });
   return {
     proc,
-    run(cfg) {
-      return new Promise((resolve, reject) => {
-        proc.child.once('message', (m: { cmd: string; result?: SimResult; message?: string }) => (m.cmd === 'result' ? resolve(m.result!) : reject(new Error(m.message))));
-        proc.child.send({ cmd: 'run', cfg });
-      });
-    },
+    prepare: (cfg) => call({ cmd: 'prepare', cfg }, 'prepared', () => undefined),
+    run: (stopLaunchingAt) => call({ cmd: 'run', stopLaunchingAt }, 'result', (m) => m.result!),
   };
 }
 
@@ -151,17 +152,22 @@ export const onboardingBench = defineBench({
 
     const workers: Worker[] = [];
     for (let i = 0; i < opts.workers; i++) workers.push(await startWorker(i));
-    const runSim = async (list: SimConfig['devices'], stopLaunchingAt: number): Promise<SimResult> => {
-      const base = { brokerUrl, ca: stack.rootPem, keyPreference, timeoutMs: opts['timeout-ms'], stopLaunchingAt };
-      if (!workers.length) return simulate({ ...base, devices: list, concurrency: opts.concurrency });
+    /** Prepares the devices (keys decoded, outside the measured window), then returns the run. */
+    const prepareSim = async (list: SimConfig['devices']): Promise<(stopLaunchingAt: number) => Promise<SimResult>> => {
+      const base = { brokerUrl, ca: stack.rootPem, keyPreference, timeoutMs: opts['timeout-ms'], stopLaunchingAt: Infinity };
+      if (!workers.length) {
+        const sim = prepareSimulation({ ...base, devices: list, concurrency: opts.concurrency });
+        return (stop) => sim.run(stop);
+      }
       const slices = workers.map((_, w) => list.filter((__, i) => i % workers.length === w));
       const per = Math.max(1, Math.round(opts.concurrency / workers.length));
-      return mergeResults(await Promise.all(workers.map((w, i) => w.run({ ...base, devices: slices[i], concurrency: per }))));
+      await Promise.all(workers.map((w, i) => w.prepare({ ...base, devices: slices[i], concurrency: per })));
+      return async (stop) => mergeResults(await Promise.all(workers.map((w) => w.run(stop))));
     };
 
     if (warm.length) {
       log(`warm-up: ${warm.length} devices`);
-      const w = await runSim(warm, Infinity);
+      const w = await (await prepareSim(warm))(Infinity);
       if (w.failed) log('warm-up failures:', w.errors);
     }
 
@@ -171,11 +177,12 @@ export const onboardingBench = defineBench({
     if (redisPid) procs.redis = redisPid;
     workers.forEach((w, i) => (procs[`simulator-${i}`] = w.proc.pid));
     const meter = new CpuMeter(procs);
+    const measured = await prepareSim(devices);
     await waitForQuiet(60_000);
     log(`measured run: ${devices.length} devices, concurrency ${opts.concurrency}, ${opts.workers || 'no'} simulator workers, ${nGateways} gateway${nGateways > 1 ? 's' : ''}${redis ? ' on Redis' : ''}`);
     meter.begin();
     const t0 = monoMs();
-    const r = await runSim(devices, t0 + opts['run-seconds'] * 1000);
+    const r = await measured(t0 + opts['run-seconds'] * 1000);
     const { wallMs, cpuMs, foreignPct } = meter.end();
     const spanMs = r.lastEnd - r.firstStart;
 

@@ -60,11 +60,14 @@ export function summarizeProfile(file: string, top = 25): string[] {
       incl.set(l, (incl.get(l) ?? 0) + us);
     }
   }
-  const rows = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, top);
+  // PROFILE_SORT=incl ranks by inclusive time (where a request's time goes, not which leaf burns it).
+  const rank = process.env.PROFILE_SORT === 'incl' ? incl : self;
+  const rows = [...rank.entries()].sort((a, b) => b[1] - a[1]).slice(0, top);
   const out = [`profile ${file}: ${(total / 1000).toFixed(0)} ms sampled`, '  self%  incl%  function'];
   for (const [l, us] of rows) {
     const inclUs = incl.get(l) ?? us;
-    out.push(`  ${((us / total) * 100).toFixed(1).padStart(5)}  ${((inclUs / total) * 100).toFixed(1).padStart(5)}  ${l}`);
+    const selfUs0 = self.get(l) ?? 0;
+    out.push(`  ${((selfUs0 / total) * 100).toFixed(1).padStart(5)}  ${((inclUs / total) * 100).toFixed(1).padStart(5)}  ${l}`);
   }
   return out;
 }

@@ -11,6 +11,7 @@ import * as der from '../protocol/pkix/der.ts';
 import { DerError } from '../protocol/pkix/der.ts';
 import { buildCsr, encodeName, parseCsr, parseCsrDer, type ParsedCsr } from '../protocol/pkix/csr.ts';
 import { OID } from '../protocol/pkix/oids.ts';
+import { spkiDerOfKey } from '../protocol/pkix/keys.ts';
 import { fromPem, toPem } from '../protocol/pkix/pem.ts';
 import { prng, workdir, type Workdir } from './support/openssl.ts';
 
@@ -497,3 +498,18 @@ test('fuzz: mutations of the unsigned envelope (outer header, signatureAlgorithm
 
 // keep the ParsedCsr type import honest for tsc
 export type { ParsedCsr };
+
+test('spkiDerOfKey is byte-identical to OpenSSL\'s SPKI export (EC P-256/384/521, RSA, private or public key), and falls back for other types', () => {
+  const pairs: Array<{ publicKey: KeyObject; privateKey: KeyObject }> = [];
+  for (let i = 0; i < 8; i++) pairs.push(generateKeyPairSync('ec', { namedCurve: 'P-256' }));
+  pairs.push(generateKeyPairSync('ec', { namedCurve: 'P-384' }), generateKeyPairSync('ec', { namedCurve: 'P-521' }));
+  for (const bits of [1024, 2048, 3072]) pairs.push(generateKeyPairSync('rsa', { modulusLength: bits }));
+  pairs.push(generateKeyPairSync('rsa', { modulusLength: 2048, publicExponent: 3 }));
+  // A curve without a JWK name and a non-RSA/EC key take OpenSSL's own export.
+  pairs.push(generateKeyPairSync('ec', { namedCurve: 'secp256k1' }), generateKeyPairSync('ec', { namedCurve: 'prime192v1' }), generateKeyPairSync('ed25519'));
+  for (const { publicKey, privateKey } of pairs) {
+    const expected = publicKey.export({ type: 'spki', format: 'der' });
+    assert.deepEqual(spkiDerOfKey(publicKey), expected, `${publicKey.asymmetricKeyType} ${publicKey.asymmetricKeyDetails?.namedCurve ?? publicKey.asymmetricKeyDetails?.modulusLength}`);
+    assert.deepEqual(spkiDerOfKey(privateKey), expected);
+  }
+});

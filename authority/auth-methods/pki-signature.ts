@@ -3,7 +3,7 @@
  * manufacturer CA that the group's policy trusts. Register checks the birth certificate's
  * chain and that it names this device; auth checks the challenge signature with its key.
  */
-import { X509Certificate } from 'node:crypto';
+import { X509Certificate, type KeyObject } from 'node:crypto';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
 import type { AuthMethodHandler } from './types.ts';
 
@@ -38,7 +38,9 @@ export const pkiSignature: AuthMethodHandler = {
       throw new LeafgateError('auth_failed', `birth certificate does not name device ${ctx.deviceId}`);
     }
     return {
-      context: { birthCert: birth.toString() },
+      // The key and fingerprint ride along so that auth need not decode the certificate
+      // again (an X.509 decode is ~0.15 ms of OpenSSL 3.0; the key import alone is a third).
+      context: { birthCert: birth.toString(), birthSpki: pkix.spkiDerOf(birth.raw).toString('base64'), birthFingerprint: birth.fingerprint256 },
       deviceFields: { birthCertFingerprint: birth.fingerprint256 },
     };
   },
@@ -46,9 +48,18 @@ export const pkiSignature: AuthMethodHandler = {
   async resolveKey(ctx, challenge) {
     const pem = challenge.context.birthCert;
     if (typeof pem !== 'string') throw new LeafgateError('internal', 'challenge lost its birth certificate');
-    const birth = new X509Certificate(pem);
-    const key = birth.publicKey;
-    const fingerprint = birth.fingerprint256;
+    const { birthSpki, birthFingerprint } = challenge.context;
+    let key: KeyObject;
+    let fingerprint: string;
+    if (typeof birthSpki === 'string' && typeof birthFingerprint === 'string') {
+      key = pkix.importSpki(Buffer.from(birthSpki, 'base64')).publicKey;
+      fingerprint = birthFingerprint;
+    } else {
+      // A challenge stored before the key rode along.
+      const birth = new X509Certificate(pem);
+      key = birth.publicKey;
+      fingerprint = birth.fingerprint256;
+    }
     return {
       key,
       onVerified: async () => {

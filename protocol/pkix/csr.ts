@@ -7,7 +7,7 @@ import { isIPv4, isIPv6 } from 'node:net';
 import * as der from './der.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
-import { importSpki, importSpkiFast, readSpki, signatureAlgorithmFor, type KeyDescription, type SpkiKey } from './keys.ts';
+import { importSpki, importSpkiFast, readSpki, signatureAlgorithmFor, spkiDerOfKey, type KeyDescription, type SpkiKey } from './keys.ts';
 
 export interface SubjectAltNames {
   dns: string[];
@@ -63,7 +63,7 @@ function ipText(b: Buffer): string {
 
 /** Builds a PEM CSR with CN and optional SANs, signed with SHA-256. */
 export function buildCsr(opts: CsrBuildOptions): string {
-  const spki = opts.publicKey.export({ type: 'spki', format: 'der' });
+  const spki = spkiDerOfKey(opts.publicKey);
   const attrs: Buffer[] = [];
   const sans = opts.sans ?? {};
   if ((sans.dns?.length ?? 0) + (sans.uri?.length ?? 0) + (sans.ip?.length ?? 0) > 0) {
