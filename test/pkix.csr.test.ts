@@ -12,6 +12,7 @@ import { DerError } from '../protocol/pkix/der.ts';
 import { buildCsr, encodeName, parseCsr, parseCsrDer, type ParsedCsr } from '../protocol/pkix/csr.ts';
 import { OID } from '../protocol/pkix/oids.ts';
 import { spkiDerOfKey } from '../protocol/pkix/keys.ts';
+import { EcVerifyPool } from '../protocol/pkix/verify-pool.ts';
 import { fromPem, toPem } from '../protocol/pkix/pem.ts';
 import { prng, workdir, type Workdir } from './support/openssl.ts';
 
@@ -511,5 +512,31 @@ test('spkiDerOfKey is byte-identical to OpenSSL\'s SPKI export (EC P-256/384/521
     const expected = publicKey.export({ type: 'spki', format: 'der' });
     assert.deepEqual(spkiDerOfKey(publicKey), expected, `${publicKey.asymmetricKeyType} ${publicKey.asymmetricKeyDetails?.namedCurve ?? publicKey.asymmetricKeyDetails?.modulusLength}`);
     assert.deepEqual(spkiDerOfKey(privateKey), expected);
+  }
+});
+
+test('EC verify pool: verdicts match crypto.verify, an unreadable key is told apart, a lost worker fails only its jobs', async () => {
+  const pool = new EcVerifyPool(2);
+  try {
+    const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const jwk = publicKey.export({ format: 'jwk' });
+    const point = Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]);
+    const jobs = Array.from({ length: 60 }, (_, i) => {
+      const data = Buffer.from(`message ${i}`);
+      const signature = sign('sha256', i % 3 === 1 ? Buffer.from('other') : data, privateKey);
+      // Every third job has a point off the curve.
+      const p = i % 3 === 2 ? Buffer.concat([point.subarray(0, 64), Buffer.from([point[64] ^ 1])]) : point;
+      return { crv: 'P-256' as const, point: p, hash: 'sha256', data, signature };
+    });
+    const verdicts = await Promise.all(jobs.map((j) => pool.verify(j)));
+    assert.deepEqual(verdicts, jobs.map((_, i) => ['verified', 'bad-signature', 'bad-key'][i % 3]));
+    // Kill the workers while a batch is in flight: those jobs reject, the next ones get new workers.
+    const inFlight = pool.verify(jobs[0]);
+    await new Promise((r) => setImmediate(r));
+    for (const w of (pool as unknown as { workers: Array<{ worker: { terminate(): Promise<number> } }> }).workers) await w.worker.terminate();
+    await assert.rejects(inFlight);
+    assert.equal(await pool.verify(jobs[0]), 'verified');
+  } finally {
+    await pool.close();
   }
 });

@@ -8,6 +8,7 @@ import * as der from './der.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
 import { importSpki, importSpkiFast, readSpki, signatureAlgorithmFor, spkiDerOfKey, type KeyDescription, type SpkiKey } from './keys.ts';
+import { ecVerifyPool, type EcVerdict, type EcVerifyJob } from './verify-pool.ts';
 
 export interface SubjectAltNames {
   dns: string[];
@@ -126,6 +127,26 @@ export function parseCsrDer(raw: Buffer): ParsedCsr {
 
 export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
   const env = readEnvelope(raw);
+  const pool = env.spki.route === 'ec' ? ecVerifyPool() : null;
+  if (pool && env.spki.route === 'ec') {
+    // Import and verify on a worker thread (verify-pool.ts); the KeyObject is made only if
+    // a caller asks for it. Own-size copies: a view would clone its whole backing buffer.
+    const { crv, point, key } = env.spki;
+    const alg = checkAlgorithm(env, key);
+    const job = { crv, point: new Uint8Array(point), hash: alg.hash, data: new Uint8Array(env.infoNode.raw), signature: new Uint8Array(alg.signature) } as unknown as EcVerifyJob;
+    let verdict: EcVerdict;
+    try {
+      verdict = await pool.verify(job);
+    } catch {
+      // A worker lost (it should not happen): the event loop checks it instead.
+      verdict = await verifyHere(env, alg);
+    }
+    if (verdict === 'bad-key') throw new der.DerError('subject public key cannot be read');
+    if (verdict !== 'verified') throw new der.DerError('CSR signature does not verify');
+    const spkiDer = env.spkiNode.raw;
+    const spki = env.spki;
+    return finish(env, () => importSpki(spkiDer, spki).publicKey, key, alg.oid);
+  }
   const { publicKey, key } = await importSpkiFast(env.spkiNode.raw, env.spki);
   const alg = checkAlgorithm(env, key);
   const ok = await new Promise<boolean>((resolve) => {
@@ -137,6 +158,22 @@ export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
   });
   if (!ok) throw new der.DerError('CSR signature does not verify');
   return finish(env, publicKey, key, alg.oid);
+}
+
+async function verifyHere(env: Envelope, alg: { hash: string; signature: Buffer }): Promise<EcVerdict> {
+  let publicKey: KeyObject;
+  try {
+    publicKey = (await importSpkiFast(env.spkiNode.raw, env.spki)).publicKey;
+  } catch {
+    return 'bad-key';
+  }
+  return new Promise<EcVerdict>((resolve) => {
+    try {
+      verify(alg.hash, env.infoNode.raw, publicKey, alg.signature, (err, result) => resolve(!err && result ? 'verified' : 'bad-signature'));
+    } catch {
+      resolve('bad-signature');
+    }
+  });
 }
 
 /** The outer structure, the subject and our own reading of the key: everything before the key import. */
@@ -180,7 +217,7 @@ function checkAlgorithm(env: Envelope, key: KeyDescription): { oid: string; hash
 }
 
 /** After the self-signature verified: requested extensions and SANs. */
-function finish(env: Envelope, publicKey: KeyObject, key: KeyDescription, signatureAlgorithm: string): ParsedCsr {
+function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: KeyDescription, signatureAlgorithm: string): ParsedCsr {
   const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
   const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
   for (const attr of der.children(env.attrsNode)) {
@@ -212,18 +249,25 @@ function finish(env: Envelope, publicKey: KeyObject, key: KeyDescription, signat
     }
   }
 
-  return {
+  const parsed = {
     der: env.raw,
     subject: env.subject,
     commonName: env.subject.find(([o]) => o === OID.commonName)?.[1],
     subjectDer: env.subjectNode.raw,
     spkiDer: env.spkiNode.raw,
-    publicKey,
+    publicKey: undefined as unknown as KeyObject,
     key,
     signatureAlgorithm,
     sans,
     requestedExtensions,
   };
+  if (typeof publicKey !== 'function') parsed.publicKey = publicKey;
+  else {
+    // Imported on first read (the issuance path never reads it).
+    let cached: KeyObject | undefined;
+    Object.defineProperty(parsed, 'publicKey', { enumerable: true, get: () => (cached ??= publicKey()) });
+  }
+  return parsed;
 }
 
 /** Name (RFC 5280 4.1.2.4) as [OID, value] pairs in order. */
