@@ -105,15 +105,13 @@ test('the authority refuses a replayed auth body even from its gateway (409 repl
 
 // ---- ddkg ------------------------------------------------------------------------------
 
-test('ddkg: a device id not on the allow-list is refused with enrollment_required', async (t) => {
+test('ddkg: a device id not on the allow-list is refused with enrollment_required at register, and leaves no device row', async (t) => {
   const stack = await startStack(t);
   const id = 'plain-1'; // the default group allows ddkg-* only
   await assert.rejects(stack.device(id, 'ddkg').onboard(), { code: 'enrollment_required' });
-  await assertRefusalAudited(stack, id, 'enrollment_required', { action: 'auth' });
+  await assertRefusalAudited(stack, id, 'enrollment_required', { action: 'register' });
   await assertNothingIssued(stack, id);
-  const row = await stack.authority.store.getDevice(id);
-  assert.equal(row?.status, 'registered');
-  assert.equal(row?.ddkgPublicKey, null);
+  assert.equal(await stack.authority.store.getDevice(id), null);
 });
 
 test('ddkg one-time-code group: no code is refused, a code enrolls once and only its device', async (t) => {
@@ -121,8 +119,9 @@ test('ddkg one-time-code group: no code is refused, a code enrolls once and only
   const attrs = (id: string) => ({ cpu: `cpu-${id}`, mac: '02:00:00:00:00:09', board: 'rev-c' });
 
   await assert.rejects(sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1') }, 'coded').onboard(), { code: 'enrollment_required' });
-  await assertRefusalAudited(stack, 'coded-1', 'enrollment_required');
+  await assertRefusalAudited(stack, 'coded-1', 'enrollment_required', { action: 'register' });
   await assertNothingIssued(stack, 'coded-1');
+  assert.equal(await stack.authority.store.getDevice('coded-1'), null);
 
   const code = await stack.authority.createEnrollmentCode('coded-1', 'coded');
   const enrolled = await sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1'), enrollmentCode: code }, 'coded').onboard();

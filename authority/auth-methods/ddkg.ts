@@ -24,6 +24,16 @@ export const ddkg: AuthMethodHandler = {
   name: 'ddkg',
 
   async begin(ctx, msg) {
+    // A first enrollment that the group's gate refuses anyway is refused here, before a
+    // device row exists: register must not let anyone create rows for arbitrary ids. (Auth
+    // checks again: the policy may change in between.)
+    if (!ctx.device?.ddkgPublicKey) {
+      const gate = ctx.policy.ddkg.enrollment;
+      if (gate === 'allow-list' && !ctx.policy.ddkg.allowList.some((p) => matchesPattern(ctx.deviceId, p))) {
+        throw new LeafgateError('enrollment_required', `device ${ctx.deviceId} is not on the ddkg allow-list of group ${ctx.group}`);
+      }
+      if (gate === 'one-time-code' && msg.enrollmentCode === undefined) throw new LeafgateError('enrollment_required', 'an enrollmentCode is required');
+    }
     const salt = ctx.device?.ddkgSalt ?? randomBytes(DDKG_SALT_BYTES).toString('base64');
     const context: Record<string, unknown> = {};
     if (msg.enrollmentCode !== undefined) context.enrollmentCodeHash = hashEnrollmentCode(msg.enrollmentCode);
