@@ -100,6 +100,7 @@ export class Outbox implements OutboxStore {
   private readonly lazy: Database.Database;
   private readonly st: Record<string, Database.Statement>;
   private readonly walPath: string;
+  private readonly walMode: boolean;
   private wal: { fd: number; ino: number } | undefined;
   /** Accepts of the current event-loop turn, committed together (group commit). */
   private batch: PendingAccept[] = [];
@@ -109,11 +110,12 @@ export class Outbox implements OutboxStore {
   constructor(file: string) {
     this.walPath = `${file}-wal`;
     this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
     // Accepts are durable by an fsync of the WAL that accept() awaits (see flush), one per
     // batch and on the threadpool; a synchronous=FULL commit would block the event loop for
-    // the whole fsync (~0.9 ms here) once per CSR.
-    this.db.pragma('synchronous = NORMAL');
+    // the whole fsync (~0.9 ms here) once per CSR. A file system that refuses WAL mode gets
+    // synchronous=FULL commits instead.
+    this.walMode = String(this.db.pragma('journal_mode = WAL', { simple: true })).toLowerCase() === 'wal';
+    this.db.pragma(this.walMode ? 'synchronous = NORMAL' : 'synchronous = FULL');
     this.db.exec(SCHEMA);
     // Answers, retries and delivery marks need no fsync of their own: lost in a power cut,
     // the request is resent, and the authority's idempotency returns the same answer.
@@ -186,6 +188,11 @@ export class Outbox implements OutboxStore {
       });
     };
     this.flushing++;
+    if (!this.walMode) {
+      // synchronous=FULL: the commit above was durable already.
+      settle(null);
+      return;
+    }
     let fd: number;
     try {
       fd = this.walFd();
