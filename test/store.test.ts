@@ -159,6 +159,34 @@ for (const engine of ENGINES) {
     assert.equal((await store.listAudit({ deviceId: 'dev-i' })).length, 2);
   });
 
+  test(`[${engine}] a certificate answer's CA chain is stored once and given back whole; answers stored inline still read`, async (t) => {
+    const { store } = await open(t, engine);
+    const chain = ['-----BEGIN CERTIFICATE-----\nDEVICE-CA\n-----END CERTIFICATE-----\n', '-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n'];
+    const answers: Array<Record<string, unknown>> = [];
+    for (const id of ['dev-c1', 'dev-c2', 'dev-c3']) {
+      await device(store, id);
+      const c = cert(id, { requestId: 'r1' });
+      const answer = { requestId: 'r1', certificate: `PEM of ${id}`, chain, serial: c.serial };
+      answers.push(answer);
+      assert.equal(await store.recordIssuance({ request: request(id, 'r1', answer), certificate: c, authSessionId: await session(store, id), audit: { at: NOW, action: 'issue', outcome: 'ok' } }), true);
+    }
+    // A rolled-back issuance (consumed session) leaves nothing of its own chain behind.
+    await device(store, 'dev-c4');
+    const used = await session(store, 'dev-c4');
+    assert.equal(await store.recordIssuance({ request: request('dev-c4', 'a'), certificate: cert('dev-c4'), authSessionId: used, audit: { at: NOW, action: 'issue', outcome: 'ok' } }), true);
+    await assert.rejects(store.recordIssuance({ request: request('dev-c4', 'b', { requestId: 'b', chain: ['other'] }), certificate: cert('dev-c4'), authSessionId: used, audit: { at: NOW, action: 'issue', outcome: 'ok' } }));
+    for (const [i, id] of ['dev-c1', 'dev-c2', 'dev-c3'].entries()) assert.deepEqual((await store.getRequest(id, 'r1'))?.response, answers[i]);
+    const stored = await store.db.query('SELECT response FROM requests WHERE device_id LIKE ?', ['dev-c%']);
+    assert.ok(stored.length >= 4 && stored.every((r) => !String(r.response).includes('DEVICE-CA')), 'no stored answer carries the chain itself');
+    assert.deepEqual((await store.db.query('SELECT chain FROM answer_chains')).map((r) => JSON.parse(r.chain)), [chain]);
+    // Another store on the same database (nothing cached) reads the chain from the table.
+    const other = new SqlStore(store.db);
+    assert.deepEqual((await other.getRequest('dev-c2', 'r1'))?.response, answers[1]);
+    // An answer stored before the chain table, with its chain inline.
+    await store.db.run('INSERT INTO requests (device_id, request_id, kind, body_hash, response, created_at) VALUES (?, ?, ?, ?, ?, ?)', ['dev-c1', 'old', 'csr', 'h', JSON.stringify({ requestId: 'old', chain: ['inline'] }), NOW]);
+    assert.deepEqual((await store.getRequest('dev-c1', 'old'))?.response, { requestId: 'old', chain: ['inline'] });
+  });
+
   test(`[${engine}] renewal supersedes, due list follows the policy fraction, revocation and CRL numbers`, async (t) => {
     const { store } = await open(t, engine);
     await device(store, 'dev-r');
@@ -248,7 +276,7 @@ for (const engine of ENGINES) {
     // A database as the previous release left it: migrations 1-5, the CRL DER base64 in TEXT.
     await driver.migrate(listMigrations().filter((m) => m.version <= 5));
     await driver.run('INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)', ['device-ca', 41, NOW, NOW + DAY, randomBytes(50).toString('base64')]);
-    assert.deepEqual(await store.migrate(), [6]);
+    assert.deepEqual(await store.migrate(), listMigrations().filter((m) => m.version >= 6).map((m) => m.version));
     const carried = (await store.getCrl('device-ca'))!;
     assert.deepEqual([carried.crlNumber, carried.nextUpdate, carried.der.length], [41n, 0, 0]);
 

@@ -10,6 +10,7 @@
  *   would infer it as bigint and refuse 0.6667;
  * - "insert unless present" is INSERT .. ON CONFLICT DO NOTHING and its change count.
  */
+import { createHash } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -71,6 +72,8 @@ const SQL = {
   useSession: 'UPDATE auth_sessions SET used_at = ? WHERE id = ? AND used_at IS NULL',
   getRequest: 'SELECT * FROM requests WHERE device_id = ? AND request_id = ?',
   insertRequest: 'INSERT INTO requests (device_id, request_id, kind, body_hash, response, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING',
+  insertChain: 'INSERT INTO answer_chains (ref, chain) VALUES (?, ?) ON CONFLICT DO NOTHING',
+  getChain: 'SELECT chain FROM answer_chains WHERE ref = ?',
   // No ON CONFLICT: a serial that already exists is an error and rolls the issuance back;
   // the primary key is what guarantees serial uniqueness across nodes.
   insertCert: `INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
@@ -95,6 +98,9 @@ const SQL = {
 } as const;
 
 export class SqlStore implements AuthorityStore {
+  /** CA chains of stored answers by ref (content-addressed: sha256 of the chain's JSON). */
+  private readonly chains = new Map<string, string[]>();
+
   constructor(readonly db: SqlDriver) {}
 
   get dialect(): SqlDriver['dialect'] {
@@ -122,8 +128,39 @@ export class SqlStore implements AuthorityStore {
     return q.run(SQL.insertCert, [c.serial, c.subjectId, c.kind, c.fingerprint, c.notBefore, c.notAfter, c.status, c.requestId, c.pem, c.createdAt]);
   }
 
-  private insertRequestRow(q: Queryable, r: RequestRow) {
-    return q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(r.response), r.createdAt]);
+  /**
+   * A stored answer's `chain` (the same ~1.2 kB for every certificate of one issuing CA) is
+   * written once to answer_chains and referenced as `chainRef`; getRequest puts it back.
+   */
+  private async insertRequestRow(q: Queryable, r: RequestRow) {
+    let response = r.response;
+    const chain = response?.chain;
+    if (Array.isArray(chain) && chain.length > 0 && chain.every((c) => typeof c === 'string')) {
+      const text = JSON.stringify(chain);
+      const ref = createHash('sha256').update(text).digest('hex');
+      // Written with every answer (a no-op once present): a transaction that rolls back takes
+      // its chain row with it, so no answer may rely on an earlier one's insert. The cache
+      // below is for reads only: a ref names its content, so it can never be stale.
+      await q.run(SQL.insertChain, [ref, text]);
+      const { chain: _inline, ...rest } = response as Record<string, unknown>;
+      response = { ...rest, chainRef: ref };
+    }
+    return q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(response), r.createdAt]);
+  }
+
+  /** The answer as it was given: a `chainRef` replaced by its chain. */
+  private async expandAnswer(response: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const ref = response?.chainRef;
+    if (!response || typeof ref !== 'string') return response;
+    let chain = this.chains.get(ref);
+    if (!chain) {
+      const row = await this.db.one(SQL.getChain, [ref]);
+      if (!row) throw new Error(`stored answer names chain ${ref}, which is missing`);
+      chain = JSON.parse(row.chain) as string[];
+      this.chains.set(ref, chain);
+    }
+    const { chainRef: _ref, ...rest } = response;
+    return { ...rest, chain: [...chain] };
   }
 
   async createEnrollmentToken(tokenHash: string, gatewayId: string, expiresAt: number): Promise<void> {
@@ -200,7 +237,7 @@ export class SqlStore implements AuthorityStore {
   async getRequest(deviceId: string, requestId: string): Promise<RequestRow | null> {
     const r = await this.db.one(SQL.getRequest, [deviceId, requestId]);
     if (!r) return null;
-    return { deviceId: r.device_id, requestId: r.request_id, kind: r.kind, bodyHash: r.body_hash, response: parse(r.response), createdAt: r.created_at };
+    return { deviceId: r.device_id, requestId: r.request_id, kind: r.kind, bodyHash: r.body_hash, response: await this.expandAnswer(parse(r.response)), createdAt: r.created_at };
   }
 
   async insertRequest(q: RequestRow, audit: AuditEntry): Promise<boolean> {
