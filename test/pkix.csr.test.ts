@@ -530,12 +530,16 @@ test('EC verify pool: verdicts match crypto.verify, an unreadable key is told ap
     });
     const verdicts = await Promise.all(jobs.map((j) => pool.verify(j)));
     assert.deepEqual(verdicts, jobs.map((_, i) => ['verified', 'bad-signature', 'bad-key'][i % 3]));
-    // Kill the workers while a batch is in flight: those jobs reject, the next ones get new workers.
+    // A worker fails while a batch is in flight (its 'error' event, as a crash would give):
+    // those jobs reject, the next ones get a new worker.
     const inFlight = pool.verify(jobs[0]);
     await new Promise((r) => setImmediate(r));
-    for (const w of (pool as unknown as { workers: Array<{ worker: { terminate(): Promise<number> } }> }).workers) await w.worker.terminate();
-    await assert.rejects(inFlight);
+    const lost = [...(pool as unknown as { workers: Array<{ worker: import('node:worker_threads').Worker }> }).workers];
+    for (const w of lost) w.worker.emit('error', new Error('worker crashed'));
+    await assert.rejects(inFlight, /worker crashed/);
+    await Promise.all(lost.map((w) => w.worker.terminate()));
     assert.equal(await pool.verify(jobs[0]), 'verified');
+    assert.equal(await pool.verify(jobs[1]), 'bad-signature');
   } finally {
     await pool.close();
   }
