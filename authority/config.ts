@@ -25,6 +25,14 @@ export interface AuthorityConfig {
    * Env: LEAFGATE_DATABASE_URL. The old key `databaseFile` is still read.
    */
   database: string;
+  /**
+   * SQLite store: a transaction (issuance, renewal, revocation, a stored answer, gateway
+   * enrollment) is acknowledged only once the WAL is fsynced, one fsync per group commit,
+   * off the event loop. false: synchronous=NORMAL
+   * alone (never corrupt, but a power cut can lose the last commits). PostgreSQL: its own
+   * synchronous_commit applies.
+   */
+  databaseFsync: boolean;
   challengeTtlSeconds: number;
   /** Time a device has after authenticating to send its CSR. */
   csrDeadlineSeconds: number;
@@ -91,6 +99,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
     database: input.database ?? env.LEAFGATE_DATABASE_URL ?? input.databaseFile ?? join(dataDir, 'authority.db'),
+    databaseFsync: input.databaseFsync ?? true,
     challengeTtlSeconds: input.challengeTtlSeconds ?? 120,
     csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
     gatewayCertDays: input.gatewayCertDays ?? 90,
@@ -122,6 +131,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   if (typeof cfg.database !== 'string' || !cfg.database) throw new LeafgateError('internal', 'database must be a file path or a postgres:// URL');
   if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
   else if (/^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) throw new LeafgateError('internal', 'database: only postgres:// URLs or SQLite file paths are supported');
+  if (typeof cfg.databaseFsync !== 'boolean') throw new LeafgateError('internal', 'databaseFsync must be true or false');
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
   return Object.freeze(cfg);
 }

@@ -65,7 +65,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const database = isPostgresUrl(config.database) ? redactUrl(config.database) : config.database;
   let store: SqlStore;
   try {
-    store = await openStore(config.database, { onError: (err) => logger.warn({ database, err: err.message }, 'database connection error') });
+    store = await openStore(config.database, { sqliteFsync: config.databaseFsync, onError: (err) => logger.warn({ database, err: err.message }, 'database connection error') });
   } catch (err) {
     logger.error({ database, err: (err as Error).message }, 'cannot open the authority database');
     throw err;

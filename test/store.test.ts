@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type RequestRow } from '../authority/store/index.ts';
-import { AuthorityEvents, LocalCa, Revocation } from '../authority/index.ts';
+import { AuthorityEvents, LocalCa, Revocation, resolveAuthorityConfig } from '../authority/index.ts';
 import { rewriteDdl, toPgPlaceholders } from '../authority/store/sql.ts';
 import { pgSchema } from './support/pg.ts';
 
@@ -389,4 +389,26 @@ test('[postgres] an unreachable server is a clear authority_unavailable error, w
     return true;
   });
   await assert.rejects(openStore('postgres://x@127.0.0.1:1/db?schema=a;drop'), /schema must be a plain identifier/);
+});
+
+test('[sqlite] durable commits: answered after the WAL fsync, kept across a reopen; fsync: false answers without it; a bad databaseFsync is refused', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  for (const fsync of [true, false]) {
+    const file = join(dir, `durable-${fsync}.db`);
+    const store = new SqliteStore(file, { fsync });
+    await device(store, 'dev-d');
+    // Many transactions in one turn: one group commit, one fsync, every caller answered.
+    const results = await Promise.all(Array.from({ length: 50 }, (_, i) => store.insertRequest({ ...request('dev-d', `q${i}`), kind: 'register' }, { at: NOW, action: 'register', outcome: 'ok', deviceId: 'dev-d' })));
+    assert.ok(results.every(Boolean));
+    // close() waits for a sync in flight.
+    const last = store.insertRequest({ ...request('dev-d', 'last'), kind: 'register' }, { at: NOW, action: 'register', outcome: 'ok', deviceId: 'dev-d' });
+    await store.close();
+    assert.equal(await last, true);
+    const again = new SqliteStore(file, { fsync });
+    assert.equal((await again.listAudit({ deviceId: 'dev-d' })).length, 51);
+    assert.ok(await again.getRequest('dev-d', 'last'));
+    await again.close();
+  }
+  assert.throws(() => resolveAuthorityConfig({ caPassphrase: 'x'.repeat(16), databaseFsync: 'no' as unknown as boolean }, {}), /databaseFsync must be true or false/);
 });

@@ -393,8 +393,9 @@ export class SqlStore implements AuthorityStore {
 
 /** The embedded store on one SQLite file, migrated when constructed (synchronous, as before). */
 export class SqliteStore extends SqlStore {
-  constructor(file: string) {
-    const driver = new SqliteDriver(file);
+  /** `fsync: false`: commits are not synced to disk before they are acknowledged (see SqliteDriver). */
+  constructor(file: string, opts: { fsync?: boolean } = {}) {
+    const driver = new SqliteDriver(file, opts);
     driver.migrateNow(listMigrations());
     super(driver);
   }
@@ -405,8 +406,8 @@ export class SqliteStore extends SqlStore {
  * share it) or a SQLite file. Migrations are applied before it is returned. A database that
  * cannot be reached is a clear `authority_unavailable` error naming it (without password).
  */
-export async function openStore(database: string, opts: { onError?: (err: Error) => void } = {}): Promise<SqlStore> {
-  if (!isPostgresUrl(database)) return new SqliteStore(database);
+export async function openStore(database: string, opts: { onError?: (err: Error) => void; sqliteFsync?: boolean } = {}): Promise<SqlStore> {
+  if (!isPostgresUrl(database)) return new SqliteStore(database, { fsync: opts.sqliteFsync });
   const store = new SqlStore(new PostgresDriver({ url: database, onError: opts.onError }));
   try {
     await store.migrate();
