@@ -100,6 +100,10 @@ const SQL = {
 export class SqlStore implements AuthorityStore {
   /** CA chains of stored answers by ref (content-addressed: sha256 of the chain's JSON). */
   private readonly chains = new Map<string, string[]>();
+  /** Refs whose answer_chains row a committed transaction of ours wrote (or found). */
+  private readonly committedChains = new Set<string>();
+  /** Chain JSON -> ref, so that the hash is not recomputed per answer. */
+  private readonly chainRefs = new Map<string, string>();
 
   constructor(readonly db: SqlDriver) {}
 
@@ -132,20 +136,36 @@ export class SqlStore implements AuthorityStore {
    * A stored answer's `chain` (the same ~1.2 kB for every certificate of one issuing CA) is
    * written once to answer_chains and referenced as `chainRef`; getRequest puts it back.
    */
-  private async insertRequestRow(q: Queryable, r: RequestRow) {
+  private async insertRequestRow(q: Queryable, r: RequestRow, written: string[]) {
     let response = r.response;
     const chain = response?.chain;
     if (Array.isArray(chain) && chain.length > 0 && chain.every((c) => typeof c === 'string')) {
       const text = JSON.stringify(chain);
-      const ref = createHash('sha256').update(text).digest('hex');
-      // Written with every answer (a no-op once present): a transaction that rolls back takes
-      // its chain row with it, so no answer may rely on an earlier one's insert. The cache
-      // below is for reads only: a ref names its content, so it can never be stale.
-      await q.run(SQL.insertChain, [ref, text]);
+      let ref = this.chainRefs.get(text);
+      if (!ref) {
+        ref = createHash('sha256').update(text).digest('hex');
+        if (this.chainRefs.size >= 64) this.chainRefs.clear();
+        this.chainRefs.set(text, ref);
+      }
+      // The chain row goes in the same transaction as the answer naming it, until one such
+      // transaction is known to have committed (chain rows are never deleted): one that
+      // rolls back takes its chain row with it.
+      if (!this.committedChains.has(ref)) {
+        await q.run(SQL.insertChain, [ref, text]);
+        written.push(ref);
+      }
       const { chain: _inline, ...rest } = response as Record<string, unknown>;
       response = { ...rest, chainRef: ref };
     }
     return q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(response), r.createdAt]);
+  }
+
+  /** A transaction that stores answers: the chain rows it wrote are known once it committed. */
+  private async answerTransaction<T>(fn: (tx: Queryable, written: string[]) => Promise<T>): Promise<T> {
+    const written: string[] = [];
+    const value = await this.db.transaction((tx) => fn(tx, written));
+    for (const ref of written) this.committedChains.add(ref);
+    return value;
   }
 
   /** The answer as it was given: a `chainRef` replaced by its chain. */
@@ -241,8 +261,8 @@ export class SqlStore implements AuthorityStore {
   }
 
   async insertRequest(q: RequestRow, audit: AuditEntry): Promise<boolean> {
-    return this.db.transaction(async (tx) => {
-      const ok = (await this.insertRequestRow(tx, q)).changes === 1;
+    return this.answerTransaction(async (tx, written) => {
+      const ok = (await this.insertRequestRow(tx, q, written)).changes === 1;
       if (ok) await this.audit(tx, audit);
       return ok;
     });
@@ -250,10 +270,10 @@ export class SqlStore implements AuthorityStore {
 
   async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean> {
     const { request: q, certificate, authSessionId, audit } = args;
-    return this.db.transaction(async (tx) => {
+    return this.answerTransaction(async (tx, written) => {
       // First the answer: on PostgreSQL a concurrent insert of the same (device, requestId) on
       // another node waits here for this one to commit, then does nothing: one certificate.
-      if ((await this.insertRequestRow(tx, q)).changes !== 1) return false;
+      if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
       if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
       await this.insertCert(tx, certificate);
       await this.audit(tx, audit);
@@ -263,8 +283,8 @@ export class SqlStore implements AuthorityStore {
 
   async recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean> {
     const { request: q, certificate, supersedes, audit } = args;
-    return this.db.transaction(async (tx) => {
-      if ((await this.insertRequestRow(tx, q)).changes !== 1) return false;
+    return this.answerTransaction(async (tx, written) => {
+      if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
       if ((await tx.run(SQL.supersede, [supersedes])).changes !== 1) throw new Error('certificate to supersede is no longer active');
       await this.insertCert(tx, certificate);
       await this.audit(tx, audit);
