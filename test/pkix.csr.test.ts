@@ -5,7 +5,7 @@
  */
 import { throwsDer } from './support/der.ts';
 import assert from 'node:assert/strict';
-import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
+import { generateKeyPairSync, sign, verify, type KeyObject } from 'node:crypto';
 import { test } from 'node:test';
 import * as der from '../protocol/pkix/der.ts';
 import { DerError } from '../protocol/pkix/der.ts';
@@ -540,6 +540,10 @@ test('EC verify pool: verdicts match crypto.verify, an unreadable key is told ap
     await Promise.all(lost.map((w) => w.worker.terminate()));
     assert.equal(await pool.verify(jobs[0]), 'verified');
     assert.equal(await pool.verify(jobs[1]), 'bad-signature');
+    // Signatures: the same bytes a verify accepts, the key sent once per worker.
+    const signed = await Promise.all(jobs.slice(0, 8).map((j) => pool.sign('sha256', j.data, privateKey)));
+    signed.forEach((sig, i) => assert.ok(verify('sha256', jobs[i].data, publicKey, sig)));
+    await assert.rejects(pool.sign('sha256', jobs[0].data, publicKey), /signing failed/);
   } finally {
     await pool.close();
   }

@@ -9,6 +9,7 @@ import * as der from './der.ts';
 import { OID } from './oids.ts';
 import { encodeSan } from './csr.ts';
 import { signatureAlgorithmFor } from './keys.ts';
+import { ecVerifyPool } from './verify-pool.ts';
 
 export type CertificateProfile =
   | { kind: 'root' }
@@ -226,6 +227,9 @@ export class CertificateTemplate {
   /** Encodes here and signs on the libuv threadpool (crypto.sign with a callback). */
   encodeAsync(f: TemplateFields): Promise<Buffer> {
     const tbs = this.encodeTbs(f);
+    // On the worker pool when there is one (batched per event-loop turn), else the threadpool.
+    const pool = ecVerifyPool();
+    if (pool) return pool.sign(this.hash, tbs, this.privateKey).then((signature) => this.assemble(tbs, signature));
     return new Promise((resolve, reject) => {
       sign(this.hash, tbs, this.privateKey, (err, signature) => (err ? reject(err) : resolve(this.assemble(tbs, signature))));
     });
