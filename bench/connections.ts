@@ -69,6 +69,12 @@ function processFacts(pid: number): { allocator: string; nofile: number } {
   return { allocator: /libjemalloc/.test(maps) ? 'jemalloc' : 'glibc', nofile: limit === 'unlimited' || !limit ? Infinity : Number(limit) };
 }
 
+/** The environment that gives a reference process the gateway's allocator. */
+function allocatorEnv(gatewayPid: number): NodeJS.ProcessEnv {
+  const lib = /\s(\/\S*libjemalloc[^\s]*)$/m.exec(readFileSync(`/proc/${gatewayPid}/maps`, 'utf8'))?.[1];
+  return lib ? { LD_PRELOAD: lib } : {};
+}
+
 /** The JS heap / native split of an RSS delta, per connection, as context fields. */
 function split(m: ServerMemory, base: ServerMemory, n: number): Record<string, number> {
   if (!Number.isFinite(m.heapUsedKb)) return {};
@@ -117,7 +123,7 @@ export const connectionsBench = defineBench({
     tls: { default: '1.3', help: 'TLS version the clients use: 1.2 or 1.3 (the gateway allows both)' },
     warmup: { default: 300, help: 'connections opened and closed first (JIT, allocator), not counted' },
     'gateway-prof': { default: '', help: 'directory: run the gateway with --cpu-prof (in DIR/gateway/ when it exits; the main thread\'s file has thread id 0: CPU.<date>.<time>.<pid>.0.<n>.cpuprofile)' },
-    target: { default: 'gateway', help: 'server to connect to: gateway, aedes (bare aedes, same TLS listener, own process) or mosquitto (same certificates)' },
+    targets: { default: 'gateway,node-tls', help: 'servers to measure, one after the other, comma-separated: gateway, aedes (bare aedes, same TLS listener, own process), mosquitto (same certificates) or node-tls (node\'s tls.Server with the broker\'s exact options and nothing else: the floor under the gateway)' },
     'gateway-env': { default: '', help: 'extra environment of the gateway process, KEY=VALUE,... (e.g. MALLOC_ARENA_MAX=2, to try allocator settings)' },
     'client-chain': { default: false, help: 'clients present the device CA along with their certificate (the protocol asks for the certificate alone; a chain costs the gateway ~6 kB per connection)' },
     'connect-seconds': { default: 150, help: 'no connection attempt starts after this many seconds of connecting (the run reports what it got)' },
@@ -144,24 +150,29 @@ export const connectionsBench = defineBench({
         rateLimits: { connectionsPerAddress: { points: (K + opts.warmup) * 2 + 1000, durationSeconds: 60 } },
       },
     });
-    const facts: Partial<ReturnType<typeof processFacts>> = opts.target === 'gateway' ? processFacts(stack.gateway.pid) : {};
-    if (opts.target === 'gateway') {
-      log(`gateway pid ${stack.gateway.pid}: allocator ${facts.allocator}, open files limit ${facts.nofile}`);
-      if (Number(facts.nofile) < K + 256) log(`warning: the gateway may open only ${facts.nofile} files; ${K} connections need more (raise the hard limit: ulimit -Hn)`);
-    }
-    // The server under test: the gateway, or a reference broker on the gateway's TLS material.
-    let port = stack.gateway.port;
-    let server: { pid: number; memory(): Promise<ServerMemory> } = { pid: stack.gateway.pid, memory: () => gatewayMemory(stack) };
-    if (opts.target === 'aedes') {
-      const aedes = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir], { name: 'aedes', nofile });
-      port = Number((await aedes.waitFor(/on port (\d+)/))[1]);
-      server = { pid: aedes.pid, memory: async () => ({ rssKb: procStatusKb(aedes.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, newSpaceKb: NaN, operational: NaN }) };
-    } else if (opts.target === 'mosquitto') {
-      const m = await startMosquitto({ dir: stack.dir, gatewayDir: stack.gateway.dataDir, caPems: [stack.deviceCaPem, stack.rootPem], tls: opts.tls === '1.2' ? '1.2' : '1.3', nofile });
-      log(`mosquitto ${m.version} on port ${m.port}`);
-      port = m.port;
-      server = { pid: m.pid, memory: async () => ({ rssKb: procStatusKb(m.pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, newSpaceKb: NaN, operational: NaN }) };
-    } else if (opts.target !== 'gateway') throw new Error('--target must be gateway, aedes or mosquitto');
+    const targets = String(opts.targets).split(',').map((t) => t.trim()).filter(Boolean);
+    for (const t of targets) if (!['gateway', 'aedes', 'mosquitto', 'node-tls'].includes(t)) throw new Error('--targets must list gateway, aedes, mosquitto or node-tls');
+    const gatewayFacts = processFacts(stack.gateway.pid);
+    log(`gateway pid ${stack.gateway.pid}: allocator ${gatewayFacts.allocator}, open files limit ${gatewayFacts.nofile}`);
+    if (targets.includes('gateway') && gatewayFacts.nofile < K + 256) log(`warning: the gateway may open only ${gatewayFacts.nofile} files; ${K} connections need more (raise the hard limit: ulimit -Hn)`);
+
+    /** The server under test: the gateway, or a reference server on the gateway's TLS material. */
+    const startTarget = async (target: string): Promise<{ port: number; pid: number; memory(): Promise<ServerMemory>; stop(): Promise<void> }> => {
+      const rssOnly = (pid: number) => async (): Promise<ServerMemory> => ({ rssKb: procStatusKb(pid, 'VmRSS'), heapUsedKb: NaN, heapTotalKb: NaN, externalKb: NaN, newSpaceKb: NaN, operational: NaN });
+      if (target === 'aedes' || target === 'node-tls') {
+        // Launched like the gateway (jemalloc preloaded when installed), so that the
+        // allocator is not the difference being measured.
+        const ref = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir, target], { name: target, nofile, env: allocatorEnv(stack.gateway.pid) });
+        const port = Number((await ref.waitFor(/on port (\d+)/))[1]);
+        return { port, pid: ref.pid, memory: rssOnly(ref.pid), stop: () => ref.stop() };
+      }
+      if (target === 'mosquitto') {
+        const m = await startMosquitto({ dir: stack.dir, gatewayDir: stack.gateway.dataDir, caPems: [stack.deviceCaPem, stack.rootPem], tls: opts.tls === '1.2' ? '1.2' : '1.3', nofile });
+        log(`mosquitto ${m.version} on port ${m.port}`);
+        return { port: m.port, pid: m.pid, memory: rssOnly(m.pid), stop: async () => { process.kill(m.pid, 'SIGTERM'); } };
+      }
+      return { port: stack.gateway.port, pid: stack.gateway.pid, memory: () => gatewayMemory(stack), stop: async () => {} };
+    };
 
     log(`starting ${W} client processes; issuing ${K + opts.warmup} device certificates`);
     const workers = await Promise.all(Array.from({ length: W }, (_, i) => startWorker(i, Math.ceil(K / W) + 4096, opts['clients-prof'] ? resolve(opts['clients-prof']) : '')));
@@ -172,122 +183,130 @@ export const connectionsBench = defineBench({
       ids: [...ids.filter((_, i) => i % W === wi), ...(wi === 0 ? warmIds : [])],
     })));
 
-    if (warmIds.length) {
-      log(`warm-up: ${warmIds.length} connections`);
-      const r = await workers[0].call<ConnectResult>({ cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: warmIds, deadline: monoMs() + 60_000 });
-      if (r.failed) log('warm-up failures:', r.errors);
-      await workers[0].call({ cmd: 'close' });
-      await sleep(3000);
-    }
-    await waitForQuiet(60_000);
-    const snapshots = opts['heap-snapshot'] && opts.target === 'gateway' ? resolve(opts['heap-snapshot']) : '';
-    const snapBefore = snapshots ? await heapSnapshot(stack, snapshots) : '';
-    const before = await server.memory();
+    for (const target of targets) {
+      log(`=== target ${target}`);
+      const server = await startTarget(target);
+      const port = server.port;
+      const facts = target === 'gateway' ? gatewayFacts : processFacts(server.pid);
+      if (warmIds.length) {
+        log(`warm-up: ${warmIds.length} connections`);
+        const r = await workers[0].call<ConnectResult>({ cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: warmIds, deadline: monoMs() + 60_000 });
+        if (r.failed) log('warm-up failures:', r.errors);
+        await workers[0].call({ cmd: 'close' });
+        await sleep(3000);
+      }
+      await waitForQuiet(60_000);
+      const snapshots = opts['heap-snapshot'] && target === 'gateway' ? resolve(opts['heap-snapshot']) : '';
+      const snapBefore = snapshots ? await heapSnapshot(stack, snapshots) : '';
+      const before = await server.memory();
 
-    // Connections open in steps (--steps), with the memory measured after each; the connect
-    // rate counts only the time spent connecting.
-    const steps = [...new Set([...String(opts.steps).split(',').map(Number).filter((n) => n > 0 && n < K), K])].sort((a, b) => a - b);
-    log(`opening ${K} connections in steps ${steps.join(', ')} (${W} processes x ${opts.concurrency} in flight, sources ${addrs.join(',')}, ${maxVersion})`);
-    const procs: Record<string, number> = { gateway: server.pid };
-    workers.forEach((w, i) => (procs[`client-${i}`] = w.proc.pid));
-    const ctx = { target: opts.target, tls_protocol: maxVersion, source_addrs: addrs.length, ...(facts.allocator ? { allocator: facts.allocator } : {}) };
-    const cpuMs: Record<string, number> = {};
-    let wallMs = 0;
-    let foreignMs = 0;
-    let span = 0;
-    let ok = 0;
-    let failed = 0;
-    const errors: Record<string, number> = {};
-    const lat: number[] = [];
-    let opened = 0;
-    let skipped = 0;
-    let lastStep: { n: number; m: ServerMemory } | undefined;
-    const deadline = monoMs() + opts['connect-seconds'] * 1000;
-    for (const target of steps) {
-      const slice = ids.slice(opened, target);
-      opened = target;
-      const meter = new CpuMeter(procs);
-      meter.begin();
-      const results = await Promise.all(workers.map((w, wi) => w.call<ConnectResult>({
-        cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: slice.filter((_, i) => i % W === wi), deadline,
-      })));
-      const cpu = meter.end();
-      for (const [k, v] of Object.entries(cpu.cpuMs)) cpuMs[k] = (cpuMs[k] ?? 0) + v;
-      wallMs += cpu.wallMs;
-      foreignMs += cpu.foreignMs;
-      const started = results.filter((r) => r.ok + r.failed > 0);
-      if (started.length) span += Math.max(...started.map((r) => r.lastEnd)) - Math.min(...started.map((r) => r.firstStart));
-      for (const r of results) {
-        skipped += r.skipped;
-        ok += r.ok;
-        failed += r.failed;
-        for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
-        for (const l of r.latencies) lat.push(l);
+      // Connections open in steps (--steps), with the memory measured after each; the connect
+      // rate counts only the time spent connecting.
+      const steps = [...new Set([...String(opts.steps).split(',').map(Number).filter((n) => n > 0 && n < K), K])].sort((a, b) => a - b);
+      log(`opening ${K} connections in steps ${steps.join(', ')} (${W} processes x ${opts.concurrency} in flight, sources ${addrs.join(',')}, ${maxVersion})`);
+      const procs: Record<string, number> = { server: server.pid };
+      workers.forEach((w, i) => (procs[`client-${i}`] = w.proc.pid));
+      const ctx = { target, tls_protocol: maxVersion, source_addrs: addrs.length, ...(facts.allocator ? { allocator: facts.allocator } : {}) };
+      const cpuMs: Record<string, number> = {};
+      let wallMs = 0;
+      let foreignMs = 0;
+      let span = 0;
+      let ok = 0;
+      let failed = 0;
+      const errors: Record<string, number> = {};
+      const lat: number[] = [];
+      let opened = 0;
+      let skipped = 0;
+      let lastStep: { n: number; m: ServerMemory } | undefined;
+      const deadline = monoMs() + opts['connect-seconds'] * 1000;
+      for (const step of steps) {
+        const slice = ids.slice(opened, step);
+        opened = step;
+        const meter = new CpuMeter(procs);
+        meter.begin();
+        const results = await Promise.all(workers.map((w, wi) => w.call<ConnectResult>({
+          cmd: 'connect', host: '127.0.0.1', port, sourceAddrs: addrs, concurrency: opts.concurrency, maxVersion, ids: slice.filter((_, i) => i % W === wi), deadline,
+        })));
+        const cpu = meter.end();
+        for (const [k, v] of Object.entries(cpu.cpuMs)) cpuMs[k] = (cpuMs[k] ?? 0) + v;
+        wallMs += cpu.wallMs;
+        foreignMs += cpu.foreignMs;
+        const started = results.filter((r) => r.ok + r.failed > 0);
+        if (started.length) span += Math.max(...started.map((r) => r.lastEnd)) - Math.min(...started.map((r) => r.firstStart));
+        for (const r of results) {
+          skipped += r.skipped;
+          ok += r.ok;
+          failed += r.failed;
+          for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
+          for (const l of r.latencies) lat.push(l);
+        }
+        if (skipped) {
+          log(`--connect-seconds ${opts['connect-seconds']} passed: ${skipped} connections not attempted`);
+          break;
+        }
+        if (step < K) {
+          await sleep(1000);
+          const m = await server.memory();
+          const young = Number.isFinite(m.newSpaceKb - before.newSpaceKb) ? m.newSpaceKb - before.newSpaceKb : 0;
+          emit('rss_kb_per_connection_at', (m.rssKb - young - before.rssKb) / Math.max(1, ok), 'kB', { ...ctx, at: ok, ...split(m, before, ok), rss_raw_kb_per_connection: Math.round(((m.rssKb - before.rssKb) / Math.max(1, ok)) * 100) / 100 });
+          lastStep = { n: ok, m };
+        }
       }
-      if (skipped) {
-        log(`--connect-seconds ${opts['connect-seconds']} passed: ${skipped} connections not attempted`);
-        break;
-      }
-      if (target < K) {
-        await sleep(1000);
-        const m = await server.memory();
-        const young = Number.isFinite(m.newSpaceKb - before.newSpaceKb) ? m.newSpaceKb - before.newSpaceKb : 0;
-        emit('rss_kb_per_connection_at', (m.rssKb - young - before.rssKb) / Math.max(1, ok), 'kB', { ...ctx, at: ok, ...split(m, before, ok), rss_raw_kb_per_connection: Math.round(((m.rssKb - before.rssKb) / Math.max(1, ok)) * 100) / 100 });
-        lastStep = { n: ok, m };
-      }
-    }
-    const [p50, p99] = percentiles(lat, [50, 99]);
-    const clientCpu = Object.entries(cpuMs).filter(([k]) => k.startsWith('client')).reduce((a, [, v]) => a + v, 0);
-    const util = { server: (cpuMs.gateway / wallMs) * 100, clients: (clientCpu / wallMs) * 100, foreign: (foreignMs / wallMs) * 100 };
-    // What held the rate: the server's one core, the client processes, or the machine's cores
-    // shared by all (on 2 cores the clients' handshakes compete with the server's).
-    const limitedBy = util.server >= 90 ? 'server' : util.server + util.clients + util.foreign >= cpus().length * 100 * 0.9 ? 'machine' : util.clients >= W * 90 ? 'clients' : 'latency';
-    emit('connect_per_s', (ok * 1000) / span, 'connections/s', {
-      ...ctx, ok, failed, ...(skipped ? { not_attempted: skipped } : {}), wall_s: span / 1000, limited_by: limitedBy,
-      // The rate this server would reach on a core of its own: its CPU per connect, inverted.
-      server_core_bound_per_s: Math.round(1000 / (cpuMs.gateway / Math.max(1, ok))),
-    });
-    if (failed) emit('connections_failed', failed, 'connections', { ...ctx, errors });
-    emit('connect_p50_ms', p50, 'ms', ctx);
-    emit('connect_p99_ms', p99, 'ms', ctx);
-    emit('server_cpu_ms_per_connect', cpuMs.gateway / Math.max(1, ok), 'ms', { ...ctx, note: 'TLS handshake with client certificate + CONNECT handling' });
-    emit('server_cpu_util_pct', util.server, '%', { ...ctx, note: '100 = one core' });
-    emit('clients_cpu_util_pct', util.clients, '%', { ...ctx, processes: W, client_cpu_ms_per_connect: clientCpu / Math.max(1, ok) });
-    emit('foreign_cpu_pct', util.foreign, '%', { ...ctx, note: 'CPU of processes outside this benchmark meanwhile' });
+      const [p50, p99] = percentiles(lat, [50, 99]);
+      const clientCpu = Object.entries(cpuMs).filter(([k]) => k.startsWith('client')).reduce((a, [, v]) => a + v, 0);
+      const util = { server: (cpuMs.server / wallMs) * 100, clients: (clientCpu / wallMs) * 100, foreign: (foreignMs / wallMs) * 100 };
+      // What held the rate: the server's one core, the client processes, or the machine's cores
+      // shared by all (on 2 cores the clients' handshakes compete with the server's).
+      const limitedBy = util.server >= 90 ? 'server' : util.server + util.clients + util.foreign >= cpus().length * 100 * 0.9 ? 'machine' : util.clients >= W * 90 ? 'clients' : 'latency';
+      emit('connect_per_s', (ok * 1000) / span, 'connections/s', {
+        ...ctx, ok, failed, ...(skipped ? { not_attempted: skipped } : {}), wall_s: span / 1000, limited_by: limitedBy,
+        // The rate this server would reach on a core of its own: its CPU per connect, inverted.
+        server_core_bound_per_s: Math.round(1000 / (cpuMs.server / Math.max(1, ok))),
+      });
+      if (failed) emit('connections_failed', failed, 'connections', { ...ctx, errors });
+      emit('connect_p50_ms', p50, 'ms', ctx);
+      emit('connect_p99_ms', p99, 'ms', ctx);
+      emit('server_cpu_ms_per_connect', cpuMs.server / Math.max(1, ok), 'ms', { ...ctx, note: 'TLS handshake with client certificate + CONNECT handling' });
+      emit('server_cpu_util_pct', util.server, '%', { ...ctx, note: '100 = one core' });
+      emit('clients_cpu_util_pct', util.clients, '%', { ...ctx, processes: W, client_cpu_ms_per_connect: clientCpu / Math.max(1, ok) });
+      emit('foreign_cpu_pct', util.foreign, '%', { ...ctx, note: 'CPU of processes outside this benchmark meanwhile' });
 
-    log(`holding ${ok} connections idle for ${opts.hold} s`);
-    await sleep(opts.hold * 1000);
-    const after = await server.memory();
-    const snapAfter = snapshots ? await heapSnapshot(stack, snapshots) : '';
-    const dropped = (await Promise.all(workers.map((w) => w.call<{ closed: number; dropped: number }>({ cmd: 'close' })))).reduce((a, r) => a + r.dropped, 0);
-    const held = ok - dropped;
-    emit('connections_held', held, 'connections', { ...ctx, ...(Number.isFinite(after.operational) ? { gateway_sees: after.operational } : {}), dropped });
-    const per = (a: number, b: number) => (a - b) / Math.max(1, held);
-    // V8's young generation grows with the allocation rate (1 to 32 MB), not with the number
-    // of connections: in some runs the warm-up already grew it, in others the connect burst
-    // does (3 kB per connection at 10,000). Its growth is left out of the per-connection
-    // figure and shown beside it (rss_raw_kb_per_connection).
-    const young = Number.isFinite(after.newSpaceKb) && Number.isFinite(before.newSpaceKb) ? after.newSpaceKb - before.newSpaceKb : 0;
-    // The slope from the last step to the end does not depend on memory the warm-up freed
-    // and the first connections reused (an allocator that keeps freed pages shows less at
-    // small counts): the marginal cost of one more connection.
-    const marginal: Record<string, number> = lastStep && held > lastStep.n
-      ? { marginal_kb_per_connection: Math.round((((after.rssKb - (after.newSpaceKb || 0)) - (lastStep.m.rssKb - (lastStep.m.newSpaceKb || 0))) / (held - lastStep.n)) * 100) / 100, marginal_from: lastStep.n }
-      : {};
-    emit('rss_kb_per_connection', per(after.rssKb - young, before.rssKb), 'kB', {
-      ...ctx, ...split(after, before, held), ...marginal, rss_raw_kb_per_connection: Math.round(per(after.rssKb, before.rssKb) * 100) / 100,
-      rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024,
-    });
-    if (opts.target === 'gateway') emit('heap_kb_per_connection', per(after.heapUsedKb, before.heapUsedKb), 'kB', { ...ctx, note: 'V8 heap used (JS objects: aedes client, parser, session, socket wrappers)' });
-    if (opts.target === 'gateway') emit('external_kb_per_connection', per(after.externalKb, before.externalKb), 'kB', { ...ctx, note: 'V8 external memory (Buffers)' });
-    if (opts.target === 'gateway') emit('native_kb_per_connection', per(after.rssKb - after.heapTotalKb, before.rssKb - before.heapTotalKb), 'kB', { ...ctx, note: 'RSS outside the V8 heap: OpenSSL SSL objects and buffers, libuv, malloc' });
-    if (opts.target === 'gateway') emit('heap_total_kb_per_connection', per(after.heapTotalKb - young, before.heapTotalKb), 'kB', { ...ctx, note: 'V8 heap committed, young-generation growth left out' });
-    emit('server_rss_mb_peak', procStatusKb(server.pid, 'VmHWM') / 1024, 'MB', ctx);
-    if (snapBefore && snapAfter) {
-      log(`heap snapshots: ${snapBefore} ${snapAfter}`);
-      const rows = heapDelta(heapCensus(snapBefore), heapCensus(snapAfter));
-      for (const l of formatDelta(rows, Math.max(1, held), 25)) log(l);
-      for (const r of rows.slice(0, 15)) emit('heap_bytes_per_connection', r.bytes / Math.max(1, held), 'B', { ...ctx, kind: r.key, count_per_connection: r.count / Math.max(1, held) });
+      log(`holding ${ok} connections idle for ${opts.hold} s`);
+      await sleep(opts.hold * 1000);
+      const after = await server.memory();
+      const snapAfter = snapshots ? await heapSnapshot(stack, snapshots) : '';
+      const dropped = (await Promise.all(workers.map((w) => w.call<{ closed: number; dropped: number }>({ cmd: 'close' })))).reduce((a, r) => a + r.dropped, 0);
+      const held = ok - dropped;
+      emit('connections_held', held, 'connections', { ...ctx, ...(Number.isFinite(after.operational) ? { gateway_sees: after.operational } : {}), dropped });
+      const per = (a: number, b: number) => (a - b) / Math.max(1, held);
+      // V8's young generation grows with the allocation rate (1 to 32 MB), not with the number
+      // of connections: in some runs the warm-up already grew it, in others the connect burst
+      // does (3 kB per connection at 10,000). Its growth is left out of the per-connection
+      // figure and shown beside it (rss_raw_kb_per_connection).
+      const young = Number.isFinite(after.newSpaceKb) && Number.isFinite(before.newSpaceKb) ? after.newSpaceKb - before.newSpaceKb : 0;
+      // The slope from the last step to the end does not depend on memory the warm-up freed
+      // and the first connections reused (an allocator that keeps freed pages shows less at
+      // small counts): the marginal cost of one more connection.
+      const marginal: Record<string, number> = lastStep && held > lastStep.n
+        ? { marginal_kb_per_connection: Math.round((((after.rssKb - (after.newSpaceKb || 0)) - (lastStep.m.rssKb - (lastStep.m.newSpaceKb || 0))) / (held - lastStep.n)) * 100) / 100, marginal_from: lastStep.n }
+        : {};
+      emit('rss_kb_per_connection', per(after.rssKb - young, before.rssKb), 'kB', {
+        ...ctx, ...split(after, before, held), ...marginal, rss_raw_kb_per_connection: Math.round(per(after.rssKb, before.rssKb) * 100) / 100,
+        rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024,
+      });
+      if (target === 'gateway') emit('heap_kb_per_connection', per(after.heapUsedKb, before.heapUsedKb), 'kB', { ...ctx, note: 'V8 heap used (JS objects: aedes client, parser, session, socket wrappers)' });
+      if (target === 'gateway') emit('external_kb_per_connection', per(after.externalKb, before.externalKb), 'kB', { ...ctx, note: 'V8 external memory (Buffers)' });
+      if (target === 'gateway') emit('native_kb_per_connection', per(after.rssKb - after.heapTotalKb, before.rssKb - before.heapTotalKb), 'kB', { ...ctx, note: 'RSS outside the V8 heap: OpenSSL SSL objects and buffers, libuv, malloc' });
+      if (target === 'gateway') emit('heap_total_kb_per_connection', per(after.heapTotalKb - young, before.heapTotalKb), 'kB', { ...ctx, note: 'V8 heap committed, young-generation growth left out' });
+      emit('server_rss_mb_peak', procStatusKb(server.pid, 'VmHWM') / 1024, 'MB', ctx);
+      if (snapBefore && snapAfter) {
+        log(`heap snapshots: ${snapBefore} ${snapAfter}`);
+        const rows = heapDelta(heapCensus(snapBefore), heapCensus(snapAfter));
+        for (const l of formatDelta(rows, Math.max(1, held), 25)) log(l);
+        for (const r of rows.slice(0, 15)) emit('heap_bytes_per_connection', r.bytes / Math.max(1, held), 'B', { ...ctx, kind: r.key, count_per_connection: r.count / Math.max(1, held) });
+      }
+
+      await server.stop();
     }
 
     await Promise.all(workers.map((w) => new Promise<void>((r) => {

@@ -17,8 +17,9 @@ import { cpus } from 'node:os';
 import { Redis } from 'ioredis';
 import type { KeySpec } from '../protocol/index.ts';
 import { CpuMeter, log, monoMs, onCleanup, type Json, percentiles, procStatusKb, spawnNode, waitForQuiet, type SpawnedNode } from './common.ts';
-import { mergeResults, prepareSimulation, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
-import { startProcStack, type ProcStack } from './proc-stack.ts';
+import { mergeResults, prepareSimulation, useShortPeerCertificates, type SimConfig, type SimCredential, type SimResult } from './onboarding-sim.ts';
+import { BENCH_PASSPHRASE, startProcStack, type ProcStack } from './proc-stack.ts';
+import { measureTlsFloor } from './tls-floor.ts';
 import { defineBench } from './types.ts';
 
 const KEYS: Record<string, KeySpec> = { 'ec-256': { keyType: 'ec', keySize: 256 }, 'rsa-2048': { keyType: 'rsa', keySize: 2048 } };
@@ -108,6 +109,7 @@ export const onboardingBench = defineBench({
     'gateway-prof': { default: '', help: 'directory: run gateway and authority with --cpu-prof (profiles written there at exit)' },
     gateways: { default: 1, help: 'gateway processes; more than one share a Redis (BENCH_REDIS_URL, default redis://127.0.0.1:6379) and devices are spread over them round-robin' },
     redis: { default: false, help: 'run the gateway(s) on Redis even with --gateways 1 (cluster mode: sessions, outbox, limits in Redis)' },
+    'tls-floor': { default: 1000, help: 'after the run, devices for the TLS floor: the CPU of the two handshakes alone (bootstrap + mutual TLS) against node\'s bare TLS server, both ends (0: skip)' },
     'sim-peer-chain': { default: false, help: 'simulated devices let node build the detailed peer certificate chain after each handshake (~0.4 ms each; off: the short form, which the host-name check reads)' },
   },
   async run(opts, emit) {
@@ -230,6 +232,24 @@ export const onboardingBench = defineBench({
     emit('foreign_cpu_pct', foreignPct, '%', { ...ctx, note: 'CPU used by processes outside this benchmark during the run (another session\'s tests, services): > 10 means the numbers are low' });
 
     for (const w of workers) w.proc.child.send({ cmd: 'exit' });
+
+    if (opts['tls-floor'] > 0) {
+      // Same process, same host state, right after the run: the handshakes alone.
+      useShortPeerCertificates(!opts['sim-peer-chain']);
+      log(`TLS floor: ${opts['tls-floor']} devices x 2 handshakes against bare node TLS`);
+      const f = await measureTlsFloor({ gatewayDir: stack.gateway.dataDir, caDir: stack.caDir, passphrase: BENCH_PASSPHRASE, anchors: stack.rootPem, devices: opts['tls-floor'], concurrency: opts.concurrency });
+      const floor = f.clientMs + f.serverMs;
+      const runPerDevice = totalCpu / Math.max(1, r.ok);
+      // Issue 7's onboarding target (300 devices/s with the simulator on this machine's cores)
+      // leaves this much CPU per device for everything, handshakes included.
+      const budget = (cpus().length * 1000) / 300;
+      emit('tls_floor_cpu_ms_per_device', floor, 'ms', {
+        ...ctx, client_ms: f.clientMs, server_ms: f.serverMs, failed: f.failed,
+        note: 'two handshakes (bootstrap, mutual TLS) + one CONNECT/CONNACK each, node TLS alone, client and server CPU',
+      });
+      emit('tls_floor_share_pct', (floor / runPerDevice) * 100, '%', { ...ctx, run_cpu_ms_per_device: runPerDevice, note: 'TLS floor / CPU per device of the run (all processes)' });
+      emit('tls_floor_share_of_budget_pct', (floor / budget) * 100, '%', { ...ctx, budget_ms_per_device: budget, target_devices_per_s: 300, cores: cpus().length, note: 'TLS floor / (cores x 1000 ms / 300 devices)' });
+    }
     await stack.close();
   },
 });

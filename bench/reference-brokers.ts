@@ -1,7 +1,8 @@
 /**
- * Reference brokers the benchmarks compare the gateway with, on the gateway's own TLS
- * material: Mosquitto (a child process on a free port) and bare aedes (broker/ startBroker
- * with no hooks, in this process or, run as a script, in its own process).
+ * Reference servers the benchmarks compare the gateway with, on the gateway's own TLS
+ * material: Mosquitto (a child process on a free port), bare aedes (broker/ startBroker
+ * with no hooks, in this process or, run as a script, in its own process) and bare node TLS
+ * (the broker's exact tls.Server options and nothing else: what node's TLS alone costs).
  */
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -9,7 +10,8 @@ import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pino from 'pino';
-import { startBroker, TLS_CIPHERS } from '../broker/index.ts';
+import tls from 'node:tls';
+import { brokerTlsServerOptions, startBroker, TLS_CIPHERS } from '../broker/index.ts';
 import { freePort, onCleanup, stopChild } from './common.ts';
 
 export const MOSQUITTO = process.env.BENCH_MOSQUITTO ?? '/usr/sbin/mosquitto';
@@ -92,13 +94,41 @@ export function gatewayTls(gatewayDir: string): { key: string; cert: string; ca:
   };
 }
 
-// Script mode: bare aedes on the gateway's TLS material, in its own process.
-//   node --import tsx bench/reference-brokers.ts <gatewayDir>
+const CONNACK_ACCEPTED = Buffer.from([0x20, 0x02, 0x00, 0x00]);
+
+/**
+ * The floor under the gateway: node's tls.Server with the broker's options, answering the
+ * client's first bytes (its CONNECT) with a CONNACK and keeping nothing per connection but
+ * what node and OpenSSL keep. No MQTT parser, no session, no plugins.
+ */
+export async function startNodeTlsReference(t: { key: string; cert: string; ca: string[] }): Promise<tls.Server> {
+  const server = tls.createServer(brokerTlsServerOptions(t));
+  server.on('secureConnection', (socket) => {
+    socket.setNoDelay(true);
+    socket.on('error', () => socket.destroy());
+    socket.once('data', () => socket.write(CONNACK_ACCEPTED));
+  });
+  server.on('tlsClientError', (_err, socket) => socket.destroy());
+  server.listen({ port: 0, host: '127.0.0.1', backlog: 4096 });
+  await new Promise<void>((resolve) => server.once('listening', () => resolve()));
+  return server;
+}
+
+// Script mode, in its own process: bare aedes (default) or bare node TLS on the gateway's TLS material.
+//   node --import tsx bench/reference-brokers.ts <gatewayDir> [aedes|node-tls]
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
-  const dir = process.argv[2];
-  const broker = await startBroker({ host: '127.0.0.1', port: 0, tls: gatewayTls(dir), hooks: {}, logger: pino({ level: 'warn' }, pino.destination(2)), maxConnections: 1_000_000 });
-  process.stdout.write(`aedes serving MQTT over TLS on port ${broker.port}\n`);
-  const stop = () => void broker.close().finally(() => process.exit(0));
+  const material = gatewayTls(process.argv[2]);
+  let stop: () => void;
+  if (process.argv[3] === 'node-tls') {
+    const server = await startNodeTlsReference(material);
+    process.stdout.write(`node-tls serving TLS on port ${(server.address() as { port: number }).port}\n`);
+    // Held connections would keep server.close() waiting: a reference server just exits.
+    stop = () => process.exit(0);
+  } else {
+    const broker = await startBroker({ host: '127.0.0.1', port: 0, tls: material, hooks: {}, logger: pino({ level: 'warn' }, pino.destination(2)), maxConnections: 1_000_000 });
+    process.stdout.write(`aedes serving MQTT over TLS on port ${broker.port}\n`);
+    stop = () => void broker.close().finally(() => process.exit(0));
+  }
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
 }

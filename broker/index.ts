@@ -76,6 +76,22 @@ function secureContextOptions(t: BrokerTls, sessionTickets: boolean): tls.Secure
   };
 }
 
+/**
+ * The broker listener's TLS settings. One listener serves both phases: bootstrap clients
+ * send no certificate, operational ones do; the certificate is requested but judged by the
+ * authentication plugin (chain, CN, revocation), not by OpenSSL's accept/reject, so that a
+ * refused device gets an MQTT answer it can log instead of a bare handshake alert.
+ * Exported for the benchmarks' bare node TLS reference, which must match it exactly.
+ */
+export function brokerTlsServerOptions(t: BrokerTls, o: { sessionTickets?: boolean; handshakeTimeoutMs?: number } = {}): tls.TlsOptions {
+  return {
+    ...secureContextOptions(t, o.sessionTickets ?? false),
+    requestCert: true,
+    rejectUnauthorized: false,
+    handshakeTimeout: o.handshakeTimeoutMs ?? 10_000,
+  };
+}
+
 const kMaxPacket = Symbol('leafgate.maxPacketBytes');
 const kCapped = Symbol('leafgate.packetCap');
 
@@ -132,12 +148,7 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
   });
   const maxPacket = opts.maxPacketBytes ?? 256 * 1024;
   const sessionTickets = opts.sessionTickets ?? false;
-  const server = tls.createServer({
-    ...secureContextOptions(opts.tls, sessionTickets),
-    requestCert: true,
-    rejectUnauthorized: false,
-    handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
-  });
+  const server = tls.createServer(brokerTlsServerOptions(opts.tls, { sessionTickets, handshakeTimeoutMs: opts.handshakeTimeoutMs }));
   if (opts.maxConnections) server.maxConnections = opts.maxConnections;
   if (opts.acceptConnection) {
     const admit = opts.acceptConnection;

@@ -99,5 +99,8 @@ test('bench connections at a tiny size: every connection held, connect rate and 
   const r = await runBench(['connections', '--connections', '60', '--warmup', '10', '--hold', '0.5', '--steps', '', '--workers', '1', '--concurrency', '10'], 150_000);
   assert.equal(r.code, 0, r.stderr);
   check(r.lines, 'connections', [['connect_per_s'], ['rss_kb_per_connection'], ['connections_held']]);
-  assert.equal(r.lines.find((l) => l.metric === 'connections_held')!.value, 60);
+  // The gateway, then the bare node TLS floor under it, each with every connection held.
+  const held = r.lines.filter((l) => l.metric === 'connections_held');
+  assert.deepEqual(held.map((l) => [l.target, l.value]), [['gateway', 60], ['node-tls', 60]]);
+  assert.deepEqual(r.lines.filter((l) => l.metric === 'rss_kb_per_connection').map((l) => l.target), ['gateway', 'node-tls']);
 });
