@@ -70,12 +70,13 @@ test('bench issuance at a tiny size prints certs/s, raw sign and their ratio for
 });
 
 test('bench onboarding at a tiny size: three processes, every device onboarded, per-process CPU and RSS', { timeout: 240_000 }, async () => {
-  const r = await runBench(['onboarding', '--devices', '20', '--warmup', '5', '--concurrency', '5'], 200_000);
+  const r = await runBench(['onboarding', '--devices', '20', '--warmup', '5', '--concurrency', '5', '--tls-floor', '10'], 200_000);
   assert.equal(r.code, 0, r.stderr);
   check(r.lines, 'onboarding', [
     ['devices_per_s'], ['latency_p50_ms'], ['latency_p99_ms'],
     ['cpu_ms_per_device', { process: 'authority' }], ['cpu_ms_per_device', { process: 'gateway' }], ['cpu_ms_per_device', { process: 'simulator' }],
     ['rss_mb_peak', { process: 'authority' }], ['rss_mb_peak', { process: 'gateway' }], ['rss_mb_peak', { process: 'simulator' }],
+    ['tls_floor_cpu_ms_per_device', { failed: 0 }], ['tls_floor_share_pct'], ['tls_floor_share_of_budget_pct'],
   ]);
   const rate = r.lines.find((l) => l.metric === 'devices_per_s')!;
   assert.equal(rate.ok, 20);
