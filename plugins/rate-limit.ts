@@ -1,7 +1,15 @@
 /**
  * Rate limits (rate-limiter-flexible): connection attempts per source address (checked on
  * the raw TCP connection, before any TLS work), publishes per client, onboarding attempts
- * per device per hour, CSRs per device per day, and concurrent onboardings per gateway.
+ * per device (and source address) per hour, CSRs per device per day, and concurrent
+ * onboardings per gateway.
+ *
+ * A bootstrap connection only claims its device id, so nothing it does without proof may
+ * spend the real device's budgets: its register attempts count against the id *from its
+ * address* (a hostile client elsewhere on the network cannot lock a device out of
+ * onboarding for an hour), and its CSRs count only once the authority has accepted its
+ * challenge answer (before that the outbox refuses them as `not_authenticated`, and the
+ * per-connection publish budget bounds a flood).
  * A limited device gets `down/error` with `rate_limited` and `retryAfterMs`; a client that
  * keeps going after being limited is disconnected. Limiters are built by one factory so a
  * cluster swaps the memory store for Redis in one place; the publish budget is per
@@ -11,7 +19,7 @@
 import type { Client } from 'aedes';
 import { RateLimiterMemory, RateLimiterRes, type RateLimiterAbstract } from 'rate-limiter-flexible';
 import { ConnectionLimits } from './connection-limits.ts';
-import type { SessionRegistry } from './sessions.ts';
+import type { DeviceSession, SessionRegistry } from './sessions.ts';
 import { parsedTopicOf } from './topic-memo.ts';
 import { PublishRefusal, type BrokerPlugin } from './types.ts';
 
@@ -94,12 +102,14 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
     throw new PublishRefusal('rate_limited', `rate limit ${limit} reached`, retryAfterMs);
   };
 
-  const onboardingBudget = async (client: Client, kind: 'bootstrap' | 'operational', deviceId: string): Promise<void> => {
-    if (kind === 'bootstrap' && !active.has(client)) {
+  const onboardingBudget = async (client: Client, session: DeviceSession): Promise<void> => {
+    if (session.kind === 'bootstrap' && !active.has(client)) {
       if (active.size >= l.concurrentOnboardings) refuse(client, 'concurrentOnboardings', 5_000);
       active.add(client);
     }
-    const wait = await over(onboardings, deviceId);
+    // The address is part of the key while the id is only claimed (see the header).
+    const key = session.kind === 'bootstrap' ? `${session.deviceId}@${session.remoteAddress}` : session.deviceId;
+    const wait = await over(onboardings, key);
     if (wait) refuse(client, 'onboardingsPerDevice', wait);
     perConnection.forgive(client);
   };
@@ -149,8 +159,9 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       const session = opts.sessions.get(client);
       if (!session) return;
       const kind = parsedTopicOf(client, packet.topic)?.kind;
-      if (kind === 'register') return onboardingBudget(client, session.kind, session.deviceId);
-      if (kind === 'csr') return csrBudget(client, session.deviceId);
+      if (kind === 'register') return onboardingBudget(client, session);
+      // An unauthenticated bootstrap CSR is refused by the outbox; it must not cost the device.
+      if (kind === 'csr' && (session.kind === 'operational' || session.authenticated)) return csrBudget(client, session.deviceId);
       perConnection.forgive(client);
     },
 

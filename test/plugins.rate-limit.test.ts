@@ -1,13 +1,14 @@
 /**
  * Rate-limit plugin: the admission check on its own, then each limit through the real
  * gateway with small budgets -- connection attempts per source address (checked on the raw
- * TCP connection), publishes per client with the abuse cut-off, onboardings per device,
- * concurrent onboardings and CSRs per device.
+ * TCP connection), publishes per client with the abuse cut-off, onboardings per device and
+ * address, concurrent onboardings and CSRs per device (none spent by an unproven claim).
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { generateKeyPairSync } from 'node:crypto';
 import tls from 'node:tls';
-import { upTopic } from '../protocol/index.ts';
+import { pkix, upTopic } from '../protocol/index.ts';
 import { DEFAULT_RATE_LIMITS, SessionRegistry, rateLimitPlugin } from '../plugins/index.ts';
 import { startStack } from './support/stack.ts';
 import { BootstrapSession, closeQuietly, closed, connectOk, fromAddress, metricValue, metricsText, operationalOptions, tryConnect, until, within } from './support/plugins-helpers.ts';
@@ -105,7 +106,7 @@ test('publishesPerClient: the 6th publish gets rate_limited with retryAfterMs; i
   assert.equal(session.inbox.messages.filter((m) => /^req-[6-9]$/.test(String(m.body.requestId))).length, 0, 'refused publishes were not relayed');
 });
 
-test('onboardingsPerDevice: the third register of a device is rate_limited, on any connection', async (t) => {
+test('onboardingsPerDevice: the third register of a device from one address is rate_limited, on any connection from there', async (t) => {
   const stack = await startStack(t, { gateway: { rateLimits: { onboardingsPerDevice: { points: 2, durationSeconds: 3600 } } } });
   const first = await BootstrapSession.open(stack, 'pki-again');
   t.after(() => first.close());
@@ -126,6 +127,40 @@ test('onboardingsPerDevice: the third register of a device is rate_limited, on a
   const other = await BootstrapSession.open(stack, 'pki-fresh');
   t.after(() => other.close());
   assert.equal((await other.register()).kind, 'challenge');
+  await second.close();
+  await until(() => stack.gateway.sessions.holder('pki-again') === undefined, 2000, 'the second session to end');
+
+  // A bootstrap connection only claims its id: attempts from 127.0.0.1 (a hostile client,
+  // say) did not spend the budget of the device that connects from elsewhere, which onboards.
+  const real = await BootstrapSession.open(stack, 'pki-again', fromAddress('127.0.0.2'));
+  t.after(() => real.close());
+  await real.onboard();
+  const metrics = await metricsText(stack.gateway.httpPort);
+  assert.equal(metricValue(metrics, 'leafgate_gateway_rate_limited_total', { limit: 'onboardingsPerDevice' }), 2);
+});
+
+test('csrsPerDevice: CSRs of a bootstrap connection that has not authenticated are refused without spending the device\'s budget', async (t) => {
+  const stack = await startStack(t, { gateway: { rateLimits: { csrsPerDevice: { points: 1, durationSeconds: 86_400 } } } });
+  // Someone claims the id and publishes CSRs without a challenge answer.
+  const hostile = await BootstrapSession.open(stack, 'pki-victim');
+  t.after(() => hostile.close());
+  const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const csr = pkix.buildCsr({ commonName: 'pki-victim', privateKey, publicKey });
+  for (let i = 0; i < 3; i++) {
+    const answer = await hostile.request('csr', { csr });
+    assert.equal(answer.kind, 'error');
+    assert.equal(answer.body.code, 'not_authenticated', `attempt ${i + 1}: ${JSON.stringify(answer.body)}`);
+  }
+  await hostile.close();
+  await until(() => stack.gateway.sessions.holder('pki-victim') === undefined, 2000, 'the hostile session to end');
+
+  // The device itself, on the same address even, still has its one CSR of the day.
+  const real = await BootstrapSession.open(stack, 'pki-victim');
+  t.after(() => real.close());
+  await real.onboard();
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: 'pki-victim' })).length, 1);
+  const metrics = await metricsText(stack.gateway.httpPort);
+  assert.equal(metricValue(metrics, 'leafgate_gateway_rate_limited_total', { limit: 'csrsPerDevice' }) ?? 0, 0);
 });
 
 test('concurrentOnboardings: a second device registering while the first is connected is rate_limited until the first leaves', async (t) => {
