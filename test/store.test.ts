@@ -391,6 +391,37 @@ test('[postgres] an unreachable server is a clear authority_unavailable error, w
   await assert.rejects(openStore('postgres://x@127.0.0.1:1/db?schema=a;drop'), /schema must be a plain identifier/);
 });
 
+test('[sqlite] writes outside transactions join the durable group commit (fsync: true) and stay autocommits with fsync: false', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  for (const fsync of [true, false]) {
+    const store = new SqliteStore(join(dir, `single-${fsync}.db`), { fsync });
+    const driver = store.db as SqliteDriver;
+    const before = { ...driver.stats };
+    // Single statements of one turn: device rows, a challenge, a token, its consumption
+    // (UPDATE .. RETURNING: a write that returns rows), an audit line.
+    await Promise.all(Array.from({ length: 20 }, (_, i) => device(store, `dev-s${i}`)));
+    await store.createEnrollmentToken('tok-hash', 'gw-s', NOW + 60_000);
+    assert.equal(await store.consumeEnrollmentToken('tok-hash', NOW), 'gw-s', 'a write with RETURNING still returns its rows');
+    assert.equal(await store.consumeEnrollmentToken('tok-hash', NOW), null, 'and is consumed once');
+    await store.appendAudit({ at: NOW, action: 'note', outcome: 'ok', deviceId: 'dev-s0' });
+    const transactions = driver.stats.transactions - before.transactions;
+    const batches = driver.stats.batches - before.batches;
+    if (fsync) {
+      // Each write is a transaction of its own, answered after the batch's WAL fsync; the 20
+      // device rows of one turn share commits.
+      assert.ok(transactions >= 20 + 4, `${transactions} transactions`);
+      assert.ok(batches < transactions, `${transactions} transactions in ${batches} commits`);
+    } else {
+      assert.equal(transactions, 0, 'autocommit statements, no group commit');
+    }
+    // Reads after the writes see them.
+    assert.equal((await store.listDevices({})).length, 20);
+    assert.equal((await store.listAudit({ deviceId: 'dev-s0' })).length, 1);
+    await store.close();
+  }
+});
+
 test('[sqlite] durable commits: answered after the WAL fsync, kept across a reopen; fsync: false answers without it; a bad databaseFsync is refused', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));

@@ -239,6 +239,11 @@ export class SqliteDriver implements SqlDriver {
   }
 
   async run(sql: string, params: readonly unknown[] = []): Promise<RunResult> {
+    // A write outside a transaction joins the next group commit, so it is as durable as the
+    // rest: its caller hears of it after the WAL fsync. As an autocommit under
+    // synchronous=NORMAL a power cut could undo it after it was acted on -- a burnt challenge
+    // or a consumed one-time code usable again, a CRL number issued twice, an audit line gone.
+    if (this.wal && !this.stmt(sql).readonly) return this.transaction((tx) => tx.run(sql, params));
     await this.idle();
     return this.execRun(sql, params);
   }
