@@ -136,12 +136,6 @@ export class DeviceOnboarding {
 
     const ctx: MethodContext = { store: this.store, policy, deviceId, group, gatewayId, device, now };
     const begun = await AUTH_METHOD_HANDLERS[msg.method].begin(ctx, msg);
-    if (!device) {
-      await this.store.insertDevice({
-        id: deviceId, groupName: group, method: msg.method, status: 'registered', gatewayId, ddkgSalt: null, ddkgPublicKey: null, birthCertFingerprint: null,
-        createdAt: now, updatedAt: now, ...begun.deviceFields,
-      });
-    }
     const challenge: ChallengeMessage = {
       requestId: msg.requestId,
       challengeId: randomBytes(16).toString('base64url'),
@@ -150,14 +144,21 @@ export class DeviceOnboarding {
       method: msg.method,
     };
     if (begun.salt) challenge.salt = begun.salt;
-    await this.store.insertChallenge({
-      id: challenge.challengeId, deviceId, gatewayId, method: msg.method, nonce: challenge.nonce,
-      context: { ...begun.context, keyPreference: msg.keyPreference ?? null, group }, expiresAt: now + this.config.challengeTtlSeconds * 1000, usedAt: null,
+    // One commit: the answer, the device row of a first registration, the challenge, the audit line.
+    const recorded = await this.store.recordRegistration({
+      request: { deviceId, requestId: msg.requestId, kind: 'register', bodyHash: hash, response: challenge as unknown as Record<string, unknown>, createdAt: now },
+      device: device ? null : {
+        id: deviceId, groupName: group, method: msg.method, status: 'registered', gatewayId, ddkgSalt: null, ddkgPublicKey: null, birthCertFingerprint: null,
+        createdAt: now, updatedAt: now, ...begun.deviceFields,
+      },
+      challenge: {
+        id: challenge.challengeId, deviceId, gatewayId, method: msg.method, nonce: challenge.nonce,
+        context: { ...begun.context, keyPreference: msg.keyPreference ?? null, group }, expiresAt: now + this.config.challengeTtlSeconds * 1000, usedAt: null,
+      },
+      audit: { at: now, action: 'register', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: msg.method, group } },
     });
-    await this.store.insertRequest(
-      { deviceId, requestId: msg.requestId, kind: 'register', bodyHash: hash, response: challenge as unknown as Record<string, unknown>, createdAt: now },
-      { at: now, action: 'register', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: msg.method, group } },
-    );
+    // The same requestId answered meanwhile (a repeat racing this one): that answer is the only one.
+    if (!recorded) return (await this.winnerOf(deviceId, msg.requestId, 'register', hash)) as unknown as ChallengeMessage;
     return challenge;
   }
 
@@ -188,13 +189,21 @@ export class DeviceOnboarding {
       ok = false;
     }
     if (!ok) throw new LeafgateError('auth_failed', 'challenge signature does not verify');
-    await resolved.onVerified();
 
     const key = chooseKey(policy, (challenge.context.keyPreference as RegisterMessage['keyPreference']) ?? undefined);
     const csrDeadline = new Date(now + this.config.csrDeadlineSeconds * 1000);
     const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group, key, csrDeadline });
-    await this.store.insertAuthSession({ id: randomBytes(16).toString('base64url'), deviceId, gatewayId, instruction: instruction as unknown as Record<string, unknown>, expiresAt: csrDeadline.getTime(), usedAt: null });
-    await this.store.appendAudit({ at: now, action: 'auth', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: challenge.method, key: pkix.keySpecLabel(key) } });
+    // Enrollment (code burnt, key or birth certificate recorded), the auth session and the
+    // audit line commit together: an enrollment never stands without its session, nor a
+    // burnt code without its enrollment.
+    const { devicePatch, consumeCode } = resolved.onVerified;
+    const recorded = await this.store.recordAuthentication({
+      deviceId, devicePatch, now,
+      ...(consumeCode ? { consumeCode: { codeHash: consumeCode.codeHash, groupName: group } } : {}),
+      session: { id: randomBytes(16).toString('base64url'), deviceId, gatewayId, instruction: instruction as unknown as Record<string, unknown>, expiresAt: csrDeadline.getTime(), usedAt: null },
+      audit: { at: now, action: 'auth', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: challenge.method, key: pkix.keySpecLabel(key) } },
+    });
+    if (!recorded) throw new LeafgateError('enrollment_required', 'enrollmentCode is unknown, used or expired');
     return instruction;
   }
 

@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type RequestRow } from '../authority/store/index.ts';
+import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
 import { AuthorityEvents, LocalCa, Revocation, resolveAuthorityConfig } from '../authority/index.ts';
 import { rewriteDdl, toPgPlaceholders } from '../authority/store/sql.ts';
 import { pgSchema } from './support/pg.ts';
@@ -123,6 +123,39 @@ for (const engine of ENGINES) {
     assert.equal((await store.getLiveAuthSession('dev-a', NOW))?.id, 's-new', 'the newest live one');
     assert.deepEqual((await store.getLiveAuthSession('dev-a', NOW))?.instruction, { validityDays: 10 });
     assert.equal(await store.getLiveAuthSession('dev-a', NOW + 5000), null);
+  });
+
+  test(`[${engine}] register and auth commits are all or nothing`, async (t) => {
+    const { store } = await open(t, engine);
+    const dev = (id: string): DeviceRow => ({ id, groupName: 'default', method: 'ddkg', status: 'registered', gatewayId: 'gw-1', ddkgSalt: 'salt', ddkgPublicKey: null, birthCertFingerprint: null, createdAt: NOW, updatedAt: NOW });
+    const challenge = (id: string, deviceId: string) => ({ id, deviceId, gatewayId: 'gw-1', method: 'ddkg' as const, nonce: 'n', context: { a: 1 }, expiresAt: NOW + 60_000, usedAt: null });
+    const audit = (deviceId: string, action: string) => ({ at: NOW, action, outcome: 'ok' as const, deviceId });
+
+    // A first registration writes the answer, the device row, the challenge and the audit line.
+    assert.equal(await store.recordRegistration({ request: { ...request('dev-reg', 'r1'), kind: 'register' }, device: dev('dev-reg'), challenge: challenge('ch-1', 'dev-reg'), audit: audit('dev-reg', 'register') }), true);
+    assert.equal((await store.getDevice('dev-reg'))?.status, 'registered');
+    assert.equal((await store.getChallenge('ch-1'))?.deviceId, 'dev-reg');
+    // The same requestId again: nothing is written, not even the second challenge.
+    assert.equal(await store.recordRegistration({ request: { ...request('dev-reg', 'r1'), kind: 'register' }, device: null, challenge: challenge('ch-2', 'dev-reg'), audit: audit('dev-reg', 'register') }), false);
+    assert.equal(await store.getChallenge('ch-2'), null);
+    assert.equal((await store.listAudit({ deviceId: 'dev-reg' })).length, 1);
+
+    // auth: a one-time code burnt together with the enrollment and the session.
+    await store.createEnrollmentCode('code-1', 'dev-reg', 'default', NOW + 60_000);
+    const session = (id: string) => ({ id, deviceId: 'dev-reg', gatewayId: 'gw-2', instruction: { validityDays: 10 }, expiresAt: NOW + 600_000, usedAt: null });
+    const enroll = { status: 'enrolled' as const, ddkgPublicKey: 'PEM', gatewayId: 'gw-2' };
+    assert.equal(await store.recordAuthentication({ deviceId: 'dev-reg', consumeCode: { codeHash: 'code-1', groupName: 'default' }, devicePatch: enroll, session: session('s-1'), audit: audit('dev-reg', 'auth'), now: NOW }), true);
+    assert.equal((await store.getDevice('dev-reg'))?.status, 'enrolled');
+    assert.equal((await store.getLiveAuthSession('dev-reg', NOW))?.id, 's-1');
+    // The code again (used): nothing is written -- no session, no device change, no audit line.
+    await store.updateDevice('dev-reg', { status: 'registered', ddkgPublicKey: null as unknown as string }, NOW);
+    assert.equal(await store.recordAuthentication({ deviceId: 'dev-reg', consumeCode: { codeHash: 'code-1', groupName: 'default' }, devicePatch: enroll, session: session('s-2'), audit: audit('dev-reg', 'auth'), now: NOW + 1 }), false);
+    assert.equal((await store.getDevice('dev-reg'))?.status, 'registered');
+    assert.equal((await store.getLiveAuthSession('dev-reg', NOW))?.id, 's-1', 'no second session');
+    assert.equal((await store.listAudit({ deviceId: 'dev-reg' })).filter((a) => a.action === 'auth').length, 1);
+    // Without a code: the patch, the session and the audit line.
+    assert.equal(await store.recordAuthentication({ deviceId: 'dev-reg', devicePatch: { gatewayId: 'gw-3' }, session: session('s-3'), audit: audit('dev-reg', 'auth'), now: NOW + 2 }), true);
+    assert.equal((await store.getDevice('dev-reg'))?.gatewayId, 'gw-3');
   });
 
   test(`[${engine}] issuance is all or nothing and idempotent by requestId`, async (t) => {

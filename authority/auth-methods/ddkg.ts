@@ -55,7 +55,7 @@ export const ddkg: AuthMethodHandler = {
     if (enrolled) {
       const key = createPublicKey(enrolled);
       if (offered && !spkiOf(offered).equals(spkiOf(key))) throw new LeafgateError('auth_failed', 'public key differs from the enrolled ddkg key');
-      return { key, onVerified: async () => ctx.store.updateDevice(ctx.deviceId, { gatewayId: ctx.gatewayId }, ctx.now) };
+      return { key, onVerified: { devicePatch: { gatewayId: ctx.gatewayId } } };
     }
     if (!offered) throw new LeafgateError('bad_request', 'publicKey is required for the first ddkg enrollment');
     const gate = ctx.policy.ddkg.enrollment;
@@ -67,12 +67,9 @@ export const ddkg: AuthMethodHandler = {
     const key = offered;
     return {
       key,
-      onVerified: async () => {
-        // The code is burnt only by a verified signature, so a wrong key cannot waste it.
-        if (gate === 'one-time-code' && !(await ctx.store.consumeEnrollmentCode(codeHash as string, ctx.deviceId, ctx.group, ctx.now))) {
-          throw new LeafgateError('enrollment_required', 'enrollmentCode is unknown, used or expired');
-        }
-        await ctx.store.updateDevice(ctx.deviceId, { status: 'enrolled', ddkgPublicKey: key.export({ type: 'spki', format: 'pem' }) as string, gatewayId: ctx.gatewayId }, ctx.now);
+      onVerified: {
+        devicePatch: { status: 'enrolled', ddkgPublicKey: key.export({ type: 'spki', format: 'pem' }) as string, gatewayId: ctx.gatewayId },
+        ...(gate === 'one-time-code' ? { consumeCode: { codeHash: codeHash as string } } : {}),
       },
     };
   },

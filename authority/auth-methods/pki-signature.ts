@@ -60,11 +60,6 @@ export const pkiSignature: AuthMethodHandler = {
       key = birth.publicKey;
       fingerprint = birth.fingerprint256;
     }
-    return {
-      key,
-      onVerified: async () => {
-        await ctx.store.updateDevice(ctx.deviceId, { status: 'enrolled', birthCertFingerprint: fingerprint, gatewayId: ctx.gatewayId }, ctx.now);
-      },
-    };
+    return { key, onVerified: { devicePatch: { status: 'enrolled', birthCertFingerprint: fingerprint, gatewayId: ctx.gatewayId } } };
   },
 };

@@ -1,7 +1,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { AuthMessage, AuthMethod, RegisterMessage } from '../../protocol/index.ts';
 import type { DevicePolicy } from '../policy/index.ts';
-import type { AuthorityStore, ChallengeRow, DeviceRow } from '../store/index.ts';
+import type { AuthorityStore, ChallengeRow, DevicePatch, DeviceRow } from '../store/index.ts';
 
 export interface MethodContext {
   store: AuthorityStore;
@@ -25,8 +25,12 @@ export interface RegisterResult {
 
 export interface ResolvedKey {
   key: KeyObject;
-  /** Runs only after the signature verified: enrollment side effects. */
-  onVerified(): Promise<void>;
+  /**
+   * What a verified signature writes, in the transaction that also opens the auth session:
+   * the device's enrollment fields, and the one-time enrollment code it burns (only a
+   * verified signature burns it, so a wrong key cannot waste it).
+   */
+  onVerified: { devicePatch: DevicePatch; consumeCode?: { codeHash: string } };
 }
 
 /** One way of proving identity (cf. step-ca provisioners): checked at register, then at auth. */

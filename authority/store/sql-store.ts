@@ -17,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
 import type {
-  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CertificateRow, ChallengeRow, CrlRow, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
 } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
@@ -96,6 +96,27 @@ const SQL = {
   claimJob: `INSERT INTO job_runs (name, last_run_at) VALUES (?, ?)
     ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at WHERE job_runs.last_run_at <= ?`,
 } as const;
+
+function insertDeviceRow(q: Queryable, d: DeviceRow) {
+  return q.run(SQL.insertDevice, [d.id, d.groupName, d.method, d.status, d.gatewayId, d.ddkgSalt, d.ddkgPublicKey, d.birthCertFingerprint, d.createdAt, d.updatedAt]);
+}
+
+const DEVICE_COLUMNS: Record<string, string> = { status: 'status', gatewayId: 'gateway_id', ddkgPublicKey: 'ddkg_public_key', birthCertFingerprint: 'birth_cert_fingerprint' };
+
+async function updateDeviceRow(q: Queryable, id: string, patch: DevicePatch, now: number): Promise<void> {
+  const keys = Object.keys(patch).filter((k) => k in DEVICE_COLUMNS);
+  if (!keys.length) return;
+  const sql = `UPDATE devices SET ${keys.map((k) => `${DEVICE_COLUMNS[k]} = ?`).join(', ')}, updated_at = ? WHERE id = ?`;
+  await q.run(sql, [...keys.map((k) => (patch as Row)[k]), now, id]);
+}
+
+function insertChallengeRow(q: Queryable, c: ChallengeRow) {
+  return q.run(SQL.insertChallenge, [c.id, c.deviceId, c.gatewayId, c.method, c.nonce, json(c.context), c.expiresAt]);
+}
+
+function insertSessionRow(q: Queryable, s: AuthSessionRow) {
+  return q.run(SQL.insertSession, [s.id, s.deviceId, s.gatewayId, json(s.instruction), s.expiresAt]);
+}
 
 export class SqlStore implements AuthorityStore {
   /** CA chains of stored answers by ref (content-addressed: sha256 of the chain's JSON). */
@@ -210,16 +231,11 @@ export class SqlStore implements AuthorityStore {
   }
 
   async insertDevice(d: DeviceRow): Promise<boolean> {
-    const r = await this.db.run(SQL.insertDevice, [d.id, d.groupName, d.method, d.status, d.gatewayId, d.ddkgSalt, d.ddkgPublicKey, d.birthCertFingerprint, d.createdAt, d.updatedAt]);
-    return r.changes === 1;
+    return (await insertDeviceRow(this.db, d)).changes === 1;
   }
 
-  async updateDevice(id: string, patch: Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>, now: number): Promise<void> {
-    const cols: Record<string, string> = { status: 'status', gatewayId: 'gateway_id', ddkgPublicKey: 'ddkg_public_key', birthCertFingerprint: 'birth_cert_fingerprint' };
-    const keys = Object.keys(patch).filter((k) => k in cols);
-    if (!keys.length) return;
-    const sql = `UPDATE devices SET ${keys.map((k) => `${cols[k]} = ?`).join(', ')}, updated_at = ? WHERE id = ?`;
-    await this.db.run(sql, [...keys.map((k) => (patch as Row)[k]), now, id]);
+  async updateDevice(id: string, patch: DevicePatch, now: number): Promise<void> {
+    await updateDeviceRow(this.db, id, patch, now);
   }
 
   async createEnrollmentCode(codeHash: string, deviceId: string, groupName: string, expiresAt: number): Promise<void> {
@@ -231,7 +247,7 @@ export class SqlStore implements AuthorityStore {
   }
 
   async insertChallenge(c: ChallengeRow): Promise<void> {
-    await this.db.run(SQL.insertChallenge, [c.id, c.deviceId, c.gatewayId, c.method, c.nonce, json(c.context), c.expiresAt]);
+    await insertChallengeRow(this.db, c);
   }
 
   async getChallenge(id: string): Promise<ChallengeRow | null> {
@@ -245,7 +261,7 @@ export class SqlStore implements AuthorityStore {
   }
 
   async insertAuthSession(s: AuthSessionRow): Promise<void> {
-    await this.db.run(SQL.insertSession, [s.id, s.deviceId, s.gatewayId, json(s.instruction), s.expiresAt]);
+    await insertSessionRow(this.db, s);
   }
 
   async getLiveAuthSession(deviceId: string, now: number): Promise<AuthSessionRow | null> {
@@ -276,6 +292,28 @@ export class SqlStore implements AuthorityStore {
       if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
       if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
       await this.insertCert(tx, certificate);
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
+  async recordRegistration(args: { request: RequestRow; device: DeviceRow | null; challenge: ChallengeRow; audit: AuditEntry }): Promise<boolean> {
+    const { request: q, device, challenge, audit } = args;
+    return this.answerTransaction(async (tx, written) => {
+      if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
+      if (device) await insertDeviceRow(tx, device);
+      await insertChallengeRow(tx, challenge);
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
+  async recordAuthentication(args: { consumeCode?: { codeHash: string; groupName: string }; deviceId: string; devicePatch: DevicePatch; session: AuthSessionRow; audit: AuditEntry; now: number }): Promise<boolean> {
+    const { consumeCode: code, deviceId, devicePatch, session, audit, now } = args;
+    return this.db.transaction(async (tx) => {
+      if (code && (await tx.run(SQL.useCode, [now, code.codeHash, deviceId, code.groupName, now])).changes !== 1) return false;
+      await updateDeviceRow(tx, deviceId, devicePatch, now);
+      await insertSessionRow(tx, session);
       await this.audit(tx, audit);
       return true;
     });

@@ -16,6 +16,9 @@ export interface DeviceRow {
   updatedAt: number;
 }
 
+/** The device fields that authentication and enrollment change. */
+export type DevicePatch = Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>;
+
 export interface ChallengeRow {
   id: string;
   deviceId: string;
@@ -123,7 +126,7 @@ export interface AuthorityStore {
   getDevice(id: string): Promise<DeviceRow | null>;
   /** Inserts the device; returns false when it already exists. */
   insertDevice(row: DeviceRow): Promise<boolean>;
-  updateDevice(id: string, patch: Partial<Pick<DeviceRow, 'status' | 'gatewayId' | 'ddkgPublicKey' | 'birthCertFingerprint'>>, now: number): Promise<void>;
+  updateDevice(id: string, patch: DevicePatch, now: number): Promise<void>;
 
   createEnrollmentCode(codeHash: string, deviceId: string, groupName: string, expiresAt: number): Promise<void>;
   /** Atomically consumes a code bound to the device and group; false when unknown, used or expired. */
@@ -147,6 +150,18 @@ export interface AuthorityStore {
    * all or nothing. False when the requestId was taken meanwhile (the caller returns that answer).
    */
   recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
+  /**
+   * register's commit: the stored answer (the challenge) first, then the device row when
+   * given (kept as it is when it exists), the challenge row and the audit row; all or
+   * nothing. False when the requestId was taken meanwhile (nothing written).
+   */
+  recordRegistration(args: { request: RequestRow; device: DeviceRow | null; challenge: ChallengeRow; audit: AuditEntry }): Promise<boolean>;
+  /**
+   * auth's commit once the signature verified: the one-time enrollment code consumed (when
+   * given), the device's enrollment fields, the auth session and the audit row; all or
+   * nothing. False when the code is unknown, used or expired (nothing written).
+   */
+  recordAuthentication(args: { consumeCode?: { codeHash: string; groupName: string }; deviceId: string; devicePatch: DevicePatch; session: AuthSessionRow; audit: AuditEntry; now: number }): Promise<boolean>;
   /** Renewal commit: answer, new certificate, old one superseded, audit; all or nothing. */
   recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean>;
   /** Active device certificates of a group whose renewal window has opened and that are still valid. */
