@@ -293,6 +293,8 @@ export class DeviceOnboarding {
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
       authSessionId: session.id,
+      // Checked above to refuse early; checked again inside the commit, where it cannot race.
+      maxActive: policy.maxActiveCerts,
       audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
     });
     // Another node may have answered this requestId first: that answer is then the only one.

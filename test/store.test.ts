@@ -192,6 +192,34 @@ for (const engine of ENGINES) {
     assert.equal((await store.listAudit({ deviceId: 'dev-i' })).length, 2);
   });
 
+  test(`[${engine}] the active-certificate cap holds inside the issuance commit, also for two nodes at once`, async (t) => {
+    const { store, reopen } = await open(t, engine);
+    // Two nodes on one database (for SQLite: a second connection to the file).
+    const other = await reopen();
+    const audit = { at: NOW, action: 'issue', outcome: 'ok' as const };
+    for (let round = 0; round < 5; round++) {
+      const id = `dev-cap-${round}`;
+      await device(store, id);
+      const [s1, s2] = [await session(store, id), await session(store, id)];
+      const results = await Promise.allSettled([
+        store.recordIssuance({ request: request(id, 'a'), certificate: cert(id), authSessionId: s1, audit, maxActive: 1 }),
+        other.recordIssuance({ request: request(id, 'b'), certificate: cert(id), authSessionId: s2, audit, maxActive: 1 }),
+      ]);
+      const ok = results.filter((r) => r.status === 'fulfilled' && r.value === true).length;
+      const refused = results.filter((r) => r.status === 'rejected' && (r.reason as { code?: string }).code === 'policy_violation');
+      assert.equal(ok, 1, `round ${round}: one issuance, got ${JSON.stringify(results.map((r) => r.status))}`);
+      assert.equal(refused.length, 1, `round ${round}: the other is over the cap`);
+      assert.equal(await store.countActiveCertificates(id, NOW), 1);
+      // The refused one wrote nothing: no stored answer, its auth session still live.
+      const answers = [await store.getRequest(id, 'a'), await store.getRequest(id, 'b')].filter(Boolean);
+      assert.equal(answers.length, 1);
+    }
+    // Without maxActive the store does not count (the caller's policy decides).
+    await device(store, 'dev-nocap');
+    for (const r of ['x', 'y']) assert.equal(await store.recordIssuance({ request: request('dev-nocap', r), certificate: cert('dev-nocap'), authSessionId: await session(store, 'dev-nocap'), audit }), true);
+    assert.equal(await store.countActiveCertificates('dev-nocap', NOW), 2);
+  });
+
   test(`[${engine}] a certificate answer's CA chain is stored once and given back whole; answers stored inline still read`, async (t) => {
     const { store } = await open(t, engine);
     const chain = ['-----BEGIN CERTIFICATE-----\nDEVICE-CA\n-----END CERTIFICATE-----\n', '-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n'];

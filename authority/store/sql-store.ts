@@ -284,12 +284,20 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
-  async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean> {
-    const { request: q, certificate, authSessionId, audit } = args;
+  async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number }): Promise<boolean> {
+    const { request: q, certificate, authSessionId, audit, maxActive } = args;
     return this.answerTransaction(async (tx, written) => {
       // First the answer: on PostgreSQL a concurrent insert of the same (device, requestId) on
       // another node waits here for this one to commit, then does nothing: one certificate.
       if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
+      if (maxActive !== undefined) {
+        // The cap, counted where it cannot race: SQLite commits one writer at a time; on
+        // PostgreSQL the device row's lock queues another node's issuance for the same
+        // device behind this commit, and its count then sees this certificate.
+        if (tx.dialect === 'postgres') await tx.query('SELECT id FROM devices WHERE id = ? FOR UPDATE', [certificate.subjectId]);
+        const active = Number((await tx.one(SQL.countActive, [certificate.subjectId, q.createdAt]))?.n ?? 0);
+        if (active >= maxActive) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${maxActive})`);
+      }
       if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
       await this.insertCert(tx, certificate);
       await this.audit(tx, audit);

@@ -148,8 +148,11 @@ export interface AuthorityStore {
   /**
    * The issuance commit: request answer, certificate row, auth session consumed, audit row,
    * all or nothing. False when the requestId was taken meanwhile (the caller returns that answer).
+   * With `maxActive`, the device's active certificates are counted inside the commit, with
+   * the device row locked on PostgreSQL, so that nodes issuing at once cannot together pass
+   * the cap; over it, LeafgateError `policy_violation` and nothing is written.
    */
-  recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry }): Promise<boolean>;
+  recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number }): Promise<boolean>;
   /**
    * register's commit: the stored answer (the challenge) first, then the device row when
    * given (kept as it is when it exists), the challenge row and the audit row; all or
