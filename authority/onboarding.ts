@@ -285,15 +285,14 @@ export class DeviceOnboarding {
     const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
     checkCsrAgainstInstruction(csr, instruction);
-    const active = await this.store.countActiveCertificates(deviceId, now);
-    if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
 
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
     const recorded = await this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
       authSessionId: session.id,
-      // Checked above to refuse early; checked again inside the commit, where it cannot race.
+      // Counted inside the commit, where two nodes cannot both pass it (one query, not two:
+      // a device over the cap costs a signature that is thrown away, the hot path none).
       maxActive: policy.maxActiveCerts,
       audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
     });

@@ -194,3 +194,27 @@ test('CSR refusals made at the gateway carry the requestId on down/error', async
   await dev.send('csr', { requestId: msg.requestId, csr });
   await dev.expectError('request_conflict', msg.requestId);
 });
+
+test('a CSR of a device that holds maxActiveCerts certificates is refused with policy_violation; nothing is stored for it', async (t) => {
+  const stack = await startStack(t, { policy: { maxActiveCerts: 1 } });
+  const id = 'csr-cap';
+  const cred = stack.credential(id, 'pki-signature');
+  const first = await bootstrap(t, stack, id);
+  const instruction = await authenticate(first, cred);
+  const ok = rid('csr');
+  await first.send('csr', { requestId: ok, csr: csrFor(instruction, await generateKeyForInstruction(instruction)) });
+  const issued = await answerOrError<CertMessage>(first, 'cert', ok);
+  assert.ok(issued.serial);
+  await first.end();
+
+  // A second onboarding of the same device: authenticated, but one certificate is the cap.
+  const second = await bootstrap(t, stack, id);
+  const again = await authenticate(second, cred);
+  const over = rid('csr');
+  await second.send('csr', { requestId: over, csr: csrFor(again, await generateKeyForInstruction(again)) });
+  const e = await second.expectError('policy_violation', over);
+  assert.match(e.message, /1 active certificates \(max 1\)/);
+  await assertRefusalAudited(stack, id, 'policy_violation', { requestId: over, action: 'csr' });
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: id })).length, 1, 'still one certificate');
+  assert.equal(await stack.authority.store.getRequest(id, over), null, 'no stored answer for the refused request');
+});
