@@ -15,17 +15,15 @@
  * another device's up/ topics, so the gateway has no MQTT-subscriber figure).
  */
 import type { Aedes, AedesPublishPacket } from 'aedes';
-import { generateKeyPairSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector/promises';
 import pino from 'pino';
 import { LocalCa } from '../authority/index.ts';
-import { BACKDATE_MS } from '../authority/ca/index.ts';
 import { startBroker } from '../broker/index.ts';
 import { resolveGatewayConfig, startGateway } from '../gateway/index.ts';
-import { pkix } from '../protocol/index.ts';
 import { CpuMeter, log, onCleanup, percentiles, round, sleep, spawnNode, waitForQuiet, type Json, type SpawnedNode } from './common.ts';
 import type { Identity, LoadCommand, LoadResult } from './broker-load.ts';
+import { issueBenchIdentity } from './identities.ts';
 import { BENCH_PASSPHRASE, startProcStack } from './proc-stack.ts';
 import { summarizeProfile } from './profile-summary.ts';
 import { gatewayTls, startMosquitto } from './reference-brokers.ts';
@@ -159,13 +157,8 @@ export const brokerBench = defineBench({
     // Device identities straight from the CA: one per publisher, one subscriber.
     const ca = LocalCa.open(stack.caDir, BENCH_PASSPHRASE);
     const identity = (id: string): Identity => {
-      const pair = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-      const now = Date.now();
-      const issued = ca.issue('device', {
-        subjectDer: pkix.encodeName(id), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
-        notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
-      });
-      return { id, key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + issued.chain[0] };
+      const i = issueBenchIdentity(ca, id);
+      return { id, key: i.keyPem, cert: i.certPem + i.caPem };
     };
     const pubs = Array.from({ length: opts.publishers }, (_, i) => identity(`bench-pub-${String(i).padStart(3, '0')}`));
     const subscriber = identity('bench-sub');

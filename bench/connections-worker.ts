@@ -5,11 +5,9 @@
  * idle (keepalive 1200 s, so no PINGREQ during a run).
  */
 import { createSecureContext, type SecureContext } from 'node:tls';
-import { generateKeyPairSync } from 'node:crypto';
 import { LocalCa } from '../authority/index.ts';
-import { BACKDATE_MS } from '../authority/ca/index.ts';
-import { pkix } from '../protocol/index.ts';
 import { monoMs } from './common.ts';
+import { issueBenchIdentity } from './identities.ts';
 import { RawMqtt } from './mqtt-raw.ts';
 
 export type ConnCommand =
@@ -43,14 +41,10 @@ async function handle(msg: ConnCommand): Promise<unknown> {
       contexts = new Map();
       const now = Date.now();
       for (const id of msg.ids) {
-        const pair = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-        const issued = ca.issue('device', {
-          subjectDer: pkix.encodeName(id), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
-          notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
-        });
-        // Leaf + device CA, as the protocol asks and the SDK sends it (chain: false sends the
-        // leaf alone). Contexts are built here, not in the timed part.
-        contexts.set(id, createSecureContext({ key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem + (msg.chain === false ? '' : issued.chain[0]) }));
+        const i = issueBenchIdentity(ca, id, now);
+        // Leaf + device CA unless chain is false (the leaf alone, as the protocol now asks).
+        // Contexts are built here, not in the timed part.
+        contexts.set(id, createSecureContext({ key: i.keyPem, cert: i.certPem + (msg.chain === false ? '' : i.caPem) }));
       }
       return { ms: monoMs() - t0 };
     }

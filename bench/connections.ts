@@ -62,17 +62,14 @@ async function gatewayMemory(stack: { gateway: { pid: number }; gatewayMetrics()
   };
 }
 
-/** Which allocator a process runs on (jemalloc preloaded or glibc) and its open-files limit. */
-function processFacts(pid: number): { allocator: string; nofile: number } {
-  const maps = readFileSync(`/proc/${pid}/maps`, 'utf8');
+/**
+ * Which allocator a process runs on (jemalloc preloaded or glibc), the library's path (to
+ * give a reference process the same) and its open-files limit.
+ */
+function processFacts(pid: number): { allocator: string; allocatorLib?: string; nofile: number } {
+  const lib = /\s(\/\S*libjemalloc[^\s]*)$/m.exec(readFileSync(`/proc/${pid}/maps`, 'utf8'))?.[1];
   const limit = /^Max open files\s+(\S+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1];
-  return { allocator: /libjemalloc/.test(maps) ? 'jemalloc' : 'glibc', nofile: limit === 'unlimited' || !limit ? Infinity : Number(limit) };
-}
-
-/** The environment that gives a reference process the gateway's allocator. */
-function allocatorEnv(gatewayPid: number): NodeJS.ProcessEnv {
-  const lib = /\s(\/\S*libjemalloc[^\s]*)$/m.exec(readFileSync(`/proc/${gatewayPid}/maps`, 'utf8'))?.[1];
-  return lib ? { LD_PRELOAD: lib } : {};
+  return { allocator: lib ? 'jemalloc' : 'glibc', ...(lib ? { allocatorLib: lib } : {}), nofile: limit === 'unlimited' || !limit ? Infinity : Number(limit) };
 }
 
 /** The JS heap / native split of an RSS delta, per connection, as context fields. */
@@ -162,7 +159,7 @@ export const connectionsBench = defineBench({
       if (target === 'aedes' || target === 'node-tls') {
         // Launched like the gateway (jemalloc preloaded when installed), so that the
         // allocator is not the difference being measured.
-        const ref = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir, target], { name: target, nofile, env: allocatorEnv(stack.gateway.pid) });
+        const ref = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir, target], { name: target, nofile, env: gatewayFacts.allocatorLib ? { LD_PRELOAD: gatewayFacts.allocatorLib } : {} });
         const port = Number((await ref.waitFor(/on port (\d+)/))[1]);
         return { port, pid: ref.pid, memory: rssOnly(ref.pid), stop: () => ref.stop() };
       }

@@ -12,13 +12,11 @@
  * once, not per device, so the figure is a lower bound of what any onboarding through node's
  * TLS costs on this machine, to set beside `cpu_ms_per_device` of the same run.
  */
-import { generateKeyPairSync } from 'node:crypto';
 import tls from 'node:tls';
-import mqttPacket from 'mqtt-packet';
 import { LocalCa } from '../authority/index.ts';
-import { BACKDATE_MS } from '../authority/ca/index.ts';
-import { pkix } from '../protocol/index.ts';
 import { CpuMeter, spawnNode } from './common.ts';
+import { issueBenchIdentity } from './identities.ts';
+import { RawMqtt } from './mqtt-raw.ts';
 
 export interface TlsFloorResult {
   devices: number;
@@ -29,27 +27,11 @@ export interface TlsFloorResult {
   wallMs: number;
 }
 
-function exchange(port: number, ctx: tls.SecureContext, connect: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host: '127.0.0.1', port, secureContext: ctx, rejectUnauthorized: true, minVersion: 'TLSv1.2' });
-    const timer = setTimeout(() => fail(new Error('timeout')), 30_000);
-    function fail(err: Error) {
-      clearTimeout(timer);
-      socket.destroy();
-      reject(err);
-    }
-    socket.once('error', fail);
-    socket.once('secureConnect', () => {
-      socket.setNoDelay(true);
-      socket.write(connect);
-    });
-    socket.once('data', (d: Buffer) => {
-      clearTimeout(timer);
-      socket.destroy();
-      if (d[0] === 0x20) resolve();
-      else reject(new Error(`unexpected first byte ${d[0]}`));
-    });
-  });
+/** TLS (the gateway's chain and host name checked), CONNECT, CONNACK, close. */
+async function exchange(port: number, secureContext: tls.SecureContext, anchors: string): Promise<void> {
+  // `ca` only switches the verification on; the anchors are in the context.
+  const c = await RawMqtt.connect({ host: '127.0.0.1', port, clientId: 'bench-tls-floor', secureContext, ca: anchors, timeoutMs: 30_000 });
+  c.socket.destroy();
 }
 
 export async function measureTlsFloor(o: {
@@ -64,20 +46,13 @@ export async function measureTlsFloor(o: {
   const ref = spawnNode('bench/reference-brokers.ts', [o.gatewayDir, 'node-tls'], { name: 'node-tls' });
   try {
     const port = Number((await ref.waitFor(/on port (\d+)/))[1]);
-    const ca = LocalCa.open(o.caDir, o.passphrase);
-    const pair = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-    const now = Date.now();
-    const issued = ca.issue('device', {
-      subjectDer: pkix.encodeName('bench-tls-floor'), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
-      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
-    });
+    const identity = issueBenchIdentity(LocalCa.open(o.caDir, o.passphrase), 'bench-tls-floor');
     const bootstrap = tls.createSecureContext({ ca: o.anchors, minVersion: 'TLSv1.2' });
-    const operational = tls.createSecureContext({ ca: o.anchors, key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: issued.pem, minVersion: 'TLSv1.2' });
-    const connect = mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'bench-tls-floor', clean: true, keepalive: 60 });
+    const operational = tls.createSecureContext({ ca: o.anchors, key: identity.keyPem, cert: identity.certPem, minVersion: 'TLSv1.2' });
 
     const device = async () => {
-      await exchange(port, bootstrap, connect);
-      await exchange(port, operational, connect);
+      await exchange(port, bootstrap, o.anchors);
+      await exchange(port, operational, o.anchors);
     };
     let failed = 0;
     const runMany = async (n: number) => {
