@@ -20,6 +20,11 @@ export interface AuthorityConfig {
   /** Organization in CA names. */
   organization: string;
   /**
+   * Base URL of the CRLs (`{base}/v1/crl/{ca}.crl`), written into issued certificates as
+   * their CRL distribution point. Default: https://{first hostname}:{listening port}.
+   */
+  crlBaseUrl?: string;
+  /**
    * The store: a SQLite file path (default `<dataDir>/authority.db`, one node) or a
    * postgres:// URL that several authority nodes share (`?schema=NAME` selects a schema).
    * Env: LEAFGATE_DATABASE_URL. The old key `databaseFile` is still read.
@@ -98,12 +103,13 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_AUTHORITY_PORT ?? 8443) },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
+    crlBaseUrl: input.crlBaseUrl ?? env.LEAFGATE_CRL_BASE_URL,
     database: input.database ?? env.LEAFGATE_DATABASE_URL ?? input.databaseFile ?? join(dataDir, 'authority.db'),
     databaseFsync: input.databaseFsync ?? true,
     challengeTtlSeconds: input.challengeTtlSeconds ?? 120,
     csrDeadlineSeconds: input.csrDeadlineSeconds ?? 600,
     gatewayCertDays: input.gatewayCertDays ?? 90,
-    gatewaySubCa: { validityDays: input.gatewaySubCa?.validityDays ?? 90, permittedDns: input.gatewaySubCa?.permittedDns ?? [] },
+    gatewaySubCa: { validityDays: input.gatewaySubCa?.validityDays ?? 90, permittedDns: input.gatewaySubCa?.permittedDns ?? ['edgehub'] },
     bodyLimitBytes: input.bodyLimitBytes ?? 64 * 1024,
     crlValidityHours: input.crlValidityHours ?? 24,
     renewalScanSeconds: input.renewalScanSeconds ?? 300,
@@ -132,6 +138,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
   else if (/^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) throw new LeafgateError('internal', 'database: only postgres:// URLs or SQLite file paths are supported');
   if (typeof cfg.databaseFsync !== 'boolean') throw new LeafgateError('internal', 'databaseFsync must be true or false');
+  if (cfg.crlBaseUrl !== undefined && !/^https?:\/\/[^\s/?#]+(\/[^\s?#]*)?$/.test(cfg.crlBaseUrl)) throw new LeafgateError('internal', 'crlBaseUrl must be an http(s) URL without query');
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
   return Object.freeze(cfg);
 }

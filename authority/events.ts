@@ -15,6 +15,8 @@ export interface RenewalDue {
 export interface AuthorityEventMap {
   crl: [{ crlNumber: string; revoked: string[] }];
   'renewal-due': [{ devices: RenewalDue[] }];
+  /** A gateway identity (certificate or Sub-CA) was revoked: its open event streams end. */
+  'gateway-revoked': [{ gatewayId: string; serial: string }];
 }
 
 export class AuthorityEvents extends EventEmitter<AuthorityEventMap> {

@@ -1,13 +1,15 @@
 /**
- * Revocation: marks certificates revoked, reissues the device CA's CRL (numbered, signed,
- * DER and PEM) and tells connected gateways through the event stream, so the broker can
- * close the device's live session. The CRL is also reissued on a schedule well before its
+ * Revocation: marks certificates revoked, reissues the CRL of the CA that signed them (one
+ * CRL per CA: root, device CA, infrastructure CA, edge issuer; numbered, signed, DER and PEM)
+ * and tells connected gateways through the event stream, so the broker can close the
+ * device's live session. The root's CRL is signed only while the root key is online; kept
+ * offline, the root CRL that `leafgate authority init` (or `root-crl`) signed is served. The CRL is also reissued on a schedule well before its
  * nextUpdate, so gateways never hold a stale one while the authority is up. With several
  * nodes on one database, the node that revokes tells the others (authority/cluster.ts); they
  * reload the stored CRL and push it to their own gateways.
  */
 import { LeafgateError, pkix } from '../protocol/index.ts';
-import type { LocalCa } from './ca/index.ts';
+import { CA_NAMES, type CaName, type LocalCa } from './ca/index.ts';
 import type { AuthorityStore } from './store/index.ts';
 import type { AuthorityEvents } from './events.ts';
 import type { ClusterBus } from './cluster.ts';
@@ -27,7 +29,7 @@ export interface CrlSnapshot {
 }
 
 export class Revocation {
-  private current: CrlSnapshot | null = null;
+  private readonly current = new Map<CaName, CrlSnapshot>();
   private timer: NodeJS.Timeout | undefined;
 
   constructor(
@@ -54,16 +56,24 @@ export class Revocation {
     return this.deps.crlValidityHours * 3600_000;
   }
 
+  /** The CAs whose CRL this node can sign now (the root only while its key is online). */
+  private signable(name: CaName): boolean {
+    return !!this.deps.ca.get(name).privateKey;
+  }
+
   /** Reissued at half its validity, but not more often than once a minute. */
   private dueForReissue(crl: CrlSnapshot): boolean {
     return this.now() >= crl.thisUpdate.getTime() + Math.max(60_000, this.validityMs() / 2);
   }
 
-  /** Loads the stored CRL (or issues the first), then keeps it current: timer, and the other nodes' signals. */
+  /** Loads the stored CRLs (or issues the first ones), then keeps them current: timer, and the other nodes' signals. */
   async start(): Promise<void> {
-    const row = await this.deps.store.getCrl('device-ca');
-    if (row && row.der.length && row.nextUpdate - this.now() > this.validityMs() / 2) this.current = snapshot(row);
-    else await this.reissue();
+    for (const name of CA_NAMES) {
+      const row = await this.deps.store.getCrl(name);
+      if (row && row.der.length && (!this.signable(name) || row.nextUpdate - this.now() > this.validityMs() / 2)) this.current.set(name, snapshot(row));
+      else if (this.signable(name)) await this.reissue([], name);
+      else this.deps.logger?.warn({ ca: name }, 'no CRL of the offline root is stored: sign one with `leafgate authority root-crl` where the root key is');
+    }
     // A revocation on another node: load its CRL and tell this node's gateways.
     this.deps.bus?.onMessage((msg) => {
       if (msg.type === 'crl') void this.refresh(msg.revoked).catch((err: Error) => this.deps.logger?.warn({ err: err.message }, 'CRL refresh after a cluster signal failed'));
@@ -77,45 +87,59 @@ export class Revocation {
     if (this.timer) clearInterval(this.timer);
   }
 
-  crl(): CrlSnapshot {
-    if (!this.current) throw new LeafgateError('internal', 'revocation not started');
-    return this.current;
+  /** The current CRL of a CA (the device CA's by default: the one gateways enforce). */
+  crl(name: CaName = 'device-ca'): CrlSnapshot {
+    const c = this.current.get(name);
+    if (!c) throw new LeafgateError(name === 'device-ca' ? 'internal' : 'not_found', name === 'device-ca' ? 'revocation not started' : `no CRL of ${name} is available`);
+    return c;
   }
 
   /**
-   * Re-reads the stored CRL; if another node stored a newer one, serves it and tells this
-   * node's gateways. Returns whether it changed.
+   * Re-reads the stored CRLs; where another node stored a newer one, serves it (and tells
+   * this node's gateways when it is the device CA's). Returns whether the device CA's changed.
    */
   async refresh(revoked: string[] = []): Promise<boolean> {
-    const row = await this.deps.store.getCrl('device-ca');
-    if (!row || !row.der.length || (this.current && row.crlNumber <= this.current.crlNumber)) return false;
-    this.current = snapshot(row);
-    this.deps.events.emit('crl', { crlNumber: row.crlNumber.toString(), revoked });
-    return true;
+    let deviceChanged = false;
+    for (const name of CA_NAMES) {
+      const row = await this.deps.store.getCrl(name);
+      const mine = this.current.get(name);
+      if (!row || !row.der.length || (mine && row.crlNumber <= mine.crlNumber)) continue;
+      this.current.set(name, snapshot(row));
+      if (name === 'device-ca') {
+        deviceChanged = true;
+        this.deps.events.emit('crl', { crlNumber: row.crlNumber.toString(), revoked });
+      }
+    }
+    return deviceChanged;
   }
 
-  /** Periodic: catch up with the store, and reissue when due -- one node at a time. */
+  /** Periodic: catch up with the store, and reissue what is due -- one node at a time. */
   private async tick(): Promise<void> {
     await this.refresh();
-    if (!this.current || !this.dueForReissue(this.current)) return;
+    const due = () => CA_NAMES.filter((n) => this.signable(n) && (!this.current.get(n) || this.dueForReissue(this.current.get(n)!)));
+    if (!due().length) return;
     await this.deps.store.exclusive('crl-reissue', async () => {
       // Another node may have reissued while this one waited for the lock.
       await this.refresh();
-      if (this.dueForReissue(this.current!)) await this.reissue();
+      for (const name of due()) await this.reissue([], name);
     });
   }
 
   /**
-   * Signs and stores CRL number stored+1 listing every revoked device certificate. The store
-   * keeps only a higher number; when another node stored one first, this one signs again on
-   * top of it (its list is read after this node's revocation was committed, so the CRL that
-   * ends up served holds it) instead of serving a CRL that might miss it.
+   * Signs and stores CRL number stored+1 of one CA, listing every certificate it signed that
+   * is revoked. The store keeps only a higher number; when another node stored one first,
+   * this one signs again on top of it (its list is read after this node's revocation was
+   * committed, so the CRL that ends up served holds it) instead of serving a CRL that might miss it.
    */
-  async reissue(newlyRevoked: string[] = []): Promise<CrlSnapshot> {
-    const ca = this.deps.ca.deviceCa;
+  async reissue(newlyRevoked: string[] = [], name: CaName = 'device-ca'): Promise<CrlSnapshot> {
+    const ca = this.deps.ca.get(name);
+    if (!ca.privateKey) throw new LeafgateError('bad_request', `the ${name} key is offline: its CRL is signed where the key is (leafgate authority root-crl)`);
+    const announce = (crl: CrlSnapshot) => {
+      if (name === 'device-ca') this.deps.events.emit('crl', { crlNumber: crl.crlNumber.toString(), revoked: newlyRevoked });
+    };
     for (let attempt = 0; attempt < 5; attempt++) {
-      const prev = await this.deps.store.getCrl('device-ca');
-      const revoked = await this.deps.store.listRevoked(['device']);
+      const prev = await this.deps.store.getCrl(name);
+      const revoked = await this.deps.store.listRevoked(name);
       const now = this.now();
       const crlNumber = (prev?.crlNumber ?? 0n) + 1n;
       const thisUpdate = new Date(now);
@@ -124,41 +148,48 @@ export class Revocation {
         issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey, crlNumber, thisUpdate, nextUpdate,
         entries: revoked.map((c) => ({ serial: c.serial, revokedAt: new Date(c.revokedAt ?? now), reason: c.revocationReason ?? 0 })),
       });
-      if (await this.deps.store.saveCrl({ issuer: 'device-ca', crlNumber, thisUpdate: now, nextUpdate: nextUpdate.getTime(), der })) {
-        this.current = { der, pem: pkix.crlToPem(der), crlNumber, thisUpdate, nextUpdate };
-        this.deps.events.emit('crl', { crlNumber: crlNumber.toString(), revoked: newlyRevoked });
+      if (await this.deps.store.saveCrl({ issuer: name, crlNumber, thisUpdate: now, nextUpdate: nextUpdate.getTime(), der })) {
+        const crl = { der, pem: pkix.crlToPem(der), crlNumber, thisUpdate, nextUpdate };
+        this.current.set(name, crl);
+        announce(crl);
         await this.deps.bus?.publish({ type: 'crl', crlNumber: crlNumber.toString(), revoked: newlyRevoked });
-        return this.current;
+        return crl;
       }
       // A scheduled reissue that lost: the newer CRL is as good as this one would have been.
       if (!newlyRevoked.length) break;
     }
     // Another node issued a newer one meanwhile: serve that.
-    const row = (await this.deps.store.getCrl('device-ca'))!;
-    if (!this.current || row.crlNumber > this.current.crlNumber) this.current = snapshot(row);
-    this.deps.events.emit('crl', { crlNumber: this.current.crlNumber.toString(), revoked: newlyRevoked });
-    return this.current;
+    const row = (await this.deps.store.getCrl(name))!;
+    const mine = this.current.get(name);
+    if (!mine || row.crlNumber > mine.crlNumber) this.current.set(name, snapshot(row));
+    announce(this.current.get(name)!);
+    return this.current.get(name)!;
   }
 
-  /** Revokes one certificate by serial; the CRL is reissued and pushed before this returns. */
-  async revokeSerial(serial: string, reason: pkix.RevocationReason, actor: string): Promise<{ serial: string; subjectId: string; crlNumber: string }> {
+  /** Revokes one certificate by serial; its CA's CRL is reissued (and pushed) before this returns. */
+  async revokeSerial(serial: string, reason: pkix.RevocationReason, actor: string): Promise<{ serial: string; subjectId: string; kind: string; crlNumber: string; issuer: CaName }> {
     const code = pkix.REVOCATION_REASONS[reason];
     if (code === undefined) throw new LeafgateError('bad_request', `unknown revocation reason ${reason}`);
     const normalized = serial.replace(/:/g, '').toUpperCase();
     const now = this.now();
     const existing = await this.deps.store.getCertificate(normalized);
     if (!existing) throw new LeafgateError('not_found', `no certificate with serial ${normalized}`);
+    const issuer = existing.issuer!;
+    // Refused before anything is marked: a revocation no CRL can carry would be a silent one.
+    if (!this.signable(issuer)) throw new LeafgateError('bad_request', `certificate ${normalized} was signed by the ${issuer}, whose key is offline: revoke it where the root key is`);
     const row = await this.deps.store.revokeCertificate(normalized, code, now, {
       at: now, action: 'revoke', outcome: 'ok', serial: normalized, deviceId: existing.kind === 'device' ? existing.subjectId : null,
-      gatewayId: existing.kind === 'gateway' ? existing.subjectId : null, detail: { reason, actor },
+      gatewayId: existing.kind === 'gateway' || existing.kind === 'subca' || existing.kind === 'server' ? existing.subjectId : null, detail: { reason, actor, kind: existing.kind, issuer },
     });
     if (!row) {
       // Revoking twice is not an error: the answer is the same.
-      if (existing.status === 'revoked') return { serial: normalized, subjectId: existing.subjectId, crlNumber: this.crl().crlNumber.toString() };
+      if (existing.status === 'revoked') return { serial: normalized, subjectId: existing.subjectId, kind: existing.kind, issuer, crlNumber: this.crl(issuer).crlNumber.toString() };
       throw new LeafgateError('bad_request', `certificate ${normalized} is ${existing.status}`);
     }
     this.deps.onRevoked?.(reason);
-    const crl = await this.reissue([normalized]);
-    return { serial: normalized, subjectId: row.subjectId, crlNumber: crl.crlNumber.toString() };
+    this.deps.logger?.info({ serial: normalized, subjectId: row.subjectId, kind: row.kind, reason, actor }, 'certificate revoked');
+    const crl = await this.reissue([normalized], issuer);
+    if (row.kind === 'gateway' || row.kind === 'subca') this.deps.events.emit('gateway-revoked', { gatewayId: row.subjectId, serial: normalized });
+    return { serial: normalized, subjectId: row.subjectId, kind: row.kind, issuer, crlNumber: crl.crlNumber.toString() };
   }
 }

@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isIP } from 'node:net';
 import pino, { type Logger } from 'pino';
-import { pkix } from '../protocol/index.ts';
+import { AUTHORITY_URI, pkix } from '../protocol/index.ts';
 import { buildAuthorityApi } from './api/server.ts';
 import { BACKDATE_MS, LocalCa } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
@@ -75,12 +75,21 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   try {
     if (store.db instanceof PostgresDriver) {
       // Several nodes on one database share one CA, kept in the database (keys encrypted).
-      const shared = await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization, adoptDir: join(config.dataDir, 'ca') });
+      const shared = await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization, adoptDir: join(config.dataDir, 'ca'), crlBaseUrl: config.crlBaseUrl });
       ca = shared.ca;
       if (shared.created) logger.info({ adopted: shared.adopted }, shared.adopted ? 'CA files of the data directory stored in the database for the cluster' : 'new CA created in the database');
       bus = await PgBus.start(store.db, logger.child({ component: 'cluster' }));
     } else {
-      ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+      ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization, crlBaseUrl: config.crlBaseUrl });
+    }
+    // The intermediates are certificates the root issued: on record, so they can be revoked (root CRL).
+    await store.ensureCertificates(ca.intermediates().map((c) => ({
+      serial: c.serial, subjectId: c.name, kind: 'ca' as const, issuer: 'root' as const, fingerprint: c.certificate.fingerprint256, notBefore: new Date(c.certificate.validFrom).getTime(),
+      notAfter: c.notAfter.getTime(), status: 'active' as const, requestId: null, pem: c.pem, revokedAt: null, revocationReason: null, createdAt: Date.now(),
+    })));
+    const legacy = (await store.listCertificates({ kind: 'subca', status: 'active', limit: 1_000_000 })).filter((c) => c.issuer === 'root' && c.notAfter > Date.now());
+    if (legacy.length) {
+      logger.warn({ count: legacy.length, gateways: [...new Set(legacy.map((c) => c.subjectId))].slice(0, 20) }, 'gateway Sub-CAs signed directly by the root (before the edge issuer) are still valid and carry no full name constraints: renew them (gateway subca) and revoke the old ones; `leafgate authority migrate` lists them');
     }
   } catch (err) {
     await bus.close();
@@ -104,7 +113,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
       },
     });
-    const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, now: opts.now });
+    const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, authorityNames: config.hostnames, now: opts.now });
     const events = new AuthorityEvents();
     const revocation = new Revocation({
       store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now, bus, logger: logger.child({ component: 'revocation' }), refreshMs: opts.crlRefreshMs,
@@ -142,7 +151,9 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       subjectDer: pkix.encodeName(`${config.organization} authority`),
       spkiDer: tlsKey.publicKey.export({ type: 'spki', format: 'der' }),
       profile: { kind: 'server', keyType: 'ec' },
-      sans: { dns: config.hostnames.filter((h) => !isIP(h)), ip: config.hostnames.filter((h) => isIP(h)) },
+      // The URI is the authority's mark: gateway CSRs may not carry URIs, so no gateway
+      // certificate has it, and gateways accept the authority only with it (AUTHORITY_URI).
+      sans: { dns: config.hostnames.filter((h) => !isIP(h)), ip: config.hostnames.filter((h) => isIP(h)), uri: [AUTHORITY_URI] },
       notBefore: new Date(now - BACKDATE_MS),
       notAfter: new Date(now + 30 * 86_400_000),
     });
@@ -171,6 +182,10 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     const port = typeof address === 'object' && address ? address.port : config.listen.port;
     const host = config.listen.host === '0.0.0.0' || config.listen.host === '::' ? 'localhost' : config.listen.host;
     const url = `https://${isIP(host) === 6 ? `[${host}]` : host}:${port}`;
+    if (!config.crlBaseUrl) {
+      const name = config.hostnames[0] ?? host;
+      ca.setCrlBaseUrl(`https://${isIP(name) === 6 ? `[${name}]` : name}:${port}`);
+    }
     logger.info({ url, root: ca.root.certificate.fingerprint256 }, 'authority listening');
 
     return {

@@ -1,8 +1,9 @@
 import { randomBytes, X509Certificate } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { GatewayEnrollment, LocalCa, isPostgresUrl, loadAuthorityConfigFile, openStore, resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { hashEnrollmentCode } from '../authority/auth-methods/index.ts';
+import { AuthorityEvents, Revocation } from '../authority/index.ts';
 import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
 import { printTable } from './table.ts';
 import { loadAdminToken } from '../authority/index.ts';
@@ -13,12 +14,17 @@ const USAGE = `leafgate authority <command> [options]
 
 Commands:
   start        run the authority (HTTPS API with mutual TLS for gateways)
+  init         create the CA hierarchy (root, device CA, infrastructure CA, edge issuer);
+               with --offline-root DIR the root key is moved to DIR after a root CRL
+               valid --crl-days days is signed: the authority then runs without it
+  root-crl     sign the root's CRL with an offline root key: --root-key FILE [--crl-days N]
+  migrate      list what an upgrade left to do (Sub-CAs signed by the root itself, ...)
   token        create a one-time gateway enrollment token
   code         create a one-time ddkg enrollment code for a device
   fingerprint  print the root CA's SHA-256 fingerprint (gateways pin it)
   devices      list devices                          (admin API)
   certs        list certificates [--expiring 7d]     (admin API)
-  revoke       revoke --serial HEX | --device ID [--decommission] [--reason R]
+  revoke       revoke --serial HEX | --device ID [--decommission] | --gateway ID  [--reason R]
   policies     show the device policies              (admin API)
   audit        show the audit log [--device ID]      (admin API)
 
@@ -29,12 +35,15 @@ Options:
   --port N           listen port (start; default 8443, env LEAFGATE_AUTHORITY_PORT)
   --database DB      SQLite file (default <data-dir>/authority.db) or postgres://user@host/db
                      shared by several authority nodes (env LEAFGATE_DATABASE_URL)
-  --gateway ID       gateway id (token)
+  --gateway ID       gateway id (token; revoke: its certificate and Sub-CA, and disable it)
   --device ID        device id (code)
   --group NAME       device group (code; default: the default group)
   --ttl SECONDS      validity of a token or code (default 86400 / 604800)
   --authority URL    admin API base URL (default https://localhost:<port>)
-  --serial HEX       certificate serial (revoke)
+  --serial HEX       certificate serial (revoke; any certificate the authority issued)
+  --offline-root DIR move the root key there (init)
+  --root-key FILE    the offline root key (root-crl)
+  --crl-days N       validity of a root CRL signed offline (init, root-crl; default 180)
   --reason R         unspecified, keyCompromise, affiliationChanged, superseded,
                      cessationOfOperation, certificateHold, privilegeWithdrawn
   --decommission     revoke and disable the device (revoke --device)
@@ -64,6 +73,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     gateway: { type: 'string' }, device: { type: 'string' }, group: { type: 'string' }, ttl: { type: 'string' },
     authority: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
     expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
+    'offline-root': { type: 'string' }, 'root-key': { type: 'string' }, 'crl-days': { type: 'string' },
   }, USAGE);
   if (!parsed) return 0;
   const [command = 'start'] = parsed.positionals;
@@ -102,6 +112,10 @@ export async function authorityCommand(argv: string[]): Promise<number> {
       }
       return 0;
     }
+    case 'init':
+    case 'root-crl':
+    case 'migrate':
+      return caCommand(command, v, config);
     case 'fingerprint': {
       process.stdout.write(`${new X509Certificate(await rootPem(config)).fingerprint256}\n`);
       return 0;
@@ -117,12 +131,62 @@ export async function authorityCommand(argv: string[]): Promise<number> {
   }
 }
 
+/**
+ * The hierarchy's offline operations. `init` makes (or completes) the CA; with
+ * --offline-root it signs a long-lived root CRL and moves the root key out of the data
+ * directory, after which the running authority holds only the intermediates' keys.
+ * `root-crl` re-signs that CRL with the offline key (before it expires, and after revoking
+ * an intermediate). `migrate` lists what an upgrade left for the operator.
+ */
+async function caCommand(command: 'init' | 'root-crl' | 'migrate', v: Record<string, any>, config: ReturnType<typeof resolveAuthorityConfig>): Promise<number> {
+  const store = await openStore(config.database);
+  try {
+    let ca = await openCa(config, store, true);
+    const days = intOption(v['crl-days'], 'crl-days', 1, 3650) ?? 180;
+    const signRootCrl = async () => {
+      const revocation = new Revocation({ store, ca, events: new AuthorityEvents(), crlValidityHours: days * 24 });
+      const crl = await revocation.reissue([], 'root');
+      process.stdout.write(`root CRL #${crl.crlNumber} signed, valid until ${crl.nextUpdate.toISOString()}\n`);
+    };
+    if (command === 'init') {
+      process.stdout.write(`CA hierarchy ready; root fingerprint ${ca.root.certificate.fingerprint256}\n`);
+      const dest = v['offline-root'];
+      if (!dest) return 0;
+      if (isPostgresUrl(config.database)) throw new UsageError('--offline-root works on a file CA (SQLite); with PostgreSQL keep the root key out of ca_material by running init on the first node\'s files before it adopts them');
+      const keyPath = join(config.dataDir, 'ca', 'root.key.pem');
+      if (!existsSync(keyPath)) throw new UsageError('the root key is already offline');
+      await signRootCrl();
+      mkdirSync(dest, { recursive: true, mode: 0o700 });
+      const target = join(dest, 'root.key.pem');
+      copyFileSync(keyPath, target);
+      chmodSync(target, 0o600);
+      rmSync(keyPath);
+      process.stdout.write(`root key moved to ${target}: keep it offline; sign the next root CRL before ${days} days with \`leafgate authority root-crl --root-key ${target}\`\n`);
+      return 0;
+    }
+    if (command === 'root-crl') {
+      if (!v['root-key']) throw new UsageError('root-crl needs --root-key FILE');
+      if (!ca.root.privateKey) ca = ca.withRootKey(readFileSync(v['root-key'], 'utf8'), config.caPassphrase);
+      await signRootCrl();
+      return 0;
+    }
+    const legacy = (await store.listCertificates({ kind: 'subca', status: 'active', limit: 1_000_000 })).filter((c) => c.issuer === 'root' && c.notAfter > Date.now());
+    if (!legacy.length) process.stdout.write('nothing to migrate\n');
+    for (const c of legacy) {
+      process.stdout.write(`Sub-CA ${c.serial} of gateway ${c.subjectId} was signed by the root itself (valid until ${new Date(c.notAfter).toISOString()}): run \`leafgate gateway subca\` on that gateway, then \`leafgate authority revoke --serial ${c.serial} --reason superseded\` where the root key is\n`);
+    }
+    return 0;
+  } finally {
+    await store.close();
+  }
+}
+
 /** The CA: files in the data directory, or the cluster's CA in PostgreSQL. */
-async function openCa(config: ReturnType<typeof resolveAuthorityConfig>, store: Awaited<ReturnType<typeof openStore>>): Promise<LocalCa> {
-  if (!isPostgresUrl(config.database)) return LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization });
+async function openCa(config: ReturnType<typeof resolveAuthorityConfig>, store: Awaited<ReturnType<typeof openStore>>, create = false): Promise<LocalCa> {
+  if (!isPostgresUrl(config.database)) return LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization, crlBaseUrl: config.crlBaseUrl });
   const rows = await store.getCaMaterial();
-  if (!rows.length) throw new LeafgateError('internal', 'the database holds no CA yet: start an authority node first');
-  return (await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization })).ca;
+  if (!rows.length && !create) throw new LeafgateError('internal', 'the database holds no CA yet: start an authority node first');
+  return (await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization, crlBaseUrl: config.crlBaseUrl })).ca;
 }
 
 /** The root certificate (public): from the data directory, or from the cluster's database. */
@@ -192,8 +256,8 @@ async function adminCommand(command: string, v: Record<string, any>, config: Ret
       if (!v.json) rows = (rows as any[]).map((r) => ({ seq: r.seq, at: r.at, action: r.action, outcome: r.outcome, code: r.code ?? '', device: r.deviceId ?? '', gateway: r.gatewayId ?? '', serial: r.serial ?? '' }));
       break;
     case 'revoke': {
-      if (!v.serial && !v.device) throw new UsageError('revoke needs --serial HEX or --device ID');
-      rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
+      if (!v.serial && !v.device && !v.gateway) throw new UsageError('revoke needs --serial HEX, --device ID or --gateway ID');
+      rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, gateway: v.gateway, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
       break;
     }
   }

@@ -73,7 +73,9 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
     case 'subca': {
       const files = identityFiles(config.dataDir);
       const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as { gatewayId: string; authorityUrl: string };
-      const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: readFileSync(files.root, 'utf8'), key: readFileSync(files.key, 'utf8'), cert: readFileSync(files.cert, 'utf8') });
+      const authority = new AuthorityClient({
+        baseUrl: meta.authorityUrl, ca: readFileSync(files.root, 'utf8'), authorityIssuer: readFileSync(files.infraCa, 'utf8'), key: readFileSync(files.key, 'utf8'), cert: readFileSync(files.cert, 'utf8'),
+      });
       const identity = new GatewayIdentity({
         dataDir: config.dataDir, gatewayId: meta.gatewayId, authority, logger: pino({ level: 'warn' }), renewAfterFraction: config.certRenewAfterFraction,
         edgeCa: command === 'subca', checkMs: config.identityCheckMs, onRotated: () => undefined,

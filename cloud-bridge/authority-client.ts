@@ -5,12 +5,18 @@
  */
 import type { ClientRequest } from 'node:http';
 import https from 'node:https';
-import { LeafgateError, isErrorCode } from '../protocol/index.ts';
+import { X509Certificate } from 'node:crypto';
+import { LeafgateError, authorityIdentityCheck, isErrorCode } from '../protocol/index.ts';
 
 export interface AuthorityClientOptions {
   baseUrl: string;
   /** Trust anchor: the authority's root (pinned at enrollment). */
   ca: string;
+  /**
+   * The infrastructure CA pinned at enrollment: the server must hold a certificate it issued
+   * that carries the authority's mark (protocol/trust.ts), not merely one under the root.
+   */
+  authorityIssuer?: string;
   /** Client identity; absent only for enrollment. */
   key?: string;
   cert?: string;
@@ -35,6 +41,7 @@ export class AuthorityClient {
   constructor(opts: AuthorityClientOptions) {
     this.base = new URL(opts.baseUrl);
     this.agentOptions = { keepAlive: true, noDelay: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false };
+    if (opts.authorityIssuer && opts.verifyServer !== false) this.agentOptions.checkServerIdentity = authorityIdentityCheck(new X509Certificate(opts.authorityIssuer).fingerprint256);
     this.agent = new https.Agent(this.agentOptions);
     this.timeoutMs = opts.timeoutMs ?? 15_000;
     this.maxResponseBytes = opts.maxResponseBytes ?? 1024 * 1024;

@@ -57,6 +57,11 @@ export async function enrollGateway(opts: EnrollOptions): Promise<{ certificate:
   if (normalize(root.fingerprint256) !== normalize(opts.rootFingerprint)) {
     throw new LeafgateError('unknown_gateway', `authority root fingerprint ${root.fingerprint256} does not match the pinned ${opts.rootFingerprint}`);
   }
+  // The rest of the bundle came over the same unverified connection: each CA must be the root's.
+  for (const [name, pem] of [['device CA', bundle.deviceCa], ['infrastructure CA', bundle.infraCa]] as const) {
+    const ca = typeof pem === 'string' ? new X509Certificate(pem) : null;
+    if (!ca || !ca.ca || !ca.checkIssued(root) || !ca.verify(root.publicKey)) throw new LeafgateError('unknown_gateway', `the authority's ${name} is not issued by the pinned root`);
+  }
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const csr = pkix.buildCsr({
     commonName: opts.gatewayId,
@@ -64,7 +69,7 @@ export async function enrollGateway(opts: EnrollOptions): Promise<{ certificate:
     privateKey,
     publicKey,
   });
-  const client = new AuthorityClient({ baseUrl: opts.authorityUrl, ca: bundle.root });
+  const client = new AuthorityClient({ baseUrl: opts.authorityUrl, ca: bundle.root, authorityIssuer: bundle.infraCa });
   let res: { certificate: string; chain: string[]; bundle: typeof bundle; notAfter: string };
   try {
     res = await client.post('/v1/gateways/enroll', { token: opts.token, csr });

@@ -60,7 +60,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   const deviceCa = new X509Certificate(deviceCaPem);
   const log = logger.child({ gatewayId: meta.gatewayId });
 
-  const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, key, cert });
+  const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, authorityIssuer: readFileSync(files.infraCa, 'utf8'), key, cert });
   const sessions = new SessionRegistry();
   // Late-bound: the metrics collect from parts created below.
   const parts: { renewals?: RenewalTracker; gate?: AuthorityGate } = {};

@@ -4,3 +4,4 @@ export * from './topics.ts';
 export * from './messages.ts';
 export * as pkix from './pkix/index.ts';
 export { DerError } from './pkix/der.ts';
+export { AUTHORITY_URI, authorityIdentityCheck } from './trust.ts';

@@ -102,7 +102,7 @@ test('CLI: certs --expiring, devices, policies and audit as tables and JSON; rev
   assert.match((await cli(stack, 'revoke', '--serial', id.serial, '--reason', 'superseded')).stdout, new RegExp(id.serial));
   const audit = JSON.parse((await cli(stack, 'audit', '--device', 'cli-1', '--json')).stdout);
   assert.deepEqual(audit.map((a: any) => a.action).reverse(), ['register', 'auth', 'issue', 'revoke']);
-  await assert.rejects(cli(stack, 'revoke'), /--serial HEX or --device ID/);
+  await assert.rejects(cli(stack, 'revoke'), /--serial HEX, --device ID or --gateway ID/);
 });
 
 test('the authority exposes Prometheus metrics: requests by outcome, renewals due, revocations by reason', async (t) => {

@@ -52,7 +52,7 @@ test('rotating the gateway certificate keeps 100 connected devices and serves th
   assert.equal(gw?.certSerial, after.serialNumber.toUpperCase());
 });
 
-test('the edge CA is a pathLen-0 Sub-CA of the root in the IoT Edge layout and issues server certificates locally', async (t) => {
+test('the edge CA is a pathLen-0, name-constrained Sub-CA under the edge issuer in the IoT Edge layout and issues server certificates locally', async (t) => {
   const stack = await startStack(t);
   await stack.gateway.identity.renewEdgeCa();
   const edge = edgeCaFiles(join(stack.dir, 'gateway'));
@@ -63,18 +63,22 @@ test('the edge CA is a pathLen-0 Sub-CA of the root in the IoT Edge layout and i
   const text = execFileSync('openssl', ['x509', '-in', edge.cert, '-noout', '-text'], { encoding: 'utf8' });
   assert.match(text, /CA:TRUE, pathlen:0/);
   assert.match(text, /Certificate Sign/);
-  execFileSync('openssl', ['verify', '-x509_strict', '-CAfile', edge.trustBundle, edge.cert]);
+  assert.match(text, /Issuer: CN = leafgate Edge CA Issuer/);
+  // exactly the gateway's names (and edgehub, the default extra subtree); every other name excluded
+  assert.match(text, /X509v3 Name Constraints: critical\n\s+Permitted:\n\s+DNS:localhost\n\s+DNS:edgehub\n\s+IP:127\.0\.0\.1\/255\.255\.255\.255\n\s+Excluded:\n\s+IP:0:0:0:0:0:0:0:0\/0:0:0:0:0:0:0:0/);
+  assert.match(text, /X509v3 Extended Key Usage: \n\s+TLS Web Server Authentication, TLS Web Client Authentication/);
+  execFileSync('openssl', ['verify', '-x509_strict', '-CAfile', edge.trustBundle, '-untrusted', edge.fullChain, edge.cert]);
   assert.match(readFileSync(edge.configSnippet, 'utf8'), /\[edge_ca\]\ncert = "file:\/\/.*edge-ca-full-chain\.cert\.pem"\npk = "file:\/\/.*edge-ca\.key\.pem"/);
   const rows = await stack.authority.store.listCertificates({ subjectId: stack.gatewayId, kind: 'subca' });
   assert.equal(rows.length, 1);
 
   const out = join(stack.dir, 'server-certs');
-  const res = issueServerCertificate(join(stack.dir, 'gateway'), { name: 'edgehub', dns: ['edgehub', 'gw.local'], ip: [], days: 30, outDir: out });
-  const verify = execFileSync('openssl', ['verify', '-x509_strict', '-purpose', 'sslserver', '-CAfile', edge.trustBundle, '-untrusted', edge.cert, res.cert], { encoding: 'utf8' });
+  const res = issueServerCertificate(join(stack.dir, 'gateway'), { name: 'edgehub', dns: ['edgehub', 'localhost'], ip: [], days: 30, outDir: out });
+  const verify = execFileSync('openssl', ['verify', '-x509_strict', '-purpose', 'sslserver', '-CAfile', edge.trustBundle, '-untrusted', edge.fullChain, res.cert], { encoding: 'utf8' });
   assert.match(verify, /OK/);
   const server = new X509Certificate(readFileSync(res.cert, 'utf8'));
   assert.equal(server.checkIssued(ca), true);
-  assert.match(server.subjectAltName ?? '', /DNS:edgehub, DNS:gw\.local/);
+  assert.match(server.subjectAltName ?? '', /DNS:edgehub, DNS:localhost/);
   // A TLS server with the issued chain is accepted by a client that trusts only the root.
   const srv = tls.createServer({ key: readFileSync(res.key), cert: readFileSync(res.chain) }, (s) => s.end());
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));

@@ -63,7 +63,7 @@ test('first open creates root, device CA and infrastructure CA with encrypted 06
   assert.ok(Math.abs(from - (now.getTime() - BACKDATE_MS)) < 2000);
   assert.equal(new Date(ca.root.certificate.validTo).getUTCFullYear(), now.getUTCFullYear() + 20);
   assert.equal(new Date(ca.deviceCa.certificate.validTo).getUTCFullYear(), now.getUTCFullYear() + 10);
-  assert.deepEqual(ca.bundle(), { root: ca.root.pem, deviceCa: ca.deviceCa.pem, infraCa: ca.infraCa.pem });
+  assert.deepEqual(ca.bundle(), { root: ca.root.pem, deviceCa: ca.deviceCa.pem, infraCa: ca.infraCa.pem, edgeIssuer: ca.edgeIssuer.pem });
 });
 
 test('the organization option names the CAs', (t) => {

@@ -102,7 +102,8 @@ function extensionsDer(certDer: Buffer): Buffer {
 
 test('CA certificates pass openssl verify -x509_strict and carry the CA profile', (t) => {
   const { w, ca } = setup(t);
-  for (const name of ['root.pem', 'device-ca.pem', 'infra-ca.pem']) {
+  w.write('edge-issuer.pem', ca.edgeIssuer.pem);
+  for (const name of ['root.pem', 'device-ca.pem', 'infra-ca.pem', 'edge-issuer.pem']) {
     const r = verify(w, ['-x509_strict', '-CAfile', 'root.pem', name]);
     assert.ok(r.ok, `${name}: ${r.out}`);
   }
@@ -120,15 +121,23 @@ test('CA certificates pass openssl verify -x509_strict and carry the CA profile'
   assert.match(rootText, /Issuer: CN = leafgate Root CA\n/);
   assert.match(rootText, /Subject: CN = leafgate Root CA\n/);
 
-  for (const [file, cn, cert] of [['device-ca.pem', 'leafgate Device CA', ca.deviceCa], ['infra-ca.pem', 'leafgate Infrastructure CA', ca.infraCa]] as const) {
+  // Each intermediate's extendedKeyUsage limits what verifiers accept below it (OpenSSL and Go
+  // apply a CA's EKU to its chain): device certificates are clients only.
+  const CLIENT = 'TLS Web Client Authentication';
+  const BOTH = 'TLS Web Server Authentication, TLS Web Client Authentication';
+  for (const [file, cn, cert, pathLen, eku] of [
+    ['device-ca.pem', 'leafgate Device CA', ca.deviceCa, 0, CLIENT],
+    ['infra-ca.pem', 'leafgate Infrastructure CA', ca.infraCa, 0, BOTH],
+    ['edge-issuer.pem', 'leafgate Edge CA Issuer', ca.edgeIssuer, 1, BOTH],
+  ] as const) {
     const text = w.openssl(['x509', '-in', file, '-noout', '-text']);
-    assert.deepEqual(extText(text, 'Basic Constraints'), { critical: true, value: 'CA:TRUE, pathlen:0' }, file);
+    assert.deepEqual(extText(text, 'Basic Constraints'), { critical: true, value: `CA:TRUE, pathlen:${pathLen}` }, file);
     assert.deepEqual(extText(text, 'Key Usage'), { critical: true, value: 'Digital Signature, Certificate Sign, CRL Sign' }, file);
     assert.equal(extText(text, 'Subject Key Identifier')?.value.replace(/:/g, ''), cert.keyId.toString('hex').toUpperCase());
     assert.deepEqual(extText(text, 'Authority Key Identifier'), { critical: false, value: rootSki!.value }, `${file}: AKI = root SKI`);
     assert.match(text, new RegExp(`Subject: CN = ${cn}\\n`));
     assert.match(text, /Issuer: CN = leafgate Root CA\n/);
-    assert.equal(extText(text, 'Extended Key Usage'), undefined);
+    assert.deepEqual(extText(text, 'Extended Key Usage'), { critical: false, value: eku }, file);
     assert.ok(new Date(cert.certificate.validTo) <= new Date(ca.root.certificate.validTo), 'issuing CA does not outlive the root');
   }
 });
@@ -281,7 +290,7 @@ test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermedi
     caCert: `${caDir}/root.crt.pem`,
     caKey: `${caDir}/root.key.pem`,
     serialHex: ca.deviceCa.certificate.serialNumber,
-    ext: ['basicConstraints = critical, CA:TRUE, pathlen:0', 'keyUsage = critical, digitalSignature, keyCertSign, cRLSign', 'subjectKeyIdentifier = hash', 'authorityKeyIdentifier = keyid'],
+    ext: ['basicConstraints = critical, CA:TRUE, pathlen:0', 'keyUsage = critical, digitalSignature, keyCertSign, cRLSign', 'extendedKeyUsage = clientAuth', 'subjectKeyIdentifier = hash', 'authorityKeyIdentifier = keyid'],
   });
   assert.deepEqual(deepShape(w, 'ours-intermediate.pem'), deepShape(w, ref), 'intermediate: same shape');
   if (!extensionsDer(fromPem(ca.deviceCa.pem, 'CERTIFICATE')).equals(extensionsDer(fromPem(w.read(ref).toString(), 'CERTIFICATE')))) differences.push('intermediate: extensions differ');
@@ -321,7 +330,7 @@ test('validity: 2049/2050 boundary uses UTCTime/GeneralizedTime and openssl read
     notBefore: new Date('2049-12-31T23:59:59Z'),
     notAfter: new Date('2050-01-01T00:00:00Z'),
     profile: { kind: 'device', keyType: 'ec' },
-    issuer: { subjectDer: ca.root.subjectDer, keyId: ca.root.keyId, privateKey: ca.root.privateKey },
+    issuer: { subjectDer: ca.root.subjectDer, keyId: ca.root.keyId, privateKey: ca.root.privateKey! },
   });
   w.write('leaf.pem', toPem(leaf, 'CERTIFICATE'));
   const asn1 = w.openssl(['asn1parse', '-in', 'leaf.pem']);
@@ -346,7 +355,7 @@ test('name constraints on an intermediate are encoded so that openssl enforces t
   const rootIssuer = { subjectDer: encodeName('NC Root'), keyId: keyIdentifier(rootSpki), privateKey: root.privateKey };
   const interIssuer = { subjectDer: encodeName('NC Inter'), keyId: keyIdentifier(interSpki), privateKey: inter.privateKey };
   w.write('root.pem', mk('NC Root', rootSpki, { kind: 'root' }, rootIssuer));
-  w.write('inter.pem', mk('NC Inter', interSpki, { kind: 'intermediate', pathLen: 0, permittedDns: ['devices.example'] }, rootIssuer));
+  w.write('inter.pem', mk('NC Inter', interSpki, { kind: 'intermediate', pathLen: 0, nameConstraints: { dns: ['devices.example'], ip: [] } }, rootIssuer));
   const text = w.openssl(['x509', '-in', 'inter.pem', '-noout', '-text']);
   assert.match(text, /X509v3 Name Constraints: critical\n\s+Permitted:\n\s+DNS:devices\.example/);
   const leafKey = generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'der' });

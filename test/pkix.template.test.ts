@@ -61,14 +61,16 @@ test('template TBS is byte-identical to the generic encoder for every profile, k
     [{ kind: 'gateway', keyType: 'ec' }, 'ec256'],
     [{ kind: 'server', keyType: 'rsa' }, 'rsa'],
     [{ kind: 'intermediate', pathLen: 0 }, 'ec256'],
-    [{ kind: 'intermediate', pathLen: 0, permittedDns: ['gw-1.local', '.gw-1.local'] }, 'ec384'],
+    [{ kind: 'intermediate', pathLen: 0, nameConstraints: { dns: ['gw-1.local', '.gw-1.local'], ip: ['192.0.2.7', '2001:db8::1'] }, eku: ['serverAuth', 'clientAuth'] }, 'ec384'],
     [{ kind: 'root' }, 'ec256'],
   ];
   let compared = 0;
   for (const [profile, csrName] of profiles) {
     const csr = CSRS[csrName];
     for (const issuingCa of [ca.deviceCa, ca.root]) {
-      const issuer = { subjectDer: issuingCa.subjectDer, keyId: issuingCa.keyId, privateKey: issuingCa.privateKey };
+      // the device CA with a CRL distribution point, the root without
+      const crlUrl = issuingCa === ca.deviceCa ? 'https://authority.example:8443/v1/crl/device-ca.crl' : undefined;
+      const issuer = { subjectDer: issuingCa.subjectDer, keyId: issuingCa.keyId, privateKey: issuingCa.privateKey!, crlUrl };
       const template = new CertificateTemplate(profile, issuer);
       for (const sans of SAN_CASES) {
         for (const [notBefore, notAfter] of VALIDITIES) {

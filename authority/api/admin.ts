@@ -64,7 +64,8 @@ export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void
       if (typeof reason !== 'string' || !(reason in pkix.REVOCATION_REASONS)) throw new LeafgateError('bad_request', `reason must be one of ${Object.keys(pkix.REVOCATION_REASONS).join(', ')}`);
       if (typeof b.serial === 'string' && /^[0-9A-Fa-f:]{2,64}$/.test(b.serial)) return [await deps.revocation.revokeSerial(b.serial, reason, 'admin')];
       if (typeof b.device === 'string') return revokeDevice(deps, b.device, reason, b.decommission === true);
-      throw new LeafgateError('bad_request', 'give serial (hex) or device');
+      if (typeof b.gateway === 'string') return revokeGateway(deps, b.gateway, reason);
+      throw new LeafgateError('bad_request', 'give serial (hex), device or gateway');
     });
 
     admin.get('/admin/v1/policies', async () => deps.policies);
@@ -83,13 +84,30 @@ async function revokeDevice(deps: AdminDeps, deviceId: string, reason: pkix.Revo
   if (!isValidDeviceId(deviceId)) throw new LeafgateError('invalid_device_id');
   const device = await deps.store.getDevice(deviceId);
   if (!device) throw new LeafgateError('unknown_device');
-  const active = await deps.store.listCertificates({ subjectId: deviceId, status: 'active' });
+  const active = await deps.store.listCertificates({ subjectId: deviceId, status: 'active', kind: 'device' });
   const out = [];
   for (const c of active) out.push(await deps.revocation.revokeSerial(c.serial, reason, 'admin'));
   if (decommission) {
     const now = Date.now();
     await deps.store.updateDevice(deviceId, { status: 'disabled' }, now);
     await deps.store.appendAudit({ at: now, action: 'decommission', outcome: 'ok', deviceId, detail: { revoked: out.length, actor: 'admin' } });
+  }
+  return out;
+}
+
+/**
+ * Shuts a gateway out: disabled first (the authority refuses its next request, whatever
+ * certificate it presents), then its identity certificates and its Sub-CA revoked, so that
+ * devices and IoT Edge see it in the CRLs too.
+ */
+async function revokeGateway(deps: AdminDeps, gatewayId: string, reason: pkix.RevocationReason) {
+  if (!isValidDeviceId(gatewayId)) throw new LeafgateError('invalid_device_id', 'gateway id is not allowed');
+  const gateway = await deps.store.getGateway(gatewayId);
+  if (!gateway) throw new LeafgateError('unknown_gateway', `no gateway ${gatewayId}`);
+  await deps.store.setGatewayStatus(gatewayId, 'disabled', { at: Date.now(), action: 'disable-gateway', outcome: 'ok', gatewayId, detail: { reason, actor: 'admin' } });
+  const out = [];
+  for (const kind of ['gateway', 'subca'] as const) {
+    for (const c of await deps.store.listCertificates({ subjectId: gatewayId, status: 'active', kind })) out.push(await deps.revocation.revokeSerial(c.serial, reason, 'admin'));
   }
   return out;
 }

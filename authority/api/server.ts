@@ -7,7 +7,7 @@ import Fastify, { LogController, type FastifyReply, type FastifyRequest } from '
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
-import type { CaConnector } from '../ca/index.ts';
+import { CA_NAMES, type CaConnector, type CaName } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
 import type { Revocation } from '../revocation.ts';
@@ -96,24 +96,28 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   });
 
   // The peer certificate of a keep-alive connection does not change: read it once per socket
-  // (getPeerCertificate is costly), check the store on every request (cheap, catches revocation).
-  const peers = new WeakMap<TLSSocket, { cn: string; serial: string } | null>();
+  // (getPeerCertificate is costly), check the store on every request (cheap, catches
+  // revocation and renewal at once).
+  const peers = new WeakMap<TLSSocket, { cn: string; fingerprint: string } | null>();
   const requireGateway = async (req: FastifyRequest, _reply: FastifyReply) => {
     const socket = req.raw.socket as TLSSocket;
     let peerInfo = peers.get(socket);
     if (peerInfo === undefined) {
       const peer = socket.getPeerCertificate?.();
-      peerInfo = peer && peer.raw ? { cn: typeof peer.subject?.CN === 'string' ? peer.subject.CN : '', serial: peer.serialNumber.toUpperCase() } : null;
+      peerInfo = peer && peer.raw ? { cn: typeof peer.subject?.CN === 'string' ? peer.subject.CN : '', fingerprint: peer.fingerprint256 } : null;
       peers.set(socket, peerInfo);
     }
     if (!peerInfo) throw new LeafgateError('client_cert_required');
     if (!socket.authorized) throw new LeafgateError('unknown_gateway', `client certificate not trusted: ${socket.authorizationError}`);
     const id = peerInfo.cn;
     const gw = id ? await deps.store.getGateway(id) : null;
-    // Any unexpired, unrevoked certificate issued to this gateway: a renewal does not cut
-    // requests still in flight on the previous one.
-    const cert = gw ? await deps.store.getCertificate(peerInfo.serial) : null;
-    if (!gw || gw.status !== 'active' || !cert || cert.kind !== 'gateway' || cert.subjectId !== gw.id || cert.status !== 'active' || cert.notAfter <= Date.now()) {
+    // Exactly the gateway's current certificate, by fingerprint: TLS proved the key, and the
+    // fingerprint pins the very certificate the infrastructure CA issued to this gateway. A
+    // certificate forged under another CA with this CN and serial, a superseded one (renewed)
+    // and a revoked one all fail here.
+    if (!gw || gw.status !== 'active' || !gw.certSerial || gw.certFingerprint !== peerInfo.fingerprint) throw new LeafgateError('unknown_gateway');
+    const cert = await deps.store.getCertificate(gw.certSerial);
+    if (!cert || cert.kind !== 'gateway' || cert.subjectId !== gw.id || cert.status !== 'active' || cert.notAfter <= Date.now() || cert.fingerprint !== peerInfo.fingerprint) {
       throw new LeafgateError('unknown_gateway');
     }
     req.gatewayId = gw.id;
@@ -134,16 +138,19 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   app.get('/v1/ca', async () => deps.ca.bundle());
 
-  // CRLs are public (RFC 5280 5): no client certificate needed, like a CDP over HTTP.
-  app.get('/v1/crl', async (_req, reply) => {
-    const crl = deps.revocation.crl();
-    void reply.header('content-type', 'application/pkix-crl').header('x-crl-number', crl.crlNumber.toString());
-    return crl.der;
-  });
-  app.get('/v1/crl.pem', async (_req, reply) => {
-    const crl = deps.revocation.crl();
-    void reply.header('content-type', 'application/x-pem-file').header('x-crl-number', crl.crlNumber.toString());
-    return crl.pem;
+  // CRLs are public (RFC 5280 5): no client certificate needed, like a CDP over HTTP. One per
+  // CA (the distribution point in each certificate names its issuer's); /v1/crl is the device CA's.
+  const sendCrl = (name: CaName, pem: boolean, reply: FastifyReply) => {
+    const crl = deps.revocation.crl(name);
+    void reply.header('content-type', pem ? 'application/x-pem-file' : 'application/pkix-crl').header('x-crl-number', crl.crlNumber.toString());
+    return pem ? crl.pem : crl.der;
+  };
+  app.get('/v1/crl', async (_req, reply) => sendCrl('device-ca', false, reply));
+  app.get('/v1/crl.pem', async (_req, reply) => sendCrl('device-ca', true, reply));
+  app.get('/v1/crl/:file', async (req, reply) => {
+    const m = /^([a-z-]+)\.(crl|pem)$/.exec((req.params as { file: string }).file);
+    if (!m || !(CA_NAMES as readonly string[]).includes(m[1])) throw new LeafgateError('not_found', 'no such CRL');
+    return sendCrl(m[1] as CaName, m[2] === 'pem', reply);
   });
 
   // Server-sent events to gateways: pushes (CRL reissued, ...) over the mTLS connection.
@@ -176,11 +183,19 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       send('hello', { gatewayId: req.gatewayId, crlNumber: deps.revocation.crl().crlNumber.toString() });
       // A gateway that (re)connects learns the whole due list at once.
       void deps.renewals.due().then((devices) => devices.length && send('renewal-due', { devices }), () => undefined);
-      const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), deps.eventHeartbeatMs ?? 15_000);
+      // A revoked gateway's stream ends at once on this node; on another node's revocation
+      // (a cluster) at the next heartbeat, which re-checks the gateway's standing.
+      const onGatewayRevoked = (e: { gatewayId: string }) => e.gatewayId === req.gatewayId && end();
+      deps.events.on('gateway-revoked', onGatewayRevoked);
+      const heartbeat = setInterval(() => {
+        res.write(': keep-alive\n\n');
+        void requireGateway(req, reply).catch(() => end());
+      }, deps.eventHeartbeatMs ?? 15_000);
       const end = () => {
         clearInterval(heartbeat);
         deps.events.off('crl', onCrl);
         deps.events.off('renewal-due', onDue);
+        deps.events.off('gateway-revoked', onGatewayRevoked);
         streams.delete(end);
         res.end();
       };

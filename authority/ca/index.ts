@@ -1,1 +1,1 @@
-export { LocalCa, fingerprint, BACKDATE_MS, type CaMaterialStore, type CaConnector, type IssuedCertificate, type IssueRequest, type IssuingCa } from './local-ca.ts';
+export { LocalCa, fingerprint, BACKDATE_MS, ISSUER_CA, CA_NAMES, type CaName, type IssuerRole, type RootCa, type CaBundle, type CaMaterialStore, type CaConnector, type IssuedCertificate, type IssueRequest, type IssuingCa } from './local-ca.ts';

@@ -1,8 +1,12 @@
 /**
- * The built-in private CA: a root and two issuing CAs made on first start in the data
- * directory. The device CA signs only leaf-device certificates, so the gateway broker can
- * tell a device from any other holder of a certificate by its issuer; the infrastructure CA
- * signs gateway and authority TLS certificates. Private keys are encrypted PKCS#8 (PBES2,
+ * The built-in private CA: a root and three issuing CAs made on first start in the data
+ * directory (or by `leafgate authority init`). The root signs only those intermediates and
+ * may be kept offline: without root.key.pem the authority runs on the intermediates alone.
+ * The device CA signs only leaf-device certificates, so the gateway broker can tell a device
+ * from any other holder of a certificate by its issuer; the infrastructure CA signs gateway
+ * identities and the authority's TLS certificate; the edge issuer signs only gateway Sub-CAs
+ * (IoT Edge CAs), each name-constrained to its gateway's names, so that nothing under a
+ * Sub-CA can pass as a gateway, the authority or a device (docs/security.md). Private keys are encrypted PKCS#8 (PBES2,
  * RFC 8018) with scrypt (RFC 7914, N=2^14 r=8 p=1) and AES-256-CBC: memory-hard, so a stolen
  * key file resists offline guessing; OpenSSL reads it (`openssl pkey -in root.key.pem`).
  */
@@ -13,8 +17,15 @@ import { LeafgateError, pkix } from '../../protocol/index.ts';
 const { CertificateTemplate, encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
 type CertificateProfile = pkix.CertificateProfile;
 
+/** The CAs of the hierarchy, by the name of their files, rows and CRLs. */
+export type CaName = 'root' | 'device-ca' | 'infra-ca' | 'edge-issuer';
+/** Who signs a certificate: an issuing CA by its role, or the root (intermediates only). */
+export type IssuerRole = 'device' | 'infra' | 'edge' | 'root';
+export const ISSUER_CA: Readonly<Record<IssuerRole, CaName>> = { device: 'device-ca', infra: 'infra-ca', edge: 'edge-issuer', root: 'root' };
+export const CA_NAMES: readonly CaName[] = ['root', 'device-ca', 'infra-ca', 'edge-issuer'];
+
 export interface IssuingCa {
-  name: 'root' | 'device-ca' | 'infra-ca';
+  name: CaName;
   certificate: X509Certificate;
   pem: string;
   subjectDer: Buffer;
@@ -22,7 +33,20 @@ export interface IssuingCa {
   privateKey: KeyObject;
   /** certificate.validTo as a Date, read once. */
   notAfter: Date;
+  /** Upper-case hex, as in the certificates table. */
+  serial: string;
 }
+
+/** The root: its key is null while it is kept offline. */
+export type RootCa = Omit<IssuingCa, 'privateKey'> & { privateKey: KeyObject | null };
+
+/** The intermediates the root signs: name, common name suffix and profile. */
+const INTERMEDIATES: ReadonlyArray<{ name: Exclude<CaName, 'root'>; cn: string; profile: pkix.CertificateProfile }> = [
+  { name: 'device-ca', cn: 'Device CA', profile: { kind: 'intermediate', pathLen: 0, eku: ['clientAuth'] } },
+  { name: 'infra-ca', cn: 'Infrastructure CA', profile: { kind: 'intermediate', pathLen: 0, eku: ['serverAuth', 'clientAuth'] } },
+  // pathLen 1: it signs gateway Sub-CAs (pathLen 0), which sign edgeHub and workload certificates.
+  { name: 'edge-issuer', cn: 'Edge CA Issuer', profile: { kind: 'intermediate', pathLen: 1, eku: ['serverAuth', 'clientAuth'] } },
+];
 
 export interface IssueRequest {
   subjectDer: Buffer;
@@ -34,6 +58,8 @@ export interface IssueRequest {
 }
 
 export interface IssuedCertificate {
+  /** The CA that signed it (its CRL lists it once revoked). */
+  issuer: CaName;
   pem: string;
   der: Buffer;
   /** Upper-case hex, as OpenSSL prints it. */
@@ -45,17 +71,25 @@ export interface IssuedCertificate {
   chain: string[];
 }
 
+/** The public certificates of the hierarchy, as gateways pin them. */
+export interface CaBundle {
+  root: string;
+  deviceCa: string;
+  infraCa: string;
+  edgeIssuer: string;
+}
+
 /** CA connector contract: what every CA backend (built-in, HSM, external) provides. */
 export interface CaConnector {
   readonly name: string;
-  issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate;
+  issue(issuer: IssuerRole, req: IssueRequest): IssuedCertificate;
   /**
    * The same certificate without blocking the caller's thread on the signature: the
    * issuance hot path uses this one (a remote or HSM connector is asynchronous anyway).
    */
-  issueAsync(issuer: 'device' | 'infra' | 'root', req: IssueRequest): Promise<IssuedCertificate>;
+  issueAsync(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate>;
   /** Trust bundle, root last. */
-  bundle(): { root: string; deviceCa: string; infraCa: string };
+  bundle(): CaBundle;
 }
 
 const MIN_PASSPHRASE = 12;
@@ -64,26 +98,39 @@ export const BACKDATE_MS = 5 * 60 * 1000;
 
 export class LocalCa implements CaConnector {
   readonly name = 'local';
-  readonly root: IssuingCa;
+  readonly root: RootCa;
   readonly deviceCa: IssuingCa;
   readonly infraCa: IssuingCa;
+  readonly edgeIssuer: IssuingCa;
+  /** Base of the CRL distribution points written into issued certificates (no trailing slash). */
+  private crlBase: string | undefined;
 
-  private constructor(root: IssuingCa, deviceCa: IssuingCa, infraCa: IssuingCa) {
+  private constructor(root: RootCa, deviceCa: IssuingCa, infraCa: IssuingCa, edgeIssuer: IssuingCa, crlBaseUrl?: string) {
     this.root = root;
     this.deviceCa = deviceCa;
     this.infraCa = infraCa;
+    this.edgeIssuer = edgeIssuer;
+    this.crlBase = crlBaseUrl?.replace(/\/+$/, '');
   }
 
-  /** Loads the CA from `dir`, creating root and issuing CAs on first start. */
-  static open(dir: string, passphrase: string, opts: { organization?: string; now?: Date } = {}): LocalCa {
+  /**
+   * Loads the CA from `dir`, creating what is missing on first start. A root whose key is
+   * not in `dir` is offline: the intermediates must then exist already (made by `authority
+   * init` where the root key is), since only the root can sign them.
+   */
+  static open(dir: string, passphrase: string, opts: { organization?: string; now?: Date; crlBaseUrl?: string } = {}): LocalCa {
     checkPassphrase(passphrase);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const now = opts.now ?? new Date();
     const org = opts.organization ?? 'leafgate';
-    const root = loadOrCreate(dir, 'root', passphrase, () => null, `${org} Root CA`, now, 20);
-    const deviceCa = loadOrCreate(dir, 'device-ca', passphrase, () => root, `${org} Device CA`, now, 10);
-    const infraCa = loadOrCreate(dir, 'infra-ca', passphrase, () => root, `${org} Infrastructure CA`, now, 10);
-    return new LocalCa(root, deviceCa, infraCa);
+    const rootCert = join(dir, 'root.crt.pem');
+    const rootKey = join(dir, 'root.key.pem');
+    let root: RootCa;
+    if (existsSync(rootCert) && !existsSync(rootKey)) root = rootFromPem(readFileSync(rootCert, 'utf8'), null, passphrase, rootCert);
+    else root = loadOrCreate(dir, 'root', passphrase, null, `${org} Root CA`, { kind: 'root' }, now, 20, undefined);
+    const rootUrl = crlUrlOf(opts.crlBaseUrl, 'root');
+    const [deviceCa, infraCa, edgeIssuer] = INTERMEDIATES.map((i) => loadOrCreate(dir, i.name, passphrase, root, `${org} ${i.cn}`, i.profile, now, 10, rootUrl));
+    return new LocalCa(root, deviceCa, infraCa, edgeIssuer, opts.crlBaseUrl);
   }
 
   /**
@@ -92,59 +139,97 @@ export class LocalCa implements CaConnector {
    * `adoptDir` if it holds a complete one (a single node moving to PostgreSQL keeps its CA),
    * else a new set -- with insert-if-absent; a node that loses the race loads the winner's.
    * Keys are stored encrypted exactly as in the files, so every node needs the same passphrase.
+   * A root row with an empty key is a root kept offline.
    */
   static async openShared(
     store: CaMaterialStore,
     passphrase: string,
-    opts: { organization?: string; now?: Date; adoptDir?: string } = {},
+    opts: { organization?: string; now?: Date; adoptDir?: string; crlBaseUrl?: string } = {},
   ): Promise<{ ca: LocalCa; created: boolean; adopted: boolean }> {
     checkPassphrase(passphrase);
+    const org = opts.organization ?? 'leafgate';
+    const now = opts.now ?? new Date();
     let rows = await store.getCaMaterial();
     let created = false;
     let adopted = false;
     if (rows.length === 0) {
-      const files = opts.adoptDir ? readCaFiles(opts.adoptDir) : null;
-      if (files) {
-        // Checked before it is offered: a set this passphrase cannot open must not become the cluster's.
-        const root = fromPem('root', files[0].certPem, files[0].keyPem, passphrase, null, join(opts.adoptDir!, 'root.key.pem'));
-        for (const f of files.slice(1)) fromPem(f.name, f.certPem, f.keyPem, passphrase, root, join(opts.adoptDir!, `${f.name}.key.pem`));
+      let files: CaFileSet | null = null;
+      if (opts.adoptDir) {
+        // Opened (and completed) first: a set this passphrase cannot open must not become the cluster's.
+        LocalCa.open(opts.adoptDir, passphrase, { organization: org, now, crlBaseUrl: opts.crlBaseUrl });
+        files = readCaFiles(opts.adoptDir);
       }
-      const offer = files ?? generateSet(passphrase, opts.organization ?? 'leafgate', opts.now ?? new Date());
-      const now = (opts.now ?? new Date()).getTime();
-      created = await store.insertCaMaterialIfAbsent(offer.map((r) => ({ ...r, createdAt: now })));
+      const offer = files ?? generateSet(passphrase, org, now, opts.crlBaseUrl);
+      created = await store.insertCaMaterialIfAbsent(offer.map((r) => ({ ...r, createdAt: now.getTime() })));
       adopted = created && files !== null;
       rows = await store.getCaMaterial();
     }
-    const by = new Map(rows.map((r) => [r.name, r]));
-    const row = (name: IssuingCa['name']) => {
+    let by = new Map(rows.map((r) => [r.name, r]));
+    const where = (name: string) => `the ${name} CA stored in the database`;
+    const row = (name: CaName) => {
       const r = by.get(name);
       if (!r) throw new LeafgateError('internal', `the database holds an incomplete CA (no ${name}): restore the ca_material table from a backup`);
       return r;
     };
-    const where = (name: string) => `the ${name} CA stored in the database`;
-    const root = fromPem('root', row('root').certPem, row('root').keyPem, passphrase, null, where('root'));
-    const deviceCa = fromPem('device-ca', row('device-ca').certPem, row('device-ca').keyPem, passphrase, root, where('device'));
-    const infraCa = fromPem('infra-ca', row('infra-ca').certPem, row('infra-ca').keyPem, passphrase, root, where('infrastructure'));
-    return { ca: new LocalCa(root, deviceCa, infraCa), created, adopted };
+    const root = rootFromPem(row('root').certPem, row('root').keyPem || null, passphrase, where('root'));
+    // A cluster made before the edge issuer existed gets it now (the root key must be online).
+    const missing = INTERMEDIATES.filter((i) => !by.has(i.name));
+    if (missing.length) {
+      const made = missing.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(opts.crlBaseUrl, 'root')));
+      await store.insertCaMaterialIfAbsent(made.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey, passphrase), createdAt: now.getTime() })));
+      by = new Map((await store.getCaMaterial()).map((r) => [r.name, r]));
+    }
+    const [deviceCa, infraCa, edgeIssuer] = INTERMEDIATES.map((i) => fromPem(i.name, row(i.name).certPem, row(i.name).keyPem, passphrase, root, where(i.name)));
+    return { ca: new LocalCa(root, deviceCa, infraCa, edgeIssuer, opts.crlBaseUrl), created, adopted };
   }
 
-  issue(issuer: 'device' | 'infra' | 'root', req: IssueRequest): IssuedCertificate {
+  /** The same CA with the root key brought online for one job (an offline root's CRL, say). */
+  withRootKey(keyPem: string, passphrase: string): LocalCa {
+    const root = rootFromPem(this.root.pem, keyPem, passphrase, 'the root key given');
+    return new LocalCa(root, this.deviceCa, this.infraCa, this.edgeIssuer, this.crlBase);
+  }
+
+  /** The CA of a name. */
+  get(name: CaName): RootCa | IssuingCa {
+    return name === 'root' ? this.root : name === 'device-ca' ? this.deviceCa : name === 'infra-ca' ? this.infraCa : this.edgeIssuer;
+  }
+
+  /** The intermediates, with the root's view of them (the root CRL lists the revoked ones). */
+  intermediates(): IssuingCa[] {
+    return [this.deviceCa, this.infraCa, this.edgeIssuer];
+  }
+
+  /** Where the CRL of `name` is published, if a base URL is known. */
+  crlUrl(name: CaName): string | undefined {
+    return crlUrlOf(this.crlBase, name);
+  }
+
+  /** Sets the CRL base once the listener's address is known (port 0); later issuance carries it. */
+  setCrlBaseUrl(url: string): void {
+    this.crlBase = url.replace(/\/+$/, '');
+    this.templates.clear();
+  }
+
+  issue(issuer: IssuerRole, req: IssueRequest): IssuedCertificate {
     const { template, fields, ca } = this.prepare(issuer, req);
-    return this.result(issuer, ca, fields, template.encode(fields), req.notBefore);
+    return this.result(ca, fields, template.encode(fields), req.notBefore);
   }
 
-  async issueAsync(issuer: 'device' | 'infra' | 'root', req: IssueRequest): Promise<IssuedCertificate> {
+  async issueAsync(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate> {
     const { template, fields, ca } = this.prepare(issuer, req);
-    return this.result(issuer, ca, fields, await template.encodeAsync(fields), req.notBefore);
+    return this.result(ca, fields, await template.encodeAsync(fields), req.notBefore);
   }
 
-  private prepare(issuer: 'device' | 'infra' | 'root', req: IssueRequest): { template: pkix.CertificateTemplate; fields: pkix.TemplateFields; ca: IssuingCa } {
-    // The root signs only gateway Sub-CAs (pathLen 0 below it); everything else comes from an issuing CA.
-    const ca = issuer === 'device' ? this.deviceCa : issuer === 'infra' ? this.infraCa : this.root;
+  private prepare(issuer: IssuerRole, req: IssueRequest): { template: pkix.CertificateTemplate; fields: pkix.TemplateFields; ca: IssuingCa } {
+    const ca = this.get(ISSUER_CA[issuer]);
+    // The root signs intermediates only, and only while its key is online.
+    if (issuer === 'root' && req.profile.kind !== 'intermediate') throw new LeafgateError('internal', 'the root signs intermediates only');
+    if (!ca.privateKey) throw new LeafgateError('internal', 'the root key is offline: run this where root.key.pem is');
+    if (issuer === 'edge' && req.profile.kind !== 'intermediate') throw new LeafgateError('internal', 'the edge issuer signs gateway Sub-CAs only');
     // A certificate never outlives its issuer (RFC 5280 6.1.3 would reject the tail anyway).
     const notAfter = req.notAfter > ca.notAfter ? ca.notAfter : req.notAfter;
     const fields = { serial: newSerial(), subjectDer: req.subjectDer, spkiDer: req.spkiDer, notBefore: req.notBefore, notAfter, sans: req.sans };
-    return { template: this.template(ca, req.profile), fields, ca };
+    return { template: this.template(ca as IssuingCa, req.profile), fields, ca: ca as IssuingCa };
   }
 
   /** One pre-encoded TBSCertificate template per issuing CA and profile, made on first use. */
@@ -154,28 +239,32 @@ export class LocalCa implements CaConnector {
     const key = profile.kind === 'root' || profile.kind === 'intermediate' ? `${ca.name} ${JSON.stringify(profile)}` : `${ca.name} ${profile.kind} ${profile.keyType}`;
     let t = this.templates.get(key);
     if (!t) {
-      t = new CertificateTemplate(profile, { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: ca.privateKey });
-      this.templates.set(key, t);
+      t = new CertificateTemplate(profile, { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: ca.privateKey, crlUrl: this.crlUrl(ca.name) });
+      // Sub-CA profiles differ per gateway: not worth keeping.
+      if (profile.kind !== 'intermediate') this.templates.set(key, t);
     }
     return t;
   }
 
-  private result(issuer: 'device' | 'infra' | 'root', ca: IssuingCa, fields: pkix.TemplateFields, certDer: Buffer, notBefore: Date): IssuedCertificate {
+  private result(ca: IssuingCa, fields: pkix.TemplateFields, certDer: Buffer, notBefore: Date): IssuedCertificate {
     return {
+      issuer: ca.name,
       pem: pkix.toPem(certDer, 'CERTIFICATE'),
       der: certDer,
       serial: fields.serial.toString('hex').toUpperCase(),
       fingerprint256: fingerprint(certDer),
       notBefore: truncateToSeconds(notBefore),
       notAfter: truncateToSeconds(fields.notAfter),
-      chain: issuer === 'root' ? [this.root.pem] : [ca.pem, this.root.pem],
+      chain: ca.name === 'root' ? [this.root.pem] : [ca.pem, this.root.pem],
     };
   }
 
-  bundle(): { root: string; deviceCa: string; infraCa: string } {
-    return { root: this.root.pem, deviceCa: this.deviceCa.pem, infraCa: this.infraCa.pem };
+  bundle(): CaBundle {
+    return { root: this.root.pem, deviceCa: this.deviceCa.pem, infraCa: this.infraCa.pem, edgeIssuer: this.edgeIssuer.pem };
   }
 }
+
+const crlUrlOf = (base: string | undefined, name: CaName) => (base ? `${base.replace(/\/+$/, '')}/v1/crl/${name}.crl` : undefined);
 
 /** SHA-256 of the DER, colon-separated upper-case hex: the form X509Certificate.fingerprint256 prints. */
 export function fingerprint(certDer: Buffer): string {
@@ -197,59 +286,79 @@ function checkPassphrase(passphrase: string): void {
 
 /** Where a cluster keeps its CA: the store's ca_material table (see authority/store). */
 export interface CaMaterialStore {
-  getCaMaterial(): Promise<Array<{ name: IssuingCa['name']; certPem: string; keyPem: string }>>;
-  insertCaMaterialIfAbsent(rows: Array<{ name: IssuingCa['name']; certPem: string; keyPem: string; createdAt: number }>): Promise<boolean>;
+  getCaMaterial(): Promise<Array<{ name: CaName; certPem: string; keyPem: string }>>;
+  insertCaMaterialIfAbsent(rows: Array<{ name: CaName; certPem: string; keyPem: string; createdAt: number }>): Promise<boolean>;
 }
 
-type CaFileSet = Array<{ name: IssuingCa['name']; certPem: string; keyPem: string }>;
-const CA_NAMES: IssuingCa['name'][] = ['root', 'device-ca', 'infra-ca'];
+type CaFileSet = Array<{ name: CaName; certPem: string; keyPem: string }>;
 
-/** The PEM files of a complete file CA in `dir`, as they are (keys stay encrypted); null if incomplete. */
+/** The PEM files of a complete file CA in `dir`, as they are (keys stay encrypted; an offline root's key is ''); null if incomplete. */
 function readCaFiles(dir: string): CaFileSet | null {
   const paths = CA_NAMES.map((name) => ({ name, cert: join(dir, `${name}.crt.pem`), key: join(dir, `${name}.key.pem`) }));
-  if (!paths.every((p) => existsSync(p.cert) && existsSync(p.key))) return null;
-  return paths.map((p) => ({ name: p.name, certPem: readFileSync(p.cert, 'utf8'), keyPem: readFileSync(p.key, 'utf8') }));
+  if (!paths.every((p) => existsSync(p.cert) && (p.name === 'root' || existsSync(p.key)))) return null;
+  return paths.map((p) => ({ name: p.name, certPem: readFileSync(p.cert, 'utf8'), keyPem: existsSync(p.key) ? readFileSync(p.key, 'utf8') : '' }));
 }
 
-/** A new root and two issuing CAs, in memory, keys encrypted as the files would hold them. */
-function generateSet(passphrase: string, org: string, now: Date): CaFileSet {
-  const root = createCa('root', () => null, `${org} Root CA`, now, 20);
-  const deviceCa = createCa('device-ca', () => root.ca, `${org} Device CA`, now, 10);
-  const infraCa = createCa('infra-ca', () => root.ca, `${org} Infrastructure CA`, now, 10);
-  return [root, deviceCa, infraCa].map((c) => ({ name: c.ca.name, certPem: c.ca.pem, keyPem: encryptPkcs8Scrypt(c.ca.privateKey, passphrase) }));
+/** A new root and its intermediates, in memory, keys encrypted as the files would hold them. */
+function generateSet(passphrase: string, org: string, now: Date, crlBaseUrl?: string): CaFileSet {
+  const root = createCa('root', null, `${org} Root CA`, { kind: 'root' }, now, 20, undefined);
+  const cas = [root, ...INTERMEDIATES.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(crlBaseUrl, 'root')))];
+  return cas.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey, passphrase) }));
 }
 
-/** One CA from its certificate and encrypted key; checks the key matches and the chain to `issuer`. */
-function fromPem(name: IssuingCa['name'], pem: string, keyPem: string, passphrase: string, issuer: IssuingCa | null, where: string, certWhere = where): IssuingCa {
-  let privateKey: KeyObject;
+function parseCert(pem: string, where: string): X509Certificate {
   try {
-    privateKey = createPrivateKey({ key: keyPem, format: 'pem', passphrase });
+    return new X509Certificate(pem);
+  } catch (err) {
+    throw new LeafgateError('internal', `${where} is not a certificate`, { cause: err });
+  }
+}
+
+function decryptKey(keyPem: string, passphrase: string, where: string): KeyObject {
+  try {
+    return createPrivateKey({ key: keyPem, format: 'pem', passphrase });
   } catch (err) {
     throw new LeafgateError('internal', `cannot decrypt ${where}: wrong CA passphrase?`, { cause: err });
   }
-  let certificate: X509Certificate;
-  try {
-    certificate = new X509Certificate(pem);
-  } catch (err) {
-    throw new LeafgateError('internal', `${certWhere} is not a certificate`, { cause: err });
-  }
+}
+
+function describe(name: CaName, certificate: X509Certificate, pem: string): Omit<IssuingCa, 'privateKey'> {
+  return {
+    name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })),
+    notAfter: new Date(certificate.validTo), serial: certificate.serialNumber.toUpperCase(),
+  };
+}
+
+/** The root from its certificate, with its key when online (null: kept offline). */
+function rootFromPem(pem: string, keyPem: string | null, passphrase: string, where: string): RootCa {
+  const certificate = parseCert(pem, where);
+  if (!keyPem) return { ...describe('root', certificate, pem), privateKey: null };
+  const privateKey = decryptKey(keyPem, passphrase, where);
+  if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `the root key does not match ${where}`);
+  return { ...describe('root', certificate, pem), privateKey };
+}
+
+/** One CA from its certificate and encrypted key; checks the key matches and the chain to `issuer`. */
+function fromPem(name: CaName, pem: string, keyPem: string, passphrase: string, issuer: RootCa | null, where: string, certWhere = where): IssuingCa {
+  const privateKey = decryptKey(keyPem, passphrase, where);
+  const certificate = parseCert(pem, certWhere);
   if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `${where} does not match ${certWhere}`);
   // An issuing CA that does not chain to the current root (e.g. the root was regenerated)
   // would make every issued chain invalid without a word: refuse to start instead.
   if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
     throw new LeafgateError('internal', `${certWhere} is not issued by the current root: restore the root or remove the issuing CAs`);
   }
-  return {
-    name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })), privateKey,
-    notAfter: new Date(certificate.validTo),
-  };
+  return { ...describe(name, certificate, pem), privateKey };
 }
 
-function createCa(name: IssuingCa['name'], parent: () => IssuingCa | null, commonName: string, now: Date, years: number): { ca: IssuingCa } {
+/** A new CA: self-signed root when `issuer` is null, else an intermediate the root signs. */
+function createCa(name: CaName, issuer: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): IssuingCa {
+  if (issuer && !issuer.privateKey) {
+    throw new LeafgateError('internal', `the ${name} CA is missing and the root key is offline: run \`leafgate authority init\` where root.key.pem is, then copy the new CA files here`);
+  }
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const spkiDer = publicKey.export({ type: 'spki', format: 'der' });
   const subjectDer = pkix.encodeName(commonName);
-  const issuer = parent();
   const keyId = keyIdentifier(spkiDer);
   const notAfter = new Date(now);
   notAfter.setUTCFullYear(notAfter.getUTCFullYear() + years);
@@ -259,21 +368,20 @@ function createCa(name: IssuingCa['name'], parent: () => IssuingCa | null, commo
     spkiDer,
     notBefore: new Date(now.getTime() - BACKDATE_MS),
     notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
-    profile: issuer ? { kind: 'intermediate', pathLen: 0 } : { kind: 'root' },
-    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey } : { subjectDer, keyId, privateKey },
+    profile,
+    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey!, crlUrl } : { subjectDer, keyId, privateKey },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
-  const certificate = new X509Certificate(der);
-  return { ca: { name, certificate, pem, subjectDer, keyId, privateKey, notAfter: new Date(certificate.validTo) } };
+  return { ...describe(name, new X509Certificate(der), pem), privateKey };
 }
 
-function loadOrCreate(dir: string, name: IssuingCa['name'], passphrase: string, parent: () => IssuingCa | null, commonName: string, now: Date, years: number): IssuingCa {
+function loadOrCreate(dir: string, name: CaName, passphrase: string, parent: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): IssuingCa {
   const certPath = join(dir, `${name}.crt.pem`);
   const keyPath = join(dir, `${name}.key.pem`);
   if (existsSync(certPath) && existsSync(keyPath)) {
-    return fromPem(name, readFileSync(certPath, 'utf8'), readFileSync(keyPath, 'utf8'), passphrase, parent(), keyPath, certPath);
+    return fromPem(name, readFileSync(certPath, 'utf8'), readFileSync(keyPath, 'utf8'), passphrase, parent, keyPath, certPath);
   }
-  const { ca } = createCa(name, parent, commonName, now, years);
+  const ca = createCa(name, parent, commonName, profile, now, years, crlUrl);
   // Key first: a crash between the two writes leaves a key without a cert, which the next
   // start overwrites, never a cert whose key is lost.
   writeFileSync(keyPath, encryptPkcs8Scrypt(ca.privateKey, passphrase), { mode: 0o600 });

@@ -16,8 +16,9 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
+import { ISSUER_OF_KIND } from './types.ts';
 import type {
-  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
 } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
@@ -44,6 +45,7 @@ function toCert(r: Row): CertificateRow {
   return {
     serial: r.serial, subjectId: r.subject_id, kind: r.kind, fingerprint: r.fingerprint, notBefore: r.not_before, notAfter: r.not_after,
     status: r.status, requestId: r.request_id, pem: r.pem, revokedAt: r.revoked_at, revocationReason: r.revocation_reason, createdAt: r.created_at,
+    issuer: r.issuer ?? ISSUER_OF_KIND[r.kind as CertificateRow['kind']],
   };
 }
 
@@ -76,8 +78,9 @@ const SQL = {
   getChain: 'SELECT chain FROM answer_chains WHERE ref = ?',
   // No ON CONFLICT: a serial that already exists is an error and rolls the issuance back;
   // the primary key is what guarantees serial uniqueness across nodes.
-  insertCert: `INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  insertCert: `INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at, issuer)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+  supersedeOthers: "UPDATE certificates SET status = 'superseded' WHERE subject_id = ? AND kind = ? AND status = 'active' AND serial != ?",
   supersede: "UPDATE certificates SET status = 'superseded' WHERE serial = ? AND status = 'active'",
   countActive: "SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?",
   revoke: "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL WHERE serial = ? AND status = 'active'",
@@ -150,7 +153,7 @@ export class SqlStore implements AuthorityStore {
   }
 
   private insertCert(q: Queryable, c: CertificateRow): Promise<unknown> {
-    return q.run(SQL.insertCert, [c.serial, c.subjectId, c.kind, c.fingerprint, c.notBefore, c.notAfter, c.status, c.requestId, c.pem, c.createdAt]);
+    return q.run(SQL.insertCert, [c.serial, c.subjectId, c.kind, c.fingerprint, c.notBefore, c.notAfter, c.status, c.requestId, c.pem, c.createdAt, c.issuer ?? ISSUER_OF_KIND[c.kind]]);
   }
 
   /**
@@ -208,6 +211,10 @@ export class SqlStore implements AuthorityStore {
     await this.db.run(SQL.insertToken, [tokenHash, gatewayId, expiresAt]);
   }
 
+  async peekEnrollmentToken(tokenHash: string, now: number): Promise<string | null> {
+    return (await this.db.one('SELECT gateway_id FROM enrollment_tokens WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?', [tokenHash, now]))?.gateway_id ?? null;
+  }
+
   async consumeEnrollmentToken(tokenHash: string, now: number): Promise<string | null> {
     const r = await this.db.run(SQL.useToken, [now, tokenHash, now]);
     return r.rows[0]?.gateway_id ?? null;
@@ -215,10 +222,32 @@ export class SqlStore implements AuthorityStore {
 
   async recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry, opts: { updateGatewayCert?: boolean } = {}): Promise<void> {
     await this.db.transaction(async (tx) => {
+      await tx.run(SQL.supersedeOthers, [gatewayId, cert.kind, cert.serial]);
       await this.insertCert(tx, cert);
       if (opts.updateGatewayCert !== false) await tx.run(SQL.upsertGateway, [gatewayId, cert.serial, cert.fingerprint, cert.createdAt, cert.createdAt]);
       await this.audit(tx, audit);
     });
+  }
+
+  async listGateways(): Promise<GatewayRow[]> {
+    return (await this.db.query('SELECT * FROM gateways ORDER BY id')).map((r) => ({ id: r.id, status: r.status, certSerial: r.cert_serial, certFingerprint: r.cert_fingerprint, createdAt: r.created_at, updatedAt: r.updated_at }));
+  }
+
+  async setGatewayStatus(id: string, status: GatewayRow['status'], audit: AuditEntry): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      if ((await tx.run('UPDATE gateways SET status = ?, updated_at = ? WHERE id = ?', [status, audit.at, id])).changes !== 1) return false;
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
+  async ensureCertificates(rows: CertificateRow[]): Promise<void> {
+    for (const c of rows) {
+      if (!(await this.db.one(SQL.getCert, [c.serial]))) await this.insertCert(this.db, c).catch(async (err) => {
+        // Another node inserted it meanwhile.
+        if (!(await this.db.one(SQL.getCert, [c.serial]))) throw err;
+      });
+    }
   }
 
   async getGateway(id: string): Promise<GatewayRow | null> {
@@ -365,9 +394,8 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
-  async listRevoked(kinds: CertificateRow['kind'][]): Promise<CertificateRow[]> {
-    if (!kinds.length) return [];
-    const rows = await this.db.query(`SELECT * FROM certificates WHERE status = 'revoked' AND kind IN (${kinds.map(() => '?').join(', ')}) ORDER BY revoked_at, serial`, kinds);
+  async listRevoked(issuer: CaName): Promise<CertificateRow[]> {
+    const rows = await this.db.query("SELECT * FROM certificates WHERE status = 'revoked' AND issuer = ? ORDER BY revoked_at, serial", [issuer]);
     return rows.map(toCert);
   }
 

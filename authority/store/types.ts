@@ -1,5 +1,10 @@
 /** Rows and the store contract. Both engines (SQLite, PostgreSQL) pass one suite: test/store.test.ts. */
 import type { AuthMethod } from '../../protocol/index.ts';
+import type { CaName } from '../ca/index.ts';
+export type { CaName };
+
+/** Which CA signs a certificate of each kind today. */
+export const ISSUER_OF_KIND: Readonly<Record<CertificateRow['kind'], CaName>> = { device: 'device-ca', gateway: 'infra-ca', server: 'infra-ca', subca: 'edge-issuer', ca: 'root' };
 
 export interface DeviceRow {
   id: string;
@@ -51,7 +56,10 @@ export interface RequestRow {
 export interface CertificateRow {
   serial: string;
   subjectId: string;
-  kind: 'device' | 'gateway' | 'server' | 'subca';
+  /** ca: an intermediate of the hierarchy (the root signed it; the root CRL lists it once revoked). */
+  kind: 'device' | 'gateway' | 'server' | 'subca' | 'ca';
+  /** The CA that signed it; by default the one that signs its kind (see ISSUER_OF_KIND). */
+  issuer?: CaName;
   fingerprint: string;
   notBefore: number;
   notAfter: number;
@@ -92,7 +100,7 @@ export interface CrlRow {
 
 /** One CA of the built-in CA as stored for a cluster: certificate and encrypted PKCS#8 key, PEM. */
 export interface CaMaterialRow {
-  name: 'root' | 'device-ca' | 'infra-ca';
+  name: CaName;
   certPem: string;
   keyPem: string;
   createdAt: number;
@@ -117,11 +125,23 @@ export interface AuthorityStore {
   ping(): Promise<void>;
 
   createEnrollmentToken(tokenHash: string, gatewayId: string, expiresAt: number): Promise<void>;
+  /** The gateway id of a usable token, without using it (the CSR is checked before the token is spent). */
+  peekEnrollmentToken(tokenHash: string, now: number): Promise<string | null>;
   /** Marks the token used and returns its gateway id; null when unknown, used or expired. */
   consumeEnrollmentToken(tokenHash: string, now: number): Promise<string | null>;
   /** Records the gateway and its certificate (one transaction with the audit row). */
+  /**
+   * Records the gateway and its certificate (one transaction with the audit row); every other
+   * active certificate of the same kind of that gateway becomes superseded (a renewal ends the
+   * old identity: the authority accepts only the current one).
+   */
   recordGatewayEnrollment(gatewayId: string, cert: CertificateRow, audit: AuditEntry, opts?: { updateGatewayCert?: boolean }): Promise<void>;
   getGateway(id: string): Promise<GatewayRow | null>;
+  listGateways(): Promise<GatewayRow[]>;
+  /** Disables (or re-enables) a gateway; a disabled gateway is refused by the authority. */
+  setGatewayStatus(id: string, status: GatewayRow['status'], audit: AuditEntry): Promise<boolean>;
+  /** Records the intermediates of the hierarchy as certificates the root issued (kept if present). */
+  ensureCertificates(rows: CertificateRow[]): Promise<void>;
 
   getDevice(id: string): Promise<DeviceRow | null>;
   /** Inserts the device; returns false when it already exists. */
@@ -175,8 +195,8 @@ export interface AuthorityStore {
 
   /** Marks an active certificate revoked (with the audit row); null when unknown or not active. */
   revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null>;
-  /** Revoked certificates of a kind, for the CRL. */
-  listRevoked(kinds: CertificateRow['kind'][]): Promise<CertificateRow[]>;
+  /** Revoked certificates signed by one CA, for its CRL. */
+  listRevoked(issuer: CaName): Promise<CertificateRow[]>;
   getCertificate(serial: string): Promise<CertificateRow | null>;
   getCrl(issuer: string): Promise<CrlRow | null>;
   /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */

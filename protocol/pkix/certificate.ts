@@ -7,13 +7,24 @@
 import { createHash, randomFillSync, sign, type KeyObject } from 'node:crypto';
 import * as der from './der.ts';
 import { OID } from './oids.ts';
-import { encodeSan } from './csr.ts';
+import { encodeSan, ipBytes } from './csr.ts';
 import { signatureAlgorithmFor } from './keys.ts';
 import { ecVerifyPool } from './verify-pool.ts';
 
 export type CertificateProfile =
   | { kind: 'root' }
-  | { kind: 'intermediate'; pathLen: number; permittedDns?: string[] }
+  | {
+      kind: 'intermediate';
+      pathLen: number;
+      /**
+       * Name constraints (RFC 5280 4.2.1.10): exactly these DNS names (and their subdomains)
+       * and IP addresses are permitted; every DNS name and every IPv4/IPv6 address of a family
+       * with no permitted entry is excluded, so a constrained CA names nothing else.
+       */
+      nameConstraints?: { dns: string[]; ip: string[] };
+      /** extKeyUsage of the CA itself: verifiers (OpenSSL, Go) apply it to everything below. */
+      eku?: Array<'serverAuth' | 'clientAuth'>;
+    }
   | { kind: 'device'; keyType: 'ec' | 'rsa' }
   | { kind: 'gateway'; keyType: 'ec' | 'rsa' }
   | { kind: 'server'; keyType: 'ec' | 'rsa' };
@@ -26,7 +37,7 @@ export interface CertificateInput {
   notAfter: Date;
   profile: CertificateProfile;
   sans?: { dns?: string[]; uri?: string[]; ip?: string[] };
-  issuer: { subjectDer: Buffer; keyId: Buffer; privateKey: KeyObject };
+  issuer: { subjectDer: Buffer; keyId: Buffer; privateKey: KeyObject; crlUrl?: string };
 }
 
 // Serial randomness is drawn from the CSPRNG 4 KiB at a time (one RAND_bytes call per 256
@@ -76,8 +87,43 @@ function keyUsage(bits: number[]): Buffer {
 
 const KU = { digitalSignature: 0, keyEncipherment: 2, keyCertSign: 5, cRLSign: 6 };
 
-/** The extensions that depend only on the profile and the issuer: those before SKI, and AKI after it. */
-function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer): { before: Buffer[]; aki: Buffer } {
+/**
+ * NameConstraints with permitted DNS names and IP addresses (host masks), and everything
+ * else of those two kinds excluded: an empty dNSName excludes every DNS name (RFC 5280
+ * 4.2.1.10 matching by suffix: every name ends in the empty one), 0.0.0.0/0 and ::/0 every
+ * address of a family that has no permitted entry.
+ */
+function nameConstraints(nc: { dns: string[]; ip: string[] }): Buffer {
+  const subtree = (name: Buffer) => der.seq(name);
+  const dns = (d: string) => der.tlv(0x82, Buffer.from(d, 'ascii'));
+  const ip = (addr: Buffer, mask: Buffer) => der.tlv(0x87, Buffer.concat([addr, mask]));
+  const permitted: Buffer[] = [];
+  const excluded: Buffer[] = [];
+  for (const d of nc.dns) permitted.push(subtree(dns(d)));
+  let v4 = false;
+  let v6 = false;
+  for (const a of nc.ip) {
+    const bytes = ipBytes(a);
+    if (bytes.length === 4) v4 = true;
+    else v6 = true;
+    permitted.push(subtree(ip(bytes, Buffer.alloc(bytes.length, 0xff))));
+  }
+  if (!nc.dns.length) excluded.push(subtree(dns('')));
+  if (!v4) excluded.push(subtree(ip(Buffer.alloc(4), Buffer.alloc(4))));
+  if (!v6) excluded.push(subtree(ip(Buffer.alloc(16), Buffer.alloc(16))));
+  const parts: Buffer[] = [];
+  if (permitted.length) parts.push(der.contextTag(0, Buffer.concat(permitted)));
+  if (excluded.length) parts.push(der.contextTag(1, Buffer.concat(excluded)));
+  return der.seq(...parts);
+}
+
+/** CRLDistributionPoints with one fullName URI (RFC 5280 4.2.1.13). */
+function crlDistributionPoint(url: string): Buffer {
+  return extension(OID.cRLDistributionPoints, false, der.seq(der.seq(der.contextTag(0, der.contextTag(0, der.tlv(0x86, Buffer.from(url, 'ascii')))))));
+}
+
+/** The extensions that depend only on the profile and the issuer: those before SKI, and AKI (and CDP) after it. */
+function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer, crlUrl?: string): { before: Buffer[]; aki: Buffer } {
   const ext: Buffer[] = [];
   switch (profile.kind) {
     case 'root':
@@ -87,11 +133,8 @@ function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer): {
     case 'intermediate': {
       ext.push(extension(OID.basicConstraints, true, der.seq(der.bool(true), der.integer(profile.pathLen))));
       ext.push(extension(OID.keyUsage, true, keyUsage([KU.digitalSignature, KU.keyCertSign, KU.cRLSign])));
-      if (profile.permittedDns?.length) {
-        // NameConstraints ::= SEQ { permittedSubtrees [0] GeneralSubtrees } (RFC 5280 4.2.1.10)
-        const subtrees = profile.permittedDns.map((d) => der.seq(der.tlv(0x82, Buffer.from(d, 'ascii'))));
-        ext.push(extension(OID.nameConstraints, true, der.seq(der.contextTag(0, Buffer.concat(subtrees)))));
-      }
+      if (profile.nameConstraints) ext.push(extension(OID.nameConstraints, true, nameConstraints(profile.nameConstraints)));
+      if (profile.eku?.length) ext.push(extension(OID.extKeyUsage, false, der.seq(...profile.eku.map((u) => der.oid(OID[u])))));
       break;
     }
     default: {
@@ -104,12 +147,14 @@ function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer): {
     }
   }
   // A self-signed root carries no AKI (RFC 5280 4.2.1.1 MAY), as openssl 3.0 does with an explicit extensions section.
-  const aki = profile.kind === 'root' ? EMPTY : extension(OID.authorityKeyIdentifier, false, der.seq(der.tlv(0x80, issuerKeyId)));
+  let aki = profile.kind === 'root' ? EMPTY : extension(OID.authorityKeyIdentifier, false, der.seq(der.tlv(0x80, issuerKeyId)));
+  // Where a verifier finds the issuer's CRL; constant per issuer, so it rides with the AKI.
+  if (crlUrl && profile.kind !== 'root') aki = Buffer.concat([aki, crlDistributionPoint(crlUrl)]);
   return { before: ext, aki };
 }
 
 function profileExtensions(input: CertificateInput): Buffer[] {
-  const { before, aki } = constantExtensions(input.profile, input.issuer.keyId);
+  const { before, aki } = constantExtensions(input.profile, input.issuer.keyId, input.issuer.crlUrl);
   const ext = [...before, extension(OID.subjectKeyIdentifier, false, der.octetString(keyIdentifier(input.spkiDer)))];
   if (aki.length) ext.push(aki);
   if (hasSans(input.sans)) ext.push(extension(OID.subjectAltName, false, encodeSan(input.sans!)));
@@ -168,7 +213,7 @@ export class CertificateTemplate {
     this.algorithm = algorithm;
     this.head = der.contextTag(0, der.integer(2));
     this.issuerDer = Buffer.from(issuer.subjectDer);
-    const exts = constantExtensions(profile, issuer.keyId);
+    const exts = constantExtensions(profile, issuer.keyId, issuer.crlUrl);
     this.fixedExtensions = Buffer.concat(exts.before);
     this.akiExtension = exts.aki;
   }

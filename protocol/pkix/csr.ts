@@ -36,7 +36,8 @@ export function encodeSan(sans: { dns?: string[]; uri?: string[]; ip?: string[] 
   return der.seq(...names);
 }
 
-function ipBytes(ip: string): Buffer {
+/** An IPv4 or IPv6 address in text as its 4 or 16 octets. */
+export function ipBytes(ip: string): Buffer {
   if (isIPv4(ip)) return Buffer.from(ip.split('.').map(Number));
   if (!isIPv6(ip) || ip.includes('%')) throw new der.DerError(`bad IP address ${ip}`);
   // An embedded dotted IPv4 tail (::ffff:192.0.2.1) becomes its two 16-bit groups.
