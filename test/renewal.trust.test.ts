@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
 import https from 'node:https';
 import { test } from 'node:test';
-import { pkix } from '../protocol/index.ts';
+import { LeafgateError, pkix, validateCsr, validateRenewalCsr } from '../protocol/index.ts';
 import { LeafDevice, renewalProof, type DeviceIdentity } from '../device/index.ts';
 import type { DevicePolicy } from '../authority/index.ts';
 import { authorityRequest, gatewayIdentity, type ClientIdentity } from './support/http.ts';
@@ -209,4 +209,26 @@ test('a device onboarded again through another gateway moves to it at issuance (
   const { csr } = freshCsr('trust-m1');
   const res = await renew(stack, gatewayIdentity(stack, GW_B), renewBody(second, 'm-b', csr, renewalProof('trust-m1', 'm-b', csr, second.privateKey)));
   assert.equal(res.status, 200, res.text);
+});
+
+test('the proof fields are validated (types, sizes, both or neither) and only renewal CSRs may carry them', () => {
+  const base = { requestId: 'r-1', csr: '-----BEGIN CERTIFICATE REQUEST-----\nAA==\n-----END CERTIFICATE REQUEST-----\n' };
+  const proof = { proof: Buffer.alloc(72, 1).toString('base64'), signedAt: '2025-01-31T12:00:00.000Z' };
+  assert.deepEqual(validateRenewalCsr({ ...base }), base, 'without proof (legacy)');
+  assert.deepEqual(validateRenewalCsr({ ...base, ...proof, deviceId: 'd' }), { ...base, ...proof });
+  assert.deepEqual(validateRenewalCsr({ ...base, ...proof, signedAt: '2025-01-31T12:00:00Z' }).signedAt, '2025-01-31T12:00:00Z');
+  const bad = (o: Record<string, unknown>, what: string) =>
+    assert.throws(() => validateRenewalCsr(o), (e: unknown) => e instanceof LeafgateError && e.code === 'bad_request', what);
+  bad({ ...base, proof: proof.proof }, 'proof without signedAt');
+  bad({ ...base, signedAt: proof.signedAt }, 'signedAt without proof');
+  bad({ ...base, ...proof, proof: 'A'.repeat(2052) }, 'proof over 2048 characters');
+  bad({ ...base, ...proof, proof: 'not base64!' }, 'proof not base64');
+  bad({ ...base, ...proof, proof: 42 }, 'proof not a string');
+  bad({ ...base, ...proof, signedAt: 1738324800000 }, 'signedAt not a string');
+  bad({ ...base, ...proof, signedAt: '2025-01-31 12:00:00' }, 'signedAt not ISO UTC');
+  bad({ ...base, ...proof, signedAt: '2025-01-31T12:00:00.000+01:00' }, 'signedAt with an offset');
+  bad({ ...base, ...proof, signedAt: '2025-13-45T12:00:00Z' }, 'signedAt not a date');
+  bad({ ...base, ...proof, extra: 1 }, 'unknown field');
+  // A first issuance (bootstrap connection) carries no proof.
+  assert.throws(() => validateCsr({ ...base, ...proof }), (e: unknown) => e instanceof LeafgateError && e.code === 'bad_request');
 });
