@@ -14,7 +14,12 @@ export interface RenewalDue {
 
 export interface AuthorityEventMap {
   crl: [{ crlNumber: string; revoked: string[] }];
-  'renewal-due': [{ devices: RenewalDue[] }];
+  /**
+   * Addressed to one gateway: the devices enrolled through it (a gateway acts only for its
+   * own devices; the stream of every other gateway drops the event). On the wire the event
+   * is `{devices}`.
+   */
+  'renewal-due': [{ gatewayId: string; devices: RenewalDue[] }];
   /** A gateway identity (certificate or Sub-CA) was revoked: its open event streams end. */
   'gateway-revoked': [{ gatewayId: string; serial: string }];
 }

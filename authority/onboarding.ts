@@ -4,11 +4,12 @@
  * audited with its code; every answer is stored under (device, requestId) so a repeated
  * request gets the same answer and never a second certificate.
  */
-import { createHash, randomBytes, verify } from 'node:crypto';
+import { X509Certificate, createHash, randomBytes, verify } from 'node:crypto';
 import {
   LeafgateError,
   challengeSigningInput,
   pkix,
+  renewalSigningInput,
   toLeafgateError,
   type AuthMessage,
   type CertMessage,
@@ -16,6 +17,7 @@ import {
   type CsrMessage,
   type InstructionMessage,
   type RegisterMessage,
+  type RenewalCsrMessage,
 } from '../protocol/index.ts';
 import { AUTH_METHOD_HANDLERS, type MethodContext } from './auth-methods/index.ts';
 import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
@@ -74,7 +76,7 @@ export class DeviceOnboarding {
   }
 
   /** A CSR from a device connected with its certificate `currentSerial` (the gateway vouches for the session). */
-  renew(gatewayId: string, deviceId: string, msg: CsrMessage & { currentSerial: string }): Promise<CertMessage> {
+  renew(gatewayId: string, deviceId: string, msg: RenewalCsrMessage & { currentSerial: string }): Promise<CertMessage> {
     return this.run('renew', gatewayId, deviceId, msg.requestId, () => this.doRenew(gatewayId, deviceId, msg));
   }
 
@@ -196,7 +198,9 @@ export class DeviceOnboarding {
     // Enrollment (code burnt, key or birth certificate recorded), the auth session and the
     // audit line commit together: an enrollment never stands without its session, nor a
     // burnt code without its enrollment.
-    const { devicePatch, consumeCode } = resolved.onVerified;
+    // The device's gateway is not changed here but at issuance (doCsr): a device moves to
+    // another gateway when it gets a certificate through it, not when it merely authenticates.
+    const { devicePatch: { gatewayId: _moveAtIssuance, ...devicePatch }, consumeCode } = resolved.onVerified;
     const recorded = await this.store.recordAuthentication({
       deviceId, devicePatch, now,
       ...(consumeCode ? { consumeCode: { codeHash: consumeCode.codeHash, groupName: group } } : {}),
@@ -238,7 +242,21 @@ export class DeviceOnboarding {
     throw new LeafgateError('internal', `${kind} lost a race and found no stored answer`);
   }
 
-  private async doRenew(gatewayId: string, deviceId: string, msg: CsrMessage & { currentSerial: string }): Promise<CertMessage> {
+  /**
+   * A renewal is answered only to the gateway the device is enrolled through, and only with
+   * the device's own proof: a signature by the key of the certificate being replaced over
+   * the new CSR, the requestId and a recent time (docs/protocol.md). So a gateway cannot renew
+   * another gateway's device, and a gateway taken over cannot renew any device without that
+   * device's key; a captured proof fits neither another CSR, nor another request, nor later.
+   */
+  private async doRenew(gatewayId: string, deviceId: string, msg: RenewalCsrMessage & { currentSerial: string }): Promise<CertMessage> {
+    // Before anything else, the stored answer included: another gateway learns nothing here,
+    // not even whether the serial it holds is this device's.
+    const device = await this.store.getDevice(deviceId);
+    if (!device || device.gatewayId !== gatewayId) {
+      throw new LeafgateError('unknown_device', 'no such device behind this gateway', { detail: { enrolledThrough: device?.gatewayId ?? null, currentSerial: msg.currentSerial } });
+    }
+    this.checkDeviceUsable(device);
     const hash = bodyHash(msg);
     const stored = await this.storedAnswer(deviceId, msg.requestId, 'renew', hash);
     if (stored) return stored as unknown as CertMessage;
@@ -249,12 +267,10 @@ export class DeviceOnboarding {
     if (current.status === 'revoked') throw new LeafgateError('revoked');
     if (current.status !== 'active') throw new LeafgateError('policy_violation', `certificate ${current.serial} was already ${current.status}`);
     if (current.notAfter <= now) throw new LeafgateError('not_authenticated', 'the session certificate has expired; onboard again');
-    const device = await this.store.getDevice(deviceId);
-    if (!device) throw new LeafgateError('unknown_device');
-    this.checkDeviceUsable(device);
     const policy = this.policyFor(device.groupName);
 
     const csr = await this.parseCsr(msg.csr);
+    const proof = this.checkRenewalProof(deviceId, msg, csr, current, policy, now);
     const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group: device.groupName, key: renewalKey(policy, current.pem), csrDeadline: new Date(now) });
     checkCsrAgainstInstruction(csr, instruction);
     // A renewal rotates the key: the same key again would extend a possibly leaked one.
@@ -265,9 +281,34 @@ export class DeviceOnboarding {
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
       supersedes: current.serial,
-      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, proof } },
     });
     return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'renew', hash);
+  }
+
+  /**
+   * The device's proof of possession of its current key. Returns what the audit line says:
+   * `verified`, or `absent` when the group's policy still accepts renewals without one
+   * (devices in the field that cannot sign yet). A proof that is present is always checked.
+   */
+  private checkRenewalProof(deviceId: string, msg: RenewalCsrMessage, csr: pkix.ParsedCsr, current: CertificateRow, policy: DevicePolicy, now: number): 'verified' | 'absent' {
+    if (msg.proof === undefined || msg.signedAt === undefined) {
+      if (policy.renewal.requireDeviceProof) throw new LeafgateError('auth_failed', 'renewal requires a proof signed with the current certificate\'s key', { detail: { proof: 'missing' } });
+      return 'absent';
+    }
+    const signedAt = Date.parse(msg.signedAt);
+    const windowMs = (policy.renewal.proofWindowSeconds + policy.renewal.clockSkewSeconds) * 1000;
+    if (!Number.isFinite(signedAt) || Math.abs(now - signedAt) > windowMs) {
+      throw new LeafgateError('auth_failed', `renewal proof signedAt is outside +-${windowMs / 1000} s of the authority's clock`, { detail: { proof: 'stale', signedAt: msg.signedAt.slice(0, 32) } });
+    }
+    let ok = false;
+    try {
+      ok = verify('sha256', renewalSigningInput(deviceId, msg.requestId, csr.der, msg.signedAt), new X509Certificate(current.pem).publicKey, Buffer.from(msg.proof, 'base64'));
+    } catch {
+      ok = false;
+    }
+    if (!ok) throw new LeafgateError('auth_failed', 'renewal proof does not verify with the current certificate\'s key', { detail: { proof: 'bad_signature' } });
+    return 'verified';
   }
 
   private async doCsr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
@@ -287,6 +328,9 @@ export class DeviceOnboarding {
     checkCsrAgainstInstruction(csr, instruction);
 
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
+    // A device onboarded again through another gateway moves to it with this certificate:
+    // from then on that gateway, and no other, renews it and hears of its renewals.
+    const movedFrom = device!.gatewayId !== gatewayId ? device!.gatewayId : undefined;
     const recorded = await this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
@@ -294,7 +338,11 @@ export class DeviceOnboarding {
       // Counted inside the commit, where two nodes cannot both pass it (one query, not two:
       // a device over the cap costs a signature that is thrown away, the hot path none).
       maxActive: policy.maxActiveCerts,
-      audit: { at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter } },
+      ...(movedFrom !== undefined ? { gatewayId } : {}),
+      audit: {
+        at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
+        detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
+      },
     });
     // Another node may have answered this requestId first: that answer is then the only one.
     return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'csr', hash);

@@ -1,6 +1,8 @@
 /**
  * Renewal: finds device certificates whose window has opened (policy renewAfterFraction of
- * the lifetime, computed from the certificate's own dates) and announces them to gateways.
+ * the lifetime, computed from the certificate's own dates) and announces each one to the
+ * gateway its device is enrolled through, and to no other (device ids and serials are not
+ * everyone's business: DESIGN.md, a gateway acts only for its own devices).
  * Gateways keep the list, so a device that was offline through its window is asked to
  * renew when it comes back, as long as its certificate is still valid.
  */
@@ -9,7 +11,7 @@ import { pkix, type KeySpec } from '../protocol/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import type { AuthorityEvents, RenewalDue } from './events.ts';
 import { buildInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
-import type { AuthorityStore, CertificateRow } from './store/index.ts';
+import type { AuthorityStore, DueCertificateRow } from './store/index.ts';
 import type { ClusterBus } from './cluster.ts';
 import type { Logger } from 'pino';
 
@@ -64,19 +66,27 @@ export class RenewalScheduler {
     if (this.timer) clearInterval(this.timer);
   }
 
-  /** Every certificate currently due, across groups. */
-  async due(limit = 10_000): Promise<RenewalDue[]> {
+  /**
+   * Every certificate currently due, across groups, with the gateway of its device; with
+   * `gatewayId`, only the devices enrolled through that gateway.
+   */
+  async due(limit = 10_000, gatewayId?: string): Promise<Array<RenewalDue & { gatewayId: string | null }>> {
     const now = this.now();
-    const out: RenewalDue[] = [];
+    const out: Array<RenewalDue & { gatewayId: string | null }> = [];
     for (const [group, policy] of Object.entries(this.deps.config.policies)) {
-      const rows = await this.deps.store.listDueForRenewal(group, policy.renewAfterFraction, now, limit - out.length);
-      for (const c of rows) out.push(this.describe(group, policy, c));
+      const rows = await this.deps.store.listDueForRenewal(group, policy.renewAfterFraction, now, limit - out.length, gatewayId);
+      for (const c of rows) out.push({ ...this.describe(group, policy, c), gatewayId: c.gatewayId });
       if (out.length >= limit) break;
     }
     return out;
   }
 
-  private describe(group: string, policy: DevicePolicy, c: CertificateRow): RenewalDue {
+  /** The due list of one gateway, as it goes on the wire. */
+  async dueFor(gatewayId: string, limit = 10_000): Promise<RenewalDue[]> {
+    return (await this.due(limit, gatewayId)).map(({ gatewayId: _g, ...d }) => d);
+  }
+
+  private describe(group: string, policy: DevicePolicy, c: DueCertificateRow): RenewalDue {
     const { requestId: _r, csrDeadline: _d, ...instruction } = buildInstruction(policy, {
       requestId: 'renewal', deviceId: c.subjectId, group, key: renewalKey(policy, c.pem), csrDeadline: new Date(this.now()),
     });
@@ -100,10 +110,18 @@ export class RenewalScheduler {
     return { due: due.length, overdue };
   }
 
-  /** Pushes the due list to every connected gateway. */
+  /** Pushes to each connected gateway the due list of its own devices (one event per gateway). */
   async announce(): Promise<number> {
-    const devices = await this.due();
-    if (devices.length) this.deps.events.emit('renewal-due', { devices });
-    return devices.length;
+    const all = await this.due();
+    const byGateway = new Map<string, RenewalDue[]>();
+    for (const { gatewayId, ...d } of all) {
+      // A device row without a gateway has no gateway to act for it.
+      if (gatewayId === null) continue;
+      const list = byGateway.get(gatewayId) ?? [];
+      list.push(d);
+      byGateway.set(gatewayId, list);
+    }
+    for (const [gatewayId, devices] of byGateway) this.deps.events.emit('renewal-due', { gatewayId, devices });
+    return all.length;
   }
 }

@@ -15,6 +15,7 @@ import {
   validateAuth,
   validateCsr,
   validateRegister,
+  validateRenewalCsr,
   type ChallengeMessage,
   type DownKind,
   type InstructionMessage,
@@ -70,7 +71,10 @@ export class OnboardingRelay {
     try {
       const obj = parseJsonObject(payload);
       requestId = requestIdOf(obj);
-      const msg = validateCsr(obj);
+      const renewal = session.kind === 'operational';
+      // A renewal may carry the device's proof (proof + signedAt): validated here, stored
+      // and forwarded as the device sent it; only the authority can check it.
+      const msg = renewal ? validateRenewalCsr(obj) : validateCsr(obj);
       const existing = await this.opts.outbox.get(session.deviceId, msg.requestId);
       if (existing) {
         // A re-query (e.g. after a reconnect): same body -> the stored answer, or `pending`.
@@ -78,7 +82,6 @@ export class OnboardingRelay {
         setImmediate(() => void this.opts.worker.deliverFresh(session.deviceId, msg.requestId));
         return;
       }
-      const renewal = session.kind === 'operational';
       if (!renewal && !session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
       const body: Record<string, unknown> = { ...msg, deviceId: session.deviceId };
       if (renewal) body.currentSerial = session.certSerial;

@@ -16,12 +16,14 @@ import {
   isErrorCode,
   parseTopic,
   pkix,
+  renewalSigningInput,
   upTopic,
   type CertMessage,
   type ChallengeMessage,
   type ErrorBody,
   type InstructionMessage,
   type KeySpec,
+  type RenewalCsrMessage,
 } from '../protocol/index.ts';
 import { deriveDdkgKeyPair } from './ddkg.ts';
 import { generateKeyForInstruction } from './keys.ts';
@@ -166,6 +168,20 @@ function certificateSpki(pem: string): Buffer | undefined {
   }
 }
 
+/** The identity each operational connection was made with: its key signs renewal proofs. */
+const sessionIdentities = new WeakMap<MqttClient, DeviceIdentity>();
+
+/**
+ * The renewal proof: the current private key signs (SHA-256; ECDSA DER or RSASSA-PKCS1-v1_5)
+ * the device id, the requestId, the new CSR's DER hash and the time, so that the gateway
+ * cannot renew the device without it and nobody can replay it for another CSR or later.
+ */
+export function renewalProof(deviceId: string, requestId: string, csrPem: string, currentKey: KeyObject, at = new Date()): { proof: string; signedAt: string } {
+  const signedAt = at.toISOString();
+  const input = renewalSigningInput(deviceId, requestId, pkix.fromPem(csrPem, 'CERTIFICATE REQUEST'), signedAt);
+  return { proof: sign('sha256', input, currentKey).toString('base64'), signedAt };
+}
+
 export class LeafDevice {
   readonly deviceId: string;
   private readonly opts: DeviceOptions;
@@ -246,14 +262,19 @@ export class LeafDevice {
     }
   }
 
-  /** Makes the key pair the instruction asks for, sends the CSR, checks and stores the answer. */
-  private async requestCertificate(client: MqttClient, inbox: Inbox, instruction: InstructionMessage): Promise<{ identity: DeviceIdentity; keyReadyAt: number }> {
+  /**
+   * Makes the key pair the instruction asks for, sends the CSR, checks and stores the answer.
+   * A renewal passes `current`, the identity being replaced: its key signs the renewal proof.
+   */
+  private async requestCertificate(client: MqttClient, inbox: Inbox, instruction: InstructionMessage, current?: DeviceIdentity): Promise<{ identity: DeviceIdentity; keyReadyAt: number }> {
     const pair = await generateKeyForInstruction(instruction);
     const keyReadyAt = performance.now();
     const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
     const requestId = newRequestId();
+    const message: RenewalCsrMessage = { requestId, csr };
+    if (current) Object.assign(message, renewalProof(this.deviceId, requestId, csr, current.privateKey));
     const certP = inbox.wait<CertMessage>(['cert'], requestId, this.timeoutMs);
-    await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
+    await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify(message), { qos: 1 });
     const cert = await certP;
     // The certificate must carry the key made here: its SubjectPublicKeyInfo, byte for byte
     // the one the CSR sent (the authority copies it), read without a full X.509 decode.
@@ -291,7 +312,9 @@ export class LeafDevice {
       };
       operationalContexts.set(identity, cached);
     }
-    return this.connect(cached.ctx);
+    const client = await this.connect(cached.ctx);
+    sessionIdentities.set(client, identity);
+    return client;
   }
 
   /** MQTT 3.1.1 over TLS to the gateway, clean session, no automatic reconnect. */
@@ -314,10 +337,15 @@ export class LeafDevice {
 
   /**
    * Serves renewal instructions on an operational connection: on `down/instruction` with
-   * `renewal: true`, makes a NEW key pair, sends the CSR over this mTLS session and hands
-   * the new identity to `onRenewed` (the caller reconnects with it). Resolves when set up.
+   * `renewal: true`, makes a NEW key pair, sends the CSR over this mTLS session, signed with
+   * the CURRENT key (the renewal proof, docs/protocol.md), and hands the new identity to
+   * `onRenewed` (the caller reconnects with it). Resolves when set up. `current` is the
+   * identity the connection was made with (known by itself for connectOperational's
+   * connections); without one the CSR goes without proof, which only a policy with
+   * `renewal.requireDeviceProof: false` accepts.
    */
-  async enableRenewal(client: MqttClient, onRenewed: (next: DeviceIdentity) => void, onError?: (err: Error) => void): Promise<void> {
+  async enableRenewal(client: MqttClient, onRenewed: (next: DeviceIdentity) => void, onError?: (err: Error) => void, current?: DeviceIdentity): Promise<void> {
+    const identity = current ?? sessionIdentities.get(client);
     const inbox = new Inbox(client);
     let busy = false;
     client.on('message', (topic, payload) => {
@@ -332,8 +360,8 @@ export class LeafDevice {
       if (!instruction.renewal) return;
       busy = true;
       void (async () => {
-        const { identity } = await this.requestCertificate(client, inbox, instruction);
-        onRenewed(identity);
+        const { identity: next } = await this.requestCertificate(client, inbox, instruction, identity);
+        onRenewed(next);
       })()
         .catch((err: Error) => onError?.(err))
         .finally(() => {

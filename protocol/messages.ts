@@ -4,6 +4,7 @@
  * throws a LeafgateError (`malformed_json` / `bad_request`), so every entry point -- the
  * gateway's topic handler and the authority's HTTP routes -- refuses bad input the same way.
  */
+import { createHash } from 'node:crypto';
 import { LeafgateError } from './errors.ts';
 import { isValidDeviceId } from './topics.ts';
 
@@ -33,6 +34,8 @@ export const LIMITS = {
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 const GROUP_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 const BASE64_PATTERN = /^[A-Za-z0-9+/]+={0,2}$/;
+/** ISO 8601 UTC with optional milliseconds, as Date.prototype.toISOString writes it. */
+const ISO_UTC_PATTERN = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?Z$/;
 
 /** Device -> gateway: start onboarding. */
 export interface RegisterMessage {
@@ -92,6 +95,17 @@ export interface CsrMessage {
   csr: string;
 }
 
+/**
+ * Device -> gateway over its mTLS session: a renewal CSR, with the device's proof that it
+ * holds the key of the certificate being replaced. `proof` and `signedAt` come together.
+ */
+export interface RenewalCsrMessage extends CsrMessage {
+  /** base64 signature over `renewalSigningInput(...)` by the CURRENT certificate's private key: ECDSA (DER) or RSASSA-PKCS1-v1_5, SHA-256. */
+  proof?: string;
+  /** When the device signed (ISO 8601 UTC, e.g. 2025-01-31T12:00:00.000Z); the authority accepts a window around its clock. */
+  signedAt?: string;
+}
+
 /** Gateway -> device: the issued certificate. */
 export interface CertMessage {
   requestId: string;
@@ -115,6 +129,16 @@ export type DeviceScoped<T> = T & { deviceId: string };
 /** Bytes every auth method signs: binds the answer to device, challenge and nonce. */
 export function challengeSigningInput(deviceId: string, challengeId: string, nonce: string): Buffer {
   return Buffer.from(`leafgate-auth-v1\n${deviceId}\n${challengeId}\n${nonce}`, 'utf8');
+}
+
+/**
+ * Bytes a device signs to renew: binds the proof to the device, the request, the exact new
+ * CSR (sha256 of its DER, base64url without padding) and the signing time, so that it can
+ * be replayed neither for another CSR, another request nor later.
+ */
+export function renewalSigningInput(deviceId: string, requestId: string, csrDer: Uint8Array, signedAt: string): Buffer {
+  const csrHash = createHash('sha256').update(csrDer).digest('base64url');
+  return Buffer.from(`leafgate-renew-v1\n${deviceId}\n${requestId}\n${csrHash}\n${signedAt}`, 'utf8');
 }
 
 // ---- validation ------------------------------------------------------------------------
@@ -207,6 +231,20 @@ export function validateCsr(o: Obj): CsrMessage {
     requestId: str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN),
     csr: pem(o, 'csr', 'CERTIFICATE REQUEST'),
   };
+}
+
+/** A renewal CSR (operational session): the CSR fields plus the optional proof pair. */
+export function validateRenewalCsr(o: Obj): RenewalCsrMessage {
+  onlyKeys(o, ['requestId', 'csr', 'proof', 'signedAt', 'deviceId']);
+  const msg: RenewalCsrMessage = {
+    requestId: str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN),
+    csr: pem(o, 'csr', 'CERTIFICATE REQUEST'),
+  };
+  if (o.proof === undefined && o.signedAt === undefined) return msg;
+  msg.proof = str(o, 'proof', LIMITS.signatureChars, BASE64_PATTERN);
+  msg.signedAt = str(o, 'signedAt', 32, ISO_UTC_PATTERN);
+  if (!Number.isFinite(Date.parse(msg.signedAt))) bad('signedAt is not a valid time');
+  return msg;
 }
 
 /** Authority side: the device id the gateway vouches for, checked before anything else. */

@@ -255,6 +255,17 @@ test('validatePolicy refuses out-of-range numbers and enrollment modes', () => {
   invalid({ ddkg: { enrollment: 'whatever' as never, allowList: [] } }, /ddkg\.enrollment is invalid/);
 });
 
+test('validatePolicy refuses renewal settings that are not a boolean switch and sane windows', () => {
+  const renewal = (r: Partial<DevicePolicy['renewal']>) => ({ renewal: r as DevicePolicy['renewal'] });
+  invalid(renewal({ requireDeviceProof: 'false' as never }), /renewal\.requireDeviceProof must be true or false/);
+  invalid(renewal({ proofWindowSeconds: 0 }), /renewal\.proofWindowSeconds must be 1\.\.86400/);
+  invalid(renewal({ proofWindowSeconds: 86_401 }), /proofWindowSeconds/);
+  invalid(renewal({ clockSkewSeconds: -1 }), /renewal\.clockSkewSeconds must be 0\.\.3600/);
+  invalid(renewal({ clockSkewSeconds: 1.5 }), /clockSkewSeconds/);
+  assert.deepEqual(mergePolicy(DEFAULT_POLICY, renewal({ requireDeviceProof: false })).renewal, { requireDeviceProof: false, proofWindowSeconds: 600, clockSkewSeconds: 300 });
+  assert.doesNotThrow(() => validatePolicy('legacy', mergePolicy(DEFAULT_POLICY, renewal({ requireDeviceProof: false }))));
+});
+
 test('mergePolicy copies instead of sharing the base', () => {
   const merged = mergePolicy(DEFAULT_POLICY, undefined);
   merged.keys.push({ keyType: 'rsa', keySize: 1024 });

@@ -9,7 +9,7 @@ import { X509Certificate } from 'node:crypto';
 import { test } from 'node:test';
 import mqtt from 'mqtt';
 import { downFilter, pkix, upTopic } from '../protocol/index.ts';
-import type { DeviceIdentity } from '../device/index.ts';
+import { renewalProof, type DeviceIdentity } from '../device/index.ts';
 import { startStack } from './support/stack.ts';
 import { within } from './support/wait.ts';
 
@@ -35,7 +35,8 @@ test('a connected device is asked to renew, rotates its key, and the old certifi
   const rows = await stack.authority.store.listCertificates({ subjectId: 'renew-1' });
   assert.deepEqual(Object.fromEntries(rows.map((r) => [r.serial, r.status])), { [first.serial]: 'superseded', [next.serial]: 'active' });
   const audit = await stack.authority.store.listAudit({ deviceId: 'renew-1' });
-  assert.ok(audit.some((a) => a.action === 'renew' && a.outcome === 'ok' && a.serial === next.serial));
+  // The SDK signed the renewal with its current key, and the authority checked it.
+  assert.ok(audit.some((a) => a.action === 'renew' && a.outcome === 'ok' && a.serial === next.serial && a.detail?.proof === 'verified'));
 
   // Break before make: the gateway refuses a second certificate for an id that is connected.
   await client.endAsync();
@@ -79,7 +80,8 @@ test('a renewal CSR with the same key is refused (policy_violation), nothing iss
   }));
   const publicKey = new X509Certificate(first.certificate).publicKey;
   const csr = pkix.buildCsr({ commonName: 'renew-3', privateKey: first.privateKey, publicKey });
-  await client.publishAsync(upTopic('renew-3', 'csr'), JSON.stringify({ requestId: 'same-key-1', csr }), { qos: 1 });
+  // With a valid proof (by the current key): the key reuse alone is what is refused.
+  await client.publishAsync(upTopic('renew-3', 'csr'), JSON.stringify({ requestId: 'same-key-1', csr, ...renewalProof('renew-3', 'same-key-1', csr, first.privateKey) }), { qos: 1 });
   await within(gotError, 5000, 'down/error');
   assert.equal(errors[0].code, 'policy_violation');
   assert.equal(errors[0].requestId, 'same-key-1');

@@ -6,7 +6,7 @@
 import Fastify, { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
-import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, type ErrorCode } from '../../protocol/index.ts';
+import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, validateRenewalCsr, type ErrorCode } from '../../protocol/index.ts';
 import { CA_NAMES, type CaConnector, type CaName } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
@@ -177,12 +177,15 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', connection: 'keep-alive' });
       const send = (event: string, data: unknown) => res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
       const onCrl = (e: { crlNumber: string; revoked: string[] }) => send('crl', e);
-      const onDue = (e: { devices: unknown[] }) => send('renewal-due', e);
+      // Renewal events are addressed: a gateway hears only of the devices enrolled through it.
+      const onDue = (e: { gatewayId: string; devices: unknown[] }) => {
+        if (e.gatewayId === req.gatewayId) send('renewal-due', { devices: e.devices });
+      };
       deps.events.on('crl', onCrl);
       deps.events.on('renewal-due', onDue);
       send('hello', { gatewayId: req.gatewayId, crlNumber: deps.revocation.crl().crlNumber.toString() });
-      // A gateway that (re)connects learns the whole due list at once.
-      void deps.renewals.due().then((devices) => devices.length && send('renewal-due', { devices }), () => undefined);
+      // A gateway that (re)connects learns its whole due list at once.
+      void deps.renewals.dueFor(req.gatewayId!).then((devices) => devices.length && send('renewal-due', { devices }), () => undefined);
       // A revoked gateway's stream ends at once on this node; on another node's revocation
       // (a cluster) at the next heartbeat, which re-checks the gateway's standing.
       const onGatewayRevoked = (e: { gatewayId: string }) => e.gatewayId === req.gatewayId && end();
@@ -241,7 +244,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
       const serial = body.currentSerial;
       if (typeof serial !== 'string' || !/^[0-9A-F]{2,40}$/.test(serial)) throw new LeafgateError('bad_request', 'currentSerial must be upper-case hex');
       const { currentSerial: _s, ...rest } = body;
-      return deps.onboarding.renew(req.gatewayId!, deviceIdOf(body), { ...validateCsr(rest), currentSerial: serial });
+      // proof + signedAt (the device's signature with its current key) pass as the device sent them.
+      return deps.onboarding.renew(req.gatewayId!, deviceIdOf(body), { ...validateRenewalCsr(rest), currentSerial: serial });
     });
   });
 

@@ -31,6 +31,18 @@ export interface DevicePolicy {
     /** Device id patterns; `*` matches any run of characters. */
     allowList: string[];
   };
+  renewal: {
+    /**
+     * A renewal CSR must carry `proof`: a signature by the current certificate's key over
+     * the new CSR (docs/protocol.md). False only for devices in the field that cannot sign
+     * yet: their renewal is then accepted from their own gateway alone, and audited so.
+     */
+    requireDeviceProof: boolean;
+    /** A proof's `signedAt` may differ from the authority's clock by this much ... */
+    proofWindowSeconds: number;
+    /** ... plus this clock-skew tolerance (device and authority clocks). */
+    clockSkewSeconds: number;
+  };
 }
 
 export const DEFAULT_POLICY: DevicePolicy = {
@@ -49,6 +61,7 @@ export const DEFAULT_POLICY: DevicePolicy = {
   maxActiveCerts: 2,
   pkiSignature: { manufacturerCAs: [], deviceIdFrom: 'CN' },
   ddkg: { enrollment: 'allow-list', allowList: [] },
+  renewal: { requireDeviceProof: true, proofWindowSeconds: 600, clockSkewSeconds: 300 },
 };
 
 const ALLOWED_KEYS = new Set(['ec-256', 'ec-384', 'rsa-2048', 'rsa-3072', 'rsa-4096']);
@@ -67,6 +80,9 @@ export function validatePolicy(name: string, p: DevicePolicy): void {
   if (!(p.renewAfterFraction > 0 && p.renewAfterFraction < 1)) fail('renewAfterFraction must be in (0, 1)');
   if (!(Number.isInteger(p.maxActiveCerts) && p.maxActiveCerts >= 1)) fail('maxActiveCerts must be >= 1');
   if (!['allow-list', 'one-time-code', 'auto-approve'].includes(p.ddkg.enrollment)) fail('ddkg.enrollment is invalid');
+  if (typeof p.renewal?.requireDeviceProof !== 'boolean') fail('renewal.requireDeviceProof must be true or false');
+  if (!(Number.isInteger(p.renewal.proofWindowSeconds) && p.renewal.proofWindowSeconds >= 1 && p.renewal.proofWindowSeconds <= 86_400)) fail('renewal.proofWindowSeconds must be 1..86400');
+  if (!(Number.isInteger(p.renewal.clockSkewSeconds) && p.renewal.clockSkewSeconds >= 0 && p.renewal.clockSkewSeconds <= 3_600)) fail('renewal.clockSkewSeconds must be 0..3600');
 }
 
 export function mergePolicy(base: DevicePolicy, override: Partial<DevicePolicy> | undefined): DevicePolicy {
@@ -77,6 +93,7 @@ export function mergePolicy(base: DevicePolicy, override: Partial<DevicePolicy> 
     sans: { ...base.sans, ...override.sans },
     pkiSignature: { ...base.pkiSignature, ...override.pkiSignature },
     ddkg: { ...base.ddkg, ...override.ddkg },
+    renewal: { ...base.renewal, ...override.renewal },
   } as DevicePolicy;
 }
 

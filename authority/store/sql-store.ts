@@ -18,7 +18,7 @@ import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
 import { ISSUER_OF_KIND } from './types.ts';
 import type {
-  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, GatewayRow, RegistryTarget, RequestRow,
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, RegistryTarget, RequestRow,
 } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
@@ -90,8 +90,12 @@ const SQL = {
     ON CONFLICT (issuer) DO UPDATE SET crl_number = excluded.crl_number, this_update = excluded.this_update, next_update = excluded.next_update, der = excluded.der
     WHERE excluded.crl_number > crls.crl_number`,
   insertAudit: 'INSERT INTO audit_log (at, action, outcome, code, device_id, gateway_id, request_id, serial, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
-  dueForRenewal: `SELECT c.* FROM certificates c JOIN devices d ON d.id = c.subject_id
+  dueForRenewal: `SELECT c.*, d.gateway_id AS device_gateway_id FROM certificates c JOIN devices d ON d.id = c.subject_id
     WHERE c.kind = 'device' AND c.status = 'active' AND d.group_name = ? AND d.status != 'disabled'
+      AND c.not_after > ? AND c.not_before + (c.not_after - c.not_before) * CAST(? AS DOUBLE PRECISION) <= ?
+    ORDER BY c.not_after, c.serial LIMIT ?`,
+  dueForRenewalOfGateway: `SELECT c.*, d.gateway_id AS device_gateway_id FROM certificates c JOIN devices d ON d.id = c.subject_id
+    WHERE c.kind = 'device' AND c.status = 'active' AND d.group_name = ? AND d.status != 'disabled' AND d.gateway_id = ?
       AND c.not_after > ? AND c.not_before + (c.not_after - c.not_before) * CAST(? AS DOUBLE PRECISION) <= ?
     ORDER BY c.not_after, c.serial LIMIT ?`,
   getCaMaterial: 'SELECT name, cert_pem, key_pem, created_at FROM ca_material',
@@ -313,8 +317,8 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
-  async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number }): Promise<boolean> {
-    const { request: q, certificate, authSessionId, audit, maxActive } = args;
+  async recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number; gatewayId?: string }): Promise<boolean> {
+    const { request: q, certificate, authSessionId, audit, maxActive, gatewayId } = args;
     return this.answerTransaction(async (tx, written) => {
       // First the answer: on PostgreSQL a concurrent insert of the same (device, requestId) on
       // another node waits here for this one to commit, then does nothing: one certificate.
@@ -328,6 +332,7 @@ export class SqlStore implements AuthorityStore {
         if (active >= maxActive) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${maxActive})`);
       }
       if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
+      if (gatewayId !== undefined) await updateDeviceRow(tx, certificate.subjectId, { gatewayId }, q.createdAt);
       await this.insertCert(tx, certificate);
       await this.audit(tx, audit);
       return true;
@@ -367,8 +372,11 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
-  async listDueForRenewal(group: string, fraction: number, now: number, limit: number): Promise<CertificateRow[]> {
-    return (await this.db.query(SQL.dueForRenewal, [group, now, fraction, now, limit])).map(toCert);
+  async listDueForRenewal(group: string, fraction: number, now: number, limit: number, gatewayId?: string): Promise<DueCertificateRow[]> {
+    const rows = gatewayId === undefined
+      ? await this.db.query(SQL.dueForRenewal, [group, now, fraction, now, limit])
+      : await this.db.query(SQL.dueForRenewalOfGateway, [group, gatewayId, now, fraction, now, limit]);
+    return rows.map((r) => ({ ...toCert(r), gatewayId: r.device_gateway_id ?? null }));
   }
 
   async countActiveCertificates(subjectId: string, now: number): Promise<number> {

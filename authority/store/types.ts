@@ -71,6 +71,11 @@ export interface CertificateRow {
   createdAt: number;
 }
 
+/** A certificate due for renewal, with the gateway its device is enrolled through. */
+export interface DueCertificateRow extends CertificateRow {
+  gatewayId: string | null;
+}
+
 export interface AuditEntry {
   at: number;
   action: string;
@@ -171,8 +176,10 @@ export interface AuthorityStore {
    * With `maxActive`, the device's active certificates are counted inside the commit, with
    * the device row locked on PostgreSQL, so that nodes issuing at once cannot together pass
    * the cap; over it, LeafgateError `policy_violation` and nothing is written.
+   * With `gatewayId`, the device row moves to that gateway in the same commit (the gateway
+   * through which the device holds its certificate is the one that may renew it).
    */
-  recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number }): Promise<boolean>;
+  recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number; gatewayId?: string }): Promise<boolean>;
   /**
    * register's commit: the stored answer (the challenge) first, then the device row when
    * given (kept as it is when it exists), the challenge row and the audit row; all or
@@ -187,8 +194,11 @@ export interface AuthorityStore {
   recordAuthentication(args: { consumeCode?: { codeHash: string; groupName: string }; deviceId: string; devicePatch: DevicePatch; session: AuthSessionRow; audit: AuditEntry; now: number }): Promise<boolean>;
   /** Renewal commit: answer, new certificate, old one superseded, audit; all or nothing. */
   recordRenewal(args: { request: RequestRow; certificate: CertificateRow; supersedes: string; audit: AuditEntry }): Promise<boolean>;
-  /** Active device certificates of a group whose renewal window has opened and that are still valid. */
-  listDueForRenewal(group: string, fraction: number, now: number, limit: number): Promise<CertificateRow[]>;
+  /**
+   * Active device certificates of a group whose renewal window has opened and that are still
+   * valid, each with its device's gateway; with `gatewayId`, only that gateway's devices.
+   */
+  listDueForRenewal(group: string, fraction: number, now: number, limit: number, gatewayId?: string): Promise<DueCertificateRow[]>;
   countActiveCertificates(subjectId: string, now: number): Promise<number>;
   listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]>;
   listDevices(filter: { status?: string; group?: string; limit?: number }): Promise<DeviceRow[]>;

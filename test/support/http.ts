@@ -36,9 +36,9 @@ export interface RequestOptions {
   headers?: Record<string, string>;
 }
 
-/** The enrolled gateway's key and certificate chain, as the gateway stores them. */
-export function gatewayIdentity(stack: Stack): ClientIdentity {
-  const dir = join(stack.dir, 'gateway');
+/** The enrolled gateway's key and certificate chain, as the gateway stores them; `gatewayId` for one added with stack.addGateway. */
+export function gatewayIdentity(stack: Stack, gatewayId?: string): ClientIdentity {
+  const dir = join(stack.dir, gatewayId === undefined ? 'gateway' : `gateway-${gatewayId}`);
   return { key: readFileSync(join(dir, 'gateway.key.pem'), 'utf8'), cert: readFileSync(join(dir, 'gateway.crt.pem'), 'utf8') };
 }
 
