@@ -3,7 +3,8 @@
  * both on port 0 in a fresh temp directory, with an enrolled gateway and a simulated
  * manufacturer CA. Each test builds its own and closes it in t.after.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
@@ -34,6 +35,30 @@ export interface Stack {
    */
   addGateway(gatewayId: string, config?: GatewayConfigInput, opts?: { authorityUrl?: string }): Promise<RunningGateway>;
   close(): Promise<void>;
+}
+
+/**
+ * Every certificate a test made the authority issue is checked once more by an independent
+ * verifier, `openssl verify -x509_strict`, against the root and the intermediates (time not
+ * checked: tests move the authority's clock). One openssl process per stack.
+ */
+async function verifyEverythingIssued(authority: RunningAuthority, dir: string): Promise<void> {
+  const certs = await authority.store.listCertificates({ limit: 1_000_000 });
+  if (!certs.length) return;
+  const out = join(dir, 'issued-check');
+  mkdirSync(out, { recursive: true });
+  const ca = authority.ca;
+  writeFileSync(join(out, 'root.pem'), ca.root.pem);
+  writeFileSync(join(out, 'intermediates.pem'), ca.deviceCa.pem + ca.infraCa.pem + ca.edgeIssuer.pem);
+  const files = certs.map((c, i) => {
+    writeFileSync(join(out, `${i}.pem`), c.pem);
+    return `${i}.pem`;
+  });
+  const r = spawnSync('openssl', ['verify', '-x509_strict', '-no_check_time', '-CAfile', 'root.pem', '-untrusted', 'intermediates.pem', ...files], { cwd: out, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+  if (r.status !== 0) {
+    const failed = (r.stdout + r.stderr).split('\n').filter((l) => l && !/: OK$/.test(l)).slice(0, 10).join('\n');
+    throw new Error(`a certificate the authority issued fails openssl verify -x509_strict:\n${failed}`);
+  }
 }
 
 export const logger = pino({ level: process.env.LEAFGATE_LOG_LEVEL ?? 'silent' });
@@ -109,7 +134,13 @@ export async function startStack(
       closed = true;
       for (const gw of extraGateways) await gw.close();
       await stack.gateway.close();
-      if (authorityUp) await stack.authority.close();
+      if (authorityUp) {
+        try {
+          await verifyEverythingIssued(stack.authority, dir);
+        } finally {
+          await stack.authority.close();
+        }
+      }
       rmSync(dir, { recursive: true, force: true });
     },
   };
