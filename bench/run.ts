@@ -18,6 +18,7 @@ const BENCHES: Bench<any>[] = [issuanceBench, onboardingBench, brokerBench, conn
 const COMMON: OptionSpecs = {
   'max-seconds': { default: 300, help: 'hard bound on one benchmark; it is stopped (exit 3) past it' },
   keep: { default: false, help: 'keep temp directories (data dirs, configs) for inspection' },
+  'no-quiet-wait': { default: false, help: 'do not wait for a quiet machine before measured windows (smoke runs: the figures are then not comparable)' },
   help: { default: false, help: 'this text' },
 };
 
@@ -40,6 +41,7 @@ async function runOne(bench: Bench<any>, argv: string[]): Promise<number> {
   const sizes: Record<string, Json> = {};
   for (const k of Object.keys(bench.options)) sizes[k] = opts[k] as Json;
   const emit = emitter(bench.name, { ...sizes, ...baseContext() });
+  if (common['no-quiet-wait']) process.env.BENCH_NO_QUIET_WAIT = '1';
   const maxMs = Number(common['max-seconds']) * 1000;
   let timedOut = false;
   const watchdog = setTimeout(() => {

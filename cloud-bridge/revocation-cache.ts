@@ -2,7 +2,7 @@
  * The gateway's copy of the authority's device CRL: loaded from disk at start (so a restart
  * while the authority is down still refuses revoked devices), refreshed from the authority
  * on a schedule and whenever the event stream says a new one exists. A CRL is accepted only
- * if its signature verifies with the device CA key and its number is not lower than ours.
+ * if its signature verifies with the device CA key and its number is higher than ours.
  */
 import { EventEmitter } from 'node:events';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -110,19 +110,20 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     return true;
   }
 
-  /** Applies a verified CRL if it is not older than the one held. */
+  /**
+   * Applies a verified CRL if it is newer than the one held. An older one, or another one with
+   * the same number (the authority numbers every CRL it signs, so a second CRL of one number is
+   * a replay or a rollback, never news), is ignored: it could un-revoke a serial.
+   */
   apply(parsed: pkix.ParsedCrl): void {
-    if (this.crl && parsed.crlNumber < this.crl.crlNumber) return;
+    if (this.crl && parsed.crlNumber <= this.crl.crlNumber) return;
     const before = this.crl?.revoked ?? new Map();
     const newlyRevoked = [...parsed.revoked.keys()].filter((s) => !before.has(s));
-    const changed = !this.crl || parsed.crlNumber !== this.crl.crlNumber;
     this.crl = parsed;
-    if (changed) {
-      // Write-then-rename: a crash never leaves a torn CRL behind.
-      writeFileSync(`${this.opts.file}.tmp`, parsed.der);
-      renameSync(`${this.opts.file}.tmp`, this.opts.file);
-      this.opts.logger.info({ crlNumber: parsed.crlNumber.toString(), revoked: parsed.revoked.size, newlyRevoked: newlyRevoked.length }, 'CRL updated');
-      this.emit('updated', { crlNumber: parsed.crlNumber, newlyRevoked });
-    }
+    // Write-then-rename: a crash never leaves a torn CRL behind.
+    writeFileSync(`${this.opts.file}.tmp`, parsed.der);
+    renameSync(`${this.opts.file}.tmp`, this.opts.file);
+    this.opts.logger.info({ crlNumber: parsed.crlNumber.toString(), revoked: parsed.revoked.size, newlyRevoked: newlyRevoked.length }, 'CRL updated');
+    this.emit('updated', { crlNumber: parsed.crlNumber, newlyRevoked });
   }
 }

@@ -22,9 +22,10 @@ interface Line {
 
 function runBench(args: string[], timeoutMs: number): Promise<{ code: number | null; lines: Line[]; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/run.ts', ...args, '--max-seconds', String(Math.round(timeoutMs / 1000))], {
+    // --no-quiet-wait: a smoke run never waits for a quiet machine (under `npm test` it never is).
+    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/run.ts', ...args, '--no-quiet-wait', '--max-seconds', String(Math.round(timeoutMs / 1000))], {
       cwd: ROOT,
-      env: { ...process.env, BENCH_VERBOSE: '' },
+      env: { ...process.env, BENCH_VERBOSE: '', BENCH_NO_QUIET_WAIT: '1' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';

@@ -4,11 +4,15 @@
  * connectAsync with an `ErrorWithReasonCode` whose `code` is the return code.
  */
 import assert from 'node:assert/strict';
+import { X509Certificate, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import tls from 'node:tls';
 import { test } from 'node:test';
+import { pkix, upTopic } from '../protocol/index.ts';
 import { bootstrap, connackRefusal, connect, connectPacket, rawConnack } from './support/mqtt.ts';
 import { gatewayIdentity } from './support/http.ts';
 import { startStack } from './support/stack.ts';
-import { within } from './support/wait.ts';
+import { DEFAULT_WAIT_MS, within } from './support/wait.ts';
+import type { Stack } from './support/stack.ts';
 
 test('client ids that are not valid device ids are refused with CONNACK 2', async (t) => {
   const stack = await startStack(t);
@@ -110,4 +114,114 @@ test('a bootstrap connection for an id that is only held by another bootstrap se
   assert.equal(stack.gateway.sessions.holder('dev-boot')?.client.id, 'dev-boot');
   await second.send('register', '{');
   await second.expectError('malformed_json');
+});
+
+// ---- a certificate in the device CA's name that the device CA did not sign -----------------
+
+const pem = (der: Buffer) => pkix.toPem(der, 'CERTIFICATE');
+const keyPem = (k: KeyObject) => k.export({ type: 'pkcs8', format: 'pem' }) as string;
+
+/** An MQTT 3.1.1 PUBLISH, QoS 1, packet id 1. */
+function publishPacket(topic: string, payload: string): Buffer {
+  const t = Buffer.from(topic, 'utf8');
+  const body = Buffer.concat([Buffer.from([t.length >> 8, t.length & 0xff]), t, Buffer.from([0x00, 0x01]), Buffer.from(payload, 'utf8')]);
+  if (body.length > 127) throw new Error('packet too long for this helper');
+  return Buffer.concat([Buffer.from([0x32, body.length]), body]);
+}
+
+/**
+ * Over raw TLS with `identity`: CONNECT and a QoS 1 PUBLISH sent at once (a client that does
+ * not wait for CONNACK). Returns the CONNACK return code (null when none came) and whether a
+ * PUBACK came, once the broker closed the connection (or, for an accepted one, acknowledged).
+ */
+function connectAndPublish(stack: Stack, identity: { key: string; cert: string }, clientId: string, ms = 4 * DEFAULT_WAIT_MS): Promise<{ connack: number | null; puback: boolean; tlsError?: string }> {
+  const url = new URL(stack.brokerUrl);
+  const p = new Promise<{ connack: number | null; puback: boolean; tlsError?: string }>((resolve) => {
+    let got = Buffer.alloc(0);
+    let tlsError: string | undefined;
+    const socket = tls.connect({ host: url.hostname, port: Number(url.port), ca: stack.rootPem, servername: 'localhost', ...identity }, () => {
+      socket.write(Buffer.concat([connectPacket(clientId), publishPacket(upTopic(clientId, 'telemetry', 'state'), '{"forged":true}')]));
+    });
+    const result = () => {
+      // Walk the packets (all short here: one-byte remaining length).
+      let connack: number | null = null;
+      let puback = false;
+      for (let i = 0; i + 1 < got.length; i += 2 + got[i + 1]) {
+        if (got[i] === 0x20 && i + 3 < got.length) connack = got[i + 3];
+        if (got[i] === 0x40) puback = true;
+      }
+      return { connack, puback, tlsError };
+    };
+    socket.on('data', (d: Buffer) => {
+      got = Buffer.concat([got, d]);
+      // The genuine identity: CONNACK 0 then PUBACK; nothing more to wait for.
+      if (result().puback) socket.end();
+    });
+    socket.on('error', (err) => (tlsError = err.message));
+    socket.on('close', () => resolve(result()));
+  });
+  return within(p, ms, `CONNECT+PUBLISH of ${clientId}`);
+}
+
+test('a client certificate with the device CA\'s name and key id but another signer is refused at CONNECT: no session, no publish', async (t) => {
+  const stack = await startStack(t);
+  const id = 'dev-forged';
+  // A genuine device certificate (positive control, and the device CA certificate to reuse).
+  const genuine = await stack.device('dev-genuine', 'pki-signature').onboard();
+  const deviceCaPem = genuine.chain[0];
+  const ca = stack.authority.ca.deviceCa;
+
+  // The forger: a fresh key pair for the device, and a fresh "CA" key that signs in the device CA's name.
+  const device = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const forgerKey = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
+  const now = Date.now();
+  const forgedLeaf = pem(pkix.encodeCertificate({
+    serial: pkix.newSerial(), subjectDer: pkix.encodeName(id), spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }),
+    notBefore: new Date(now - 3600_000), notAfter: new Date(now + 86_400_000), profile: { kind: 'device', keyType: 'ec' },
+    issuer: { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: forgerKey },
+  }));
+  // It names the device CA exactly as the genuine certificate does.
+  const forged = new X509Certificate(forgedLeaf);
+  const real = new X509Certificate(genuine.certificate);
+  assert.equal(forged.issuer, real.issuer, 'same issuer name');
+  assert.equal(forged.subject.replace(id, 'dev-genuine'), real.subject, 'same subject form');
+  assert.equal(forged.checkIssued(new X509Certificate(deviceCaPem)), true, 'openssl sees the device CA as its issuer (name and key id)');
+  assert.equal(forged.verify(ca.certificate.publicKey), false, 'but the device CA did not sign it');
+
+  // A forged "device CA" too: the device CA's subject, under the root's name, signed by the forger.
+  const root = new X509Certificate(stack.rootPem);
+  const rootSpki = root.publicKey.export({ type: 'spki', format: 'der' });
+  const forgedCa = pem(pkix.encodeCertificate({
+    serial: pkix.newSerial(), subjectDer: ca.subjectDer, spkiDer: generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'der' }),
+    notBefore: new Date(now - 3600_000), notAfter: new Date(now + 86_400_000), profile: { kind: 'intermediate', pathLen: 0 },
+    issuer: { subjectDer: pkix.subjectDerOf(root.raw), keyId: pkix.keyIdentifier(rootSpki), privateKey: forgerKey },
+  }));
+
+  const attempts: Array<[string, { key: string; cert: string }]> = [
+    ['the forged leaf alone', { key: keyPem(device.privateKey), cert: forgedLeaf }],
+    ['the forged leaf with the genuine device CA', { key: keyPem(device.privateKey), cert: forgedLeaf + deviceCaPem }],
+    ['the forged leaf with a forged device CA', { key: keyPem(device.privateKey), cert: forgedLeaf + forgedCa }],
+  ];
+  for (const [what, identity] of attempts) {
+    // mqtt.js: CONNACK 5 (or the TLS handshake refused, which mqtt.js reports without a number).
+    let code: number | string;
+    try {
+      code = await connackRefusal(stack, id, identity);
+    } catch (err) {
+      assert.doesNotMatch((err as Error).message, /was accepted/, what);
+      code = 'tls';
+    }
+    assert.ok(code === 5 || code === 'tls', `${what}: refused with ${code}`);
+    assert.equal(stack.gateway.sessions.holder(id), undefined, `${what}: no session`);
+    // A client that does not wait for CONNACK: its PUBLISH is never acknowledged (aedes may
+    // close such a connection before it writes the CONNACK 5).
+    const raw = await connectAndPublish(stack, identity, id);
+    assert.ok(raw.connack === 5 || raw.connack === null, `${what}: ${JSON.stringify(raw)}`);
+    assert.equal(raw.puback, false, `${what}: the PUBLISH was not acknowledged`);
+    assert.equal(stack.gateway.sessions.holder(id), undefined, `${what}: still no session`);
+  }
+
+  // Positive control: the genuine certificate, the same raw exchange, gets CONNACK 0 and PUBACK.
+  const ok = await connectAndPublish(stack, { key: keyPem(genuine.privateKey), cert: genuine.certificate + deviceCaPem }, 'dev-genuine');
+  assert.deepEqual({ connack: ok.connack, puback: ok.puback }, { connack: 0, puback: true });
 });

@@ -2,14 +2,17 @@
  * Revocation at the broker: a revoked certificate's live session is told and closed within
  * a second, its reconnect is refused, the gateway's cached CRL and the authority's published
  * CRL both list it (checked with openssl), and a gateway restarted while the authority is
- * down still refuses it from the CRL cached on disk.
+ * down still refuses it from the CRL cached on disk. The gateway's CRL cache takes only a
+ * CRL the device CA signed (a forged one served by the authority is refused) and never goes
+ * back to an older CRL or another CRL of the same number.
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, rmSync, writeFileSync } from 'node:fs';
+import { generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { downFilter, upTopic } from '../protocol/index.ts';
+import { downFilter, pkix, upTopic } from '../protocol/index.ts';
 import { resolveGatewayConfig, startGateway, type RunningGateway } from '../gateway/index.ts';
 import { logger, startStack, type Stack } from './support/stack.ts';
 import { Inbox, closeQuietly, closed, connectOk, httpGet, metricValue, metricsText, onboardDevice, operationalOptions, opsUrl, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
@@ -169,4 +172,84 @@ test('offline: a gateway restarted while the authority is down still refuses the
   assert.equal(body.checks.crlCached, true);
   assert.equal(body.checks.authorityLink, false);
   assert.equal(body.checks.brokerListening, true);
+});
+
+/** A CRL in the device CA's name (issuer name and authorityKeyIdentifier), signed by `key`. */
+function crlSignedBy(stack: Stack, key: KeyObject, crlNumber: bigint, serials: string[] = []): Buffer {
+  const ca = stack.authority.ca.deviceCa;
+  const now = Date.now();
+  return pkix.encodeCrl({
+    issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: key, crlNumber, thisUpdate: new Date(now), nextUpdate: new Date(now + 3600_000),
+    entries: serials.map((serial) => ({ serial, revokedAt: new Date(now), reason: 1 })),
+  });
+}
+
+/** A revoked device whose revocation the gateway holds: its identity, the CRL number, the CRL file. */
+async function revokedAtGateway(stack: Stack, id: string) {
+  const identity = await onboardDevice(stack, id);
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 20_000, 'the authority event stream');
+  const { crlNumber } = await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  await until(() => stack.gateway.revocations.crlNumber?.toString() === crlNumber, 20_000, 'the gateway to fetch the new CRL');
+  assert.equal(stack.gateway.revocations.isRevoked(identity.serial.toUpperCase()), true);
+  const file = join(stack.dir, 'gateway', 'device-ca.crl');
+  return { identity, crlNumber: BigInt(crlNumber), file, fileBytes: readFileSync(file) };
+}
+
+test('a CRL with a bad signature served by the authority is refused by the gateway cache; the revoked device stays refused', async (t) => {
+  const stack = await startStack(t);
+  const { identity, crlNumber, file, fileBytes } = await revokedAtGateway(stack, 'pki-crl-forged');
+  const ca = stack.authority.ca.deviceCa;
+  // What an attacker would serve: a higher number, and the revoked serial gone.
+  const genuineNext = crlSignedBy(stack, ca.privateKey, crlNumber + 2n);
+  const flipped = Buffer.from(genuineNext);
+  flipped[flipped.length - 1] ^= 0x01; // still well-formed DER
+  const forgeries: Array<[string, bigint, Buffer]> = [
+    ['signed by another key with the device CA\'s name and key id', crlNumber + 1n, crlSignedBy(stack, generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey, crlNumber + 1n)],
+    ['signature bytes altered', crlNumber + 2n, flipped],
+  ];
+  for (const [what, number, der] of forgeries) {
+    // The authority serves it as its current CRL (a tampered store, or a man in the middle).
+    const now = Date.now();
+    assert.equal(await stack.authority.store.saveCrl({ issuer: 'device-ca', crlNumber: number, thisUpdate: now, nextUpdate: now + 3600_000, der }), true, what);
+    assert.equal(await stack.authority.revocation.refresh(), true, `${what}: the authority serves it`);
+    const served = await httpGet(`${stack.authority.url}/v1/crl.pem`, stack.rootPem);
+    assert.equal(served.headers['x-crl-number'], number.toString(), `${what}: served`);
+
+    // The gateway fetches it from the authority and refuses it.
+    assert.equal(await stack.gateway.revocations.refresh(), false, `${what}: refresh refused it`);
+    assert.equal(stack.gateway.revocations.crlNumber, crlNumber, `${what}: the gateway keeps its CRL`);
+    assert.equal(stack.gateway.revocations.isRevoked(identity.serial.toUpperCase()), true, `${what}: the serial stays revoked`);
+    assert.deepEqual(readFileSync(file), fileBytes, `${what}: the CRL on disk is untouched`);
+    assert.equal((await tryConnect(stack, operationalOptions(identity), 20_000)).code, 5, `${what}: the revoked device is still refused`);
+  }
+});
+
+test('an older CRL, or another CRL with the same number, never replaces the newer one in the gateway cache', async (t) => {
+  const stack = await startStack(t);
+  const id = 'pki-crl-rollback';
+  const older = stack.authority.revocation.crl(); // before the revocation: does not list the device
+  const { identity, crlNumber, file, fileBytes } = await revokedAtGateway(stack, id);
+  assert.ok(older.crlNumber < crlNumber);
+  const ca = stack.authority.ca.deviceCa;
+  const candidates: Array<[string, Buffer]> = [
+    ['the authority\'s previous CRL', older.der],
+    ['a freshly signed CRL with a lower number', crlSignedBy(stack, ca.privateKey, crlNumber - 1n)],
+    ['a freshly signed CRL with the same number', crlSignedBy(stack, ca.privateKey, crlNumber)],
+  ];
+  const updates: bigint[] = [];
+  stack.gateway.revocations.on('updated', (u) => updates.push(u.crlNumber));
+  for (const [what, der] of candidates) {
+    // Each is genuine (the device CA signed it): only its number stands in the way.
+    assert.equal(pkix.parseCrl(der, ca.certificate.publicKey).revoked.has(identity.serial.toUpperCase()), false, what);
+    stack.gateway.revocations.applyDer(der, 'test');
+    assert.equal(stack.gateway.revocations.crlNumber, crlNumber, `${what}: the number stays`);
+    assert.equal(stack.gateway.revocations.isRevoked(identity.serial.toUpperCase()), true, `${what}: the serial stays revoked`);
+    assert.deepEqual(stack.gateway.revocations.der, fileBytes, `${what}: the CRL held is the newer one`);
+    assert.deepEqual(readFileSync(file), fileBytes, `${what}: the CRL on disk is the newer one`);
+    assert.equal((await tryConnect(stack, operationalOptions(identity), 20_000)).code, 5, `${what}: the revoked device is still refused`);
+  }
+  assert.deepEqual(updates, []);
+  // Positive control: a higher number does replace it.
+  stack.gateway.revocations.applyDer(crlSignedBy(stack, ca.privateKey, crlNumber + 1n, [identity.serial]), 'test');
+  assert.equal(stack.gateway.revocations.crlNumber, crlNumber + 1n);
 });
