@@ -118,7 +118,7 @@ test('wrong key type or size is refused', () => {
   refused(csr({ key: KEYS.rsa3072 }), /^key must be RSA-2048, got RSA-3072$/, { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 });
   refused(csr({ key: KEYS.rsa2048 }), /^key must be RSA-3072, got RSA-2048$/, { ...INSTRUCTION, keyType: 'rsa', keySize: 3072 });
   // a 256-bit curve that is not P-256: refused by the parser already (NotAcceptedError -> policy_violation)
-  assert.throws(() => csr({ key: KEYS.k256 }), (err: unknown) => err instanceof der.NotAcceptedError && /EC curve 1\.3\.132\.0\.10 is not accepted/.test(err.message));
+  assert.throws(() => csr({ key: KEYS.k256 }), (err: unknown) => err instanceof der.NotAcceptedError && /EC curve 1\.3\.132\.0\.10 \(secp256k1\) is not accepted/.test(err.message));
 });
 
 test('RSA public exponents: 65537 unless the policy lists others; the policy cannot list small ones', () => {

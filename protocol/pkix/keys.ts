@@ -73,6 +73,9 @@ const FAST_CURVES: Record<string, FastCurve> = {
   '1.3.132.0.35': curve('1.3.132.0.35', 'secp521r1', 521, 'P-521', 66),
 };
 
+/** Names for refusal messages of curves that are read but never signed. */
+const OTHER_CURVES: Record<string, string> = { '1.2.840.10045.3.1.1': 'EC P-192', '1.3.132.0.33': 'EC P-224', '1.3.132.0.10': 'secp256k1' };
+
 const NULL_DER = Buffer.from([der.TAG.NULL, 0]);
 
 /** A key as the authority signs it: what it is, and its canonical SubjectPublicKeyInfo DER. */
@@ -117,7 +120,7 @@ export function canonicalKey(spki: der.DerNode): CanonicalKey {
     if (params.tag === der.TAG.NULL) throw new der.NotAcceptedError('implicitly specified EC parameters are not accepted: use a named curve (RFC 5480)');
     const curveOid = der.decodeOid(der.expectTag(params, der.TAG.OID, 'namedCurve'));
     const c = FAST_CURVES[curveOid];
-    if (!c) throw new der.NotAcceptedError(`EC curve ${curveOid} is not accepted`);
+    if (!c) throw new der.NotAcceptedError(`EC curve ${curveOid}${OTHER_CURVES[curveOid] ? ` (${OTHER_CURVES[curveOid]})` : ''} is not accepted`);
     let point: Buffer;
     if (keyBits.length === 1 + 2 * c.size && keyBits[0] === 0x04) point = keyBits;
     else if (keyBits.length === 1 + c.size && (keyBits[0] === 0x02 || keyBits[0] === 0x03)) {
