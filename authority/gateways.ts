@@ -91,12 +91,14 @@ export class GatewayEnrollment {
     try {
       csr = pkix.parseCsr(csrPem);
     } catch (err) {
-      throw await refuse('bad_csr', (err as Error).message);
+      // Malformed: bad_csr. Well-formed but never signed (explicit curve, BMPString subject, ...): policy_violation.
+      throw await refuse(err instanceof pkix.NotAcceptedError ? 'policy_violation' : 'bad_csr', (err as Error).message);
     }
     const k = csr.key;
     if (!((k.keyType === 'ec' && (k.keySize === 256 || k.keySize === 384)) || (k.keyType === 'rsa' && k.keySize >= 2048 && k.keySize <= 4096))) {
       throw await refuse('policy_violation', `gateway key ${pkix.keySpecLabel(k)} is not allowed`);
     }
+    if (k.keyType === 'rsa' && k.publicExponent !== 65537) throw await refuse('policy_violation', 'gateway RSA public exponent must be 65537');
     const sanCount = csr.sans.dns.length + csr.sans.ip.length;
     if (sanCount > MAX_SANS || csr.sans.uri.length || csr.sans.email.length) throw await refuse('policy_violation', 'gateway SANs: at most 16 DNS names and IP addresses');
     if (!csr.sans.dns.every((d) => DNS_NAME.test(d)) || !csr.sans.ip.every((ip) => isIPv4(ip) || isIPv6(ip))) throw await refuse('policy_violation', 'gateway SAN is malformed');
@@ -171,7 +173,8 @@ export class GatewayEnrollment {
     const extra = this.deps.subCa.permittedDns.map((d) => d.replaceAll('{gatewayId}', gatewayId));
     const nameConstraints = { dns: [...new Set([...own.dns, ...extra])], ip: [...new Set(own.ip)] };
     const issued = this.deps.ca.issue('edge', {
-      subjectDer: csr.subjectDer,
+      // Built from the checked CN and the parser's canonical key, never the request's bytes.
+      subjectDer: pkix.encodeName(expectedCn),
       spkiDer: csr.spkiDer,
       profile: { kind: 'intermediate', pathLen: 0, nameConstraints, eku: ['serverAuth', 'clientAuth'] },
       notBefore: new Date(now - BACKDATE_MS),
@@ -193,7 +196,8 @@ export class GatewayEnrollment {
     const k = csr.key;
 
     const issued = this.deps.ca.issue('infra', {
-      subjectDer: csr.subjectDer,
+      // Built from the checked CN (the gateway id) and the parser's canonical key, never the request's bytes.
+      subjectDer: pkix.encodeName(gatewayId),
       spkiDer: csr.spkiDer,
       profile: { kind: 'gateway', keyType: k.keyType },
       sans: { dns: csr.sans.dns, ip: csr.sans.ip },

@@ -211,20 +211,28 @@ export class DeviceOnboarding {
     return instruction;
   }
 
-  /** Parse + self-signature check; the signature is verified on the threadpool. */
+  /**
+   * Parse + self-signature check; the signature is verified on the threadpool. Malformed is
+   * `bad_csr`; well-formed but never signed (pkix NotAcceptedError: explicit curve, other key
+   * type, BMPString subject, duplicate SAN, ...) is `policy_violation`.
+   */
   private async parseCsr(pem: string): Promise<pkix.ParsedCsr> {
     try {
       return await pkix.parseCsrAsync(pem);
     } catch (err) {
-      throw new LeafgateError('bad_csr', (err as Error).message);
+      throw new LeafgateError(err instanceof pkix.NotAcceptedError ? 'policy_violation' : 'bad_csr', (err as Error).message);
     }
   }
 
-  /** Signs a checked CSR as a device certificate (on the threadpool); returns the answer and the row to store. */
-  private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, validityDays: number, now: number): Promise<{ answer: CertMessage; row: CertificateRow }> {
+  /**
+   * Signs a checked CSR as a device certificate (on the threadpool); returns the answer and the
+   * row to store. What is signed is what was checked: the canonical key (csr.spkiDer, re-encoded
+   * by the parser), a subject built from the instruction's CN, the SANs the instruction allowed.
+   */
+  private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, instruction: InstructionMessage, now: number): Promise<{ answer: CertMessage; row: CertificateRow }> {
     const issued = await this.ca.issueAsync('device', {
-      subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
-      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + validityDays * 86_400_000),
+      subjectDer: pkix.encodeName(instruction.subject.commonName), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+      notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + instruction.validityDays * 86_400_000),
     });
     return {
       answer: { requestId, certificate: issued.pem, chain: issued.chain, serial: issued.serial, notBefore: issued.notBefore.toISOString(), notAfter: issued.notAfter.toISOString() },
@@ -272,11 +280,12 @@ export class DeviceOnboarding {
     const csr = await this.parseCsr(msg.csr);
     const proof = this.checkRenewalProof(deviceId, msg, csr, current, policy, now);
     const instruction = buildInstruction(policy, { requestId: msg.requestId, deviceId, group: device.groupName, key: renewalKey(policy, current.pem), csrDeadline: new Date(now) });
-    checkCsrAgainstInstruction(csr, instruction);
-    // A renewal rotates the key: the same key again would extend a possibly leaked one.
+    checkCsrAgainstInstruction(csr, instruction, policy);
+    // A renewal rotates the key: the same key again would extend a possibly leaked one. Both
+    // sides are canonical, so the same key in another encoding (a compressed point) is caught.
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
-    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
     const recorded = await this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
@@ -325,9 +334,9 @@ export class DeviceOnboarding {
 
     const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
-    checkCsrAgainstInstruction(csr, instruction);
+    checkCsrAgainstInstruction(csr, instruction, policy);
 
-    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction.validityDays, now);
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
     // A device onboarded again through another gateway moves to it with this certificate:
     // from then on that gateway, and no other, renews it and hears of its renewals.
     const movedFrom = device!.gatewayId !== gatewayId ? device!.gatewayId : undefined;

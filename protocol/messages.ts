@@ -188,6 +188,48 @@ export function requestIdOf(o: Obj): string | undefined {
   return typeof v === 'string' && REQUEST_ID_PATTERN.test(v) ? v : undefined;
 }
 
+const REQUEST_ID_KEY = Buffer.from('"requestId"', 'latin1');
+/** Octets read at each end of a payload that is too large to parse. */
+export const REQUEST_ID_SCAN_BYTES = 512;
+
+const isJsonSpace = (b: number) => b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d;
+const isRequestIdByte = (b: number) =>
+  (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a) || (b >= 0x30 && b <= 0x39) || b === 0x2e || b === 0x5f || b === 0x3a || b === 0x2d;
+
+/** `"requestId": "<valid id>"` as a member of the object at `at` in `win`, or undefined. */
+function requestIdAt(win: Buffer, at: number): string | undefined {
+  let i = at - 1;
+  while (i >= 0 && isJsonSpace(win[i])) i--;
+  if (i < 0 || (win[i] !== 0x7b && win[i] !== 0x2c)) return undefined; // a member starts after { or ,
+  i = at + REQUEST_ID_KEY.length;
+  while (i < win.length && isJsonSpace(win[i])) i++;
+  if (win[i++] !== 0x3a) return undefined; // :
+  while (i < win.length && isJsonSpace(win[i])) i++;
+  if (win[i++] !== 0x22) return undefined; // opening quote
+  const start = i;
+  while (i < win.length && i - start <= LIMITS.requestIdChars && isRequestIdByte(win[i])) i++;
+  if (win[i] !== 0x22 || i === start || i - start > LIMITS.requestIdChars) return undefined;
+  return win.toString('latin1', start, i);
+}
+
+/**
+ * The requestId of a payload too large to parse (a refusal still names the request it
+ * answers): a bounded scan of the first and last REQUEST_ID_SCAN_BYTES octets for a
+ * `"requestId": "..."` member whose value is a valid requestId (the REQUEST_ID_PATTERN set, no
+ * escapes). Anything else -- an escaped or overlong value, a key elsewhere -- gives undefined.
+ */
+export function requestIdOfRaw(payload: Buffer | string): string | undefined {
+  const buf = typeof payload === 'string' ? Buffer.from(payload.length > 2 * REQUEST_ID_SCAN_BYTES ? payload.slice(0, REQUEST_ID_SCAN_BYTES) + payload.slice(-REQUEST_ID_SCAN_BYTES) : payload, 'utf8') : payload;
+  const windows = buf.length <= 2 * REQUEST_ID_SCAN_BYTES ? [buf] : [buf.subarray(0, REQUEST_ID_SCAN_BYTES), buf.subarray(buf.length - REQUEST_ID_SCAN_BYTES)];
+  for (const win of windows) {
+    for (let at = win.indexOf(REQUEST_ID_KEY); at !== -1; at = win.indexOf(REQUEST_ID_KEY, at + 1)) {
+      const id = requestIdAt(win, at);
+      if (id !== undefined) return id;
+    }
+  }
+  return undefined;
+}
+
 export function isKeySpec(v: unknown): v is KeySpec {
   if (v === null || typeof v !== 'object') return false;
   const k = v as Obj;

@@ -163,7 +163,8 @@ for (const label of Object.keys(KEYS) as KeyLabel[]) {
     assert.match(text, label === 'EC P-384' ? /Public-Key: \(384 bit\)/ : label === 'RSA-2048' ? /Public-Key: \(2048 bit\)/ : /Public-Key: \(256 bit\)/);
     assert.match(text, /Signature Algorithm: ecdsa-with-SHA256/, 'signed by the P-256 device CA');
     assert.deepEqual(extText(text, 'Basic Constraints'), { critical: true, value: 'CA:FALSE' });
-    assert.deepEqual(extText(text, 'Key Usage'), { critical: true, value: label === 'RSA-2048' ? 'Digital Signature, Key Encipherment' : 'Digital Signature' });
+    // RFC 5280 4.2.1.12: clientAuth is consistent with digitalSignature; keyEncipherment is a server's (RSA key transport)
+    assert.deepEqual(extText(text, 'Key Usage'), { critical: true, value: 'Digital Signature' });
     assert.deepEqual(extText(text, 'Extended Key Usage'), { critical: false, value: 'TLS Web Client Authentication' });
     const ski = extText(text, 'Subject Key Identifier');
     assert.equal(ski?.value.replace(/:/g, ''), keyIdentifier(parsed.spkiDer).toString('hex').toUpperCase());
@@ -260,7 +261,7 @@ test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermedi
       serialHex: issued.serial,
       ext: [
         'basicConstraints = critical, CA:FALSE',
-        `keyUsage = critical, digitalSignature${label === 'RSA-2048' ? ', keyEncipherment' : ''}`,
+        'keyUsage = critical, digitalSignature',
         'extendedKeyUsage = clientAuth',
         'subjectKeyIdentifier = hash',
         'authorityKeyIdentifier = keyid',

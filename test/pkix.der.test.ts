@@ -325,3 +325,76 @@ test('random input never escapes as anything but DerError', () => {
   }
   assert.ok(refused > 4000, `most random inputs are refused (${refused})`);
 });
+
+// ---- strict DER: issue 14, point 4 ------------------------------------------------------------
+
+test('BOOLEAN: DER accepts only 0x00 and 0xFF, one octet', () => {
+  assert.equal(der.decodeBoolean(der.parseDer(h('0101ff'))), true);
+  assert.equal(der.decodeBoolean(der.parseDer(h('010100'))), false);
+  for (const bad of ['010101', '01017f', '010180']) throwsDer(() => der.decodeBoolean(der.parseDer(h(bad))), /must be 0xFF/, bad);
+  throwsDer(() => der.decodeBoolean(der.parseDer(h('0100'))), /one octet/);
+  throwsDer(() => der.decodeBoolean(der.parseDer(h('0102ffff'))), /one octet/);
+});
+
+test('strings: PrintableString set, IA5String 7-bit, UTF-8 well-formed, BMPString without surrogates, UniversalString scalar values', () => {
+  assert.equal(der.decodeString(der.parseDer(der.printableString("A-z 0'()+,./:=?"))), "A-z 0'()+,./:=?");
+  for (const c of ['_', '@', '*', '&', '!', '"', ';', '<', '\x00', '\x7f']) throwsDer(() => der.decodeString(der.parseDer(der.tlv(0x13, Buffer.from(`a${c}`, 'latin1')))), /outside its set/, JSON.stringify(c));
+  throwsDer(() => der.decodeString(der.parseDer(der.tlv(0x16, Buffer.from([0x61, 0x80])))), /above 0x7F/);
+  assert.equal(der.decodeString(der.parseDer(der.tlv(0x16, Buffer.from([0x61, 0x7f])))), 'a\x7f');
+  for (const bad of ['c0af', 'e080af', 'eda080', 'f4908080', 'ff', 'c3']) throwsDer(() => der.decodeString(der.parseDer(der.tlv(0x0c, h(bad)))), /not valid UTF-8/, bad);
+  assert.equal(der.decodeString(der.parseDer(der.tlv(0x0c, h('efbbbf61')))), '\ufeffa', 'a BOM is content, kept');
+  throwsDer(() => der.decodeString(der.parseDer(h('1e02d800'))), /surrogate/);
+  assert.equal(der.decodeString(der.parseDer(h('1c080000004100010000'))), 'A\u{10000}');
+  throwsDer(() => der.decodeString(der.parseDer(h('1c0400110000'))), /invalid character/);
+  throwsDer(() => der.decodeString(der.parseDer(h('1c03000041'))), /multiple of 4/);
+  throwsDer(() => der.decodeString(der.parseDer(h('2c03 0c0161'))), /constructed/);
+});
+
+test('BIT STRING: unused bits 0..7, zero, and never without content', () => {
+  assert.equal(hex(der.decodeBitString(der.parseDer(h('03020780')), false)), '80');
+  throwsDer(() => der.decodeBitString(der.parseDer(h('03020781')), false), /padding bits are not zero/);
+  throwsDer(() => der.decodeBitString(der.parseDer(h('030201ff')), false), /padding bits are not zero/);
+  throwsDer(() => der.decodeBitString(der.parseDer(h('03020880')), false), /unused-bits count/);
+  throwsDer(() => der.decodeBitString(der.parseDer(h('030103')), false), /no content/);
+  assert.equal(hex(der.decodeBitString(der.parseDer(h('030100')), false)), '');
+  throwsDer(() => der.decodeBitString(der.parseDer(h('03020780'))), /octet-aligned/);
+});
+
+test('nesting depth is carried through children() and into DER parsed out of a value', () => {
+  let b: Buffer = der.nullValue();
+  for (let i = 0; i < 34; i++) b = der.seq(b);
+  // no depth passed by the caller: the nodes know theirs
+  const walkOwn = (n: der.DerNode): number => (n.constructed ? 1 + der.children(n).map(walkOwn).reduce((a, c) => a + c, 0) : 1);
+  throwsDer(() => walkOwn(der.parseDer(b)), /nesting too deep/);
+  const ok = der.parseDer(b.subarray(2)); // 33 levels
+  assert.equal(walkOwn(ok), 34);
+  // the same 33 levels found inside an element at depth 5 are too deep
+  throwsDer(() => walkOwn(der.parseDer(b.subarray(2), 5)), /nesting too deep/);
+  assert.equal(der.parseDer(h('3000'), 7).depth, 7);
+  assert.equal(der.children(der.parseDer(h('30023000'), 3))[0].depth, 4);
+});
+
+test('checkDerTree: every element of a tree is DER, whatever the schema reads', () => {
+  const good = der.seq(der.bool(true), der.integer(5), der.nullValue(), der.oid('1.2.3'), der.bitString(h('80'), 7), der.utf8String('é'), der.setOf(der.printableString('A')), der.contextTag(0, der.octetString(h('ff'))));
+  der.checkDerTree(der.parseDer(good));
+  const bad: Array<[string, Buffer, RegExp]> = [
+    ['BOOLEAN 01', der.seq(h('010101')), /BOOLEAN/],
+    ['INTEGER 0001', der.seq(h('02020001')), /non-minimal INTEGER/],
+    ['empty INTEGER', der.seq(h('0200')), /non-minimal INTEGER/],
+    ['ENUMERATED 00ff... ', der.seq(h('0a020001')), /non-minimal INTEGER/],
+    ['NULL with content', der.seq(h('050100')), /NULL with content/],
+    ['BIT STRING padding', der.seq(h('03020701')), /padding/],
+    ['OID 0x80 arc', der.seq(h('0602802a')), /non-minimal OID/],
+    ['PrintableString _', der.seq(h('13015f')), /PrintableString/],
+    ['IA5String 0x80', der.seq(h('160180')), /IA5String/],
+    ['UTF8String ff', der.seq(h('0c01ff')), /UTF-8/],
+    ['BMPString surrogate', der.seq(h('1e02dc00')), /surrogate/],
+    ['constructed OCTET STRING', der.seq(h('2403 040100')), /constructed flag/],
+    ['primitive SEQUENCE', der.seq(h('1000')), /constructed flag/],
+    ['deep in a context tag', der.seq(der.contextTag(1, der.seq(h('010101')))), /BOOLEAN/],
+  ];
+  for (const [what, b, re] of bad) throwsDer(() => der.checkDerTree(der.parseDer(b)), re, what);
+  let deep: Buffer = der.nullValue();
+  for (let i = 0; i < 40; i++) deep = der.seq(deep);
+  throwsDer(() => der.checkDerTree(der.parseDer(deep)), /nesting too deep/);
+});

@@ -49,7 +49,7 @@ const ext = (oid: string, value: Buffer, critical = false) =>
   critical ? der.seq(der.oid(oid), der.bool(true), der.octetString(value)) : der.seq(der.oid(oid), der.octetString(value));
 
 function refused(c: ParsedCsr, message: RegExp, instruction: InstructionMessage = INSTRUCTION): void {
-  assert.throws(() => checkCsrAgainstInstruction(c, instruction), (err: unknown) => {
+  assert.throws(() => checkCsrAgainstInstruction(c, instruction, DEFAULT_POLICY), (err: unknown) => {
     assert.ok(err instanceof LeafgateError, `expected LeafgateError, got ${String(err)}`);
     assert.equal(err.code, 'policy_violation');
     assert.equal(err.status, 403);
@@ -61,13 +61,13 @@ function refused(c: ParsedCsr, message: RegExp, instruction: InstructionMessage 
 // ---- checkCsrAgainstInstruction ---------------------------------------------------------------
 
 test('a CSR that matches the instruction passes', () => {
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ sans: { dns: ['dev-1.devices.example'], uri: ['urn:leafgate:device:dev-1'] } }), INSTRUCTION));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ sans: { dns: ['dev-1.devices.example'], uri: ['urn:leafgate:device:dev-1'] } }), INSTRUCTION, DEFAULT_POLICY));
   // a subset of the instructed names is fine, and so are no names at all
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ sans: { dns: ['dev-1.devices.example'] } }), INSTRUCTION));
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr(), INSTRUCTION));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ sans: { dns: ['dev-1.devices.example'] } }), INSTRUCTION, DEFAULT_POLICY));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr(), INSTRUCTION, DEFAULT_POLICY));
   // other key types when instructed
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ key: KEYS.rsa2048 }), { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 }));
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ key: KEYS.p384 }), { ...INSTRUCTION, keySize: 384 }));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ key: KEYS.rsa2048 }), { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 }, DEFAULT_POLICY));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ key: KEYS.p384 }), { ...INSTRUCTION, keySize: 384 }, DEFAULT_POLICY));
 });
 
 test('a matching CSR made by openssl passes too, tolerated extensions included', (t) => {
@@ -82,7 +82,7 @@ test('a matching CSR made by openssl passes too, tolerated extensions included',
   ]);
   const parsed = parseCsr(w.read('req.pem').toString());
   assert.deepEqual(parsed.requestedExtensions.map((e) => e.oid), [OID.subjectAltName, OID.keyUsage, OID.extKeyUsage, OID.subjectKeyIdentifier]);
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(parsed, INSTRUCTION));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(parsed, INSTRUCTION, DEFAULT_POLICY));
 });
 
 test('CN mismatch is refused', () => {
@@ -108,7 +108,7 @@ test('extra subject attributes are refused', (t) => {
   refused(craftedCsr(der.seq(der.setOf(atv(OID.organizationName, 'dev-1')))), /exactly one CN/);
   refused(craftedCsr(der.seq()), /exactly one CN/);
   // the crafted path itself is sound
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(craftedCsr(encodeName('dev-1')), INSTRUCTION));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(craftedCsr(encodeName('dev-1')), INSTRUCTION, DEFAULT_POLICY));
 });
 
 test('wrong key type or size is refused', () => {
@@ -117,10 +117,28 @@ test('wrong key type or size is refused', () => {
   refused(csr({ key: KEYS.p256 }), /^key must be RSA-2048, got EC P-256$/, { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 });
   refused(csr({ key: KEYS.rsa3072 }), /^key must be RSA-2048, got RSA-3072$/, { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 });
   refused(csr({ key: KEYS.rsa2048 }), /^key must be RSA-3072, got RSA-2048$/, { ...INSTRUCTION, keyType: 'rsa', keySize: 3072 });
-  // a 256-bit curve that is not P-256
-  const k1 = csr({ key: KEYS.k256 });
-  assert.equal(k1.key.curve, 'secp256k1');
-  refused(k1, /^key must be EC P-256, got EC P-0$/);
+  // a 256-bit curve that is not P-256: refused by the parser already (NotAcceptedError -> policy_violation)
+  assert.throws(() => csr({ key: KEYS.k256 }), (err: unknown) => err instanceof der.NotAcceptedError && /EC curve 1\.3\.132\.0\.10 \(secp256k1\) is not accepted/.test(err.message));
+});
+
+test('RSA public exponents: 65537 unless the policy lists others; the policy cannot list small ones', () => {
+  const rsaInstruction: InstructionMessage = { ...INSTRUCTION, keyType: 'rsa', keySize: 2048 };
+  const e3 = generateKeyPairSync('rsa', { modulusLength: 2048, publicExponent: 3 });
+  const e65539 = generateKeyPairSync('rsa', { modulusLength: 2048, publicExponent: 65539 });
+  const c3 = csr({ key: e3 });
+  assert.equal(c3.key.publicExponent, 3);
+  assert.throws(() => checkCsrAgainstInstruction(c3, rsaInstruction, DEFAULT_POLICY), (err: unknown) => err instanceof LeafgateError && err.code === 'policy_violation' && /RSA public exponent must be 65537/.test(err.message));
+  const c65539 = csr({ key: e65539 });
+  assert.throws(() => checkCsrAgainstInstruction(c65539, rsaInstruction, DEFAULT_POLICY), /RSA public exponent must be 65537/);
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(c65539, rsaInstruction, { rsaPublicExponents: [65537, 65539] }));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ key: KEYS.rsa2048 }), rsaInstruction, DEFAULT_POLICY));
+  // EC keys have no exponent to check
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr(), INSTRUCTION, { rsaPublicExponents: [65539] }));
+
+  assert.doesNotThrow(() => validatePolicy('ok', mergePolicy(DEFAULT_POLICY, { rsaPublicExponents: [65537, 65539] })));
+  for (const bad of [[], [3], [17], [65536], [65537.5], [2 ** 53 + 1]] as number[][]) {
+    assert.throws(() => validatePolicy('bad', mergePolicy(DEFAULT_POLICY, { rsaPublicExponents: bad })), (err: unknown) => err instanceof LeafgateError && /rsaPublicExponents is empty|RSA public exponent .* is not allowed/.test(err.message), JSON.stringify(bad));
+  }
 });
 
 test('SANs not in the instruction are refused', () => {
@@ -166,6 +184,7 @@ test('disallowed requested extensions are refused', (t) => {
         ext(OID.subjectKeyIdentifier, der.octetString(Buffer.alloc(20, 1))),
       ]),
       INSTRUCTION,
+      DEFAULT_POLICY,
     ),
   );
 });
@@ -178,7 +197,7 @@ test('instruction built from a policy accepts exactly the CSR it describes', () 
   assert.deepEqual(instruction.subject, { commonName: 'lab-d7' });
   assert.deepEqual(instruction.sans, { dns: ['d7.lab.example'], uri: ['urn:dev:d7'] });
   assert.equal(instruction.csrDeadline, '2030-01-01T00:00:00.000Z');
-  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ cn: 'lab-d7', key: KEYS.rsa3072, sans: { dns: ['d7.lab.example'], uri: ['urn:dev:d7'] } }), instruction));
+  assert.doesNotThrow(() => checkCsrAgainstInstruction(csr({ cn: 'lab-d7', key: KEYS.rsa3072, sans: { dns: ['d7.lab.example'], uri: ['urn:dev:d7'] } }), instruction, DEFAULT_POLICY));
   refused(csr({ cn: 'lab-d7', key: KEYS.rsa2048, sans: { dns: ['d7.lab.example'] } }), /key must be RSA-3072/, instruction);
 });
 

@@ -12,6 +12,11 @@ export interface DevicePolicy {
   cnTemplate: string;
   /** Allowed keys; the first is used when the device states no preference. */
   keys: KeySpec[];
+  /**
+   * RSA public exponents the authority signs (default [65537]). Each odd, 65537..2^53-1
+   * (FIPS 186-5 A.1.1 asks for e > 2^16): e = 3 cannot be configured.
+   */
+  rsaPublicExponents: number[];
   /** SAN templates put in the instruction; the CSR may carry these and nothing else. */
   sans: { dns: string[]; uri: string[] };
   validityDays: number;
@@ -55,6 +60,7 @@ export const DEFAULT_POLICY: DevicePolicy = {
     { keyType: 'rsa', keySize: 3072 },
     { keyType: 'rsa', keySize: 4096 },
   ],
+  rsaPublicExponents: [65537],
   sans: { dns: [], uri: [] },
   validityDays: 365,
   renewAfterFraction: 2 / 3,
@@ -76,6 +82,10 @@ export function validatePolicy(name: string, p: DevicePolicy): void {
   if (!p.cnTemplate.includes('{deviceId}')) fail('cnTemplate must contain {deviceId}');
   if (!p.keys.length) fail('keys is empty');
   for (const k of p.keys) if (!ALLOWED_KEYS.has(`${k.keyType}-${k.keySize}`)) fail(`key ${k.keyType}-${k.keySize} is not allowed (EC P-256/P-384, RSA 2048-4096)`);
+  if (!Array.isArray(p.rsaPublicExponents) || !p.rsaPublicExponents.length) fail('rsaPublicExponents is empty');
+  for (const e of p.rsaPublicExponents) {
+    if (!(Number.isSafeInteger(e) && e >= 65537 && e % 2 === 1)) fail(`RSA public exponent ${String(e)} is not allowed (odd, 65537..2^53-1)`);
+  }
   if (!(p.validityDays >= 1 && p.validityDays <= 3650)) fail('validityDays must be 1..3650');
   if (!(p.renewAfterFraction > 0 && p.renewAfterFraction < 1)) fail('renewAfterFraction must be in (0, 1)');
   if (!(Number.isInteger(p.maxActiveCerts) && p.maxActiveCerts >= 1)) fail('maxActiveCerts must be >= 1');
@@ -122,8 +132,14 @@ export function buildInstruction(policy: DevicePolicy, args: { requestId: string
 /** Extensions a CSR may request; the issued profile decides their values anyway. */
 const TOLERATED_EXTENSIONS = new Set<string>([pkix.OID.subjectAltName, pkix.OID.keyUsage, pkix.OID.extKeyUsage, pkix.OID.subjectKeyIdentifier]);
 
-/** The CSR must match the instruction exactly: subject, key, names, extensions. */
-export function checkCsrAgainstInstruction(csr: pkix.ParsedCsr, instruction: InstructionMessage): void {
+/**
+ * The CSR must match the instruction exactly: subject, key (and the policy's RSA exponents),
+ * names, extensions. The parser already refused what is malformed (bad_csr) and what is never
+ * signed (explicit curves, other key types, BMPString/TeletexString subjects, duplicate
+ * SANs: policy_violation); the authority then signs the canonical key and a subject built
+ * from the instruction's CN.
+ */
+export function checkCsrAgainstInstruction(csr: pkix.ParsedCsr, instruction: InstructionMessage, policy: Pick<DevicePolicy, 'rsaPublicExponents'>): void {
   const refuse = (reason: string, detail: Record<string, unknown> = {}) => {
     throw new LeafgateError('policy_violation', reason, { detail });
   };
@@ -132,6 +148,9 @@ export function checkCsrAgainstInstruction(csr: pkix.ParsedCsr, instruction: Ins
   const key = csr.key;
   if (key.keyType !== instruction.keyType || key.keySize !== instruction.keySize) {
     refuse(`key must be ${pkix.keySpecLabel(instruction)}, got ${pkix.keySpecLabel(key)}`, { keyType: key.keyType, keySize: key.keySize });
+  }
+  if (key.keyType === 'rsa' && !policy.rsaPublicExponents.includes(key.publicExponent ?? NaN)) {
+    refuse(`RSA public exponent must be ${policy.rsaPublicExponents.join(' or ')}`, { publicExponent: String(key.publicExponent).slice(0, 20) });
   }
   const allowedDns = new Set(instruction.sans.dns);
   const allowedUri = new Set(instruction.sans.uri);

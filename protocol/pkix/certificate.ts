@@ -139,8 +139,10 @@ function constantExtensions(profile: CertificateProfile, issuerKeyId: Buffer, cr
     }
     default: {
       ext.push(extension(OID.basicConstraints, true, der.seq()));
-      // RSA keys may also do key transport in TLS 1.2 RSA suites; EC keys only sign.
-      const usage = profile.keyType === 'rsa' ? [KU.digitalSignature, KU.keyEncipherment] : [KU.digitalSignature];
+      // RFC 5280 4.2.1.12: keyUsage consistent with the extended key usage. clientAuth
+      // (devices) signs only: digitalSignature. serverAuth (servers, gateways) with an RSA key
+      // may also do key transport in TLS 1.2 RSA suites: keyEncipherment. EC keys only sign.
+      const usage = profile.keyType === 'rsa' && profile.kind !== 'device' ? [KU.digitalSignature, KU.keyEncipherment] : [KU.digitalSignature];
       ext.push(extension(OID.keyUsage, true, keyUsage(usage)));
       const eku = profile.kind === 'device' ? [OID.clientAuth] : profile.kind === 'server' ? [OID.serverAuth] : [OID.clientAuth, OID.serverAuth];
       ext.push(extension(OID.extKeyUsage, false, der.seq(...eku.map((o) => der.oid(o)))));

@@ -104,9 +104,8 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
       const serial = der.expectTag(serialNode, der.TAG.INTEGER, 'serial').value.toString('hex').replace(/^(00)+(?=.)/, '').toUpperCase();
       let reason = 0;
       if (extsNode) {
-        for (const e of der.children(extsNode)) {
-          const [o, v] = der.children(e);
-          if (der.decodeOid(o) === OID.cRLReason) reason = der.parseDer(v.value).value[0] ?? 0;
+        for (const e of extensionsOf(extsNode)) {
+          if (e.oid === OID.cRLReason) reason = der.parseDer(e.value, e.depth).value[0] ?? 0;
         }
       }
       revoked.set(serial, { serial, revokedAt: der.decodeTime(dateNode), reason });
@@ -114,10 +113,35 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
   }
   let crlNumber = 0n;
   if (f[i]?.tag === 0xa0) {
-    for (const e of der.children(der.children(f[i])[0])) {
-      const parts = der.children(e);
-      if (der.decodeOid(parts[0]) === OID.cRLNumber) crlNumber = der.decodeInteger(der.parseDer(parts[parts.length - 1].value));
+    for (const e of extensionsOf(der.children(f[i])[0])) {
+      if (e.oid === OID.cRLNumber) crlNumber = der.decodeInteger(der.parseDer(e.value, e.depth));
     }
   }
   return { der: raw, issuerDer, crlNumber, thisUpdate, nextUpdate, revoked };
+}
+
+/**
+ * Extensions ::= SEQUENCE OF Extension, read strictly: critical a DER BOOLEAN (TRUE only,
+ * the DEFAULT FALSE is never encoded), each extension once (RFC 5280 4.2, 5.2, 5.3).
+ */
+function extensionsOf(node: der.DerNode | undefined): Array<{ oid: string; critical: boolean; value: Buffer; depth: number }> {
+  const out: Array<{ oid: string; critical: boolean; value: Buffer; depth: number }> = [];
+  const seen = new Set<string>();
+  for (const e of der.children(der.expectTag(node, der.TAG.SEQUENCE, 'Extensions'))) {
+    const parts = der.children(der.expectTag(e, der.TAG.SEQUENCE, 'Extension'));
+    const oid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
+    if (seen.has(oid)) throw new der.DerError(`extension ${oid} appears twice`);
+    seen.add(oid);
+    let critical = false;
+    let next = 1;
+    if (parts[1]?.tag === der.TAG.BOOLEAN) {
+      critical = der.decodeBoolean(parts[1]);
+      if (!critical) throw new der.DerError('critical FALSE is the DEFAULT and must be omitted in DER');
+      next = 2;
+    }
+    const value = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
+    if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
+    out.push({ oid, critical, value: value.value, depth: value.depth + 1 });
+  }
+  return out;
 }

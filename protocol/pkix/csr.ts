@@ -7,7 +7,7 @@ import { isIPv4, isIPv6 } from 'node:net';
 import * as der from './der.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
-import { importSpki, importSpkiFast, readSpki, signatureAlgorithmFor, spkiDerOfKey, type KeyDescription, type SpkiKey } from './keys.ts';
+import { canonicalKey, importSpki, importSpkiFast, signatureAlgorithmFor, spkiDerOfKey, type CanonicalKey, type KeyDescription } from './keys.ts';
 import { ecVerifyPool, type EcVerdict, type EcVerifyJob } from './verify-pool.ts';
 
 export interface SubjectAltNames {
@@ -24,8 +24,11 @@ export interface CsrBuildOptions {
   publicKey: KeyObject;
 }
 
+const CN_OID_DER = der.oid(OID.commonName);
+
+/** A Name of one RDN holding the CN as a UTF8String: the only subject leafgate issues. */
 export function encodeName(commonName: string): Buffer {
-  return der.seq(der.setOf(der.seq(der.oid(OID.commonName), der.utf8String(commonName))));
+  return der.seq(der.tlv(der.TAG.SET, der.seq(CN_OID_DER, der.utf8String(commonName))));
 }
 
 export function encodeSan(sans: { dns?: string[]; uri?: string[]; ip?: string[] }): Buffer {
@@ -78,15 +81,32 @@ export function buildCsr(opts: CsrBuildOptions): string {
   return toPem(der.seq(info, algorithm, der.bitString(signature)), 'CERTIFICATE REQUEST');
 }
 
+/**
+ * String types a CSR subject may use (docs/protocol.md, CSR rules): UTF8String,
+ * PrintableString (its character set), IA5String (7-bit). BMPString, TeletexString and
+ * UniversalString are well-formed but refused (NotAcceptedError). The issued subject is built
+ * from the checked value (encodeName: CN as UTF8String), never copied from the request.
+ */
+export const CSR_SUBJECT_STRING_TAGS: ReadonlySet<number> = new Set([der.TAG.UTF8_STRING, der.TAG.PRINTABLE_STRING, der.TAG.IA5_STRING]);
+
 export interface ParsedCsr {
   /** DER of the whole request. */
   der: Buffer;
-  /** Subject attributes in order, as [OID, value]. */
+  /** Subject attributes in order, as [OID, value], each value's encoding checked. */
   subject: Array<[string, string]>;
   commonName: string | undefined;
-  /** DER of the subject Name, copied verbatim into a certificate. */
+  /**
+   * The checked subject re-encoded, never the request's bytes: one attribute per RDN in
+   * order, every value a UTF8String. For the one-CN subjects leafgate signs this is
+   * encodeName(commonName); issuers still build the subject from the value their policy
+   * checked (the instruction's CN), not from this.
+   */
   subjectDer: Buffer;
-  /** DER of SubjectPublicKeyInfo, copied verbatim into a certificate. */
+  /**
+   * Canonical DER of the SubjectPublicKeyInfo (keys.ts canonicalKey: named curve and
+   * uncompressed point, rsaEncryption with NULL): what a certificate carries, which is not
+   * always the bytes of the request.
+   */
   spkiDer: Buffer;
   publicKey: KeyObject;
   key: KeyDescription;
@@ -114,7 +134,7 @@ export async function parseCsrAsync(pem: string): Promise<ParsedCsr> {
 
 export function parseCsrDer(raw: Buffer): ParsedCsr {
   const env = readEnvelope(raw);
-  const { publicKey, key } = importSpki(env.spkiNode.raw, env.spki);
+  const { publicKey, key } = importSpki(env.spki.spkiDer, env.spki);
   const alg = checkAlgorithm(env, key);
   let ok = false;
   try {
@@ -130,6 +150,7 @@ export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
   const env = readEnvelope(raw);
   const pool = env.spki.route === 'ec' ? ecVerifyPool() : null;
   if (pool && env.spki.route === 'ec') {
+    // `point` is the uncompressed point (a compressed one was decompressed by canonicalKey).
     // Import and verify on a worker thread (verify-pool.ts); the KeyObject is made only if
     // a caller asks for it. Own-size copies: a view would clone its whole backing buffer.
     const { crv, point, key } = env.spki;
@@ -144,11 +165,10 @@ export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
     }
     if (verdict === 'bad-key') throw new der.DerError('subject public key cannot be read');
     if (verdict !== 'verified') throw new der.DerError('CSR signature does not verify');
-    const spkiDer = env.spkiNode.raw;
     const spki = env.spki;
-    return finish(env, () => importSpki(spkiDer, spki).publicKey, key, alg.oid);
+    return finish(env, () => importSpki(spki.spkiDer, spki).publicKey, key, alg.oid);
   }
-  const { publicKey, key } = await importSpkiFast(env.spkiNode.raw, env.spki);
+  const { publicKey, key } = await importSpkiFast(env.spki.spkiDer, env.spki);
   const alg = checkAlgorithm(env, key);
   const ok = await new Promise<boolean>((resolve) => {
     try {
@@ -164,7 +184,7 @@ export async function parseCsrDerAsync(raw: Buffer): Promise<ParsedCsr> {
 async function verifyHere(env: Envelope, alg: { hash: string; signature: Buffer }): Promise<EcVerdict> {
   let publicKey: KeyObject;
   try {
-    publicKey = (await importSpkiFast(env.spkiNode.raw, env.spki)).publicKey;
+    publicKey = (await importSpkiFast(env.spki.spkiDer, env.spki)).publicKey;
   } catch {
     return 'bad-key';
   }
@@ -187,11 +207,14 @@ interface Envelope {
   spkiNode: der.DerNode;
   attrsNode: der.DerNode;
   subject: Array<[string, string]>;
-  spki: SpkiKey;
+  spki: CanonicalKey;
 }
 
 function readEnvelope(raw: Buffer): Envelope {
   const outer = der.expectTag(der.parseDer(raw), der.TAG.SEQUENCE, 'CertificationRequest');
+  // Every element of the request is DER, also in the parts read no further (attributes that
+  // are not used, values that are ignored), and nothing nests deeper than MAX_DEPTH.
+  der.checkDerTree(outer);
   const [infoNode, algNode, sigNode, ...extra] = der.children(outer);
   if (extra.length) throw new der.DerError('unexpected fields after signature');
   der.expectTag(infoNode, der.TAG.SEQUENCE, 'CertificationRequestInfo');
@@ -201,8 +224,8 @@ function readEnvelope(raw: Buffer): Envelope {
   der.expectTag(subjectNode, der.TAG.SEQUENCE, 'subject');
   der.expectTag(spkiNode, der.TAG.SEQUENCE, 'subjectPKInfo');
   der.expectTag(attrsNode, 0xa0, 'attributes');
-  const subject = decodeName(subjectNode);
-  return { raw, infoNode, algNode, sigNode, subjectNode, spkiNode, attrsNode, subject, spki: readSpki(spkiNode.raw) };
+  const subject = decodeName(subjectNode, CSR_SUBJECT_STRING_TAGS);
+  return { raw, infoNode, algNode, sigNode, subjectNode, spkiNode, attrsNode, subject, spki: canonicalKey(spkiNode) };
 }
 
 /** signatureAlgorithm against the key, and the signature octets. */
@@ -214,6 +237,8 @@ function checkAlgorithm(env: Envelope, key: KeyDescription): { oid: string; hash
   if (!alg) throw new der.DerError(`signature algorithm ${oid} is not accepted`);
   if (alg.keyType !== key.keyType) throw new der.DerError('signature algorithm does not match the key type');
   if (alg.keyType === 'ec' && algParams) throw new der.DerError('ECDSA algorithm identifier must have no parameters');
+  // RFC 4055 5: NULL, and readers accept it absent.
+  if (alg.keyType === 'rsa' && algParams && algParams.tag !== der.TAG.NULL) throw new der.DerError('RSA signature algorithm parameters must be NULL');
   return { oid, hash: alg.hash, signature: der.decodeBitString(env.sigNode) };
 }
 
@@ -221,6 +246,8 @@ function checkAlgorithm(env: Envelope, key: KeyDescription): { oid: string; hash
 function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: KeyDescription, signatureAlgorithm: string): ParsedCsr {
   const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
   const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
+  const seen = new Set<string>();
+  let extensionRequests = 0;
   for (const attr of der.children(env.attrsNode)) {
     // Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) } (RFC 2986 4.1), nothing after
     const [typeNode, valuesNode, ...attrExtra] = der.children(der.expectTag(attr, der.TAG.SEQUENCE, 'Attribute'));
@@ -230,23 +257,30 @@ function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: Ke
     const values = der.children(valuesNode);
     if (values.length === 0) throw new der.DerError('attribute values: empty SET');
     if (type !== OID.extensionRequest) continue; // e.g. challengePassword: not used, not trusted
-    for (const exts of values) {
-      for (const ext of der.children(der.expectTag(exts, der.TAG.SEQUENCE, 'Extensions'))) {
-        // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
-        const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
-        const extOid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
-        let critical = false;
-        let next = 1;
-        if (parts[1]?.tag === der.TAG.BOOLEAN) {
-          if (parts[1].value.length !== 1) throw new der.DerError('bad BOOLEAN');
-          critical = parts[1].value[0] !== 0;
-          next = 2;
-        }
-        const valueNode = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
-        if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
-        requestedExtensions.push({ oid: extOid, critical });
-        if (extOid === OID.subjectAltName) readSan(valueNode.value, sans);
+    // PKCS#9 (RFC 2985 5.4.2): extensionRequest is single-valued.
+    if (++extensionRequests > 1 || values.length !== 1) throw new der.DerError('extensionRequest must appear once, with one value');
+    for (const ext of der.children(der.expectTag(values[0], der.TAG.SEQUENCE, 'Extensions'))) {
+      // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
+      const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
+      const extOid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
+      // RFC 5280 4.2: one instance of an extension at most.
+      if (seen.has(extOid)) throw new der.DerError(`extension ${extOid} is requested twice`);
+      seen.add(extOid);
+      let critical = false;
+      let next = 1;
+      if (parts[1]?.tag === der.TAG.BOOLEAN) {
+        critical = der.decodeBoolean(parts[1]);
+        // X.690 11.5: a DEFAULT value is never encoded.
+        if (!critical) throw new der.DerError('critical FALSE is the DEFAULT and must be omitted in DER');
+        next = 2;
       }
+      const valueNode = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
+      if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
+      // extnValue holds the DER of one value (RFC 5280 4.1): checked whole, also when it is not read.
+      const value = der.parseDer(valueNode.value, valueNode.depth + 1);
+      der.checkDerTree(value);
+      requestedExtensions.push({ oid: extOid, critical });
+      if (extOid === OID.subjectAltName) readSan(value, sans);
     }
   }
 
@@ -254,8 +288,11 @@ function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: Ke
     der: env.raw,
     subject: env.subject,
     commonName: env.subject.find(([o]) => o === OID.commonName)?.[1],
-    subjectDer: env.subjectNode.raw,
-    spkiDer: env.spkiNode.raw,
+    subjectDer:
+      env.subject.length === 1 && env.subject[0][0] === OID.commonName
+        ? encodeName(env.subject[0][1])
+        : der.seq(...env.subject.map(([o, v]) => der.setOf(der.seq(der.oid(o), der.utf8String(v))))),
+    spkiDer: env.spki.spkiDer,
     publicKey: undefined as unknown as KeyObject,
     key,
     signatureAlgorithm,
@@ -271,8 +308,11 @@ function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: Ke
   return parsed;
 }
 
-/** Name (RFC 5280 4.1.2.4) as [OID, value] pairs in order. */
-export function decodeName(nameNode: der.DerNode): Array<[string, string]> {
+/**
+ * Name (RFC 5280 4.1.2.4) as [OID, value] pairs in order. With `stringTags`, a value of any
+ * other string type is refused with NotAcceptedError.
+ */
+export function decodeName(nameNode: der.DerNode, stringTags?: ReadonlySet<number>): Array<[string, string]> {
   der.expectTag(nameNode, der.TAG.SEQUENCE, 'Name');
   const out: Array<[string, string]> = [];
   for (const rdn of der.children(nameNode)) {
@@ -283,7 +323,10 @@ export function decodeName(nameNode: der.DerNode): Array<[string, string]> {
       const [type, value, ...extra] = der.children(der.expectTag(atv, der.TAG.SEQUENCE, 'AttributeTypeAndValue'));
       if (!value) throw new der.DerError('attribute value missing');
       if (extra.length) throw new der.DerError('unexpected fields in AttributeTypeAndValue');
-      out.push([der.decodeOid(type), der.decodeString(value)]);
+      const oid = der.decodeOid(der.expectTag(type, der.TAG.OID, 'attribute type'));
+      const text = der.decodeString(value);
+      if (stringTags && !stringTags.has(value.tag)) throw new der.NotAcceptedError(`subject attribute ${oid}: string type 0x${value.tag.toString(16)} is not accepted (UTF8String, PrintableString, IA5String)`);
+      out.push([oid, text]);
     }
   }
   return out;
@@ -297,21 +340,49 @@ export function certificateSubject(certDer: Buffer): Array<[string, string]> {
   return decodeName(fields[offset + 4]);
 }
 
-function readSan(value: Buffer, into: SubjectAltNames): void {
-  for (const gn of der.children(der.expectTag(der.parseDer(value), der.TAG.SEQUENCE, 'GeneralNames'))) {
+/**
+ * GeneralNames of a requested subjectAltName. IA5String forms (rfc822Name, dNSName, URI) must
+ * be 7-bit; a name requested twice (DNS names compared case-insensitively, IP addresses by
+ * their octets) is refused with NotAcceptedError rather than silently de-duplicated.
+ */
+function readSan(value: der.DerNode, into: SubjectAltNames): void {
+  const seen = new Set<string>();
+  const once = (kind: string, v: string) => {
+    const k = `${kind}:${v}`;
+    if (seen.has(k)) throw new der.NotAcceptedError(`SAN ${kind} ${v.slice(0, 64)} is requested twice`);
+    seen.add(k);
+  };
+  const names = der.children(der.expectTag(value, der.TAG.SEQUENCE, 'GeneralNames'));
+  if (names.length === 0) throw new der.DerError('GeneralNames: empty SEQUENCE');
+  for (const gn of names) {
     switch (gn.tag) {
-      case 0x82:
-        into.dns.push(gn.value.toString('latin1'));
+      case 0x82: {
+        der.checkIa5(gn.value);
+        const d = gn.value.toString('latin1');
+        once('DNS', d.toLowerCase());
+        into.dns.push(d);
         break;
-      case 0x86:
-        into.uri.push(gn.value.toString('latin1'));
+      }
+      case 0x86: {
+        der.checkIa5(gn.value);
+        const u = gn.value.toString('latin1');
+        once('URI', u);
+        into.uri.push(u);
         break;
-      case 0x81:
-        into.email.push(gn.value.toString('latin1'));
+      }
+      case 0x81: {
+        der.checkIa5(gn.value);
+        const e = gn.value.toString('latin1');
+        once('email', e);
+        into.email.push(e);
         break;
-      case 0x87:
-        into.ip.push(ipText(gn.value));
+      }
+      case 0x87: {
+        const ip = ipText(gn.value);
+        once('IP', ip);
+        into.ip.push(ip);
         break;
+      }
       default:
         // otherName, directoryName, ...: recorded as an unsupported SAN so the policy refuses it
         into.uri.push(`unsupported:[${gn.tag & 0x1f}]`);

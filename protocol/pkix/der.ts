@@ -14,7 +14,10 @@ export const TAG = {
   ENUMERATED: 0x0a,
   UTF8_STRING: 0x0c,
   PRINTABLE_STRING: 0x13,
+  TELETEX_STRING: 0x14,
   IA5_STRING: 0x16,
+  UNIVERSAL_STRING: 0x1c,
+  BMP_STRING: 0x1e,
   UTC_TIME: 0x17,
   GENERALIZED_TIME: 0x18,
   SEQUENCE: 0x30,
@@ -25,6 +28,19 @@ export class DerError extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'DerError';
+  }
+}
+
+/**
+ * Well-formed, but outside what leafgate signs (a curve, a key form, a string type, a
+ * duplicate name): the authority answers `policy_violation`, where a plain DerError -- the
+ * input is malformed -- is `bad_csr`. A DerError subclass, so every refusal of the codec
+ * is still a DerError.
+ */
+export class NotAcceptedError extends DerError {
+  constructor(message: string) {
+    super(message);
+    this.name = 'NotAcceptedError';
   }
 }
 
@@ -125,12 +141,19 @@ export interface DerNode {
   /** Content octets. */
   value: Buffer;
   constructed: boolean;
+  /** Nesting level: 0 for an element read from a buffer, its parent's + 1 through children(). */
+  depth: number;
 }
 
-const MAX_DEPTH = 32;
+/** Constructed levels below the outermost element a decoder descends (children() refuses deeper). */
+export const MAX_DEPTH = 32;
 
-/** Reads one element at `offset`; returns it and the offset after it. */
-export function readElement(buf: Buffer, offset = 0): { node: DerNode; next: number } {
+/**
+ * Reads one element at `offset`; returns it and the offset after it. `depth` is the nesting
+ * level the element is at: a caller that parses DER found inside another element (an
+ * extnValue, a key BIT STRING) passes the container's depth + 1, so the limit holds across.
+ */
+export function readElement(buf: Buffer, offset = 0, depth = 0): { node: DerNode; next: number } {
   if (offset + 2 > buf.length) throw new DerError('truncated header');
   const tag = buf[offset];
   if ((tag & 0x1f) === 0x1f) throw new DerError('high tag numbers are not used here');
@@ -150,24 +173,25 @@ export function readElement(buf: Buffer, offset = 0): { node: DerNode; next: num
   const end = start + len;
   if (end > buf.length) throw new DerError('element runs past the end of the input');
   return {
-    node: { tag, raw: buf.subarray(offset, end), value: buf.subarray(start, end), constructed: (tag & 0x20) !== 0 },
+    node: { tag, raw: buf.subarray(offset, end), value: buf.subarray(start, end), constructed: (tag & 0x20) !== 0, depth },
     next: end,
   };
 }
 
 /** Parses a buffer that must hold exactly one element. */
-export function parseDer(buf: Buffer): DerNode {
-  const { node, next } = readElement(buf, 0);
+export function parseDer(buf: Buffer, depth = 0): DerNode {
+  const { node, next } = readElement(buf, 0, depth);
   if (next !== buf.length) throw new DerError('trailing data after the outer element');
   return node;
 }
 
-export function children(node: DerNode, depth = 0): DerNode[] {
+/** The elements inside a constructed one, at its depth + 1 (`depth` overrides the node's own). */
+export function children(node: DerNode, depth = node.depth): DerNode[] {
   if (!node.constructed) throw new DerError(`tag 0x${node.tag.toString(16)} is not constructed`);
   if (depth > MAX_DEPTH) throw new DerError('nesting too deep');
   const out: DerNode[] = [];
   for (let off = 0; off < node.value.length; ) {
-    const { node: child, next } = readElement(node.value, off);
+    const { node: child, next } = readElement(node.value, off, depth + 1);
     out.push(child);
     off = next;
   }
@@ -216,29 +240,143 @@ export function decodeInteger(node: DerNode): bigint {
   return n;
 }
 
+/** X.680 41.4: the PrintableString repertoire. */
+const PRINTABLE = (() => {
+  const t = new Uint8Array(128);
+  for (const c of "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?") t[c.charCodeAt(0)] = 1;
+  return t;
+})();
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
+/** Throws unless every octet is in the PrintableString set. */
+export function checkPrintable(b: Buffer): void {
+  for (let i = 0; i < b.length; i++) if (b[i] > 0x7f || !PRINTABLE[b[i]]) throw new DerError('PrintableString holds a character outside its set');
+}
+
+/** Throws unless every octet is 7-bit (IA5String, X.680 41.4: International Reference Alphabet). */
+export function checkIa5(b: Buffer): void {
+  for (let i = 0; i < b.length; i++) if (b[i] > 0x7f) throw new DerError('IA5String holds an octet above 0x7F');
+}
+
+/** UTF-8 that is well-formed (no overlongs, surrogates or code points past U+10FFFF). */
+function utf8(b: Buffer): string {
+  try {
+    return UTF8.decode(b);
+  } catch {
+    throw new DerError('UTF8String is not valid UTF-8');
+  }
+}
+
+/**
+ * The value of a string element, its encoding checked: UTF8String well-formed UTF-8,
+ * PrintableString in its set, IA5String 7-bit, BMPString UCS-2 without surrogates,
+ * UniversalString UCS-4 scalar values. TeletexString (T.61, no usable definition) is read
+ * as latin1 for display only. Which of them a caller accepts is the caller's decision.
+ */
 export function decodeString(node: DerNode): string {
+  if (node.constructed) throw new DerError('constructed string encodings are not DER');
+  const v = node.value;
   switch (node.tag) {
     case TAG.UTF8_STRING:
-      return node.value.toString('utf8');
+      return utf8(v);
     case TAG.PRINTABLE_STRING:
+      checkPrintable(v);
+      return v.toString('latin1');
     case TAG.IA5_STRING:
-    case 0x14: // TeletexString, read as latin1 for display only
-      return node.value.toString('latin1');
-    case 0x1e: // BMPString
-      if (node.value.length % 2) throw new DerError('odd-length BMPString');
-      return Buffer.from(node.value).swap16().toString('utf16le');
+      checkIa5(v);
+      return v.toString('latin1');
+    case TAG.TELETEX_STRING:
+      return v.toString('latin1');
+    case TAG.BMP_STRING: {
+      if (v.length % 2) throw new DerError('odd-length BMPString');
+      for (let i = 0; i < v.length; i += 2) if (v[i] >= 0xd8 && v[i] <= 0xdf) throw new DerError('BMPString holds a surrogate');
+      return Buffer.from(v).swap16().toString('utf16le');
+    }
+    case TAG.UNIVERSAL_STRING: {
+      if (v.length % 4) throw new DerError('UniversalString length is not a multiple of 4');
+      let out = '';
+      for (let i = 0; i < v.length; i += 4) {
+        const cp = v.readUInt32BE(i);
+        if (cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) throw new DerError('UniversalString holds an invalid character');
+        out += String.fromCodePoint(cp);
+      }
+      return out;
+    }
     default:
       throw new DerError(`tag 0x${node.tag.toString(16)} is not a string type`);
   }
 }
 
-/** BIT STRING contents; `octetAligned` (keys, signatures) refuses any unused bits. */
+/** BOOLEAN, DER only (X.690 11.1): one octet, 0x00 or 0xFF. */
+export function decodeBoolean(node: DerNode): boolean {
+  expectTag(node, TAG.BOOLEAN, 'BOOLEAN');
+  if (node.value.length !== 1) throw new DerError('BOOLEAN must be one octet');
+  if (node.value[0] === 0xff) return true;
+  if (node.value[0] === 0x00) return false;
+  throw new DerError('BOOLEAN TRUE must be 0xFF in DER');
+}
+
+/**
+ * BIT STRING contents, DER (X.690 11.2): an unused-bits count of 0..7, none with empty
+ * content, and the unused bits zero. `octetAligned` (keys, signatures) refuses any unused bits.
+ */
 export function decodeBitString(node: DerNode, octetAligned = true): Buffer {
   expectTag(node, TAG.BIT_STRING, 'BIT STRING');
-  if (node.value.length === 0) throw new DerError('empty BIT STRING');
-  if (node.value[0] > 7) throw new DerError('bad unused-bits count');
-  if (octetAligned && node.value[0] !== 0) throw new DerError('BIT STRING must be octet-aligned here');
-  return node.value.subarray(1);
+  const v = node.value;
+  if (v.length === 0) throw new DerError('empty BIT STRING');
+  const unused = v[0];
+  if (unused > 7) throw new DerError('bad unused-bits count');
+  if (unused && v.length === 1) throw new DerError('BIT STRING with unused bits and no content');
+  if (unused && v[v.length - 1] & ((1 << unused) - 1)) throw new DerError('BIT STRING padding bits are not zero');
+  if (octetAligned && unused !== 0) throw new DerError('BIT STRING must be octet-aligned here');
+  return v.subarray(1);
+}
+
+/**
+ * Checks a whole DER tree (every element, at every level, within MAX_DEPTH) the way the
+ * specific decoders check the parts they read, so the parts a parser skips -- attributes it
+ * does not use, values it ignores -- are not a hiding place: definite minimal lengths,
+ * SEQUENCE/SET constructed and the other universal types primitive, BOOLEAN 0x00/0xFF,
+ * NULL empty, INTEGER minimal, BIT STRING unused bits zero, strings in their character sets.
+ * Context-specific and application elements are checked for structure only (their types
+ * are the schema's). One pass, no copies; recursion is bounded by MAX_DEPTH.
+ */
+export function checkDerTree(node: DerNode): void {
+  const tag = node.tag;
+  if ((tag & 0xc0) === 0) {
+    const n = tag & 0x1f;
+    const mustConstruct = n === 0x10 || n === 0x11;
+    if (mustConstruct !== node.constructed) throw new DerError(`tag 0x${tag.toString(16)} has the wrong constructed flag for DER`);
+    switch (tag) {
+      case TAG.BOOLEAN:
+        decodeBoolean(node);
+        break;
+      case TAG.INTEGER:
+      case TAG.ENUMERATED:
+        if (node.value.length === 0 || (node.value.length > 1 && ((node.value[0] === 0 && !(node.value[1] & 0x80)) || (node.value[0] === 0xff && node.value[1] & 0x80)))) {
+          throw new DerError('non-minimal INTEGER');
+        }
+        break;
+      case TAG.NULL:
+        if (node.value.length) throw new DerError('NULL with content');
+        break;
+      case TAG.BIT_STRING:
+        decodeBitString(node, false);
+        break;
+      case TAG.OID:
+        decodeOid(node);
+        break;
+      case TAG.UTF8_STRING:
+      case TAG.PRINTABLE_STRING:
+      case TAG.IA5_STRING:
+      case TAG.BMP_STRING:
+      case TAG.UNIVERSAL_STRING:
+        decodeString(node);
+        break;
+    }
+  }
+  if (node.constructed) for (const c of children(node)) checkDerTree(c);
 }
 
 export function decodeTime(node: DerNode): Date {

@@ -1,5 +1,5 @@
 /** Key descriptions, public-key import, and the signature algorithm identifiers that go with them. */
-import { createPublicKey, KeyObject, webcrypto } from 'node:crypto';
+import { createPublicKey, ECDH, KeyObject, webcrypto } from 'node:crypto';
 import * as der from './der.ts';
 import { OID } from './oids.ts';
 
@@ -9,6 +9,8 @@ export interface KeyDescription {
   keySize: number;
   /** OpenSSL curve name for EC keys (prime256v1, secp384r1, ...). */
   curve?: string;
+  /** RSA public exponent; Infinity when it does not fit in 48 bits (no policy allows that). */
+  publicExponent?: number;
 }
 
 const CURVE_BITS: Record<string, number> = { prime192v1: 192, secp224r1: 224, prime256v1: 256, secp384r1: 384, secp521r1: 521 };
@@ -20,23 +22,35 @@ export function keyDescription(key: KeyObject): KeyDescription {
     const curve = d.namedCurve ?? 'unknown';
     return { keyType: 'ec', keySize: CURVE_BITS[curve] ?? 0, curve };
   }
-  if (key.asymmetricKeyType === 'rsa') return { keyType: 'rsa', keySize: d.modulusLength ?? 0 };
+  if (key.asymmetricKeyType === 'rsa') {
+    const e = d.publicExponent;
+    return { keyType: 'rsa', keySize: d.modulusLength ?? 0, ...(e !== undefined ? { publicExponent: e <= 0xffffffffffffn ? Number(e) : Infinity } : {}) };
+  }
   throw new der.DerError(`key type ${key.asymmetricKeyType} is not supported`);
 }
 
-// ---- SubjectPublicKeyInfo import ------------------------------------------------------------
+// ---- SubjectPublicKeyInfo: our own strict reading, canonical re-encoding, import ---------
+//
+// The authority signs a key only in its canonical form (RFC 5480, RFC 3279/8017):
+//   - EC: id-ecPublicKey with a named curve OID, the point uncompressed (04 || X || Y).
+//     Explicit or implicit curve parameters and curves other than P-256/384/521 are not
+//     accepted (NotAcceptedError -> policy_violation); a compressed point (02/03 || X) is
+//     decompressed (ECDH.convertKey, which refuses an x with no point on the curve); hybrid
+//     forms and wrong lengths are malformed. The canonical SPKI is a constant prefix per
+//     curve and the point: nothing else is allocated for it.
+//   - RSA: rsaEncryption with NULL parameters (absent parameters are read and re-encoded with
+//     NULL), RSAPublicKey { n, e } with positive minimal INTEGERs, n odd, e odd, 3 <= e < n.
+//     Which sizes and exponents are signed is the policy's decision (KeyDescription carries both).
+//   - anything else: NotAcceptedError.
 //
 // `createPublicKey({ format: 'der', type: 'spki' })` goes through OpenSSL 3's decoder
 // framework, which sets up a decoder chain per call: about 90 us, more than the ECDSA verify
-// it is for. For the keys devices actually send we read the SPKI ourselves and import the
-// bare key material instead:
+// it is for. So the bare key material is imported instead:
 //   - RSA: a JWK {n, e} (RSA_set0_key, about 2 us);
 //   - EC P-256/384/521, uncompressed point: WebCrypto 'raw' import (EC_POINT_oct2point, which
 //     refuses points off the curve, plus EVP_PKEY_public_check_quick). These curves have
 //     cofactor 1, so an on-curve point other than infinity is a complete public-key
 //     validation; the JWK route would add an n*Q scalar multiplication that proves nothing more.
-// Everything else (other curves, compressed points, explicit parameters, RSA without NULL
-// parameters, Ed25519, ...) takes the generic OpenSSL route, as before.
 
 interface FastCurve {
   curve: string;
@@ -44,73 +58,115 @@ interface FastCurve {
   crv: 'P-256' | 'P-384' | 'P-521';
   /** Octets per coordinate. */
   size: number;
+  /** The canonical SPKI up to the point: SEQ { SEQ { ecPublicKey, curve }, BIT STRING { 00 ... */
+  prefix: Buffer;
 }
 
-const FAST_CURVES: Record<string, FastCurve> = {
-  '1.2.840.10045.3.1.7': { curve: 'prime256v1', bits: 256, crv: 'P-256', size: 32 },
-  '1.3.132.0.34': { curve: 'secp384r1', bits: 384, crv: 'P-384', size: 48 },
-  '1.3.132.0.35': { curve: 'secp521r1', bits: 521, crv: 'P-521', size: 66 },
+const curve = (oidText: string, name: string, bits: number, crv: FastCurve['crv'], size: number): FastCurve => {
+  const full = der.seq(der.seq(der.oid(OID.ecPublicKey), der.oid(oidText)), der.bitString(Buffer.alloc(1 + 2 * size)));
+  return { curve: name, bits, crv, size, prefix: full.subarray(0, full.length - (1 + 2 * size)) };
 };
+
+const FAST_CURVES: Record<string, FastCurve> = {
+  '1.2.840.10045.3.1.7': curve('1.2.840.10045.3.1.7', 'prime256v1', 256, 'P-256', 32),
+  '1.3.132.0.34': curve('1.3.132.0.34', 'secp384r1', 384, 'P-384', 48),
+  '1.3.132.0.35': curve('1.3.132.0.35', 'secp521r1', 521, 'P-521', 66),
+};
+
+/** Names for refusal messages of curves that are read but never signed. */
+const OTHER_CURVES: Record<string, string> = { '1.2.840.10045.3.1.1': 'EC P-192', '1.3.132.0.33': 'EC P-224', '1.3.132.0.10': 'secp256k1' };
 
 const NULL_DER = Buffer.from([der.TAG.NULL, 0]);
 
-/** What our own reading of a SubjectPublicKeyInfo found. */
-export type SpkiKey =
-  | { route: 'ec'; key: KeyDescription; crv: FastCurve['crv']; point: Buffer }
-  | { route: 'rsa'; key: KeyDescription; n: Buffer; e: Buffer }
-  | { route: 'generic' };
+/** A key as the authority signs it: what it is, and its canonical SubjectPublicKeyInfo DER. */
+export type CanonicalKey =
+  | { route: 'ec'; key: KeyDescription; crv: FastCurve['crv']; point: Buffer; spkiDer: Buffer }
+  | { route: 'rsa'; key: KeyDescription; n: Buffer; e: Buffer; spkiDer: Buffer };
 
-/** Positive, minimally encoded INTEGER content without the sign octet; null when not. */
-function positiveInteger(node: der.DerNode | undefined): Buffer | null {
-  if (!node || node.tag !== der.TAG.INTEGER) return null;
-  const v = node.value;
-  if (v.length === 0 || v[0] & 0x80) return null; // empty or negative
+/** What our own reading of a SubjectPublicKeyInfo found; `generic` is left to OpenSSL. */
+export type SpkiKey = CanonicalKey | { route: 'generic' };
+
+/** Content of a positive, minimally encoded INTEGER without its sign octet. */
+function positiveInteger(node: der.DerNode | undefined, what: string): Buffer {
+  const v = der.expectTag(node, der.TAG.INTEGER, what).value;
+  if (v.length === 0) throw new der.DerError(`${what} is empty`);
+  if (v.length > 1 && ((v[0] === 0x00 && !(v[1] & 0x80)) || (v[0] === 0xff && v[1] & 0x80))) throw new der.DerError('non-minimal INTEGER');
+  if (v[0] & 0x80) throw new der.DerError(`${what} is negative`);
   if (v[0] === 0) {
-    if (v.length === 1 || !(v[1] & 0x80)) return null; // zero, or a non-minimal leading zero octet
+    if (v.length === 1) throw new der.DerError(`${what} is zero`);
     return v.subarray(1);
   }
   return v;
 }
 
+const bitLength = (b: Buffer) => (b.length - 1) * 8 + (32 - Math.clz32(b[0]));
+
 /**
- * Reads an SPKI DER for the fast import routes. Anything this reader does not fully
- * understand is `generic`; the caller then lets OpenSSL decide, so nothing is accepted here
- * that the generic route would refuse for a structural reason.
+ * Reads a SubjectPublicKeyInfo strictly and re-encodes it canonically (see above). Throws
+ * DerError for a malformed key, NotAcceptedError for a well-formed one leafgate does not sign.
+ * The point of an uncompressed EC key is checked against the curve where it is imported.
+ */
+export function canonicalKey(spki: der.DerNode): CanonicalKey {
+  der.expectTag(spki, der.TAG.SEQUENCE, 'SubjectPublicKeyInfo');
+  const parts = der.children(spki);
+  if (parts.length !== 2) throw new der.DerError('SubjectPublicKeyInfo must have two fields');
+  const alg = der.children(der.expectTag(parts[0], der.TAG.SEQUENCE, 'SubjectPublicKeyInfo algorithm'));
+  const keyBits = der.decodeBitString(der.expectTag(parts[1], der.TAG.BIT_STRING, 'subjectPublicKey'));
+  const algOid = der.decodeOid(der.expectTag(alg[0], der.TAG.OID, 'key algorithm'));
+  if (algOid === OID.ecPublicKey) {
+    if (alg.length !== 2) throw new der.DerError('id-ecPublicKey needs exactly one parameter (RFC 5480)');
+    const params = alg[1];
+    if (params.tag === der.TAG.SEQUENCE) throw new der.NotAcceptedError('explicit EC parameters are not accepted: use a named curve (RFC 5480)');
+    if (params.tag === der.TAG.NULL) throw new der.NotAcceptedError('implicitly specified EC parameters are not accepted: use a named curve (RFC 5480)');
+    const curveOid = der.decodeOid(der.expectTag(params, der.TAG.OID, 'namedCurve'));
+    const c = FAST_CURVES[curveOid];
+    if (!c) throw new der.NotAcceptedError(`EC curve ${curveOid}${OTHER_CURVES[curveOid] ? ` (${OTHER_CURVES[curveOid]})` : ''} is not accepted`);
+    let point: Buffer;
+    if (keyBits.length === 1 + 2 * c.size && keyBits[0] === 0x04) point = keyBits;
+    else if (keyBits.length === 1 + c.size && (keyBits[0] === 0x02 || keyBits[0] === 0x03)) {
+      try {
+        point = ECDH.convertKey(keyBits, c.curve, undefined, undefined, 'uncompressed') as Buffer;
+      } catch {
+        throw new der.DerError('compressed EC point is not on the curve');
+      }
+    } else throw new der.DerError(`EC point is not an uncompressed or compressed ${c.crv} point`);
+    const canonical = spki.raw.length === c.prefix.length + point.length && point === keyBits && spki.raw.subarray(0, c.prefix.length).equals(c.prefix);
+    let spkiDer = spki.raw;
+    if (!canonical) {
+      spkiDer = Buffer.allocUnsafe(c.prefix.length + point.length);
+      c.prefix.copy(spkiDer, 0);
+      point.copy(spkiDer, c.prefix.length);
+    }
+    return { route: 'ec', key: { keyType: 'ec', keySize: c.bits, curve: c.curve }, crv: c.crv, point, spkiDer };
+  }
+  if (algOid === OID.rsaEncryption) {
+    // RFC 3279 2.3.1: the parameters MUST be NULL; absent ones are read and re-encoded.
+    if (alg.length > 2 || (alg.length === 2 && !alg[1].raw.equals(NULL_DER))) throw new der.DerError('rsaEncryption parameters must be NULL');
+    const rsaKey = der.expectTag(der.parseDer(keyBits, spki.depth + 2), der.TAG.SEQUENCE, 'RSAPublicKey');
+    const ints = der.children(rsaKey);
+    if (ints.length !== 2) throw new der.DerError('RSAPublicKey must be two INTEGERs');
+    const n = positiveInteger(ints[0], 'RSA modulus');
+    const e = positiveInteger(ints[1], 'RSA public exponent');
+    if (!(n[n.length - 1] & 1)) throw new der.DerError('RSA modulus is even');
+    if (!(e[e.length - 1] & 1) || (e.length === 1 && e[0] < 3) || e.length > n.length || (e.length === n.length && e.compare(n) >= 0)) {
+      throw new der.DerError('RSA public exponent is invalid');
+    }
+    const publicExponent = e.length <= 6 ? e.readUIntBE(0, e.length) : Infinity;
+    const spkiDer = alg.length === 2 ? spki.raw : der.seq(der.seq(der.oid(OID.rsaEncryption), der.nullValue()), der.bitString(rsaKey.raw));
+    return { route: 'rsa', key: { keyType: 'rsa', keySize: bitLength(n), publicExponent }, n, e, spkiDer };
+  }
+  throw new der.NotAcceptedError(`key algorithm ${algOid} is not accepted`);
+}
+
+/**
+ * Reads an SPKI DER for the fast import routes: canonicalKey's reading, or `generic` for
+ * anything it refuses, which the caller then leaves to OpenSSL.
  */
 export function readSpki(spkiDer: Buffer): SpkiKey {
-  const generic = { route: 'generic' } as const;
   try {
-    const spki = der.parseDer(spkiDer);
-    if (spki.tag !== der.TAG.SEQUENCE) return generic;
-    const parts = der.children(spki);
-    if (parts.length !== 2 || parts[0].tag !== der.TAG.SEQUENCE || parts[1].tag !== der.TAG.BIT_STRING) return generic;
-    const alg = der.children(parts[0]);
-    if (alg.length !== 2 || alg[0].tag !== der.TAG.OID) return generic;
-    const bits = parts[1].value;
-    if (bits.length < 2 || bits[0] !== 0) return generic; // not octet-aligned
-    const keyBits = bits.subarray(1);
-    const algOid = der.decodeOid(alg[0]);
-    if (algOid === OID.ecPublicKey) {
-      if (alg[1].tag !== der.TAG.OID) return generic; // explicit or implicit curve parameters
-      const c = FAST_CURVES[der.decodeOid(alg[1])];
-      if (!c || keyBits.length !== 1 + 2 * c.size || keyBits[0] !== 0x04) return generic; // other curves, compressed or hybrid points
-      return { route: 'ec', key: { keyType: 'ec', keySize: c.bits, curve: c.curve }, crv: c.crv, point: keyBits };
-    }
-    if (algOid === OID.rsaEncryption) {
-      if (!alg[1].raw.equals(NULL_DER)) return generic;
-      const rsaKey = der.parseDer(keyBits);
-      if (rsaKey.tag !== der.TAG.SEQUENCE) return generic;
-      const ints = der.children(rsaKey);
-      if (ints.length !== 2) return generic;
-      const n = positiveInteger(ints[0]);
-      const e = positiveInteger(ints[1]);
-      if (!n || !e) return generic;
-      const keySize = (n.length - 1) * 8 + (32 - Math.clz32(n[0]));
-      return { route: 'rsa', key: { keyType: 'rsa', keySize }, n, e };
-    }
-    return generic;
+    return canonicalKey(der.parseDer(spkiDer));
   } catch (err) {
-    if (err instanceof der.DerError) return generic;
+    if (err instanceof der.DerError) return { route: 'generic' };
     throw err;
   }
 }
