@@ -197,7 +197,23 @@ test('a client certificate with the device CA\'s name and key id but another sig
     issuer: { subjectDer: pkix.subjectDerOf(root.raw), keyId: pkix.keyIdentifier(rootSpki), privateKey: forgerKey },
   }));
 
+  // A self-signed "device CA" of the same name, and a leaf it validly signed (its own key id):
+  // OpenSSL finds no signature error here (so node's TLS leaves the connection up), only an
+  // untrusted chain -- the broker's own check of the verification result must refuse it.
+  const shadow = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const shadowSpki = shadow.publicKey.export({ type: 'spki', format: 'der' });
+  const shadowIssuer = { subjectDer: ca.subjectDer, keyId: pkix.keyIdentifier(shadowSpki), privateKey: shadow.privateKey };
+  const shadowCa = pem(pkix.encodeCertificate({
+    serial: pkix.newSerial(), subjectDer: ca.subjectDer, spkiDer: shadowSpki, notBefore: new Date(now - 3600_000), notAfter: new Date(now + 86_400_000), profile: { kind: 'root' }, issuer: shadowIssuer,
+  }));
+  const shadowLeaf = pem(pkix.encodeCertificate({
+    serial: pkix.newSerial(), subjectDer: pkix.encodeName(id), spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }),
+    notBefore: new Date(now - 3600_000), notAfter: new Date(now + 86_400_000), profile: { kind: 'device', keyType: 'ec' }, issuer: shadowIssuer,
+  }));
+  assert.equal(new X509Certificate(shadowLeaf).issuer, real.issuer, 'the shadow leaf names the device CA as its issuer');
+
   const attempts: Array<[string, { key: string; cert: string }]> = [
+    ['a leaf of a self-signed CA with the device CA\'s name', { key: keyPem(device.privateKey), cert: shadowLeaf + shadowCa }],
     ['the forged leaf alone', { key: keyPem(device.privateKey), cert: forgedLeaf }],
     ['the forged leaf with the genuine device CA', { key: keyPem(device.privateKey), cert: forgedLeaf + deviceCaPem }],
     ['the forged leaf with a forged device CA', { key: keyPem(device.privateKey), cert: forgedLeaf + forgedCa }],
