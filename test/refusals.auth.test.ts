@@ -204,3 +204,31 @@ test('pki-signature: a challenge signed with another key than the birth certific
   await assertNothingIssued(stack, id);
   assert.equal((await stack.authority.store.getDevice(id))?.status, 'registered');
 });
+
+test('a challenge expires by time: answered at its last millisecond it is accepted, a second later challenge_expired', async (t) => {
+  // The authority's clock stands still unless the test moves it.
+  let now = Date.now();
+  const stack = await startStack(t, { authorityNow: () => now });
+  for (const [label, offsetMs, expected] of [['just before expiry', -1, 'instruction'], ['just after expiry', 1000, 'challenge_expired']] as const) {
+    const id = `dev-expiry-${offsetMs < 0 ? 'before' : 'after'}`;
+    const cred = stack.credential(id, 'pki-signature');
+    const dev = await bootstrap(t, stack, id);
+    const challenge = await register(dev, cred);
+    assert.equal(new Date(challenge.expiresAt).getTime(), now + 120_000, 'challengeTtlSeconds from the authority clock');
+    now = new Date(challenge.expiresAt).getTime() + offsetMs;
+    const auth = authMessage(id, cred, challenge);
+    await dev.send('auth', auth);
+    if (expected === 'instruction') {
+      const instruction = await answerOrError<InstructionMessage>(dev, 'instruction', auth.requestId as string);
+      assert.equal(instruction.requestId, auth.requestId, label);
+    } else {
+      await assert.rejects(answerOrError(dev, 'instruction', auth.requestId as string), (err: Error & { body?: { code: string; requestId?: string } }) => {
+        assert.equal(err.body?.code, 'challenge_expired', label);
+        assert.equal(err.body?.requestId, auth.requestId, 'the refusal names the request');
+        return true;
+      });
+      await assertRefusalAudited(stack, id, 'challenge_expired', { action: 'auth', requestId: auth.requestId as string });
+    }
+    now = Date.now();
+  }
+});
