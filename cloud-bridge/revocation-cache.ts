@@ -54,6 +54,9 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     return !this.crl?.nextUpdate || this.crl.nextUpdate.getTime() < now;
   }
 
+  /** CRLs refused for a bad signature or encoding since start (a planted or corrupted CRL shows here). */
+  refusedCount = 0;
+
   /** DER of the CRL held, to share it with the other gateways of a cluster. */
   get der(): Buffer | undefined {
     return this.crl?.der;
@@ -68,6 +71,7 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     try {
       parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
     } catch (err) {
+      this.refusedCount++;
       this.opts.logger.warn({ err: (err as Error).message, source }, 'refusing a CRL whose signature or encoding is bad');
       return false;
     }

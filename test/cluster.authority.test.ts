@@ -172,7 +172,7 @@ test('a revocation on node B is in node A\'s CRL and reaches the gateway whose e
   t.after(() => closeQuietly(client));
   const inbox = new Inbox(client);
   assert.deepEqual(await subscribeGranted(client, downFilter(id)), [1]);
-  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the gateway event stream on A');
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 20_000, 'the gateway event stream on A');
   const before = a.revocation.crl().crlNumber;
 
   // Revoked through B's admin API: B's gateways are none; the gateway is connected to A.
@@ -199,7 +199,7 @@ test('the renewal scan runs once per period for the cluster; its announcement re
   const { url } = await pgSchema(t);
   // Due at once (see test/renewal.test.ts).
   const { stack, a, b } = await cluster(t, url, { renewAfterFraction: 0.001, validityDays: 1 });
-  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the gateway event stream on A');
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 20_000, 'the gateway event stream on A');
   const device = stack.device('pki-cluster-renew', 'pki-signature');
   const first = await device.onboard();
   assert.equal(stack.gateway.renewals.get(first.serial), undefined, 'not announced yet');
@@ -207,7 +207,7 @@ test('the renewal scan runs once per period for the cluster; its announcement re
   // B's timer fires first: B claims this period, announces to its own gateways (none) and
   // signals A, which announces to the gateway connected to it.
   assert.equal(await b.renewals.scan(), 1);
-  await until(() => stack.gateway.renewals.get(first.serial), 5000, 'the due renewal at the gateway on A');
+  await until(() => stack.gateway.renewals.get(first.serial), 20_000, 'the due renewal at the gateway on A');
   // A's timer in the same period: already claimed, nothing announced twice.
   assert.equal(await a.renewals.scan(), null);
   assert.equal(await b.renewals.scan(), null);
@@ -314,7 +314,7 @@ test('PostgreSQL unreachable: start-up fails with a clear message; a running nod
   assert.equal((await authorityRequest(api, '/readyz')).status, 503);
   // What needs no database still works: the CRL is served from memory.
   assert.equal((await authorityRequest(api, '/v1/crl')).status, 200);
-  await until(() => lines.some((l) => l.level >= 50 && /database unavailable/.test(l.msg)), 5000, 'an error log line about the database');
+  await until(() => lines.some((l) => l.level >= 50 && /database unavailable/.test(l.msg)), 20_000, 'an error log line about the database');
   await until(() => lines.some((l) => l.msg === 'cluster event connection lost; reconnecting'), 5000, 'the event connection loss to be logged');
 
   await proxy.up();

@@ -20,14 +20,14 @@ test('twin, direct methods and telemetry relay of the gateway module', async (t)
     gateway: { module: { connectionString: hub.moduleConnectionString('gw-test', 'leafgate'), ca: hub.ca, reportIntervalMs: 100 } },
   });
   assert.ok(stack.gateway.module, 'module link is up');
-  await until(() => stack.gateway.module!.settings.relayTelemetry, 5000, 'desired properties applied');
+  await until(() => stack.gateway.module!.settings.relayTelemetry, 20_000, 'desired properties applied');
 
   // policyGroup from the twin: a ddkg device without a group is judged by group "coded" (one-time code).
   await assert.rejects(stack.device('ddkg-mod-1', 'ddkg').onboard(), { code: 'enrollment_required' });
 
   const device = stack.device('mod-1', 'pki-signature');
   const id = await device.onboard();
-  await until(() => (hub.twin('gw-test', 'leafgate').reported as any)?.connections, 5000, 'reported status');
+  await until(() => (hub.twin('gw-test', 'leafgate').reported as any)?.connections, 20_000, 'reported status');
   const reported = hub.twin('gw-test', 'leafgate').reported as any;
   assert.equal(reported.gatewayId, 'gw-test');
   assert.equal(reported.settings.relayTelemetry, true);
@@ -52,7 +52,7 @@ test('twin, direct methods and telemetry relay of the gateway module', async (t)
 
   const before = (await stack.authority.store.listCertificates({ subjectId: 'gw-test', kind: 'gateway' })).length;
   hub.patchDesired('gw-test', 'leafgate', { rateLimits: { publishesPerClient: { points: 7, durationSeconds: 2 }, bogus: 1 } });
-  await until(() => (hub.twin('gw-test', 'leafgate').reported as any)?.rateLimits?.publishesPerClient?.points === 7, 5000, 'rate limits applied from the twin');
+  await until(() => (hub.twin('gw-test', 'leafgate').reported as any)?.rateLimits?.publishesPerClient?.points === 7, 20_000, 'rate limits applied from the twin');
 
   const renew = await hub.invokeMethod('gw-test', 'leafgate', 'renewNow', {});
   assert.equal(renew.status, 200);

@@ -13,7 +13,8 @@ import { startStack } from './support/stack.ts';
 import { until, within } from './support/wait.ts';
 
 
-test('2,000 devices registering at once all get certificates; requests to the authority stay within the bound', { timeout: 240_000 }, async (t) => {
+// The bounds are sized for a loaded 2-core CI machine (the surge takes ~1 min there when quiet).
+test('2,000 devices registering at once all get certificates; requests to the authority stay within the bound', { timeout: 900_000 }, async (t) => {
   const concurrency = 8;
   const stack = await startStack(t, {
     gateway: {
@@ -28,7 +29,7 @@ test('2,000 devices registering at once all get certificates; requests to the au
   let pendings = 0;
   const results = await Promise.allSettled(
     Array.from({ length: n }, (_, i) => {
-      const d = stack.device(i % 2 ? `ddkg-surge-${i}` : `surge-${i}`, i % 2 ? 'ddkg' : 'pki-signature', { keyPreference: ec, timeoutMs: 120_000 });
+      const d = stack.device(i % 2 ? `ddkg-surge-${i}` : `surge-${i}`, i % 2 ? 'ddkg' : 'pki-signature', { keyPreference: ec, timeoutMs: 600_000 });
       return d.onboard();
     }),
   );
@@ -52,7 +53,7 @@ for (const policy of ['keep', 'refuse'] as const) {
     const device = stack.device('stale-1', 'pki-signature');
     const identity = await device.onboard();
     await stack.stopAuthority();
-    await until(() => stack.gateway.revocations.isStale(), 5000, 'the CRL to go stale');
+    await until(() => stack.gateway.revocations.isStale(), 20_000, 'the CRL to go stale');
     const ready = await fetch(`http://127.0.0.1:${stack.gateway.httpPort}/readyz`);
     const metrics = await (await fetch(`http://127.0.0.1:${stack.gateway.httpPort}/metrics`)).text();
     if (policy === 'keep') {
@@ -112,6 +113,6 @@ test('the gateway measures its clock against the authority and reports a drift',
   t.after(() => new Promise<void>((r) => server.close(() => r())));
   const client = new AuthorityClient({ baseUrl: `https://127.0.0.1:${(server.address() as { port: number }).port}`, ca: cert });
   t.after(() => client.close());
-  await within(client.get('/healthz'), 5000, 'healthz');
+  await within(client.get('/healthz'), 20_000, 'healthz');
   assert.ok(client.clockSkewMs! > 590_000 && client.clockSkewMs! < 610_000, `skew ${client.clockSkewMs}`);
 });

@@ -108,7 +108,7 @@ async function openModule(hub: IotHubStandin, defer: (fn: () => unknown) => void
   const client = ModuleClient.fromConnectionString(hub.moduleConnectionString(deviceId, moduleId), Mqtt);
   client.setRetryPolicy(new NoRetry());
   await client.setOptions({ ca: hub.ca });
-  await within(client.open(), 5000, 'ModuleClient.open');
+  await within(client.open(), 20_000, 'ModuleClient.open');
   defer(() => client.close());
   return client;
 }
@@ -346,7 +346,7 @@ test('a real ModuleClient over MQTT: twin GET, reported PATCH, desired push, dir
   });
   await hub.waitSubscribed('edge-1', 'leafgate', '$iothub/twin/PATCH/properties/desired/#');
   assert.equal(hub.patchDesired('edge-1', 'leafgate', { relay: true, limits: { perMinute: null } }), 3);
-  const delta = await within(received, 5000, 'desired patch');
+  const delta = await within(received, 20_000, 'desired patch');
   assert.deepEqual(delta, { relay: true, limits: { perMinute: null }, $version: 3 });
   assert.equal(twin.properties.desired.relay, true);
   assert.deepEqual(twin.properties.desired.limits, {});
@@ -407,7 +407,7 @@ test('the service side over REST: Client.invokeDeviceMethod and a module twin de
   await hub.waitSubscribed('edge-1', 'leafgate', '$iothub/twin/PATCH/properties/desired/#');
   const mt = (await registry.getModuleTwin('edge-1', 'leafgate')).responseBody;
   await registry.updateModuleTwin('edge-1', 'leafgate', { properties: { desired: { policyGroup: 'factory-a' } } }, mt.etag);
-  assert.equal(await within(got, 5000, 'desired policyGroup'), 'factory-a');
+  assert.equal(await within(got, 20_000, 'desired policyGroup'), 'factory-a');
 });
 
 test('ModuleClient.fromEnvironment (IoT Edge variables) reaches the stand-in without any hook', async (t) => {
@@ -431,7 +431,7 @@ test('ModuleClient.fromEnvironment (IoT Edge variables) reaches the stand-in wit
     }
   }
   client.setRetryPolicy(new NoRetry());
-  await within(client.open(), 5000, 'open from environment');
+  await within(client.open(), 20_000, 'open from environment');
   defer(() => client.close());
   const twin = await client.getTwin();
   assert.equal(twin.properties.desired.$version, 1);
@@ -447,7 +447,7 @@ test('MQTT refuses a wrong key, and disabling a device over REST ends its live s
   const wrong = ModuleClient.fromConnectionString(hub.moduleConnectionString('edge-1', 'leafgate').replace(/SharedAccessKey=[^;]+/, `SharedAccessKey=${Buffer.alloc(32, 1).toString('base64')}`), Mqtt);
   wrong.setRetryPolicy(new NoRetry());
   await wrong.setOptions({ ca: hub.ca });
-  await assert.rejects(within(wrong.open(), 5000, 'open with a wrong key'));
+  await assert.rejects(within(wrong.open(), 20_000, 'open with a wrong key'));
   assert.deepEqual(
     { accepted: hub.connections.at(-1)!.accepted, returnCode: hub.connections.at(-1)!.returnCode, reason: hub.connections.at(-1)!.reason },
     { accepted: false, returnCode: 5, reason: 'token signature does not match' },
@@ -457,13 +457,13 @@ test('MQTT refuses a wrong key, and disabling a device over REST ends its live s
   const dropped = new Promise<void>((resolve) => hub.once('disconnect', () => resolve()));
   const edge = (await registry.get('edge-1')).responseBody;
   await registry.update({ ...edge, status: 'disabled' });
-  await within(dropped, 5000, 'session end after disable');
+  await within(dropped, 20_000, 'session end after disable');
   assert.equal(hub.isConnected('edge-1', 'leafgate'), false);
 
   const again = ModuleClient.fromConnectionString(hub.moduleConnectionString('edge-1', 'leafgate'), Mqtt);
   again.setRetryPolicy(new NoRetry());
   await again.setOptions({ ca: hub.ca });
-  await assert.rejects(within(again.open(), 5000, 'open while disabled'));
+  await assert.rejects(within(again.open(), 20_000, 'open while disabled'));
   assert.equal(hub.connections.at(-1)!.reason, 'device edge-1 is disabled');
 });
 
@@ -482,7 +482,7 @@ test('an X.509 leaf registered through the Registry connects with its certificat
     const c = DeviceClient.fromAuthenticationProvider(x509AuthenticationProvider(hub, { deviceId: 'leaf-1' }, x509), Mqtt);
     c.setRetryPolicy(new NoRetry());
     await c.setOptions({ ca: hub.ca });
-    await within(c.open(), 5000, 'x509 open');
+    await within(c.open(), 20_000, 'x509 open');
     defer(() => c.close());
     return c;
   };

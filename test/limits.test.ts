@@ -16,9 +16,9 @@ test('a client that opens TCP and never sends a ClientHello is closed after hand
   const socket = net.connect({ host: '127.0.0.1', port: stack.gateway.port });
   t.after(() => socket.destroy());
   socket.on('error', () => undefined);
-  await nextEvent(socket, 'connect', 3000);
+  await nextEvent(socket, 'connect', 20_000);
   const started = Date.now();
-  await nextEvent(socket, 'close', 3000);
+  await nextEvent(socket, 'close', 20_000);
   const elapsed = Date.now() - started;
   assert.ok(elapsed >= 200, `closed after ${elapsed} ms: by the timeout, not on accept`);
 });
@@ -29,7 +29,7 @@ test('a client that completes TLS but never sends CONNECT is closed after connec
   t.after(() => socket.destroy());
   socket.on('error', () => undefined);
   const started = Date.now();
-  await nextEvent(socket, 'close', 3000);
+  await nextEvent(socket, 'close', 20_000);
   const elapsed = Date.now() - started;
   assert.ok(elapsed >= 200, `closed after ${elapsed} ms: by the timeout, not on handshake`);
 });
@@ -74,7 +74,7 @@ test('a publish over maxPacketBytes closes the connection; one over the payload 
   await client.publishAsync(topic, Buffer.alloc(1024, 0x61), { qos: 1 });
 
   // Over the packet cap: the connection is cut.
-  const gone = closed(client, 3000);
+  const gone = closed(client, 20_000);
   client.publish(topic, Buffer.alloc(128 * 1024, 0x61), { qos: 1 });
   await gone;
 });
@@ -95,7 +95,7 @@ test('a packet that declares a length over maxPacketBytes is cut before its body
     varint.push(n > 0 ? b | 0x80 : b);
     if (n === 0) break;
   }
-  const gone = nextEvent(socket, 'close', 3000);
+  const gone = nextEvent(socket, 'close', 20_000);
   socket.write(Buffer.from([0x30, ...varint]));
   await gone;
 });
@@ -119,7 +119,7 @@ test('TLS session tickets are off unless tlsSessionTickets is set: a reconnect w
       first.write(connectPacket({ clientId: `dev-tickets-${version.slice(-3)}`, clean: true }));
       // The CONNACK comes after every ticket the server sends (TLS 1.3 sends them right after
       // the handshake; TLS 1.2 inside it), so the session is final by then.
-      await nextEvent(first, 'data', 5000);
+      await nextEvent(first, 'data', 20_000);
       const session = first.getSession();
       first.destroy();
       const second = await rawTls(stack, stack.gateway.port, { minVersion: version, maxVersion: version, ...(session ? { session } : {}) });

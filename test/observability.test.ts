@@ -30,7 +30,7 @@ test('/healthz answers 200 and /readyz 200 with its checks', async (t) => {
   assert.equal(health.status, 200);
   assert.deepEqual(JSON.parse(health.body), { status: 'ok' });
 
-  await until(() => stack.gateway.readiness().checks.authorityLink === true, 5000, 'the authority event stream');
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 20_000, 'the authority event stream');
   const ready = await httpGet(opsUrl(stack.gateway.httpPort, '/readyz'));
   assert.equal(ready.status, 200);
   assert.deepEqual(JSON.parse(ready.body), { status: 'ready', checks: { brokerListening: true, authorityLink: true, crlCached: true, crlFresh: true, clockInSync: true } });
@@ -64,7 +64,7 @@ test('/metrics: connections by kind, onboardings, refusals by reason, onboarding
 
   // One onboarding, then the device connected with mTLS.
   const identity = await onboardDevice(stack, 'pki-seen');
-  await until(() => stack.gateway.sessions.holder('pki-seen') === undefined, 2000, 'the bootstrap session to end');
+  await until(() => stack.gateway.sessions.holder('pki-seen') === undefined, 20_000, 'the bootstrap session to end');
   const client = await connectOk(stack, operationalOptions(identity));
   t.after(() => closeQuietly(client));
   // A bootstrap session alongside it.
@@ -98,6 +98,6 @@ test('/metrics: connections by kind, onboardings, refusals by reason, onboarding
 
   // The gauge follows the connections.
   await client.endAsync();
-  await until(() => stack.gateway.sessions.holder('pki-seen') === undefined, 2000, 'the operational session to end');
+  await until(() => stack.gateway.sessions.holder('pki-seen') === undefined, 20_000, 'the operational session to end');
   assert.equal(metricValue(await metricsText(port), 'leafgate_gateway_connections', { kind: 'operational' }), 0);
 });

@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { pkix, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
 import { authenticate, bootstrap, csrFor, rid, type RawDevice } from './support/mqtt.ts';
 import { startStack, type Stack } from './support/stack.ts';
+import { until as waitUntil } from './support/wait.ts';
 
 async function authenticated(t: Parameters<typeof bootstrap>[0], stack: Stack, id: string): Promise<{ dev: RawDevice; csr: string }> {
   const dev = await bootstrap(t, stack, id);
@@ -55,8 +56,7 @@ test('a device that disconnected while its CSR was queued gets the certificate w
 
   await stack.startAuthorityAgain();
   // Wait until the outbox has the answer, then come back.
-  for (let i = 0; i < 200 && (await stack.gateway.outbox.pendingCount()) > 0; i++) await new Promise((r) => setTimeout(r, 50));
-  assert.equal((await stack.gateway.outbox.pendingCount()), 0);
+  await waitUntil(async () => (await stack.gateway.outbox.pendingCount()) === 0, 60_000, 'the outbox to hold the answer');
   const back = await bootstrap(t, stack, 'queued-2');
   const cert = await back.next<CertMessage>('cert', { requestId });
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'queued-2' }))[0].serial, cert.serial);
@@ -154,7 +154,7 @@ test('a device that drops right after sending its CSR gets the certificate when 
   const requestId = rid('csr');
   await dev.send('csr', { requestId, csr });
   await dev.end();
-  for (let i = 0; i < 200 && (await stack.gateway.outbox.pendingCount()) > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  await waitUntil(async () => (await stack.gateway.outbox.pendingCount()) === 0, 60_000, 'the outbox to hold the answer');
   const back = await bootstrap(t, stack, 'dropped-1');
   const cert = await back.next<CertMessage>('cert', { requestId });
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'dropped-1' }))[0].serial, cert.serial);

@@ -121,7 +121,7 @@ test('an accepted will is published when the operational device drops without DI
     stack.gateway.broker.aedes.on('publish', onPublish);
   });
   client.stream.destroy();
-  const packet = await within(published, 3000, 'the will');
+  const packet = await within(published, 20_000, 'the will');
   assert.equal(packet.payload.toString(), '{"gone":true}');
 });
 
@@ -195,5 +195,5 @@ test('down/ traffic of one device never reaches another (ACL and authorizeForwar
   assert.equal(acl.authorizeForward!(clientA, packet(upTopic('dev-a', 'telemetry', 'x'))), false);
   assert.equal(acl.authorizeForward!(clientA, packet('$SYS/x/y/z/w')), false);
   assert.equal(acl.authorizeForward!(clientA, packet(downTopic('dev-a', 'cert'))), true);
-  await until(() => a.connected && b.connected, 1000, 'both still connected');
+  await until(() => a.connected && b.connected, 20_000, 'both still connected');
 });

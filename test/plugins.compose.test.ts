@@ -286,7 +286,7 @@ test('through the gateway: telemetry over the publish budget is refused on the s
   // QoS 0 as well: the same synchronous check, no acknowledgement to wait for.
   dev.publish(upTopic('pki-sync', 'telemetry', 'state'), JSON.stringify({ i: 6 }), { qos: 0 });
   const errors = () => inbox.messages.filter((m) => m.topic === downTopic('pki-sync', 'error'));
-  await until(() => errors().length >= 3, 5000, 'three rate_limited errors');
+  await until(() => errors().length >= 3, 20_000, 'three rate_limited errors');
   assert.equal(errors().length, 3);
   for (const e of errors()) {
     assert.equal(e.body.code, 'rate_limited');

@@ -98,7 +98,7 @@ test('publishesPerClient: the 6th publish gets rate_limited with retryAfterMs; i
   }
   assert.equal(session.client.connected, true, 'still connected within abuseDisconnectAfter');
   // The 9th (4th strike, over abuseDisconnectAfter = 3) costs the connection.
-  const gone = closed(session.client, 3000);
+  const gone = closed(session.client, 20_000);
   session.client.publish(upTopic('dev-chatty', 'auth'), JSON.stringify({ requestId: 'req-9', challengeId: 'ch-9', signature: 'AAAA' }), { qos: 1 });
   await gone;
   const metrics = await metricsText(stack.gateway.httpPort);
@@ -117,7 +117,7 @@ test('onboardingsPerDevice: the third register of a device from one address is r
   assert.equal(third.body.code, 'rate_limited');
   assert.ok((third.body.retryAfterMs as number) > 0 && (third.body.retryAfterMs as number) <= 3600_000, `retryAfterMs ${third.body.retryAfterMs}`);
   await first.close();
-  await until(() => stack.gateway.sessions.holder('pki-again') === undefined, 2000, 'the first session to end');
+  await until(() => stack.gateway.sessions.holder('pki-again') === undefined, 20_000, 'the first session to end');
 
   // The budget belongs to the device, not the connection.
   const second = await BootstrapSession.open(stack, 'pki-again');
@@ -128,7 +128,7 @@ test('onboardingsPerDevice: the third register of a device from one address is r
   t.after(() => other.close());
   assert.equal((await other.register()).kind, 'challenge');
   await second.close();
-  await until(() => stack.gateway.sessions.holder('pki-again') === undefined, 2000, 'the second session to end');
+  await until(() => stack.gateway.sessions.holder('pki-again') === undefined, 20_000, 'the second session to end');
 
   // A bootstrap connection only claims its id: attempts from 127.0.0.1 (a hostile client,
   // say) did not spend the budget of the device that connects from elsewhere, which onboards.
@@ -152,7 +152,7 @@ test('csrsPerDevice: CSRs of a bootstrap connection that has not authenticated a
     assert.equal(answer.body.code, 'not_authenticated', `attempt ${i + 1}: ${JSON.stringify(answer.body)}`);
   }
   await hostile.close();
-  await until(() => stack.gateway.sessions.holder('pki-victim') === undefined, 2000, 'the hostile session to end');
+  await until(() => stack.gateway.sessions.holder('pki-victim') === undefined, 20_000, 'the hostile session to end');
 
   // The device itself, on the same address even, still has its one CSR of the day.
   const real = await BootstrapSession.open(stack, 'pki-victim');
@@ -177,7 +177,7 @@ test('concurrentOnboardings: a second device registering while the first is conn
   assert.equal((await a.register()).kind, 'challenge');
 
   await a.close();
-  await until(() => stack.gateway.sessions.holder('pki-first') === undefined, 2000, 'the first session to end');
+  await until(() => stack.gateway.sessions.holder('pki-first') === undefined, 20_000, 'the first session to end');
   const identity = await b.onboard();
   assert.equal(identity.deviceId, 'pki-second');
 });
@@ -188,7 +188,7 @@ test('csrsPerDevice: a CSR over the budget is rate_limited even after a successf
   t.after(() => first.close());
   await first.onboard();
   await first.close();
-  await until(() => stack.gateway.sessions.holder('pki-csr') === undefined, 2000, 'the first session to end');
+  await until(() => stack.gateway.sessions.holder('pki-csr') === undefined, 20_000, 'the first session to end');
 
   const second = await BootstrapSession.open(stack, 'pki-csr');
   t.after(() => second.close());

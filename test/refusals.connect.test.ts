@@ -99,7 +99,7 @@ test('a bootstrap connection cannot take over the id of a device connected with 
   // The operational session is untouched: same client, still open, still publishing.
   assert.equal(stack.gateway.sessions.holder(id)?.client, holder?.client);
   assert.equal(closed, false);
-  await within(device.publishTelemetry(operational, { still: 'here' }), 5_000, 'PUBACK of the operational session');
+  await within(device.publishTelemetry(operational, { still: 'here' }), 20_000, 'PUBACK of the operational session');
   assert.equal(closed, false);
   assert.equal(operational.connected, true);
 });
@@ -109,7 +109,7 @@ test('a bootstrap connection for an id that is only held by another bootstrap se
   const first = await bootstrap(t, stack, 'dev-boot');
   const second = await bootstrap(t, stack, 'dev-boot');
   // aedes closes the older connection with the same client id.
-  await within(first.closed, 5_000, 'the older connection to be closed');
+  await within(first.closed, 20_000, 'the older connection to be closed');
   assert.equal(second.isClosed, false);
   assert.equal(stack.gateway.sessions.holder('dev-boot')?.client.id, 'dev-boot');
   await second.send('register', '{');

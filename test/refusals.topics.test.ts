@@ -138,7 +138,7 @@ test('a payload over the onboarding cap is refused politely; a packet over the h
 
   // Over the MQTT packet cap: the broker closes the connection without reading the body.
   dev.client.publishAsync(upTopic(id, 'register'), Buffer.alloc(64 * 1024 + 1, 0x20), { qos: 1 }).catch(() => undefined);
-  await within(dev.closed, 5_000, 'the gateway to close the connection');
+  await within(dev.closed, 20_000, 'the gateway to close the connection');
   assert.equal(stack.gateway.sessions.holder(id), undefined);
   assert.equal(await stack.authority.store.getDevice(id), null);
 });

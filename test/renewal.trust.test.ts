@@ -172,18 +172,18 @@ test('renewal-due events (on connect and announced) reach only the gateway the d
   const b = eventStream(stack, gatewayIdentity(stack, GW_B));
   t.after(() => (a.close(), b.close()));
   // On connect: each gateway's own due list.
-  await until(() => dueSerials(a.events).includes(onA.serial) && dueSerials(b.events).includes(onB.serial), 5000, 'due lists on connect');
+  await until(() => dueSerials(a.events).includes(onA.serial) && dueSerials(b.events).includes(onB.serial), 20_000, 'due lists on connect');
   // Announced twice: once B holds its own device from the second announcement, everything of
   // the first one has been written to its stream (one stream, in order).
   assert.equal(await stack.authority.renewals.announce(), 2);
   assert.equal(await stack.authority.renewals.announce(), 2);
-  await until(() => dueSerials(a.events).filter((s) => s === onA.serial).length >= 3 && dueSerials(b.events).filter((s) => s === onB.serial).length >= 3, 5000, 'announcements');
+  await until(() => dueSerials(a.events).filter((s) => s === onA.serial).length >= 3 && dueSerials(b.events).filter((s) => s === onB.serial).length >= 3, 20_000, 'announcements');
   assert.ok(!dueSerials(b.events).includes(onA.serial), 'B never hears of A\'s device');
   assert.ok(!dueSerials(a.events).includes(onB.serial), 'A never hears of B\'s device');
   assert.ok(!JSON.stringify(b.events).includes('trust-e-a'), 'not even its id');
 
   // The real gateways: A keeps A's device due, B only its own.
-  await until(() => stack.gateway.renewals.get(onA.serial) && gwB.renewals.get(onB.serial), 5000, 'gateway trackers');
+  await until(() => stack.gateway.renewals.get(onA.serial) && gwB.renewals.get(onB.serial), 20_000, 'gateway trackers');
   assert.equal(gwB.renewals.get(onA.serial), undefined);
   assert.equal(stack.gateway.renewals.get(onB.serial), undefined);
 });
