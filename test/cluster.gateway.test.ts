@@ -7,7 +7,9 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import net from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { Redis } from 'ioredis';
 import type { CertMessage } from '../protocol/index.ts';
@@ -182,19 +184,24 @@ test('two outboxes on one Redis: a queued request is claimed by one gateway at a
   assert.equal((await a.get('dev-2', 'q2'))?.state, 'queued', 'queued work is never purged');
 });
 
-async function freePort(): Promise<number> {
-  const s = net.createServer().listen(0, '127.0.0.1');
-  await once(s, 'listening');
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
+/**
+ * A private redis-server on a unix socket in a fresh directory: no TCP port is chosen and
+ * then bound (another process could take it in between), and a restart comes back on the
+ * very same address. The gateways reach it as redis://localhost/?path=<socket> (ioredis
+ * takes options from the query).
+ */
+function privateRedisSocket(t: TestContext): { socket: string; url: string } {
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-redis-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const socket = join(dir, 'redis.sock');
+  return { socket, url: `redis://localhost/?path=${encodeURIComponent(socket)}` };
 }
 
-async function startRedis(port: number): Promise<ChildProcess> {
-  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
-  const probe = new Redis(`redis://127.0.0.1:${port}`, { retryStrategy: () => 50 });
+async function startRedis(socket: string): Promise<ChildProcess> {
+  const proc = spawn('redis-server', ['--port', '0', '--unixsocket', socket, '--unixsocketperm', '700', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const probe = new Redis({ path: socket, retryStrategy: () => 50 });
   probe.on('error', () => undefined);
-  await until(async () => (await probe.ping().catch(() => '')) === 'PONG', 10_000, `redis-server on ${port}`);
+  await until(async () => (await probe.ping().catch(() => '')) === 'PONG', 20_000, `redis-server on ${socket}`);
   probe.disconnect();
   return proc;
 }
@@ -206,10 +213,9 @@ async function stopRedis(proc: ChildProcess): Promise<void> {
 }
 
 test('Redis restarted in the middle of onboarding: a CSR is refused with gateway_unavailable, then completes once, and certified devices reconnect', async (t) => {
-  const port = await freePort();
-  let redisProc = await startRedis(port);
+  const { socket, url } = privateRedisSocket(t);
+  let redisProc = await startRedis(socket);
   t.after(() => stopRedis(redisProc));
-  const url = `redis://127.0.0.1:${port}`;
   const { stack, gwB, onB } = await cluster(t, {}, {}, url);
   const certified = await onboardDevice(onB, uid('pki-steady'));
   const id = uid('pki-mid');
@@ -225,7 +231,7 @@ test('Redis restarted in the middle of onboarding: a CSR is refused with gateway
   assert.equal(refusal.code, 'gateway_unavailable');
   assert.ok(Number(refusal.retryAfterMs) > 0, 'the refusal says when to retry');
 
-  redisProc = await startRedis(port);
+  redisProc = await startRedis(socket);
   await until(() => stack.gateway.cluster!.connected && gwB.cluster!.connected, 15_000, 'both gateways to reconnect to Redis');
   await dev.send('csr', { requestId, csr });
   const cert = await dev.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
@@ -239,11 +245,12 @@ test('Redis restarted in the middle of onboarding: a CSR is refused with gateway
 });
 
 test('a gateway configured for a Redis that is not there fails to start with a clear message', async (t) => {
-  const port = await freePort();
+  // A socket path nothing listens on: no port that something else might take meanwhile.
+  const { url } = privateRedisSocket(t);
   const stack = await startStack(t);
   await assert.rejects(
-    stack.addGateway(uid('gw-nored'), { redis: { url: `redis://127.0.0.1:${port}`, keyPrefix: prefix(), startTimeoutMs: 1500 } }),
-    (err: Error) => /Redis at redis:\/\/127\.0\.0\.1:\d+\/? did not answer within 1500 ms/.test(err.message),
+    stack.addGateway(uid('gw-nored'), { redis: { url, keyPrefix: prefix(), startTimeoutMs: 1500 } }),
+    (err: Error) => /Redis at redis:\/\/localhost\/\?path=\S+ did not answer within 1500 ms/.test(err.message),
   );
 });
 
