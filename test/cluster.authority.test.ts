@@ -96,12 +96,12 @@ test('two nodes starting at once on an empty database: migrated once, one CA (th
   assert.equal(new Set(nodes.map((n) => n.rootFingerprint)).size, 1);
   assert.equal(new Set(nodes.map((n) => n.ca.deviceCa.pem)).size, 1);
   const rows = (await admin.query(`SELECT name, key_pem FROM "${schema}".ca_material ORDER BY name`)).rows;
-  assert.deepEqual(rows.map((r) => r.name), ['device-ca', 'infra-ca', 'root']);
+  assert.deepEqual(rows.map((r) => r.name), ['device-ca', 'edge-issuer', 'infra-ca', 'root']);
   for (const r of rows) assert.match(r.key_pem, /^-----BEGIN ENCRYPTED PRIVATE KEY-----\n/, 'keys are stored encrypted');
   const versions = (await admin.query(`SELECT version FROM "${schema}".schema_migrations ORDER BY version`)).rows.map((r) => r.version);
   assert.deepEqual(versions, listMigrations().map((m) => m.version));
   // Every node's CRL is the one stored CRL line (numbers only go up).
-  const crl = (await admin.query(`SELECT crl_number FROM "${schema}".crls`)).rows[0];
+  const crl = (await admin.query(`SELECT crl_number FROM "${schema}".crls WHERE issuer = 'device-ca'`)).rows[0];
   assert.ok(nodes.every((n) => n.revocation.crl().crlNumber <= BigInt(crl.crl_number)));
 
   // A node with another passphrase cannot use the cluster's CA: a clear refusal at start.
@@ -118,7 +118,7 @@ test('two nodes on one database: one shared CA, distinct serials across nodes, a
   assert.equal(a.rootFingerprint, b.rootFingerprint);
   assert.equal(a.ca.deviceCa.pem, b.ca.deviceCa.pem);
   assert.equal(a.ca.infraCa.pem, b.ca.infraCa.pem);
-  assert.equal((await admin.query(`SELECT count(*)::int AS n FROM "${schema}".ca_material`)).rows[0].n, 3);
+  assert.equal((await admin.query(`SELECT count(*)::int AS n FROM "${schema}".ca_material`)).rows[0].n, 4);
   const deviceCa = new X509Certificate(a.ca.deviceCa.pem);
 
   // Many issuances, each flow spread over both nodes (register, auth and CSR on different ones).
