@@ -7,7 +7,7 @@
  */
 import Database from 'better-sqlite3';
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, fsync, fsyncSync, openSync, statSync } from 'node:fs';
+import { accessSync, closeSync, constants, fstatSync, fsync, fsyncSync, openSync, statSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { LeafgateError } from '../protocol/index.ts';
 
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at, seq);
 CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox (device_id, delivered_at);
+CREATE TABLE IF NOT EXISTS outbox_probe (id INTEGER PRIMARY KEY, at BIGINT NOT NULL);
 `;
 
 type Row = Record<string, any>;
@@ -78,9 +79,24 @@ export interface OutboxStore {
   markDelivered(seq: number, now: number): void | Promise<void>;
   undelivered(deviceId: string): OutboxEntry[] | Promise<OutboxEntry[]>;
   pendingCount(): number | Promise<number>;
+  /** Queued requests and the creation time of the oldest (null when none or not known). */
+  backlog?(): { count: number; oldestCreatedAt: number | null } | Promise<{ count: number; oldestCreatedAt: number | null }>;
+  /**
+   * False while the store cannot take new requests (disk full, read-only, write errors):
+   * the gateway is then not ready and devices are told `gateway_unavailable`.
+   */
+  writable?(): boolean;
   purge(before: number): number | Promise<number>;
   close(): void | Promise<void>;
 }
+
+/** The retry hint given to a device whose CSR could not be stored. */
+export const STORE_RETRY_AFTER_MS = 5_000;
+/** Below this much free space on the outbox's file system the gateway reports itself not ready. */
+export const MIN_FREE_BYTES = 1024 * 1024;
+
+const storeUnavailable = (what: string, err: unknown) =>
+  new LeafgateError('gateway_unavailable', `outbox ${what} failed: ${(err as Error).message}`, { retryAfterMs: STORE_RETRY_AFTER_MS });
 
 export const hashRequestBody = (body: unknown) => createHash('sha256').update(JSON.stringify(body)).digest('hex');
 
@@ -106,9 +122,14 @@ export class Outbox implements OutboxStore {
   private batch: PendingAccept[] = [];
   private flushing = 0;
   private closed = false;
+  /** Set by a failed write, cleared by the next write (or probe) that succeeds. */
+  private writeFailed = false;
+  private lastProbeAt = 0;
+  private readonly dir: string;
 
   constructor(file: string) {
     this.walPath = `${file}-wal`;
+    this.dir = dirname(file);
     this.db = new Database(file);
     // Accepts are durable by an fsync of the WAL that accept() awaits (see flush), one per
     // batch and on the threadpool; a synchronous=FULL commit would block the event loop for
@@ -135,12 +156,19 @@ export class Outbox implements OutboxStore {
       undelivered: p("SELECT * FROM outbox WHERE device_id = ? AND state != 'queued' AND delivered_at IS NULL ORDER BY seq"),
       retryNow: l("UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND next_attempt_at > ?"),
       pending: p("SELECT COUNT(*) AS n FROM outbox WHERE state = 'queued'"),
+      backlog: p("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE state = 'queued'"),
+      probe: p('INSERT INTO outbox_probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at'),
       purge: l("DELETE FROM outbox WHERE state != 'queued' AND completed_at < ?"),
     };
   }
 
   get(deviceId: string, requestId: string): OutboxEntry | null {
-    const r = this.st.get.get(deviceId, requestId) as Row | undefined;
+    let r: Row | undefined;
+    try {
+      r = this.st.get.get(deviceId, requestId) as Row | undefined;
+    } catch (err) {
+      throw storeUnavailable('read', err);
+    }
     return r ? toEntry(r) : null;
   }
 
@@ -175,14 +203,19 @@ export class Outbox implements OutboxStore {
         }
       })();
     } catch (err) {
-      for (const a of batch) a.reject(new LeafgateError('internal', `outbox write failed: ${(err as Error).message}`));
+      // Disk full (SQLITE_FULL), read-only (SQLITE_READONLY), I/O error: nothing of this batch
+      // was stored (the transaction rolled back), so nothing was acknowledged; the device
+      // retries the same request later.
+      this.writeFailed = true;
+      for (const a of batch) a.reject(storeUnavailable('write', err));
       return;
     }
     const settle = (err: Error | null) => {
       this.flushing--;
+      this.writeFailed = err !== null;
       batch.forEach((a, i) => {
         const r = results[i];
-        if (err) a.reject(new LeafgateError('internal', `outbox fsync failed: ${err.message}`));
+        if (err) a.reject(storeUnavailable('fsync', err));
         else if (r instanceof Error) a.reject(r);
         else a.resolve(r);
       });
@@ -252,6 +285,38 @@ export class Outbox implements OutboxStore {
 
   pendingCount(): number {
     return (this.st.pending.get() as Row).n;
+  }
+
+  backlog(): { count: number; oldestCreatedAt: number | null } {
+    const r = this.st.backlog.get() as Row;
+    return { count: r.n, oldestCreatedAt: r.oldest ?? null };
+  }
+
+  /**
+   * Whether a new request can be stored now: the directory is writable (not a read-only
+   * mount), at least MIN_FREE_BYTES are free, and the last write succeeded. After a failed
+   * write a probe write (at most once a second) tells when the store works again, so the
+   * gateway becomes ready without waiting for a device to try.
+   */
+  writable(): boolean {
+    if (this.closed) return false;
+    try {
+      accessSync(this.dir, constants.W_OK);
+      const fs = statfsSync(this.dir);
+      if (fs.bavail * fs.bsize < MIN_FREE_BYTES) return false;
+    } catch {
+      return false;
+    }
+    if (this.writeFailed && Date.now() - this.lastProbeAt >= 1000) {
+      this.lastProbeAt = Date.now();
+      try {
+        this.st.probe.run(Date.now());
+        this.writeFailed = false;
+      } catch {
+        // still failing
+      }
+    }
+    return !this.writeFailed;
   }
 
   /** Drops final entries older than `before` (answers are kept for re-queries until then). */

@@ -41,12 +41,47 @@ export interface RelayOptions {
 
 /** Cap on challenges remembered per connection: a device re-registering in a loop cannot grow it. */
 const MAX_CHALLENGES_PER_SESSION = 8;
+/**
+ * CSRs an authenticated connection sent that could not be stored, remembered (in memory)
+ * so that the identical request re-sent on a later connection is taken: at most this many,
+ * for at most the authority's default CSR deadline.
+ */
+const MAX_UNSTORED = 10_000;
+const UNSTORED_TTL_MS = 10 * 60_000;
 
 export class OnboardingRelay {
   /** Group asked for devices that name none (module twin `policyGroup`). */
   defaultGroup: string | undefined;
 
+  /**
+   * `${deviceId}\n${requestId}` -> the exact CSR an authenticated connection sent when the
+   * outbox could not store it (gateway_unavailable). The device is told to re-send the same
+   * message later, and by then its connection may have dropped: a new connection has no
+   * authentication of its own, but the identical request (same requestId, byte-identical
+   * CSR, which only the device and this gateway have seen) was already authorised. Only that
+   * re-send is accepted; any other CSR on an unauthenticated connection is not. Lost on a
+   * gateway restart: the device then authenticates again and re-sends the same request.
+   */
+  private readonly unstored = new Map<string, { csr: string; at: number }>();
+
   constructor(private readonly opts: RelayOptions) {}
+
+  private rememberUnstored(key: string, csr: string): void {
+    this.unstored.delete(key);
+    if (this.unstored.size >= MAX_UNSTORED) this.unstored.delete(this.unstored.keys().next().value!);
+    this.unstored.set(key, { csr, at: Date.now() });
+  }
+
+  /** True when this exact request came from an authenticated connection and was not stored. */
+  private wasAuthorised(key: string, csr: string): boolean {
+    const u = this.unstored.get(key);
+    if (!u) return false;
+    if (Date.now() - u.at > UNSTORED_TTL_MS) {
+      this.unstored.delete(key);
+      return false;
+    }
+    return u.csr === csr;
+  }
 
   /**
    * The broker-plugin face: runs last in the chain, before PUBACK. A CSR is validated and
@@ -68,6 +103,7 @@ export class OnboardingRelay {
     if (!session) return;
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
     let requestId: string | undefined;
+    let authorised: { key: string; csr: string } | undefined;
     try {
       const obj = parseJsonObject(payload);
       requestId = requestIdOf(obj);
@@ -75,6 +111,8 @@ export class OnboardingRelay {
       // A renewal may carry the device's proof (proof + signedAt): validated here, stored
       // and forwarded as the device sent it; only the authority can check it.
       const msg = renewal ? validateRenewalCsr(obj) : validateCsr(obj);
+      const key = `${session.deviceId}\n${msg.requestId}`;
+      if (!renewal && (session.authenticated || this.wasAuthorised(key, msg.csr))) authorised = { key, csr: msg.csr };
       const existing = await this.opts.outbox.get(session.deviceId, msg.requestId);
       if (existing) {
         // A re-query (e.g. after a reconnect): same body -> the stored answer, or `pending`.
@@ -82,14 +120,17 @@ export class OnboardingRelay {
         setImmediate(() => void this.opts.worker.deliverFresh(session.deviceId, msg.requestId));
         return;
       }
-      if (!renewal && !session.authenticated) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
+      if (!renewal && !authorised) throw new LeafgateError('not_authenticated', 'authenticate (register + auth) before sending a CSR');
       const body: Record<string, unknown> = { ...msg, deviceId: session.deviceId };
       if (renewal) body.currentSerial = session.certSerial;
       await this.opts.outbox.accept(session.deviceId, msg.requestId, renewal ? 'renew' : 'csr', body, Date.now());
+      if (authorised) this.unstored.delete(key);
       this.opts.worker.kick();
     } catch (err) {
       const e = toLeafgateError(err);
       if (e.code === 'internal' || e.code === 'gateway_unavailable') this.opts.logger.error({ err: e.message, code: e.code, deviceId: session.deviceId }, 'CSR could not be queued');
+      // Not stored: the same request may come back on another connection (see `unstored`).
+      if (authorised && e.code === 'gateway_unavailable') this.rememberUnstored(authorised.key, authorised.csr);
       this.opts.onOutcome?.({ deviceId: session.deviceId, step: 'csr', ok: false, code: e.code, ms: 0 });
       throw new PublishRefusal(e.code, e.message, e.retryAfterMs, requestId);
     }

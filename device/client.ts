@@ -4,8 +4,8 @@
  * then reconnects with mutual TLS. Imports only protocol/, so a device vendor can read it
  * as the reference implementation of the wire contract.
  */
-import { randomBytes, sign, type KeyObject } from 'node:crypto';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { createPrivateKey, createPublicKey, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
@@ -44,8 +44,116 @@ export interface DeviceOptions {
   timeoutMs?: number;
   /** When set, key.pem, cert.pem and chain.pem are written here (key 0600). */
   storeDir?: string;
-  /** Retries of the whole flow after rate_limited / authority_unavailable / gateway_unavailable (default 5). */
+  /** Retries of the whole flow after rate_limited / authority_unavailable / gateway_unavailable / a lost connection (default 5). */
   retries?: number;
+  /**
+   * Where the request in progress is kept (requestId, CSR, its private key) until its
+   * certificate is stored, so that a retry -- also by another process after a restart --
+   * re-sends the same request instead of asking for a second certificate. Default: a file
+   * `onboarding.json` (0600) in `storeDir` when set, else memory (this object's life).
+   */
+  state?: DeviceStateStore;
+}
+
+/** Persistence of the SDK's onboarding state: small JSON strings by key. */
+export interface DeviceStateStore {
+  get(key: string): string | undefined | Promise<string | undefined>;
+  /** Must be durable when it resolves (the request is sent right after). */
+  set(key: string, value: string): void | Promise<void>;
+  delete(key: string): void | Promise<void>;
+}
+
+export class MemoryStateStore implements DeviceStateStore {
+  private readonly m = new Map<string, string>();
+  get(key: string) {
+    return this.m.get(key);
+  }
+  set(key: string, value: string) {
+    this.m.set(key, value);
+  }
+  delete(key: string) {
+    this.m.delete(key);
+  }
+}
+
+/** One file per key in a directory (mode 0600), written to a temp file, fsynced and renamed. */
+export class FileStateStore implements DeviceStateStore {
+  constructor(private readonly dir: string) {}
+  private file(key: string) {
+    if (!/^[a-z0-9-]+$/.test(key)) throw new Error(`bad state key ${key}`);
+    return join(this.dir, `${key}.json`);
+  }
+  get(key: string) {
+    try {
+      return readFileSync(this.file(key), 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+  set(key: string, value: string) {
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    const f = this.file(key);
+    const tmp = `${f}.tmp`;
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      writeFileSync(fd, value);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, f);
+    const d = openSync(this.dir, 'r');
+    try {
+      fsyncSync(d);
+    } catch {
+      // a file system without directory fsync
+    } finally {
+      closeSync(d);
+    }
+  }
+  delete(key: string) {
+    rmSync(this.file(key), { force: true });
+  }
+}
+
+/** The first-issuance request in progress, as kept in the state store. */
+interface PendingCsr {
+  requestId: string;
+  csr: string;
+  /** PKCS#8 PEM of the key the CSR was made with. */
+  key: string;
+  keyType: KeySpec['keyType'];
+  keySize: number;
+  /** True once the requestId was replaced after a stored not_authenticated answer. */
+  reissued?: boolean;
+}
+
+const PENDING_KEY = 'onboarding';
+
+/**
+ * Races a promise against the connection closing (or going offline) and a timer, so that no
+ * wait on mqtt.js outlives the connection: mqtt.js does not settle a QoS 1 publish whose
+ * PUBACK never comes when the gateway dies first.
+ */
+function bounded<T>(client: MqttClient, p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    let done = false;
+    const finish = (f: () => void) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      client.off('close', onClose);
+      client.off('offline', onClose);
+      f();
+    };
+    const onClose = () => finish(() => reject(new LeafgateError('gateway_unavailable', `connection to the gateway closed during ${what}`)));
+    const timer = setTimeout(() => finish(() => reject(new LeafgateError('gateway_unavailable', `no ${what} within ${ms} ms`))), ms);
+    client.on('close', onClose);
+    client.on('offline', onClose);
+    if (!client.connected) onClose();
+    p.then((v) => finish(() => resolve(v)), (e) => finish(() => reject(e)));
+  });
 }
 
 export interface DeviceIdentity {
@@ -68,7 +176,7 @@ class Inbox {
 
   constructor(client: MqttClient) {
     client.on('message', (topic, payload) => this.dispatch(topic, payload));
-    client.on('close', () => this.failAll(new LeafgateError('authority_unavailable', 'connection to the gateway closed')));
+    client.on('close', () => this.failAll(new LeafgateError('gateway_unavailable', 'connection to the gateway closed')));
   }
 
   wait<T>(kinds: string[], requestId: string, timeoutMs: number): Promise<T> {
@@ -130,6 +238,9 @@ const noDelay = (client: MqttClient) => (client.stream as { setNoDelay?: (v: boo
 
 const newRequestId = () => randomBytes(12).toString('base64url');
 
+/** Codes after which the request in progress is kept and re-sent as it is. */
+const RESUMABLE = new Set(['gateway_unavailable', 'authority_unavailable', 'rate_limited', 'internal', 'unknown_gateway', 'client_cert_required']);
+
 /**
  * TLS contexts are built once and reused. Node's OpenSSL 3.0 takes ~0.3 ms to decode one
  * PEM certificate or key, and a context per connection decodes the trust anchor (bootstrap)
@@ -189,7 +300,10 @@ export class LeafDevice {
   constructor(opts: DeviceOptions) {
     this.opts = opts;
     this.deviceId = opts.deviceId;
+    this.state = opts.state ?? (opts.storeDir ? new FileStateStore(opts.storeDir) : new MemoryStateStore());
   }
+
+  private readonly state: DeviceStateStore;
 
   private get timeoutMs(): number {
     return this.opts.timeoutMs ?? 30_000;
@@ -198,9 +312,33 @@ export class LeafDevice {
   /** Opens a bootstrap (no client certificate) connection subscribed to the device's down/ topics. */
   async connectBootstrap(): Promise<{ client: MqttClient; inbox: Inbox }> {
     const client = await this.connect();
-    const inbox = new Inbox(client);
-    await client.subscribeAsync(downFilter(this.deviceId), { qos: 1 });
-    return { client, inbox };
+    try {
+      const inbox = new Inbox(client);
+      await bounded(client, client.subscribeAsync(downFilter(this.deviceId), { qos: 1 }), this.timeoutMs, 'SUBACK');
+      return { client, inbox };
+    } catch (err) {
+      client.end(true);
+      throw err;
+    }
+  }
+
+  /** A QoS 1 publish that ends: PUBACK, or an error when the connection drops or the time is up. */
+  private publish(client: MqttClient, topic: string, body: string): Promise<unknown> {
+    return bounded(client, client.publishAsync(topic, body, { qos: 1 }), this.timeoutMs, 'PUBACK');
+  }
+
+  /** The request in progress (a previous attempt's, possibly another process's), if any. */
+  private async loadPending(): Promise<PendingCsr | undefined> {
+    const raw = await this.state.get(PENDING_KEY);
+    if (!raw) return undefined;
+    try {
+      const p = JSON.parse(raw) as PendingCsr;
+      if (typeof p.requestId === 'string' && typeof p.csr === 'string' && typeof p.key === 'string') return p;
+    } catch {
+      // unreadable: start afresh
+    }
+    await this.state.delete(PENDING_KEY);
+    return undefined;
   }
 
   /** The whole flow; resolves with the new identity, rejects with the gateway's error code. */
@@ -216,7 +354,7 @@ export class LeafDevice {
       } catch (err) {
         const e = err as LeafgateError & { code?: string };
         // Transport failures of the bootstrap connection (reset during a surge) are transient too.
-        const transient = (e instanceof LeafgateError && (e.code === 'rate_limited' || e.code === 'authority_unavailable' || e.code === 'gateway_unavailable')) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(String(e.code));
+        const transient = (e instanceof LeafgateError && (e.code === 'rate_limited' || e.code === 'authority_unavailable' || e.code === 'gateway_unavailable')) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE', 'ECONNABORTED', 'EHOSTUNREACH', 'ENETUNREACH'].includes(String(e.code));
         if (!transient || attempt >= attempts) throw err;
         const base = e.retryAfterMs ?? 1000 * 2 ** attempt;
         await new Promise((r) => setTimeout(r, base + Math.random() * base * 0.5));
@@ -224,47 +362,124 @@ export class LeafDevice {
     }
   }
 
+  /**
+   * One attempt. A request left by an earlier attempt (a lost connection, a gateway crash, a
+   * restart of this process) is resumed, never replaced: the same requestId, CSR and key are
+   * re-sent, so the gateway and the authority return the one certificate made for it.
+   */
   private async onboardOnce(): Promise<OnboardResult> {
     const t0 = performance.now();
     const { client, inbox } = await this.connectBootstrap();
     try {
-      const cred = this.opts.credential;
-      const regId = newRequestId();
-      const register: Record<string, unknown> = { requestId: regId, method: cred.method };
-      if (this.opts.group) register.group = this.opts.group;
-      if (this.opts.keyPreference) register.keyPreference = this.opts.keyPreference;
-      if (cred.method === 'pki-signature') register.birthCert = cred.birthCert;
-      if (cred.method === 'ddkg' && cred.enrollmentCode) register.enrollmentCode = cred.enrollmentCode;
-      const challengeP = inbox.wait<ChallengeMessage>(['challenge'], regId, this.timeoutMs);
-      await client.publishAsync(upTopic(this.deviceId, 'register'), JSON.stringify(register), { qos: 1 });
-      const challenge = await challengeP;
-
-      let signingKey: KeyObject;
-      const auth: Record<string, unknown> = { requestId: newRequestId(), challengeId: challenge.challengeId };
-      if (cred.method === 'pki-signature') signingKey = cred.factoryKey;
-      else {
-        if (!challenge.salt) throw new LeafgateError('bad_request', 'ddkg challenge without salt');
-        const pair = deriveDdkgKeyPair(cred.attributes, challenge.salt, this.deviceId);
-        signingKey = pair.privateKey;
-        auth.publicKey = pair.publicKey.export({ type: 'spki', format: 'pem' });
+      let pending = await this.loadPending();
+      let authenticatedHere = false;
+      let tAuth = t0;
+      let keyReadyAt = t0;
+      if (!pending) {
+        const instruction = await this.authenticate(client, inbox);
+        authenticatedHere = true;
+        tAuth = performance.now();
+        const pair = await generateKeyForInstruction(instruction);
+        keyReadyAt = performance.now();
+        const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+        pending = { requestId: newRequestId(), csr, key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, keyType: instruction.keyType, keySize: instruction.keySize };
+        // Kept before it is sent: from now on every attempt re-sends this very request.
+        await this.state.set(PENDING_KEY, JSON.stringify(pending));
       }
-      auth.signature = sign('sha256', challengeSigningInput(this.deviceId, challenge.challengeId, challenge.nonce), signingKey).toString('base64');
-      const instructionP = inbox.wait<InstructionMessage>(['instruction'], auth.requestId as string, this.timeoutMs);
-      await client.publishAsync(upTopic(this.deviceId, 'auth'), JSON.stringify(auth), { qos: 1 });
-      const instruction = await instructionP;
-      const tAuth = performance.now();
-
-      const { identity, keyReadyAt } = await this.requestCertificate(client, inbox, instruction);
-      const tIssue = performance.now();
-      return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: keyReadyAt - tAuth, issue: tIssue - keyReadyAt } };
+      for (;;) {
+        try {
+          const identity = await this.sendCsr(client, inbox, pending);
+          await this.state.delete(PENDING_KEY);
+          const tIssue = performance.now();
+          return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: keyReadyAt - tAuth, issue: tIssue - keyReadyAt } };
+        } catch (err) {
+          const code = err instanceof LeafgateError ? err.code : undefined;
+          if (code === 'not_authenticated' && !authenticatedHere) {
+            // A new connection (or a restarted gateway) that does not know this request: prove
+            // the identity again on this connection, then re-send the same request.
+            await this.authenticate(client, inbox);
+            authenticatedHere = true;
+            tAuth = performance.now();
+            continue;
+          }
+          if (code === 'not_authenticated' && !pending.reissued) {
+            // Refused although authenticated here: the gateway holds a stored not_authenticated
+            // answer for this requestId (it reached the authority after csrDeadline). No
+            // certificate was made for it, so the same CSR goes again under a new requestId.
+            pending = { ...pending, requestId: newRequestId(), reissued: true };
+            await this.state.set(PENDING_KEY, JSON.stringify(pending));
+            continue;
+          }
+          // A final refusal of this CSR (bad_csr, policy_violation, request_conflict, ...): the
+          // next onboarding starts afresh. Transient ones keep it, to be re-sent.
+          if (code !== undefined && !RESUMABLE.has(code)) await this.state.delete(PENDING_KEY);
+          throw err;
+        }
+      }
     } finally {
-      await client.endAsync().catch(() => undefined);
+      await bounded(client, client.endAsync(), this.timeoutMs, 'DISCONNECT').catch(() => client.end(true));
     }
   }
 
+  /** register -> challenge -> auth -> instruction on this connection. */
+  private async authenticate(client: MqttClient, inbox: Inbox): Promise<InstructionMessage> {
+    const cred = this.opts.credential;
+    const regId = newRequestId();
+    const register: Record<string, unknown> = { requestId: regId, method: cred.method };
+    if (this.opts.group) register.group = this.opts.group;
+    if (this.opts.keyPreference) register.keyPreference = this.opts.keyPreference;
+    if (cred.method === 'pki-signature') register.birthCert = cred.birthCert;
+    if (cred.method === 'ddkg' && cred.enrollmentCode) register.enrollmentCode = cred.enrollmentCode;
+    const challengeP = inbox.wait<ChallengeMessage>(['challenge'], regId, this.timeoutMs);
+    challengeP.catch(() => undefined);
+    await this.publish(client, upTopic(this.deviceId, 'register'), JSON.stringify(register));
+    const challenge = await challengeP;
+
+    let signingKey: KeyObject;
+    const auth: Record<string, unknown> = { requestId: newRequestId(), challengeId: challenge.challengeId };
+    if (cred.method === 'pki-signature') signingKey = cred.factoryKey;
+    else {
+      if (!challenge.salt) throw new LeafgateError('bad_request', 'ddkg challenge without salt');
+      const pair = deriveDdkgKeyPair(cred.attributes, challenge.salt, this.deviceId);
+      signingKey = pair.privateKey;
+      auth.publicKey = pair.publicKey.export({ type: 'spki', format: 'pem' });
+    }
+    auth.signature = sign('sha256', challengeSigningInput(this.deviceId, challenge.challengeId, challenge.nonce), signingKey).toString('base64');
+    const instructionP = inbox.wait<InstructionMessage>(['instruction'], auth.requestId as string, this.timeoutMs);
+    instructionP.catch(() => undefined);
+    await this.publish(client, upTopic(this.deviceId, 'auth'), JSON.stringify(auth));
+    return instructionP;
+  }
+
+  /** Sends a first-issuance CSR (or re-sends it), checks and stores the certificate. */
+  private async sendCsr(client: MqttClient, inbox: Inbox, pending: PendingCsr): Promise<DeviceIdentity> {
+    const privateKey = createPrivateKey(pending.key);
+    const cert = await this.exchangeCsr(client, inbox, { requestId: pending.requestId, csr: pending.csr }, createPublicKey(privateKey));
+    return this.keep(cert, privateKey, { keyType: pending.keyType, keySize: pending.keySize } as KeySpec);
+  }
+
+  /** Publishes a CSR message and waits for its certificate, which must carry `publicKey`. */
+  private async exchangeCsr(client: MqttClient, inbox: Inbox, message: RenewalCsrMessage, publicKey: KeyObject): Promise<CertMessage> {
+    const certP = inbox.wait<CertMessage>(['cert'], message.requestId, this.timeoutMs);
+    certP.catch(() => undefined);
+    await this.publish(client, upTopic(this.deviceId, 'csr'), JSON.stringify(message));
+    const cert = await certP;
+    // The certificate must carry the key made here: its SubjectPublicKeyInfo, byte for byte
+    // the one the CSR sent (the authority copies it), read without a full X.509 decode.
+    const spki = typeof cert.certificate === 'string' ? certificateSpki(cert.certificate) : undefined;
+    if (!spki || !spki.equals(pkix.spkiDerOfKey(publicKey))) throw new LeafgateError('bad_certificate', 'issued certificate does not match the generated key');
+    return cert;
+  }
+
+  private keep(cert: CertMessage, privateKey: KeyObject, key: KeySpec): DeviceIdentity {
+    const identity: DeviceIdentity = { deviceId: this.deviceId, privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter, key };
+    if (this.opts.storeDir) this.store(identity);
+    return identity;
+  }
+
   /**
-   * Makes the key pair the instruction asks for, sends the CSR, checks and stores the answer.
-   * A renewal passes `current`, the identity being replaced: its key signs the renewal proof.
+   * Renewal: makes the key pair the instruction asks for, sends the CSR signed with the
+   * current key's proof, checks and stores the answer.
    */
   private async requestCertificate(client: MqttClient, inbox: Inbox, instruction: InstructionMessage, current?: DeviceIdentity): Promise<{ identity: DeviceIdentity; keyReadyAt: number }> {
     const pair = await generateKeyForInstruction(instruction);
@@ -273,19 +488,8 @@ export class LeafDevice {
     const requestId = newRequestId();
     const message: RenewalCsrMessage = { requestId, csr };
     if (current) Object.assign(message, renewalProof(this.deviceId, requestId, csr, current.privateKey));
-    const certP = inbox.wait<CertMessage>(['cert'], requestId, this.timeoutMs);
-    await client.publishAsync(upTopic(this.deviceId, 'csr'), JSON.stringify(message), { qos: 1 });
-    const cert = await certP;
-    // The certificate must carry the key made here: its SubjectPublicKeyInfo, byte for byte
-    // the one the CSR sent (the authority copies it), read without a full X.509 decode.
-    const spki = typeof cert.certificate === 'string' ? certificateSpki(cert.certificate) : undefined;
-    if (!spki || !spki.equals(pkix.spkiDerOfKey(pair.publicKey))) throw new LeafgateError('bad_certificate', 'issued certificate does not match the generated key');
-    const identity: DeviceIdentity = {
-      deviceId: this.deviceId, privateKey: pair.privateKey, certificate: cert.certificate, chain: cert.chain, serial: cert.serial, notAfter: cert.notAfter,
-      key: { keyType: instruction.keyType, keySize: instruction.keySize },
-    };
-    if (this.opts.storeDir) this.store(identity);
-    return { identity, keyReadyAt };
+    const cert = await this.exchangeCsr(client, inbox, message, pair.publicKey);
+    return { identity: this.keep(cert, pair.privateKey, { keyType: instruction.keyType, keySize: instruction.keySize }), keyReadyAt };
   }
 
   private store(id: DeviceIdentity): void {
@@ -330,7 +534,34 @@ export class LeafDevice {
       reconnectPeriod: 0,
       connectTimeout: this.timeoutMs,
     };
-    const client = await mqtt.connectAsync(this.opts.brokerUrl, options);
+    // Not mqtt.connectAsync: without reconnects it never settles when the connection closes
+    // before CONNACK without an error (e.g. the gateway dies during the handshake).
+    const client = mqtt.connect(this.opts.brokerUrl, options);
+    await new Promise<void>((resolve, reject) => {
+      const fail = (err: Error) => {
+        cleanup();
+        client.end(true);
+        reject(err);
+      };
+      const onConnect = () => {
+        cleanup();
+        resolve();
+      };
+      const onError = (err: Error) => fail(err);
+      const onClose = () => fail(new LeafgateError('gateway_unavailable', 'connection to the gateway closed before CONNACK'));
+      const timer = setTimeout(() => fail(new LeafgateError('gateway_unavailable', `no CONNACK within ${this.timeoutMs} ms`)), this.timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        client.off('connect', onConnect);
+        client.off('error', onError);
+        client.off('close', onClose);
+      };
+      client.on('connect', onConnect);
+      client.on('error', onError);
+      client.on('close', onClose);
+    });
+    // Later transport errors surface as 'close' (and fail what waits); no unhandled 'error'.
+    client.on('error', () => undefined);
     noDelay(client);
     return client;
   }
@@ -368,10 +599,10 @@ export class LeafDevice {
           busy = false;
         });
     });
-    await client.subscribeAsync(downFilter(this.deviceId), { qos: 1 });
+    await bounded(client, client.subscribeAsync(downFilter(this.deviceId), { qos: 1 }), this.timeoutMs, 'SUBACK');
   }
 
   async publishTelemetry(client: MqttClient, body: unknown, subtopic = 'state'): Promise<void> {
-    await client.publishAsync(upTopic(this.deviceId, 'telemetry', subtopic), JSON.stringify(body), { qos: 1 });
+    await this.publish(client, upTopic(this.deviceId, 'telemetry', subtopic), JSON.stringify(body));
   }
 }

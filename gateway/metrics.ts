@@ -20,11 +20,18 @@ export class GatewayMetrics {
   readonly renewalsDue: Gauge<'state'>;
   readonly authorityInFlight: Gauge;
   readonly authorityQueued: Gauge;
+  readonly outboxQueued: Gauge;
+  readonly outboxOldestAge: Gauge;
+  readonly outboxWritable: Gauge;
 
   constructor(collect: {
     connections(kind: 'bootstrap' | 'operational'): number;
     renewals(): { due: number; overdue: number };
     gate(): { active: number; queued: number };
+    /** The durable outbox's backlog (requests waiting for the authority). */
+    outbox?(): Promise<{ count: number; oldestCreatedAt: number | null; writable: boolean }>;
+    /** Local clock minus the authority's, from its last answer (undefined: no answer yet). */
+    clockSkewMs?(): number | undefined;
   }) {
     const registers = [this.registry];
     this.connections = new Gauge({
@@ -48,7 +55,13 @@ export class GatewayMetrics {
     this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
     this.clusterLink = new Gauge({ name: 'leafgate_gateway_cluster_link', help: '1 while the Redis cluster link is up (only on a gateway cluster)', registers });
     this.crlStale = new Gauge({ name: 'leafgate_gateway_crl_stale', help: '1 while the CRL in force is past its nextUpdate', registers });
-    this.clockSkewSeconds = new Gauge({ name: 'leafgate_gateway_clock_skew_seconds', help: 'Local clock minus the authority clock (from its Date header)', registers });
+    this.clockSkewSeconds = new Gauge({
+      name: 'leafgate_gateway_clock_skew_seconds', help: 'Local clock minus the authority clock (from the Date header of its last answer)', registers,
+      collect() {
+        const skew = collect.clockSkewMs?.();
+        if (skew !== undefined) this.set(skew / 1000);
+      },
+    });
     this.renewals = new Counter({ name: 'leafgate_gateway_renewals_total', help: 'Device renewals by outcome (asked, renewed, failed)', labelNames: ['outcome'], registers });
     this.renewalsDue = new Gauge({
       name: 'leafgate_gateway_renewals_due', help: 'Certificates announced as due (due) and those with less than a tenth of their life left (overdue)', labelNames: ['state'], registers,
@@ -60,6 +73,33 @@ export class GatewayMetrics {
     });
     this.authorityInFlight = new Gauge({ name: 'leafgate_gateway_authority_inflight', help: 'Requests in flight to the authority', registers, collect() { this.set(collect.gate().active); } });
     this.authorityQueued = new Gauge({ name: 'leafgate_gateway_authority_queued', help: 'Requests waiting for an authority slot', registers, collect() { this.set(collect.gate().queued); } });
+    // One read of the store per scrape, shared by the three outbox gauges.
+    let outboxRead: Promise<{ count: number; oldestCreatedAt: number | null; writable: boolean } | null> | undefined;
+    const readOutbox = () => {
+      outboxRead ??= (collect.outbox?.() ?? Promise.resolve(null)).catch(() => null).finally(() => setImmediate(() => (outboxRead = undefined)));
+      return outboxRead;
+    };
+    this.outboxQueued = new Gauge({
+      name: 'leafgate_gateway_outbox_queued', help: 'CSRs stored in the durable outbox and not yet answered by the authority', registers,
+      async collect() {
+        const o = await readOutbox();
+        if (o) this.set(o.count);
+      },
+    });
+    this.outboxOldestAge = new Gauge({
+      name: 'leafgate_gateway_outbox_oldest_age_seconds', help: 'Age of the oldest CSR waiting in the outbox (0 when none)', registers,
+      async collect() {
+        const o = await readOutbox();
+        if (o) this.set(o.oldestCreatedAt === null ? 0 : Math.max(0, (Date.now() - o.oldestCreatedAt) / 1000));
+      },
+    });
+    this.outboxWritable = new Gauge({
+      name: 'leafgate_gateway_outbox_writable', help: '1 while the outbox can store new CSRs (0: disk full, read-only or failing; devices get gateway_unavailable)', registers,
+      async collect() {
+        const o = await readOutbox();
+        this.set(o?.writable ? 1 : 0);
+      },
+    });
     collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_gateway_' });
   }
 }

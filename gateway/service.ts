@@ -63,11 +63,17 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
   const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, authorityIssuer: readFileSync(files.infraCa, 'utf8'), key, cert });
   const sessions = new SessionRegistry();
   // Late-bound: the metrics collect from parts created below.
-  const parts: { renewals?: RenewalTracker; gate?: AuthorityGate } = {};
+  const parts: { renewals?: RenewalTracker; gate?: AuthorityGate; outbox?: OutboxStore } = {};
   const metrics = new GatewayMetrics({
     connections: (kind) => sessions.count(kind),
     renewals: () => parts.renewals?.counts() ?? { due: 0, overdue: 0 },
     gate: () => ({ active: parts.gate?.active ?? 0, queued: parts.gate?.queued ?? 0 }),
+    outbox: async () => {
+      const o = parts.outbox!;
+      const b = o.backlog ? await o.backlog() : { count: await o.pendingCount(), oldestCreatedAt: null };
+      return { ...b, writable: o.writable?.() ?? true };
+    },
+    clockSkewMs: () => authority.clockSkewMs,
   });
   let broker: RunningBroker | undefined;
   let module: RunningEdgeModule | undefined;
@@ -88,6 +94,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     }
   }
   const outbox: OutboxStore = cluster ? cluster.outbox : new Outbox(join(config.dataDir, 'outbox.db'));
+  parts.outbox = outbox;
   const gate = new AuthorityGate({ concurrency: config.authorityConcurrency, maxQueue: config.authorityQueueMax, pendingAfterMs: config.pendingAfterMs });
   parts.gate = gate;
   const renewals = new RenewalTracker();
@@ -280,7 +287,6 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     updateCrlMetrics();
     const skew = authority.clockSkewMs;
     if (skew === undefined) return;
-    metrics.clockSkewSeconds.set(skew / 1000);
     if (Math.abs(skew) > config.maxClockSkewMs) {
       log.error({ skewSeconds: Math.round(skew / 1000), allowedSeconds: config.maxClockSkewMs / 1000 }, 'gateway clock differs from the authority: certificate validity and renewal windows are judged wrongly; fix NTP');
     }
@@ -297,10 +303,13 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     const checks = {
       brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm, crlFresh: !revocations.isStale(),
       clockInSync: skew === undefined || Math.abs(skew) <= config.maxClockSkewMs,
+      outboxWritable: outbox.writable?.() ?? true,
     };
     // A stale CRL makes the gateway unready only when the policy refuses logins because of it.
     const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
-    return { ready: checks.brokerListening && (checks.authorityLink || crlOk), checks };
+    // A clock out of tolerance (learnt from every authority answer) misjudges certificate
+    // validity; an outbox that cannot store refuses every CSR: either makes it unready at once.
+    return { ready: checks.brokerListening && (checks.authorityLink || crlOk) && checks.clockInSync && checks.outboxWritable, checks };
   };
   // The Redis outbox answers asynchronously: the status reports the last count read.
   let pendingQueue: number | null = 0;

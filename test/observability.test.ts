@@ -33,7 +33,7 @@ test('/healthz answers 200 and /readyz 200 with its checks', async (t) => {
   await until(() => stack.gateway.readiness().checks.authorityLink === true, 20_000, 'the authority event stream');
   const ready = await httpGet(opsUrl(stack.gateway.httpPort, '/readyz'));
   assert.equal(ready.status, 200);
-  assert.deepEqual(JSON.parse(ready.body), { status: 'ready', checks: { brokerListening: true, authorityLink: true, crlCached: true, crlFresh: true, clockInSync: true } });
+  assert.deepEqual(JSON.parse(ready.body), { status: 'ready', checks: { brokerListening: true, authorityLink: true, crlCached: true, crlFresh: true, clockInSync: true, outboxWritable: true } });
 });
 
 test('/readyz answers 503 when the authority is unreachable and no CRL is cached', async (t) => {
@@ -49,7 +49,7 @@ test('/readyz answers 503 when the authority is unreachable and no CRL is cached
   restarted = await startGateway(resolveGatewayConfig({ dataDir: join(stack.dir, 'gateway'), listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }, {}), { logger });
   const ready = await httpGet(opsUrl(restarted.httpPort, '/readyz'));
   assert.equal(ready.status, 503);
-  assert.deepEqual(JSON.parse(ready.body), { status: 'not_ready', checks: { brokerListening: true, authorityLink: false, crlCached: false, crlFresh: false, clockInSync: true } });
+  assert.deepEqual(JSON.parse(ready.body), { status: 'not_ready', checks: { brokerListening: true, authorityLink: false, crlCached: false, crlFresh: false, clockInSync: true, outboxWritable: true } });
   assert.equal((await httpGet(opsUrl(restarted.httpPort, '/healthz'))).status, 200, 'alive all the same');
 });
 

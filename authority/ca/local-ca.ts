@@ -93,8 +93,18 @@ export interface CaConnector {
 }
 
 const MIN_PASSPHRASE = 12;
-/** RFC 5280 4.1.2.5: notBefore is backdated a little so slightly slow device clocks accept new certs. */
-export const BACKDATE_MS = 5 * 60 * 1000;
+/**
+ * The clock skew the system tolerates between its parts (gateway `maxClockSkewMs`, renewal
+ * `clockSkewSeconds`): 5 minutes.
+ */
+export const CLOCK_SKEW_TOLERANCE_MS = 5 * 60 * 1000;
+/**
+ * RFC 5280 4.1.2.5: notBefore is backdated so that clocks slower than the authority's accept
+ * a new certificate at once. It must exceed the tolerated skew: backdated by exactly the
+ * tolerance, a gateway whose clock is at the edge of it (still "in sync") would refuse every
+ * new device certificate as not yet valid. Tolerance + 5 min margin = 10 minutes.
+ */
+export const BACKDATE_MS = CLOCK_SKEW_TOLERANCE_MS + 5 * 60 * 1000;
 
 export class LocalCa implements CaConnector {
   readonly name = 'local';
