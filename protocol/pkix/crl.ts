@@ -5,6 +5,7 @@
  */
 import { sign, verify, type KeyObject } from 'node:crypto';
 import * as der from './der.ts';
+import { readExtensions } from './extensions.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { signatureAlgorithmFor } from './keys.ts';
 import { fromPem, toPem } from './pem.ts';
@@ -125,23 +126,5 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
  * the DEFAULT FALSE is never encoded), each extension once (RFC 5280 4.2, 5.2, 5.3).
  */
 function extensionsOf(node: der.DerNode | undefined): Array<{ oid: string; critical: boolean; value: Buffer; depth: number }> {
-  const out: Array<{ oid: string; critical: boolean; value: Buffer; depth: number }> = [];
-  const seen = new Set<string>();
-  for (const e of der.children(der.expectTag(node, der.TAG.SEQUENCE, 'Extensions'))) {
-    const parts = der.children(der.expectTag(e, der.TAG.SEQUENCE, 'Extension'));
-    const oid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
-    if (seen.has(oid)) throw new der.DerError(`extension ${oid} appears twice`);
-    seen.add(oid);
-    let critical = false;
-    let next = 1;
-    if (parts[1]?.tag === der.TAG.BOOLEAN) {
-      critical = der.decodeBoolean(parts[1]);
-      if (!critical) throw new der.DerError('critical FALSE is the DEFAULT and must be omitted in DER');
-      next = 2;
-    }
-    const value = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
-    if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
-    out.push({ oid, critical, value: value.value, depth: value.depth + 1 });
-  }
-  return out;
+  return readExtensions(node).map((e) => ({ oid: e.oid, critical: e.critical, value: e.value.value, depth: e.value.depth + 1 }));
 }

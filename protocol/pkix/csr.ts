@@ -5,6 +5,7 @@
 import { sign, verify, type KeyObject } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
 import * as der from './der.ts';
+import { readExtensions } from './extensions.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { fromPem, toPem } from './pem.ts';
 import { canonicalKey, importSpki, importSpkiFast, signatureAlgorithmFor, spkiDerOfKey, type CanonicalKey, type KeyDescription } from './keys.ts';
@@ -246,7 +247,6 @@ function checkAlgorithm(env: Envelope, key: KeyDescription): { oid: string; hash
 function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: KeyDescription, signatureAlgorithm: string): ParsedCsr {
   const sans: SubjectAltNames = { dns: [], uri: [], ip: [], email: [] };
   const requestedExtensions: Array<{ oid: string; critical: boolean }> = [];
-  const seen = new Set<string>();
   let extensionRequests = 0;
   for (const attr of der.children(env.attrsNode)) {
     // Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) } (RFC 2986 4.1), nothing after
@@ -259,23 +259,7 @@ function finish(env: Envelope, publicKey: KeyObject | (() => KeyObject), key: Ke
     if (type !== OID.extensionRequest) continue; // e.g. challengePassword: not used, not trusted
     // PKCS#9 (RFC 2985 5.4.2): extensionRequest is single-valued.
     if (++extensionRequests > 1 || values.length !== 1) throw new der.DerError('extensionRequest must appear once, with one value');
-    for (const ext of der.children(der.expectTag(values[0], der.TAG.SEQUENCE, 'Extensions'))) {
-      // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
-      const parts = der.children(der.expectTag(ext, der.TAG.SEQUENCE, 'Extension'));
-      const extOid = der.decodeOid(der.expectTag(parts[0], der.TAG.OID, 'extnID'));
-      // RFC 5280 4.2: one instance of an extension at most.
-      if (seen.has(extOid)) throw new der.DerError(`extension ${extOid} is requested twice`);
-      seen.add(extOid);
-      let critical = false;
-      let next = 1;
-      if (parts[1]?.tag === der.TAG.BOOLEAN) {
-        critical = der.decodeBoolean(parts[1]);
-        // X.690 11.5: a DEFAULT value is never encoded.
-        if (!critical) throw new der.DerError('critical FALSE is the DEFAULT and must be omitted in DER');
-        next = 2;
-      }
-      const valueNode = der.expectTag(parts[next], der.TAG.OCTET_STRING, 'extnValue');
-      if (parts.length > next + 1) throw new der.DerError('unexpected fields in Extension');
+    for (const { oid: extOid, critical, value: valueNode } of readExtensions(values[0], 'is requested twice')) {
       // extnValue holds the DER of one value (RFC 5280 4.1): checked whole, also when it is not read.
       const value = der.parseDer(valueNode.value, valueNode.depth + 1);
       der.checkDerTree(value);
