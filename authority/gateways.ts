@@ -162,6 +162,26 @@ export class GatewayEnrollment {
    */
   async signSubCa(gatewayId: string, csrPem: string): Promise<{ certificate: string; chain: string[]; notAfter: string }> {
     const now = this.now();
+    const checked = await this.checkSubCa(gatewayId, csrPem, now);
+    return this.issueSubCa(gatewayId, checked, now);
+  }
+
+  /**
+   * signSubCa for a gateway that authenticates with its one-time enrollment token instead of
+   * its certificate (EST with HTTP Basic): the token must be the gateway's, and it is spent
+   * only once the CSR passed every check, as in `enroll`.
+   */
+  async signSubCaWithToken(gatewayId: string, token: string, csrPem: string): Promise<{ certificate: string; chain: string[]; notAfter: string }> {
+    const now = this.now();
+    const checked = await this.checkSubCa(gatewayId, csrPem, now);
+    const tokenHash = hashToken(token);
+    if ((await this.deps.store.peekEnrollmentToken(tokenHash, now)) !== gatewayId || (await this.deps.store.consumeEnrollmentToken(tokenHash, now)) !== gatewayId) {
+      throw await this.refuse('subca-gateway', 'invalid_token', 'enrollment token is unknown, used, expired or not this gateway\'s', gatewayId, now);
+    }
+    return this.issueSubCa(gatewayId, checked, now);
+  }
+
+  private async checkSubCa(gatewayId: string, csrPem: string, now: number): Promise<{ csr: pkix.ParsedCsr; expectedCn: string; nameConstraints: { dns: string[]; ip: string[] } }> {
     const csr = await this.checkCsr('subca-gateway', csrPem, gatewayId, now);
     const expectedCn = `${gatewayId} Edge CA`;
     if (csr.subject.length !== 1 || csr.commonName !== expectedCn) throw await this.refuse('subca-gateway', 'policy_violation', `Sub-CA CSR subject must be CN=${expectedCn}`, gatewayId, now);
@@ -171,7 +191,10 @@ export class GatewayEnrollment {
     if (!current) throw await this.refuse('subca-gateway', 'policy_violation', 'the gateway has no current certificate', gatewayId, now);
     const own = namesOf(current.pem);
     const extra = this.deps.subCa.permittedDns.map((d) => d.replaceAll('{gatewayId}', gatewayId));
-    const nameConstraints = { dns: [...new Set([...own.dns, ...extra])], ip: [...new Set(own.ip)] };
+    return { csr, expectedCn, nameConstraints: { dns: [...new Set([...own.dns, ...extra])], ip: [...new Set(own.ip)] } };
+  }
+
+  private async issueSubCa(gatewayId: string, { csr, expectedCn, nameConstraints }: { csr: pkix.ParsedCsr; expectedCn: string; nameConstraints: { dns: string[]; ip: string[] } }, now: number): Promise<{ certificate: string; chain: string[]; notAfter: string }> {
     const issued = this.deps.ca.issue('edge', {
       // Built from the checked CN and the parser's canonical key, never the request's bytes.
       subjectDer: pkix.encodeName(expectedCn),

@@ -15,6 +15,7 @@ import type { AuthorityEvents } from '../events.ts';
 import type { RenewalScheduler } from '../renewal.ts';
 import type { DevicePolicy } from '../policy/index.ts';
 import { registerAdminRoutes } from './admin.ts';
+import { estRoutes } from './est.ts';
 import type { AuthorityMetrics } from '../metrics.ts';
 import type { AuthorityStore } from '../store/index.ts';
 
@@ -167,6 +168,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   });
 
   registerAdminRoutes(app as unknown as import('fastify').FastifyInstance, { store: deps.store, revocation: deps.revocation, policies: deps.policies, adminTokenHash: deps.adminTokenHash });
+  // EST (RFC 7030) under /.well-known/est, in its own scope (content type, text/plain refusals): authority/api/est.ts.
+  app.register(async (scoped) => estRoutes(scoped as unknown as import('fastify').FastifyInstance, { enrollment: deps.enrollment, ca: deps.ca, store: deps.store }));
 
   app.register(async (scoped) => {
     // onRequest: before the body is read, so an unknown client cannot make us parse 64 KiB.

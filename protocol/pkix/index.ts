@@ -7,3 +7,4 @@ export { canonicalKey, keyDescription, signatureAlgorithmFor, keySpecLabel, read
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
 export { encodeCertificate, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, CertificateTemplate, type CertificateProfile, type CertificateInput, type TemplateFields } from './certificate.ts';
 export { encodeCrl, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';
+export { encodeCertsOnly, certsOnlyBase64 } from './pkcs7.ts';
