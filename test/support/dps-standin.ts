@@ -72,11 +72,11 @@ export class DpsStandin {
       };
       const fault = this.faults.shift();
       if (fault) return send(fault.status, { errorCode: fault.status, message: 'injected fault' }, fault.headers);
+      const apiVersion = url.searchParams.get('api-version');
+      if (!apiVersion || !DPS_API_VERSIONS.has(apiVersion)) return send(400, { errorCode: 400001, message: `api-version ${apiVersion ?? '(none)'} is not supported` });
       const sas = parseSas(req.headers.authorization);
       if (!sas || sas.se * 1000 < Date.now() || !signatureMatches(sas, [this.key])) return send(401, { errorCode: 401002, message: 'Unauthorized' });
       const m = /^\/(enrollments|enrollmentGroups)\/([^/]+)$/.exec(url.pathname);
-      const apiVersion = url.searchParams.get('api-version');
-      if (!apiVersion || !DPS_API_VERSIONS.has(apiVersion)) return send(400, { errorCode: 400001, message: `api-version ${apiVersion ?? '(none)'} is not supported` });
       if (!m) return send(404, { errorCode: 404001, message: 'not found' });
       const store = m[1] === 'enrollments' ? this.enrollments : this.groups;
       const id = decodeURIComponent(m[2]);
