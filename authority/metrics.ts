@@ -8,8 +8,17 @@ export class AuthorityMetrics {
   readonly revocations: Counter<'reason'>;
   readonly renewalsDue: Gauge<'state'>;
   readonly crlNumber: Gauge;
+  readonly syncPending: Gauge<'target'>;
+  readonly syncFailed: Gauge<'target'>;
+  readonly syncLastSuccess: Gauge<'target'>;
+  readonly syncThrottled: Counter<'target'>;
 
-  constructor(collect: { renewals(): Promise<{ due: number; overdue: number }>; crlNumber(): number }) {
+  constructor(collect: {
+    renewals(): Promise<{ due: number; overdue: number }>;
+    crlNumber(): number;
+    /** Cloud registry sync per configured target (hub, dps): unsynced rows and the last success (ms). */
+    sync?(): Promise<Array<{ target: string; pending: number; failed: number; lastSuccessAt: number | null }>>;
+  }) {
     const registers = [this.registry];
     this.requests = new Counter({ name: 'leafgate_authority_requests_total', help: 'Device requests by action (register, auth, csr, renew) and outcome (ok or error code)', labelNames: ['action', 'outcome'], registers });
     this.renewals = new Counter({ name: 'leafgate_authority_renewals_total', help: 'Renewals by outcome (renewed, failed)', labelNames: ['outcome'], registers });
@@ -23,6 +32,28 @@ export class AuthorityMetrics {
       },
     });
     this.crlNumber = new Gauge({ name: 'leafgate_authority_crl_number', help: 'Number of the current device CRL', registers, collect() { this.set(collect.crlNumber()); } });
+    // One collect for the three sync gauges (one query per target), run by the first of them.
+    let syncRead: Promise<Array<{ target: string; pending: number; failed: number; lastSuccessAt: number | null }>> | null = null;
+    const syncRows = () => (syncRead ??= (collect.sync?.() ?? Promise.resolve([])).finally(() => setImmediate(() => (syncRead = null))));
+    this.syncPending = new Gauge({
+      name: 'leafgate_authority_registry_sync_pending', help: 'Device certificates not yet synced to a cloud registry (target: hub, dps), including those backing off', labelNames: ['target'], registers,
+      async collect() {
+        for (const r of await syncRows()) this.set({ target: r.target }, r.pending);
+      },
+    });
+    this.syncFailed = new Gauge({
+      name: 'leafgate_authority_registry_sync_failed', help: 'Device certificates parked after too many failed sync attempts (leafgate authority devices --status sync-failed)', labelNames: ['target'], registers,
+      async collect() {
+        for (const r of await syncRows()) this.set({ target: r.target }, r.failed);
+      },
+    });
+    this.syncLastSuccess = new Gauge({
+      name: 'leafgate_authority_registry_sync_last_success_timestamp_seconds', help: 'Unix time of the last device synced to a cloud registry by this node', labelNames: ['target'], registers,
+      async collect() {
+        for (const r of await syncRows()) if (r.lastSuccessAt !== null) this.set({ target: r.target }, r.lastSuccessAt / 1000);
+      },
+    });
+    this.syncThrottled = new Counter({ name: 'leafgate_authority_registry_throttled_total', help: 'Responses 429 (throttled) from a cloud registry', labelNames: ['target'], registers });
     collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_authority_' });
   }
 }

@@ -18,7 +18,7 @@ import { Revocation } from './revocation.ts';
 import { RenewalScheduler } from './renewal.ts';
 import { AuthorityEvents } from './events.ts';
 import { AuthorityMetrics } from './metrics.ts';
-import { DpsConnector, IotHubConnector, createDpsClient, createHubRegistry } from './registry/index.ts';
+import { DpsConnector, IotHubConnector, Pacer, createDpsClient, createHubRegistry } from './registry/index.ts';
 import { PostgresDriver, isPostgresUrl, openStore, redactUrl, type AuthorityStore, type SqlStore } from './store/index.ts';
 import { LocalBus, PgBus, type ClusterBus } from './cluster.ts';
 import { LeafgateError } from '../protocol/index.ts';
@@ -101,10 +101,15 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   const started: Array<() => unknown> = [() => store.close(), () => bus.close()];
   try {
     // Late-bound: the metrics read parts made below.
-    const parts: { renewals?: RenewalScheduler; revocation?: Revocation } = {};
+    const parts: { renewals?: RenewalScheduler; revocation?: Revocation; hub?: IotHubConnector; dps?: DpsConnector } = {};
     const metrics = new AuthorityMetrics({
       renewals: () => parts.renewals?.counts() ?? Promise.resolve({ due: 0, overdue: 0 }),
       crlNumber: () => Number(parts.revocation?.crl().crlNumber ?? 0),
+      sync: async () => {
+        const out = [];
+        for (const [target, c] of [['hub', parts.hub], ['dps', parts.dps]] as const) if (c) out.push({ target, ...(await store.countSync(target)), lastSuccessAt: c.lastSuccessAt });
+        return out;
+      },
     });
     const onboarding = new DeviceOnboarding({
       store, ca, config, now: opts.now,
@@ -132,14 +137,23 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
           authentication: () => config.iotHub!.authentication,
           edgeDeviceId: (gatewayId) => config.iotHub!.edgeDeviceId.replaceAll('{gatewayId}', gatewayId),
           now: opts.now,
+          // Real time, not opts.now: the quota is counted by the hub on its own clock.
+          pacer: new Pacer({ perMinute: config.iotHub.registryOperationsPerMinute }),
+          ...config.iotHub.sync,
+          onThrottled: () => metrics.syncThrottled.inc({ target: 'hub' }),
         })
       : undefined;
     const dps = config.dps
       ? new DpsConnector({
           client: createDpsClient(config.dps.connectionString, config.dps.localEndpoint), store, logger: logger.child({ component: 'dps' }),
           mode: config.dps.mode, deviceCaPem: ca.deviceCa.pem, iotHubHostName: config.dps.iotHubHostName, now: opts.now,
+          pacer: new Pacer({ perMinute: config.dps.operationsPerMinute }),
+          ...config.dps.sync,
+          onThrottled: () => metrics.syncThrottled.inc({ target: 'dps' }),
         })
       : undefined;
+    parts.hub = hub;
+    parts.dps = dps;
     renewals.start();
     hub?.start();
     dps?.start();

@@ -22,7 +22,9 @@ Commands:
   token        create a one-time gateway enrollment token
   code         create a one-time ddkg enrollment code for a device
   fingerprint  print the root CA's SHA-256 fingerprint (gateways pin it)
-  devices      list devices                          (admin API)
+  devices      list devices                          (admin API; --status sync-failed: devices
+               whose IoT Hub / DPS sync is parked after too many failed attempts)
+  sync         list parked cloud syncs [--target hub|dps]; --retry [--device ID] un-parks them
   certs        list certificates [--expiring 7d]     (admin API)
   revoke       revoke --serial HEX | --device ID [--decommission] | --gateway ID  [--reason R]
   policies     show the device policies              (admin API)
@@ -49,6 +51,8 @@ Options:
   --decommission     revoke and disable the device (revoke --device)
   --expiring SPAN    only active certificates ending within SPAN, e.g. 7d, 12h (certs)
   --status S         filter by status (devices, certs)
+  --target T         hub or dps (sync)
+  --retry            un-park failed syncs for a fresh set of attempts (sync)
   --limit N          rows (default 100)
   --json             JSON instead of a table
   -h, --help         this text
@@ -73,6 +77,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     gateway: { type: 'string' }, device: { type: 'string' }, group: { type: 'string' }, ttl: { type: 'string' },
     authority: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
     expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
+    target: { type: 'string' }, retry: { type: 'boolean' },
     'offline-root': { type: 'string' }, 'root-key': { type: 'string' }, 'crl-days': { type: 'string' },
   }, USAGE);
   if (!parsed) return 0;
@@ -125,6 +130,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     case 'policies':
     case 'audit':
     case 'revoke':
+    case 'sync':
       return adminCommand(command, v, config);
     default:
       throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
@@ -232,7 +238,7 @@ async function adminCommand(command: string, v: Record<string, any>, config: Ret
   const ca = await rootPem(config);
   const token = loadAdminToken(config);
   const q = new URLSearchParams();
-  for (const k of ['status', 'expiring', 'limit', 'device']) if (v[k] !== undefined) q.set(k, String(v[k]));
+  for (const k of ['status', 'expiring', 'limit', 'device', 'target']) if (v[k] !== undefined) q.set(k, String(v[k]));
   const qs = q.size ? `?${q}` : '';
   let rows: any;
   switch (command) {
@@ -254,6 +260,11 @@ async function adminCommand(command: string, v: Record<string, any>, config: Ret
     case 'audit':
       rows = await adminCall(base, ca, token, 'GET', `/admin/v1/audit${qs}`);
       if (!v.json) rows = (rows as any[]).map((r) => ({ seq: r.seq, at: r.at, action: r.action, outcome: r.outcome, code: r.code ?? '', device: r.deviceId ?? '', gateway: r.gatewayId ?? '', serial: r.serial ?? '' }));
+      break;
+    case 'sync':
+      rows = v.retry
+        ? [await adminCall(base, ca, token, 'POST', '/admin/v1/sync/retry', { target: v.target ?? 'hub', device: v.device })]
+        : await adminCall(base, ca, token, 'GET', `/admin/v1/sync${qs}`);
       break;
     case 'revoke': {
       if (!v.serial && !v.device && !v.gateway) throw new UsageError('revoke needs --serial HEX, --device ID or --gateway ID');

@@ -29,8 +29,10 @@ Options:
   --data-dir DIR    where CA, database and files go (default: a new temp directory)
   --exit            exit after the summary: status 0 only if every device got a valid cert
   --log-level LVL   pino level for service logs on stderr (default warn)
-  --local-hub       also run the local IoT Hub stand-in (test/support) and mirror devices
-                    into it as children of the gateway's edge device
+
+To mirror the demo devices into an IoT Hub, set LEAFGATE_IOTHUB_CONNECTION_STRING (a hub
+with an IoT Edge device named demo-gateway): they are registered as its children. (The
+former --local-hub option ran the test stand-in, which is test code: it was removed.)
   -h, --help        this text
 `;
 
@@ -78,7 +80,7 @@ function openssl(args: string[]): boolean {
 
 export async function demoCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
-    devices: { type: 'string' }, concurrency: { type: 'string' }, port: { type: 'string' }, 'data-dir': { type: 'string' }, exit: { type: 'boolean' }, 'log-level': { type: 'string' }, 'local-hub': { type: 'boolean' },
+    devices: { type: 'string' }, concurrency: { type: 'string' }, port: { type: 'string' }, 'data-dir': { type: 'string' }, exit: { type: 'boolean' }, 'log-level': { type: 'string' },
   }, USAGE);
   if (!parsed) return 0;
   const v = parsed.values;
@@ -95,16 +97,12 @@ export async function demoCommand(argv: string[]): Promise<number> {
   writeFileSync(join(dir, 'manufacturer-ca.pem'), manufacturer.pem);
   const passphrase = process.env.LEAFGATE_CA_PASSPHRASE ?? DEMO_PASSPHRASE;
   // The stand-in lives with the tests; the demo borrows it to show the IoT Hub connector.
-  const hub = v['local-hub'] ? await (await import('../test/support/iothub-standin.ts')).IotHubStandin.start() : undefined;
-  hub?.addDevice({ deviceId: 'demo-gateway', capabilities: { iotEdge: true } });
-  if (hub) out(`iot hub     local stand-in ${hub.connectionString('registryReadWrite').split(';')[0]}`);
   if (!process.env.LEAFGATE_CA_PASSPHRASE) out('note: CA keys are encrypted with the demo passphrase; set LEAFGATE_CA_PASSPHRASE for anything real');
   const authority = await startAuthority(
     resolveAuthorityConfig({
       dataDir: join(dir, 'authority'),
       caPassphrase: passphrase,
       listen: { host: '127.0.0.1', port: 0 },
-      ...(hub ? { iotHub: { connectionString: hub.connectionString('registryReadWrite'), localEndpoint: hub.registryEndpoint } } : {}),
       policies: {
         default: { pkiSignature: { manufacturerCAs: [manufacturer.pem], deviceIdFrom: 'CN' }, ddkg: { enrollment: 'allow-list', allowList: ['sim-*', 'demo-*'] } },
       },
@@ -187,18 +185,17 @@ export async function demoCommand(argv: string[]): Promise<number> {
     }
   }
 
-  if (hub) {
+  if (authority.hub) {
     // A pass may already be running from before the last issuance: one more picks up the rest.
-    await authority.hub?.sync();
-    await authority.hub?.sync();
-    const children = [...hub.devices.values()].filter((d: any) => d.parentScopes?.length);
-    out(`IoT Hub stand-in holds ${children.length} child devices of demo-gateway (scope ${(hub.devices.get('demo-gateway') as any)?.deviceScope})`);
+    await authority.hub.sync();
+    await authority.hub.sync();
+    const c = await authority.store.countSync('hub');
+    out(`IoT Hub: ${c.pending} device(s) still pending, ${c.failed} parked as sync-failed`);
   }
 
   if (v.exit) {
     await gateway.close();
     await authority.close();
-    await hub?.close();
     return valid === count ? 0 : 1;
   }
 
@@ -224,7 +221,6 @@ export async function demoCommand(argv: string[]): Promise<number> {
   await serveUntilSignal(async () => {
     await gateway.close();
     await authority.close();
-    await hub?.close();
   });
   return 0;
 }

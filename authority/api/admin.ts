@@ -41,6 +41,8 @@ export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void
 
     admin.get('/admin/v1/devices', async (req) => {
       const q = req.query as Record<string, string | undefined>;
+      // Devices whose cloud registry sync is parked after too many failed attempts.
+      if (q.status === 'sync-failed') return syncFailed(deps, q);
       const devices = await deps.store.listDevices({ status: q.status, group: q.group, limit: limitOf(q) });
       return devices.map((d) => ({ id: d.id, group: d.groupName, method: d.method, status: d.status, gateway: d.gatewayId, createdAt: new Date(d.createdAt).toISOString(), updatedAt: new Date(d.updatedAt).toISOString() }));
     });
@@ -68,6 +70,19 @@ export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void
       throw new LeafgateError('bad_request', 'give serial (hex), device or gateway');
     });
 
+    admin.get('/admin/v1/sync', async (req) => syncFailed(deps, req.query as Record<string, string | undefined>));
+
+    /** Un-parks failed rows (all of a target, or one device's) for a fresh set of attempts. */
+    admin.post('/admin/v1/sync/retry', { schema: { body: { type: 'object' } } }, async (req) => {
+      const b = req.body as Record<string, unknown>;
+      const target = b.target ?? 'hub';
+      if (target !== 'hub' && target !== 'dps') throw new LeafgateError('bad_request', 'target must be hub or dps');
+      if (b.device !== undefined && (typeof b.device !== 'string' || !isValidDeviceId(b.device))) throw new LeafgateError('invalid_device_id');
+      const n = await deps.store.retrySyncFailed(target, b.device as string | undefined);
+      await deps.store.appendAudit({ at: Date.now(), action: 'sync-retry', outcome: 'ok', deviceId: (b.device as string | undefined) ?? null, detail: { target, rows: n, actor: 'admin' } });
+      return { retried: n };
+    });
+
     admin.get('/admin/v1/policies', async () => deps.policies);
 
     admin.get('/admin/v1/audit', async (req) => {
@@ -77,6 +92,12 @@ export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void
       return rows.map((r) => ({ ...r, at: new Date(r.at).toISOString() }));
     });
   });
+}
+
+async function syncFailed(deps: AdminDeps, q: Record<string, string | undefined>) {
+  if (q.target !== undefined && q.target !== 'hub' && q.target !== 'dps') throw new LeafgateError('bad_request', 'target must be hub or dps');
+  const rows = await deps.store.listSyncFailed({ target: q.target as 'hub' | 'dps' | undefined, limit: limitOf(q) });
+  return rows.map((r) => ({ id: r.deviceId, status: 'sync-failed', target: r.target, serial: r.serial, certStatus: r.status, attempts: r.attempts, failedAt: new Date(r.failedAt).toISOString(), error: r.error }));
 }
 
 /** Revokes every active certificate of a device; decommission also disables the device. */

@@ -8,7 +8,7 @@
 import azureProvisioning from 'azure-iot-provisioning-service';
 import https from 'node:https';
 import type { CertificateRow } from '../store/index.ts';
-import { RegistrySync, type RegistrySyncOptions } from './sync.ts';
+import { RegistrySync, statusOf, type RegistrySyncOptions } from './sync.ts';
 
 const { ProvisioningServiceClient } = azureProvisioning;
 
@@ -18,6 +18,7 @@ export interface DpsClient {
   getIndividualEnrollment(id: string): Promise<{ responseBody: Record<string, any> }>;
   deleteIndividualEnrollment(id: string): Promise<unknown>;
   createOrUpdateEnrollmentGroup(g: Record<string, unknown>): Promise<{ responseBody: Record<string, any> }>;
+  getEnrollmentGroup(id: string): Promise<{ responseBody: Record<string, any> }>;
 }
 
 export interface DpsConnectorOptions extends RegistrySyncOptions {
@@ -42,6 +43,13 @@ export function createDpsClient(connectionString: string, local?: { host: string
   return client as unknown as DpsClient;
 }
 
+/**
+ * DPS refuses to replace an existing enrollment without its ETag (If-Match): the REST API's
+ * Create Or Update takes `If-Match: <etag of the enrollment record>` (Individual Enrollment -
+ * Create Or Update, api-version 2021-10-01), and the SDK sends it when the object carries
+ * `etag`. So every write reads first: absent -> create (no etag; 409 if someone created it
+ * meanwhile), present -> write with its etag (412 if it changed meanwhile); both re-read.
+ */
 export class DpsConnector extends RegistrySync {
   private groupDone = false;
 
@@ -49,15 +57,44 @@ export class DpsConnector extends RegistrySync {
     super(opts, 'dps');
   }
 
+  /** Reads, merges and writes one record with its etag; retries 409/412 by reading again. */
+  private async upsert(
+    action: string,
+    id: string,
+    read: () => Promise<{ responseBody: Record<string, any> }>,
+    write: (e: Record<string, unknown>) => Promise<unknown>,
+    desired: (current: Record<string, any> | null) => Record<string, unknown> | null,
+  ): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const current = (await this.call(`${action}-read`, id, read, [404]))?.responseBody ?? null;
+      const next = desired(current);
+      if (!next) return; // already as wanted
+      try {
+        await this.call(action, id, () => write(current?.etag ? { ...next, etag: current.etag } : next));
+        return;
+      } catch (err) {
+        const s = statusOf(err);
+        if ((s !== 409 && s !== 412) || attempt >= 3) throw err;
+      }
+    }
+  }
+
   protected override async prepare(): Promise<void> {
     if (this.opts.mode !== 'group' || this.groupDone) return;
     const id = this.opts.groupId ?? 'leafgate-device-ca';
-    await this.call('dps-group', id, () => this.opts.client.createOrUpdateEnrollmentGroup({
-      enrollmentGroupId: id,
-      attestation: { type: 'x509', x509: { signingCertificates: { primary: { certificate: this.opts.deviceCaPem } } } },
-      provisioningStatus: 'enabled',
-      ...(this.opts.iotHubHostName ? { iotHubHostName: this.opts.iotHubHostName } : {}),
-    }));
+    const client = this.opts.client;
+    await this.upsert('dps-group', id, () => client.getEnrollmentGroup(id), (g) => client.createOrUpdateEnrollmentGroup(g), (cur) => {
+      const same = cur && cur.attestation?.x509?.signingCertificates?.primary?.certificate === this.opts.deviceCaPem && cur.provisioningStatus === 'enabled' &&
+        (!this.opts.iotHubHostName || cur.iotHubHostName === this.opts.iotHubHostName);
+      if (same) return null;
+      return {
+        ...(cur ?? {}),
+        enrollmentGroupId: id,
+        attestation: { type: 'x509', x509: { signingCertificates: { primary: { certificate: this.opts.deviceCaPem } } } },
+        provisioningStatus: 'enabled',
+        ...(this.opts.iotHubHostName ? { iotHubHostName: this.opts.iotHubHostName } : {}),
+      };
+    });
     this.groupDone = true;
   }
 
@@ -68,17 +105,38 @@ export class DpsConnector extends RegistrySync {
   protected async syncCertificate(cert: CertificateRow): Promise<void> {
     const store = this.opts.store;
     const deviceId = cert.subjectId;
-    if (this.opts.mode === 'group' || cert.status === 'superseded') return store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
+    if (this.opts.mode === 'group' || cert.status === 'superseded') return this.synced(cert);
     const active = await store.listCertificates({ subjectId: deviceId, status: 'active', limit: 1 });
-    if (cert.status === 'revoked' && active.length) return store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
-    await this.call(cert.status === 'revoked' ? 'dps-disable' : 'dps-enroll', deviceId, () => this.opts.client.createOrUpdateIndividualEnrollment({
-      registrationId: deviceId,
-      deviceId,
-      attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: cert.pem } } } },
-      provisioningStatus: cert.status === 'revoked' ? 'disabled' : 'enabled',
-      ...(this.opts.iotHubHostName ? { iotHubHostName: this.opts.iotHubHostName } : {}),
-    }));
-    await store.setDeviceHubState(deviceId, cert.status === 'revoked' ? 'disabled' : 'present', 'dps');
-    await store.markHubSynced(cert.serial, this.now(), undefined, 'dps', cert.status);
+    if (cert.status === 'revoked' && active.length) return this.synced(cert);
+    const device = await store.getDevice(deviceId);
+    const client = this.opts.client;
+    let state: 'present' | 'disabled' = cert.status === 'revoked' ? 'disabled' : 'present';
+    await this.upsert(cert.status === 'revoked' ? 'dps-disable' : 'dps-enroll', deviceId, () => client.getIndividualEnrollment(deviceId), (e) => client.createOrUpdateIndividualEnrollment(e), (cur) => {
+      let status: string;
+      if (cert.status === 'revoked') {
+        if (!cur) return null; // nothing to disable
+        // Disabled already by an operator: leave it and do not claim it as leafgate's.
+        if (cur.provisioningStatus === 'disabled') {
+          if (device?.dpsState !== 'disabled') state = 'present';
+          return null;
+        }
+        status = 'disabled';
+      } else {
+        // Keep an operator's "disabled"; enable only what leafgate disabled (revocation).
+        status = cur?.provisioningStatus === 'disabled' && device?.dpsState !== 'disabled' ? 'disabled' : 'enabled';
+      }
+      const sameCert = cur?.attestation?.x509?.clientCertificates?.primary?.certificate === cert.pem;
+      if (cur && sameCert && cur.provisioningStatus === status) return null;
+      return {
+        ...(cur ?? {}),
+        registrationId: deviceId,
+        deviceId,
+        attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: cert.pem } } } },
+        provisioningStatus: status,
+        ...(this.opts.iotHubHostName ? { iotHubHostName: this.opts.iotHubHostName } : {}),
+      };
+    });
+    await store.setDeviceHubState(deviceId, state, 'dps');
+    await this.synced(cert);
   }
 }

@@ -1,5 +1,6 @@
-/** External registries the authority mirrors devices into (IoT Hub now; DPS next). */
-export { IotHubConnector, thumbprint, type HubRegistry, type HubDevice, type IotHubConnectorOptions } from './iothub.ts';
+/** External registries the authority mirrors devices into (IoT Hub, DPS). */
+export { IotHubConnector, thumbprint, type HubRegistry, type HubDevice, type BulkResult, type IotHubConnectorOptions } from './iothub.ts';
 export { createHubRegistry, type LocalHubEndpoint } from './iothub-adapter.ts';
 export { DpsConnector, createDpsClient, type DpsClient, type DpsConnectorOptions } from './dps.ts';
-export { RegistrySync, type RegistrySyncOptions } from './sync.ts';
+export { RegistrySync, parseRetryAfter, isTargetWide, type RegistrySyncOptions } from './sync.ts';
+export { Pacer, type PacerOptions } from './pacer.ts';

@@ -1,6 +1,6 @@
 /**
  * Builds azure-iothub's Registry from a connection string. For a hub that is not
- * `<name>.azure-devices.net:443` (the local stand-in used by tests and `demo --local-hub`)
+ * `<name>.azure-devices.net:443` (the local stand-in used by tests)
  * the SDK offers no port: HostName takes none. Its REST client does accept an HTTP agent
  * (private `_restApiClient.setOptions({ http: { agent } })`), so an agent whose sockets go
  * to the local endpoint is the one hook, kept here alone. TLS is still verified, against

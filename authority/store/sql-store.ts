@@ -18,7 +18,7 @@ import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
 import { ISSUER_OF_KIND } from './types.ts';
 import type {
-  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, RegistryTarget, RequestRow,
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, PendingCertificateRow, RegistryTarget, RequestRow, SyncFailureRow,
 } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
@@ -37,7 +37,7 @@ function toDevice(r: Row | undefined): DeviceRow | null {
   if (!r) return null;
   return {
     id: r.id, groupName: r.group_name, method: r.method, status: r.status, gatewayId: r.gateway_id, ddkgSalt: r.ddkg_salt,
-    ddkgPublicKey: r.ddkg_public_key, birthCertFingerprint: r.birth_cert_fingerprint, hubState: r.hub_state ?? null, createdAt: r.created_at, updatedAt: r.updated_at,
+    ddkgPublicKey: r.ddkg_public_key, birthCertFingerprint: r.birth_cert_fingerprint, hubState: r.hub_state ?? null, dpsState: r.dps_state ?? null, createdAt: r.created_at, updatedAt: r.updated_at,
   };
 }
 
@@ -83,7 +83,8 @@ const SQL = {
   supersedeOthers: "UPDATE certificates SET status = 'superseded' WHERE subject_id = ? AND kind = ? AND status = 'active' AND serial != ?",
   supersede: "UPDATE certificates SET status = 'superseded' WHERE serial = ? AND status = 'active'",
   countActive: "SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?",
-  revoke: "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL WHERE serial = ? AND status = 'active'",
+  // A revocation is new work for the registries: a fresh set of attempts, even for a row that was parked.
+  revoke: "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL, hub_attempts = 0, hub_next_at = NULL, hub_failed_at = NULL, dps_attempts = 0, dps_next_at = NULL, dps_failed_at = NULL WHERE serial = ? AND status = 'active'",
   getCert: 'SELECT * FROM certificates WHERE serial = ?',
   getCrl: 'SELECT issuer, CAST(crl_number AS TEXT) AS crl_number, this_update, next_update, der FROM crls WHERE issuer = ?',
   saveCrl: `INSERT INTO crls (issuer, crl_number, this_update, next_update, der) VALUES (?, ?, ?, ?, ?)
@@ -432,9 +433,18 @@ export class SqlStore implements AuthorityStore {
     return (await this.db.query(sql, [...args, filter.limit ?? 1000])).map((r) => toDevice(r)!);
   }
 
-  async listHubPending(limit: number, t: RegistryTarget = 'hub'): Promise<CertificateRow[]> {
-    const rows = await this.db.query(`SELECT * FROM certificates WHERE kind = 'device' AND ${target(t)}_synced_at IS NULL ORDER BY created_at, serial LIMIT ?`, [limit]);
-    return rows.map(toCert);
+  async listHubPending(limit: number, t: RegistryTarget = 'hub', now?: number): Promise<PendingCertificateRow[]> {
+    const c = target(t);
+    // Revocations first (a revoked device must not stay enabled behind a queue of creates),
+    // then oldest first. Parked rows (failed_at) wait for an operator; rows backing off wait
+    // for their next attempt time when `now` is given.
+    const due = now === undefined ? '' : ` AND (${c}_next_at IS NULL OR ${c}_next_at <= ?)`;
+    const rows = await this.db.query(
+      `SELECT * FROM certificates WHERE kind = 'device' AND ${c}_synced_at IS NULL AND ${c}_failed_at IS NULL${due} ` +
+        `ORDER BY CASE WHEN status = 'revoked' THEN 0 ELSE 1 END, created_at, serial LIMIT ?`,
+      now === undefined ? [limit] : [now, limit],
+    );
+    return rows.map((r) => ({ ...toCert(r), syncAttempts: Number(r[`${c}_attempts`] ?? 0) }));
   }
 
   async markHubSynced(serial: string, at: number, error?: string, t: RegistryTarget = 'hub', status?: CertificateRow['status']): Promise<void> {
@@ -442,8 +452,48 @@ export class SqlStore implements AuthorityStore {
     // meanwhile (it clears the mark) must be picked up by the next pass, not hidden by this one.
     const cond = status ? ' AND status = ?' : '';
     const args: unknown[] = status ? [serial, status] : [serial];
-    if (target(t) === 'hub') await this.db.run(`UPDATE certificates SET hub_synced_at = ?, hub_error = ? WHERE serial = ?${cond}`, [at, error ?? null, ...args]);
-    else await this.db.run(`UPDATE certificates SET dps_synced_at = ? WHERE serial = ?${cond}`, [at, ...args]);
+    if (target(t) === 'hub') await this.db.run(`UPDATE certificates SET hub_synced_at = ?, hub_error = ?, hub_next_at = NULL WHERE serial = ?${cond}`, [at, error ?? null, ...args]);
+    else await this.db.run(`UPDATE certificates SET dps_synced_at = ?, dps_error = ?, dps_next_at = NULL WHERE serial = ?${cond}`, [at, error ?? null, ...args]);
+  }
+
+  async recordSyncFailure(serial: string, t: RegistryTarget, f: { attempts: number; nextAt: number | null; failedAt: number | null; error: string; status: CertificateRow['status'] }): Promise<void> {
+    const c = target(t);
+    // Same guard as markHubSynced: a revocation that landed meanwhile reset the row; keep that.
+    await this.db.run(
+      `UPDATE certificates SET ${c}_attempts = ?, ${c}_next_at = ?, ${c}_failed_at = ?, ${c}_error = ? WHERE serial = ? AND status = ? AND ${c}_synced_at IS NULL`,
+      [f.attempts, f.nextAt, f.failedAt, f.error.slice(0, 1000), serial, f.status],
+    );
+  }
+
+  async listSyncFailed(filter: { target?: RegistryTarget; limit?: number }): Promise<SyncFailureRow[]> {
+    const out: SyncFailureRow[] = [];
+    for (const t of filter.target ? [target(filter.target)] : (['hub', 'dps'] as const)) {
+      const rows = await this.db.query(
+        `SELECT serial, subject_id, status, ${t}_attempts AS attempts, ${t}_failed_at AS failed_at, ${t}_error AS error FROM certificates ` +
+          `WHERE kind = 'device' AND ${t}_synced_at IS NULL AND ${t}_failed_at IS NOT NULL ORDER BY ${t}_failed_at, serial LIMIT ?`,
+        [filter.limit ?? 1000],
+      );
+      for (const r of rows) out.push({ target: t, serial: r.serial, deviceId: r.subject_id, status: r.status, attempts: Number(r.attempts), failedAt: Number(r.failed_at), error: r.error ?? null });
+    }
+    return out;
+  }
+
+  async retrySyncFailed(t: RegistryTarget, deviceId?: string): Promise<number> {
+    const c = target(t);
+    const r = await this.db.run(
+      `UPDATE certificates SET ${c}_attempts = 0, ${c}_next_at = NULL, ${c}_failed_at = NULL WHERE kind = 'device' AND ${c}_failed_at IS NOT NULL AND ${c}_synced_at IS NULL${deviceId ? ' AND subject_id = ?' : ''}`,
+      deviceId ? [deviceId] : [],
+    );
+    return r.changes;
+  }
+
+  async countSync(t: RegistryTarget): Promise<{ pending: number; failed: number }> {
+    const c = target(t);
+    const r = await this.db.one(
+      `SELECT SUM(CASE WHEN ${c}_failed_at IS NULL THEN 1 ELSE 0 END) AS pending, SUM(CASE WHEN ${c}_failed_at IS NOT NULL THEN 1 ELSE 0 END) AS failed ` +
+        `FROM certificates WHERE kind = 'device' AND ${c}_synced_at IS NULL`,
+    );
+    return { pending: Number(r?.pending ?? 0), failed: Number(r?.failed ?? 0) };
   }
 
   async listHubDecommissioned(limit: number, t: RegistryTarget = 'hub'): Promise<string[]> {

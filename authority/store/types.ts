@@ -17,6 +17,8 @@ export interface DeviceRow {
   birthCertFingerprint: string | null;
   /** Where the device stands in the external registry (IoT Hub), if one is configured. */
   hubState?: 'present' | 'disabled' | 'deleted' | null;
+  /** The same for DPS (individual enrollments). `disabled` means leafgate disabled it. */
+  dpsState?: 'present' | 'disabled' | 'deleted' | null;
   createdAt: number;
   updatedAt: number;
 }
@@ -69,6 +71,22 @@ export interface CertificateRow {
   revokedAt: number | null;
   revocationReason: number | null;
   createdAt: number;
+}
+
+/** A certificate not yet reflected in an external registry, with its failed attempts there. */
+export interface PendingCertificateRow extends CertificateRow {
+  syncAttempts: number;
+}
+
+/** A certificate whose registry sync is parked after too many failed attempts. */
+export interface SyncFailureRow {
+  target: RegistryTarget;
+  serial: string;
+  deviceId: string;
+  status: CertificateRow['status'];
+  attempts: number;
+  failedAt: number;
+  error: string | null;
 }
 
 /** A certificate due for renewal, with the gateway its device is enrolled through. */
@@ -212,9 +230,20 @@ export interface AuthorityStore {
   /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */
   saveCrl(row: CrlRow): Promise<boolean>;
 
-  /** Device certificates not yet reflected in an external registry, oldest first. */
-  listHubPending(limit: number, target?: RegistryTarget): Promise<CertificateRow[]>;
+  /**
+   * Device certificates not yet reflected in an external registry and not parked: revocations
+   * first, then oldest first; with `now`, only those whose next attempt is due.
+   */
+  listHubPending(limit: number, target?: RegistryTarget, now?: number): Promise<PendingCertificateRow[]>;
   markHubSynced(serial: string, at: number, error?: string, target?: RegistryTarget, status?: CertificateRow['status']): Promise<void>;
+  /** One more failed attempt for a row: its next attempt time, or parked (failedAt) past the limit. */
+  recordSyncFailure(serial: string, target: RegistryTarget, f: { attempts: number; nextAt: number | null; failedAt: number | null; error: string; status: CertificateRow['status'] }): Promise<void>;
+  /** Parked rows (sync failed past the attempt limit). */
+  listSyncFailed(filter: { target?: RegistryTarget; limit?: number }): Promise<SyncFailureRow[]>;
+  /** Un-parks failed rows (all, or one device's) for a fresh set of attempts; answers how many. */
+  retrySyncFailed(target: RegistryTarget, deviceId?: string): Promise<number>;
+  /** Unsynced rows: pending (incl. backing off) and parked. */
+  countSync(target: RegistryTarget): Promise<{ pending: number; failed: number }>;
   /** Disabled (decommissioned) devices still present in an external registry. */
   listHubDecommissioned(limit: number, target?: RegistryTarget): Promise<string[]>;
   setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target?: RegistryTarget): Promise<void>;

@@ -2,6 +2,11 @@
  * A local stand-in for the Device Provisioning Service's service REST surface, enough for
  * the real azure-iot-provisioning-service client: individual enrollments and enrollment
  * groups (PUT/GET/DELETE with etags), SAS verification on every request, fault injection.
+ *
+ * As DPS does (Individual Enrollment - Create Or Update, api-version 2021-10-01: `If-Match`
+ * carries the ETag of the enrollment record): a PUT of an existing record without If-Match is
+ * refused 409 (it would be a create), one with a stale If-Match 412; an api-version other than
+ * the one azure-iot-provisioning-service 1.11 sends is refused 400.
  */
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
@@ -16,6 +21,9 @@ export interface DpsRequest {
   body: any;
 }
 
+/** The api-version the SDK sends (provisioningserviceclient.js: `?api-version=2021-10-01`). */
+export const DPS_API_VERSIONS = new Set(['2021-10-01']);
+
 export class DpsStandin {
   readonly hostName = 'leafgate-dps.azure-devices-provisioning.invalid';
   readonly enrollments = new Map<string, any>();
@@ -23,6 +31,8 @@ export class DpsStandin {
   readonly requests: DpsRequest[] = [];
   readonly key = randomBytes(32).toString('base64');
   private faults: Array<{ status: number; headers: Record<string, string> }> = [];
+  /** Ids whose next PUT is answered 412, as if someone changed the record between read and write. */
+  readonly staleNextWrite = new Set<string>();
   private constructor(readonly ca: string, private readonly server: https.Server, readonly port: number) {}
 
   static async start(): Promise<DpsStandin> {
@@ -62,10 +72,12 @@ export class DpsStandin {
       };
       const fault = this.faults.shift();
       if (fault) return send(fault.status, { errorCode: fault.status, message: 'injected fault' }, fault.headers);
+      const apiVersion = url.searchParams.get('api-version');
+      if (!apiVersion || !DPS_API_VERSIONS.has(apiVersion)) return send(400, { errorCode: 400001, message: `api-version ${apiVersion ?? '(none)'} is not supported` });
       const sas = parseSas(req.headers.authorization);
       if (!sas || sas.se * 1000 < Date.now() || !signatureMatches(sas, [this.key])) return send(401, { errorCode: 401002, message: 'Unauthorized' });
       const m = /^\/(enrollments|enrollmentGroups)\/([^/]+)$/.exec(url.pathname);
-      if (!m || !url.searchParams.get('api-version')) return send(404, { errorCode: 404001, message: 'not found' });
+      if (!m) return send(404, { errorCode: 404001, message: 'not found' });
       const store = m[1] === 'enrollments' ? this.enrollments : this.groups;
       const id = decodeURIComponent(m[2]);
       const existing = store.get(id);
@@ -76,8 +88,12 @@ export class DpsStandin {
         return send(204);
       }
       if (req.method === 'PUT') {
-        const ifMatch = req.headers['if-match'];
-        if (ifMatch && existing && ifMatch !== existing.etag && ifMatch !== '*') return send(412, { errorCode: 412002, message: 'etag mismatch' });
+        const raw = req.headers['if-match'];
+        const ifMatch = typeof raw === 'string' ? raw.replace(/^W\//, '').replace(/^"(.*)"$/, '$1') : undefined;
+        if (existing && !ifMatch) return send(409, { errorCode: 409203, message: 'Enrollment already exists: an update needs If-Match with its ETag' });
+        if (ifMatch && !existing) return send(404, { errorCode: 404201, message: 'Enrollment not found' });
+        if (existing && ifMatch !== existing.etag && ifMatch !== '*') return send(412, { errorCode: 412002, message: 'etag mismatch' });
+        if (this.staleNextWrite.delete(id)) return send(412, { errorCode: 412002, message: 'etag mismatch (changed meanwhile)' });
         const record = { ...body, etag: randomBytes(6).toString('hex'), createdDateTimeUtc: existing?.createdDateTimeUtc ?? new Date().toISOString(), lastUpdatedDateTimeUtc: new Date().toISOString() };
         store.set(id, record);
         return send(200, record);

@@ -3,6 +3,7 @@
  * that azure-iothub's Registry and Client use:
  *
  *   GET    /devices                              list              RegistryRead
+ *   POST   /devices                              bulk create / update / delete (<= 100)  RegistryWrite
  *   PUT    /devices/{id}                         create / replace  RegistryWrite
  *   GET    /devices/{id}                         read              RegistryRead
  *   DELETE /devices/{id}                         delete            RegistryWrite
@@ -32,6 +33,12 @@ export interface RegistryServer {
 
 const MAX_BODY = 1024 * 1024;
 
+/**
+ * api-versions the registry surface serves: the one azure-iothub 1.16 sends (dist/version.js).
+ * IoT Hub refuses others with 400 (error code InvalidProtocolVersion, 400001).
+ */
+export const REGISTRY_API_VERSIONS = new Set(['2021-04-12']);
+
 interface Route {
   right: Right;
   run: (ctx: { body: unknown; ifMatch: string | undefined; query: Record<string, string> }) => Promise<{ status: number; body?: unknown; etag?: string }> | { status: number; body?: unknown; etag?: string };
@@ -47,6 +54,17 @@ function route(standin: IotHubStandin, method: string, path: string): Route | nu
   if (root === 'devices') {
     if (parts.length === 1 && method === 'GET') {
       return { right: 'RegistryRead', run: ({ query }) => ({ status: 200, body: [...standin.devices.values()].slice(0, Number(query.top) || 1000) }) };
+    }
+    if (parts.length === 1 && method === 'POST') {
+      return {
+        right: 'RegistryWrite',
+        run: ({ body }) => {
+          const r = standin.bulkDevices(body);
+          // Azure answers 400 with the BulkRegistryOperationResult when an operation failed
+          // (Bulk Registry - Update Registry, REST API 2021-04-12).
+          return { status: r.isSuccessful ? 200 : 400, body: r };
+        },
+      };
     }
     if (parts.length === 2) {
       const deviceId = segment(id);
@@ -164,7 +182,10 @@ async function handle(standin: IotHubStandin, req: IncomingMessage, res: ServerR
     }
     const fault = standin.takeFault({ method, path });
     if (fault) return sendError(res, HubError.forStatus(fault.status), fault.headers);
+    const throttled = standin.takeRateToken();
+    if (throttled) return sendError(res, new HubError('ThrottlingException', 'Request throttled: identity registry operations per minute exceeded'), throttled);
     if (!query['api-version']) throw new HubError('ArgumentInvalid', 'api-version query parameter is required');
+    if (!REGISTRY_API_VERSIONS.has(query['api-version'])) throw new HubError('InvalidProtocolVersion', `api-version ${query['api-version']} is not supported`);
     const r = route(standin, method, path);
     if (!r) throw new HubError('NotFound', `no route for ${method} ${path}`, 404);
     authorize(standin, req.headers.authorization, r.right, path);

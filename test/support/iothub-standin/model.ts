@@ -65,6 +65,7 @@ export const NEVER = '0001-01-01T00:00:00Z';
 
 /** IoT Hub error codes: HTTP status, numeric code (newer bodies), name (the `Message` prefix). */
 export const HUB_ERRORS = {
+  InvalidProtocolVersion: [400, 400001],
   ArgumentInvalid: [400, 400004],
   IotHubUnauthorizedAccess: [401, 401002],
   DeviceNotFound: [404, 404001],

@@ -264,6 +264,76 @@ export class IotHubStandin extends EventEmitter {
     this.faults.push({ remaining: n, status, headers, match });
   }
 
+  /**
+   * Enforces a rate on the registry REST surface, as IoT Hub does per tier and unit: a token
+   * bucket of `perMinute` requests (bulk calls count one) with `burst` tokens; beyond it 429
+   * ThrottlingException with Retry-After in seconds or as an HTTP-date. null turns it off.
+   */
+  setRateLimit(limit: { perMinute: number; burst?: number; retryAfter?: 'seconds' | 'http-date' } | null): void {
+    this.rate = limit ? { ...limit, burst: limit.burst ?? 1, tokens: limit.burst ?? 1, last: Date.now() } : null;
+  }
+
+  private rate: { perMinute: number; burst: number; retryAfter?: 'seconds' | 'http-date'; tokens: number; last: number } | null = null;
+
+  /** @internal null when the request may go on, else the headers of the 429. */
+  takeRateToken(): Record<string, string> | null {
+    const r = this.rate;
+    if (!r) return null;
+    const now = Date.now();
+    const msPerToken = 60_000 / r.perMinute;
+    r.tokens = Math.min(r.burst, r.tokens + (now - r.last) / msPerToken);
+    r.last = now;
+    if (r.tokens >= 1) {
+      r.tokens -= 1;
+      return null;
+    }
+    const waitMs = (1 - r.tokens) * msPerToken;
+    return { 'Retry-After': r.retryAfter === 'http-date' ? new Date(now + Math.max(1000, waitMs)).toUTCString() : String(Math.max(1, Math.ceil(waitMs / 1000))) };
+  }
+
+  /** Device ids the hub refuses permanently with 400 (a poisoned device), with the message. */
+  readonly refusedDevices = new Map<string, string>();
+
+  refuseDevice(deviceId: string, message = `device ${deviceId} is refused by the test`): void {
+    this.refusedDevices.set(deviceId, message);
+  }
+
+  /**
+   * POST /devices: bulk create / update / delete of up to 100 devices (ExportImportDevice[]
+   * with importMode create, update, updateIfMatchETag, delete, deleteIfMatchETag). Each
+   * device succeeds or fails on its own; failures are listed in the result.
+   */
+  bulkDevices(body: unknown): { isSuccessful: boolean; errors: Array<{ deviceId: string; errorCode: string; errorStatus: string }>; warnings: unknown[] } {
+    if (!Array.isArray(body) || body.length === 0 || body.length > 100) throw new HubError('ArgumentInvalid', 'the body must be an array of 1 to 100 devices');
+    const ids = body.map((d) => (isPlainObject(d) ? d.id : undefined));
+    if (new Set(ids).size !== ids.length) throw new HubError('ArgumentInvalid', 'a device may appear only once in a bulk operation');
+    const errors: Array<{ deviceId: string; errorCode: string; errorStatus: string }> = [];
+    for (const d of body) {
+      if (!isPlainObject(d) || typeof d.id !== 'string') throw new HubError('ArgumentInvalid', 'every device needs an id');
+      const { id, importMode, eTag, ...rest } = d as Record<string, unknown> & { id: string };
+      try {
+        const refused = this.refusedDevices.get(id);
+        if (refused) throw new HubError('ArgumentInvalid', refused);
+        const mode = String(importMode ?? 'createOrUpdate').toLowerCase();
+        const tag = typeof eTag === 'string' && eTag ? eTag : undefined;
+        if (mode === 'create') this.putDevice(id, { ...rest, deviceId: id }, undefined);
+        else if (mode === 'update') this.putDevice(id, { ...rest, deviceId: id }, '*');
+        else if (mode === 'updateifmatchetag') {
+          if (!tag) throw new HubError('ArgumentInvalid', 'updateIfMatchETag needs an eTag');
+          this.putDevice(id, { ...rest, deviceId: id }, tag);
+        } else if (mode === 'delete') this.deleteDevice(id, '*');
+        else if (mode === 'deleteifmatchetag') {
+          if (!tag) throw new HubError('ArgumentInvalid', 'deleteIfMatchETag needs an eTag');
+          this.deleteDevice(id, tag);
+        } else throw new HubError('ArgumentInvalid', `importMode ${String(importMode)} is not supported`);
+      } catch (err) {
+        if (!(err instanceof HubError)) throw err;
+        errors.push({ deviceId: id, errorCode: String(err.code), errorStatus: err.message });
+      }
+    }
+    return { isSuccessful: errors.length === 0, errors, warnings: [] };
+  }
+
   clearFaults(): void {
     this.faults.length = 0;
   }
@@ -338,6 +408,8 @@ export class IotHubStandin extends EventEmitter {
    */
   putDevice(deviceId: string, body: unknown, ifMatch: string | undefined): DeviceRecord {
     if (!validIdentityId(deviceId)) throw new HubError('ArgumentInvalid', `DeviceId ${deviceId} is invalid`);
+    const refused = this.refusedDevices.get(deviceId);
+    if (refused) throw new HubError('ArgumentInvalid', refused);
     if (!isPlainObject(body)) throw new HubError('ArgumentInvalid', 'request body must be a device JSON object');
     if (body.deviceId !== undefined && body.deviceId !== deviceId) {
       throw new HubError('ArgumentInvalid', `deviceId in the body (${String(body.deviceId)}) does not match the URI (${deviceId})`);
