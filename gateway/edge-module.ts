@@ -5,8 +5,8 @@
  *
  * - desired properties: `policyGroup` (group asked for devices that name none),
  *   `relayTelemetry` (leaf telemetry as module output `telemetry`, the only output the
- *   module writes; JSON payloads labelled `application/json` + `utf-8`, others
- *   `application/octet-stream`), `rateLimits` (applied
+ *   module writes; UTF-8 JSON payloads labelled `application/json` + `utf-8`, other bytes
+ *   unlabelled), `rateLimits` (applied
  *   at once; counters restart);
  * - reported properties: status (connections, outbox queue, certificate expiries, authority
  *   link, CRL, renewals), refreshed every `reportIntervalMs` and after each change;
@@ -142,12 +142,11 @@ export async function startEdgeModule(opts: EdgeModuleOptions): Promise<RunningE
       if (!settings.relayTelemetry) return;
       const msg = new Message(payload);
       // IoT Hub routes on the body only when it is labelled JSON in UTF-8 ($.ct / $.ce on MQTT).
-      // lg/v1 telemetry is JSON by convention but any bytes are allowed: label only what is.
+      // lg/v1 telemetry is JSON by convention but any bytes are allowed: label only what is
+      // (other bytes go unlabelled; the SDK's Message types no other content type).
       if (isUtf8Json(payload)) {
         msg.contentType = 'application/json';
         msg.contentEncoding = 'utf-8';
-      } else {
-        msg.contentType = 'application/octet-stream';
       }
       msg.properties.add('leafDeviceId', deviceId);
       msg.properties.add('subtopic', subtopic);
