@@ -4,7 +4,9 @@
  * with an explicit module connection string (tests, or a module outside the runtime).
  *
  * - desired properties: `policyGroup` (group asked for devices that name none),
- *   `relayTelemetry` (leaf telemetry as module output `telemetry`), `rateLimits` (applied
+ *   `relayTelemetry` (leaf telemetry as module output `telemetry`, the only output the
+ *   module writes; UTF-8 JSON payloads labelled `application/json` + `utf-8`, other bytes
+ *   unlabelled), `rateLimits` (applied
  *   at once; counters restart);
  * - reported properties: status (connections, outbox queue, certificate expiries, authority
  *   link, CRL, renewals), refreshed every `reportIntervalMs` and after each change;
@@ -53,6 +55,18 @@ export interface RunningEdgeModule {
 
 type ModuleClientT = InstanceType<typeof ModuleClient>;
 type TwinT = Awaited<ReturnType<ModuleClientT['getTwin']>>;
+
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
+
+/** Whether a relayed payload is JSON text in UTF-8 (what `application/json; utf-8` promises). */
+function isUtf8Json(payload: Buffer): boolean {
+  try {
+    JSON.parse(strictUtf8.decode(payload));
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export function edgeModuleWanted(env: NodeJS.ProcessEnv, connectionString?: string): boolean {
   return Boolean(connectionString ?? env.LEAFGATE_MODULE_CONNECTION_STRING ?? env.IOTEDGE_WORKLOADURI);
@@ -127,6 +141,13 @@ export async function startEdgeModule(opts: EdgeModuleOptions): Promise<RunningE
     relayTelemetry(deviceId, subtopic, payload) {
       if (!settings.relayTelemetry) return;
       const msg = new Message(payload);
+      // IoT Hub routes on the body only when it is labelled JSON in UTF-8 ($.ct / $.ce on MQTT).
+      // lg/v1 telemetry is JSON by convention but any bytes are allowed: label only what is
+      // (other bytes go unlabelled; the SDK's Message types no other content type).
+      if (isUtf8Json(payload)) {
+        msg.contentType = 'application/json';
+        msg.contentEncoding = 'utf-8';
+      }
       msg.properties.add('leafDeviceId', deviceId);
       msg.properties.add('subtopic', subtopic);
       client.sendOutputEvent('telemetry', msg).catch((err: Error) => opts.logger.warn({ err: err.message, deviceId }, 'telemetry relay failed'));

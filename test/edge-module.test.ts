@@ -38,6 +38,16 @@ test('twin, direct methods and telemetry relay of the gateway module', async (t)
   await device.publishTelemetry(client, { t: 21.5 }, 'env');
   const out = await hub.waitForTelemetry((m) => m.outputName === 'telemetry');
   assert.deepEqual(out.properties, { leafDeviceId: 'mod-1', subtopic: 'env' });
+  // Labelled so that IoT Hub can route on the body: $.ct / $.ce in the topic's property bag.
+  assert.equal(out.systemProperties['$.ct'], 'application/json');
+  assert.equal(out.systemProperties['$.ce'], 'utf-8');
+  assert.deepEqual(JSON.parse(out.body.toString('utf8')), { t: 21.5 });
+  // lg/v1 telemetry may be any bytes: what is not UTF-8 JSON is not labelled as such.
+  await client.publishAsync('lg/v1/mod-1/up/telemetry/raw', Buffer.from([0xff, 0x00, 0x7b]), { qos: 1 });
+  const raw = await hub.waitForTelemetry((m) => m.outputName === 'telemetry' && m.properties.subtopic === 'raw', 20_000);
+  assert.equal(raw.systemProperties['$.ct'], undefined);
+  assert.equal(raw.systemProperties['$.ce'], undefined);
+  assert.deepEqual([...raw.body], [0xff, 0x00, 0x7b]);
 
   const status = await hub.invokeMethod('gw-test', 'leafgate', 'status', null);
   assert.equal(status.status, 200);

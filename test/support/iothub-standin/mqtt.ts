@@ -5,7 +5,10 @@
  *   CONNECT    client id `{deviceId}` or `{deviceId}/{moduleId}`,
  *              user name `{hostName}/{clientId}/?api-version={v}&DeviceClientType={ua}`,
  *              password = SAS token (sr = `{hostName}/devices/{id}[/modules/{mid}]`), or none
- *              and a TLS client certificate (selfSigned thumbprint or certificateAuthority chain)
+ *              and a TLS client certificate: selfSigned = SHA-1/SHA-256 thumbprint matches the
+ *              primary or secondary one; certificateAuthority = a path through the sent chain
+ *              to a verified CA (root or intermediate) and CN = device id. Either way the
+ *              identity must exist and be enabled, and the certificate be within its validity.
  *   SUBSCRIBE  `$iothub/twin/res/#`, `$iothub/twin/PATCH/properties/desired/#`,
  *              `$iothub/methods/POST/#`, `devices/{d}/messages/devicebound/#` (devices),
  *              `devices/{d}/modules/{m}/inputs/#` (modules); anything else gets SUBACK 0x80
@@ -20,6 +23,7 @@
  */
 import { Aedes, type Client } from 'aedes';
 import { EventEmitter, once } from 'node:events';
+import { X509Certificate } from 'node:crypto';
 import tls from 'node:tls';
 import { HubError, type JsonObject } from './model.ts';
 import { parseSas, signatureMatches } from './sas.ts';
@@ -82,6 +86,38 @@ function parseQuery(q: string): Record<string, string> {
 
 function normalizeThumbprint(t: string | null | undefined): string {
   return (t ?? '').replace(/:/g, '').toUpperCase();
+}
+
+/**
+ * IoT Hub's certificateAuthority check: a path from the client certificate, through the
+ * certificates the client sent along, to one of the hub's verified CAs. A verified CA may be
+ * a root or an intermediate (IoT Hub accepts either), so the path ends at the first verified
+ * CA that issued the current certificate: OpenSSL's own verification (`socket.authorized`)
+ * would need a self-signed anchor, which Node 20 cannot relax (no partial-chain option).
+ * Every certificate on the path must be within its validity period, and every issuer a CA.
+ * Returns why there is no such path, or undefined when there is one.
+ */
+function verifiedCaPathError(socket: tls.TLSSocket, trustedPems: readonly string[], now: number): string | undefined {
+  const valid = (c: X509Certificate) => Date.parse(c.validFrom) <= now && now <= Date.parse(c.validTo);
+  const issued = (child: X509Certificate, issuer: X509Certificate) => issuer.ca && valid(issuer) && child.checkIssued(issuer) && child.verify(issuer.publicKey);
+  const trusted = trustedPems.map((pem) => new X509Certificate(pem));
+  if (!trusted.length) return 'the hub has no verified CA';
+  // The certificates the client sent, leaf first (getPeerCertificate(true) links them by issuerCertificate).
+  const sent: X509Certificate[] = [];
+  const seen = new Set<string>();
+  for (let c: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true) as tls.DetailedPeerCertificate; c?.raw && !seen.has(c.fingerprint256); c = c.issuerCertificate) {
+    seen.add(c.fingerprint256);
+    sent.push(new X509Certificate(c.raw));
+  }
+  let current = sent[0];
+  if (!current) return 'no client certificate';
+  for (let depth = 0; depth < 8; depth++) {
+    if (trusted.some((ca) => issued(current, ca))) return undefined;
+    const next = sent.find((c) => c !== current && issued(current, c));
+    if (!next) return `no verified CA issued ${current.subject.replace(/\n/g, ', ')}`;
+    current = next;
+  }
+  return 'chain too long';
 }
 
 export async function startMqttSurface(standin: IotHubStandin): Promise<MqttSurface> {
@@ -163,7 +199,8 @@ export async function startMqttSurface(standin: IotHubStandin): Promise<MqttSurf
         const known = [auth.x509Thumbprint.primaryThumbprint, auth.x509Thumbprint.secondaryThumbprint].map(normalizeThumbprint).filter(Boolean);
         if (!known.some((k) => given.includes(k))) return refuse(5, 'client certificate thumbprint matches neither registered thumbprint');
       } else if (auth.type === 'certificateAuthority') {
-        if (!socket.authorized) return refuse(5, `client certificate does not chain to a trusted CA (${String(socket.authorizationError)})`);
+        const chainError = verifiedCaPathError(socket, standin.trustedCas, now);
+        if (chainError) return refuse(5, `client certificate does not chain to a verified CA (${chainError})`);
         const cn = /(?:^|\n)CN=([^\n]*)/.exec(peer.subject)?.[1];
         if (cn !== deviceId && cn !== clientId) return refuse(5, `client certificate CN ${cn} is not ${deviceId}`);
       } else {
@@ -303,8 +340,9 @@ export async function startMqttSurface(standin: IotHubStandin): Promise<MqttSurf
   const secureContext = (): tls.SecureContextOptions => ({
     key: standin.serverTls.key,
     cert: standin.serverTls.cert,
-    // Client certificates are verified against these only (an empty list trusts nothing);
-    // selfSigned devices are matched by thumbprint whatever the chain says.
+    // The verified CAs, named in the CertificateRequest. The chain itself is checked in
+    // `authenticate` (verifiedCaPathError: a verified intermediate ends the path, as on IoT
+    // Hub); selfSigned devices are matched by thumbprint whatever the chain says.
     ca: [...standin.trustedCas],
     minVersion: 'TLSv1.2',
   });
