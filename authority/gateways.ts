@@ -153,6 +153,38 @@ export class GatewayEnrollment {
   }
 
   /**
+   * The IoT Edge device identity of a gateway (what aziot-edged presents to IoT Hub): a
+   * clientAuth-only certificate from the infrastructure CA, CN = the gateway's edge device id
+   * in IoT Hub, no SANs. It is a certificate of its own (kind `edge-identity`): issuing one
+   * supersedes only the previous edge identity, never the gateway's leafgate certificate,
+   * which stays the credential the gateway (and aziot-certd's EST requests) authenticate with.
+   */
+  async issueEdgeIdentity(gatewayId: string, edgeDeviceId: string, csrPem: string): Promise<{ certificate: string; chain: string[]; notAfter: string }> {
+    const now = this.now();
+    const action = 'edge-identity';
+    const csr = await this.checkCsr(action, csrPem, gatewayId, now);
+    if (csr.subject.length !== 1 || csr.commonName !== edgeDeviceId) throw await this.refuse(action, 'policy_violation', `the IoT Edge device identity CSR subject must be CN=${edgeDeviceId}`, gatewayId, now);
+    if (csr.sans.dns.length || csr.sans.ip.length) throw await this.refuse(action, 'policy_violation', 'the IoT Edge device identity carries no SANs', gatewayId, now);
+    const issued = this.deps.ca.issue('infra', {
+      subjectDer: pkix.encodeName(edgeDeviceId),
+      spkiDer: csr.spkiDer,
+      profile: { kind: 'device', keyType: csr.key.keyType },
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter: new Date(now + this.deps.certDays * 86_400_000),
+    });
+    await this.deps.store.recordGatewayEnrollment(
+      gatewayId,
+      {
+        serial: issued.serial, subjectId: gatewayId, kind: 'edge-identity', issuer: issued.issuer, fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(),
+        notAfter: issued.notAfter.getTime(), status: 'active', requestId: null, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
+      },
+      { at: now, action, outcome: 'ok', gatewayId, serial: issued.serial, detail: { edgeDeviceId } },
+      { updateGatewayCert: false },
+    );
+    return { certificate: issued.pem, chain: issued.chain, notAfter: issued.notAfter.toISOString() };
+  }
+
+  /**
    * Signs the gateway's intermediate CA (its key never leaves the gateway) under the edge
    * issuer, never the root: CA:TRUE pathLen 0, keyCertSign, extKeyUsage serverAuth +
    * clientAuth, and name constraints that permit exactly the gateway's names (those of its

@@ -179,7 +179,7 @@ export class Revocation {
     if (!this.signable(issuer)) throw new LeafgateError('bad_request', `certificate ${normalized} was signed by the ${issuer}, whose key is offline: revoke it where the root key is`);
     const row = await this.deps.store.revokeCertificate(normalized, code, now, {
       at: now, action: 'revoke', outcome: 'ok', serial: normalized, deviceId: existing.kind === 'device' ? existing.subjectId : null,
-      gatewayId: existing.kind === 'gateway' || existing.kind === 'subca' || existing.kind === 'server' ? existing.subjectId : null, detail: { reason, actor, kind: existing.kind, issuer },
+      gatewayId: existing.kind === 'gateway' || existing.kind === 'subca' || existing.kind === 'edge-identity' ? existing.subjectId : null, detail: { reason, actor, kind: existing.kind, issuer },
     });
     if (!row) {
       // Revoking twice is not an error: the answer is the same.

@@ -187,6 +187,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       adminTokenHash: hashAdminToken(adminToken),
       tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
       bodyLimitBytes: config.bodyLimitBytes,
+      edgeDeviceId: (gatewayId) => (config.iotHub?.edgeDeviceId ?? '{gatewayId}').replaceAll('{gatewayId}', gatewayId),
     });
     // Small JSON request/answer pairs: Nagle + delayed ACK would add ~40 ms to each.
     app.server.on('secureConnection', (socket: import('node:tls').TLSSocket) => socket.setNoDelay(true));

@@ -229,3 +229,50 @@ test('EST refusals: no credentials 401, unknown label 404, malformed 400, CA thr
   assert.equal(r.status, 200, r.text);
   await verifyStrict(dir, stack, r.certs[0], 'edgeIssuer');
 });
+
+test('IoT Edge as aziot-certd runs it: device identity (edge-identity) and Edge CA issued and renewed, every request authenticated by the gateway\'s own certificate, which stays current', async (t) => {
+  const stack = await startStack(t);
+  const dir = tmp(t);
+  const gw = gatewayIdentity(stack);
+  const before = (await stack.authority.store.getGateway(stack.gatewayId))!.certFingerprint;
+  const identities: string[] = [];
+  // aziot-certd: simpleenroll for the first issuance and for every renewal, same credential.
+  for (let round = 0; round < 2; round++) {
+    const id = await est(stack, 'edge-identity/simpleenroll', { csrDer: csr(stack.gatewayId).der, identity: gw, dir });
+    assert.equal(id.status, 200, id.text);
+    const cert = new X509Certificate(id.certs[0]);
+    assert.equal(cert.subject, `CN=${stack.gatewayId}`);
+    assert.equal(cert.subjectAltName, undefined, 'no SANs');
+    await verifyStrict(dir, stack, id.certs[0], 'infraCa');
+    identities.push(cert.serialNumber.toUpperCase());
+    const ca = await est(stack, 'edge-ca/simpleenroll', { csrDer: csr(`${stack.gatewayId} Edge CA`).der, identity: gw, dir });
+    assert.equal(ca.status, 200, ca.text);
+  }
+  // The gateway's own certificate is untouched: it is still the credential that works.
+  assert.equal((await stack.authority.store.getGateway(stack.gatewayId))!.certFingerprint, before);
+  // Only the newest device identity is current; the previous one is superseded, not revoked.
+  assert.equal((await stack.authority.store.getCertificate(identities[0]))?.status, 'superseded');
+  assert.equal((await stack.authority.store.getCertificate(identities[1]))?.status, 'active');
+  // clientAuth only: an IoT Hub client identity, never a TLS server.
+  writeFileSync(join(dir, 'cur.pem'), (await stack.authority.store.getCertificate(identities[1]))!.pem);
+  const text = (await sh('openssl x509 -in cur.pem -noout -ext extendedKeyUsage,keyUsage', dir)).stdout;
+  assert.match(text, /TLS Web Client Authentication/);
+  assert.doesNotMatch(text, /Server Authentication/);
+
+  // Refusals: another CN, SANs, a one-time secret instead of the certificate, no credential.
+  for (const [what, opts, status] of [
+    ['another CN', { csrDer: csr('gw-other').der, identity: gw }, 403],
+    ['SANs', { csrDer: csr(stack.gatewayId, { dns: ['localhost'] }).der, identity: gw }, 403],
+    ['Basic', { csrDer: csr(stack.gatewayId).der, basic: [stack.gatewayId, 'whatever'] as [string, string] }, 403],
+    ['nothing', { csrDer: csr(stack.gatewayId).der }, 401],
+  ] as const) {
+    const r = await est(stack, 'edge-identity/simpleenroll', { ...opts, dir });
+    assert.equal(r.status, status, `${what}: ${r.text}`);
+  }
+  // Revoking the gateway revokes its device identity too.
+  const adminToken = readFileSync(join(stack.dir, 'authority', 'admin-token'), 'utf8').trim();
+  const { authorityRequest } = await import('./support/http.ts');
+  const res = await authorityRequest(stack, '/admin/v1/revoke', { body: { gateway: stack.gatewayId }, headers: { authorization: `Bearer ${adminToken}` } });
+  assert.equal(res.status, 200, res.text);
+  assert.equal((await stack.authority.store.getCertificate(identities[1]))?.status, 'revoked');
+});

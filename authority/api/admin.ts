@@ -127,7 +127,7 @@ async function revokeGateway(deps: AdminDeps, gatewayId: string, reason: pkix.Re
   if (!gateway) throw new LeafgateError('unknown_gateway', `no gateway ${gatewayId}`);
   await deps.store.setGatewayStatus(gatewayId, 'disabled', { at: Date.now(), action: 'disable-gateway', outcome: 'ok', gatewayId, detail: { reason, actor: 'admin' } });
   const out = [];
-  for (const kind of ['gateway', 'subca'] as const) {
+  for (const kind of ['gateway', 'subca', 'edge-identity'] as const) {
     for (const c of await deps.store.listCertificates({ subjectId: gatewayId, status: 'active', kind })) out.push(await deps.revocation.revokeSerial(c.serial, reason, 'admin'));
   }
   return out;

@@ -11,6 +11,12 @@
  *   enrollment token) or GatewayEnrollment.renew (TLS client certificate). Same checks as
  *   gateway enrollment: CN = gateway id, key, SANs, no name of the authority or of another
  *   gateway. A CSR asking for a CA (basicConstraints cA TRUE) is refused.
+ * - `edge-identity`: the IoT Edge device identity (what aziot-edged presents to IoT Hub) as a
+ *   certificate of its own: clientAuth, from the infrastructure CA, CN = the edge device id,
+ *   no SANs, through GatewayEnrollment.issueEdgeIdentity; authenticated by the gateway's
+ *   current certificate only, and it never supersedes that certificate -- so aziot-certd,
+ *   which authenticates every request (renewals included) with one configured client
+ *   certificate, can keep using the gateway's own (docs/azure.md).
  * - `edge-ca`: the IoT Edge CA = the gateway's Sub-CA, from the edge issuer, through
  *   GatewayEnrollment.signSubCa: CN "<gatewayId> Edge CA", no SANs, pathLen 0, name
  *   constraints from the gateway's current certificate, EKU serverAuth + clientAuth.
@@ -41,9 +47,11 @@ export interface EstDeps {
   enrollment: GatewayEnrollment;
   ca: CaConnector;
   store: AuthorityStore;
+  /** The IoT Hub device id of a gateway's edge device (the `edge-identity` CN); the gateway id by default. */
+  edgeDeviceId?: (gatewayId: string) => string;
 }
 
-export const EST_PROFILES = ['identity', 'edge-ca'] as const;
+export const EST_PROFILES = ['identity', 'edge-ca', 'edge-identity'] as const;
 export type EstProfile = (typeof EST_PROFILES)[number];
 const OPERATIONS = new Set(['cacerts', 'simpleenroll', 'simplereenroll', 'csrattrs']);
 const MAX_CSR_BASE64 = 16 * 1024;
@@ -202,7 +210,11 @@ export async function estRoutes(app: FastifyInstance, deps: EstDeps): Promise<vo
       return r;
     };
     let certificate: string;
-    if (profile === 'identity') {
+    if (profile === 'edge-identity') {
+      if (who.via !== 'certificate') throw await refuse('the edge-identity profile takes the gateway\'s current certificate as credential, not a one-time secret');
+      if (parsed && requestsCa(parsed.der)) throw await refuse('the edge-identity profile issues no CA: use the edge-ca label');
+      certificate = (await deps.enrollment.issueEdgeIdentity(who.gatewayId, (deps.edgeDeviceId ?? ((g: string) => g))(who.gatewayId), csrPem)).certificate;
+    } else if (profile === 'identity') {
       if (parsed && requestsCa(parsed.der)) throw await refuse('the identity profile issues no CA: use the edge-ca label');
       if (who.via === 'basic') {
         // The token's gateway is the CSR's CN (enroll checks it); the username must name it too,
@@ -239,7 +251,7 @@ export async function estRoutes(app: FastifyInstance, deps: EstDeps): Promise<vo
       const bundle = deps.ca.bundle();
       // The issuing CA of the label's certificates, then the root: with the issued certificate
       // in front, the chain aziot-certd writes (it appends cacerts to simpleenroll's answer).
-      return sendCerts(reply, [profile === 'identity' ? bundle.infraCa : bundle.edgeIssuer, bundle.root]);
+      return sendCerts(reply, [profile === 'edge-ca' ? bundle.edgeIssuer : bundle.infraCa, bundle.root]);
     }
     if (op === 'csrattrs') {
       // RFC 7030 4.5.2 CsrAttrs: both profiles want a P-256 key signed with ECDSA SHA-256 (what

@@ -35,6 +35,8 @@ export interface ApiDeps {
   logger: Logger;
   tls: { key: string; cert: string; ca: string[] };
   bodyLimitBytes: number;
+  /** The IoT Hub device id of a gateway's edge device (EST edge-identity CN). */
+  edgeDeviceId?: (gatewayId: string) => string;
 }
 
 declare module 'fastify' {
@@ -169,7 +171,7 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   registerAdminRoutes(app as unknown as import('fastify').FastifyInstance, { store: deps.store, revocation: deps.revocation, policies: deps.policies, adminTokenHash: deps.adminTokenHash });
   // EST (RFC 7030) under /.well-known/est, in its own scope (content type, text/plain refusals): authority/api/est.ts.
-  app.register(async (scoped) => estRoutes(scoped as unknown as import('fastify').FastifyInstance, { enrollment: deps.enrollment, ca: deps.ca, store: deps.store }));
+  app.register(async (scoped) => estRoutes(scoped as unknown as import('fastify').FastifyInstance, { enrollment: deps.enrollment, ca: deps.ca, store: deps.store, edgeDeviceId: deps.edgeDeviceId }));
 
   app.register(async (scoped) => {
     // onRequest: before the body is read, so an unknown client cannot make us parse 64 KiB.

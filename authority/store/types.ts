@@ -4,7 +4,7 @@ import type { CaName } from '../ca/index.ts';
 export type { CaName };
 
 /** Which CA signs a certificate of each kind today. */
-export const ISSUER_OF_KIND: Readonly<Record<CertificateRow['kind'], CaName>> = { device: 'device-ca', gateway: 'infra-ca', server: 'infra-ca', subca: 'edge-issuer', ca: 'root' };
+export const ISSUER_OF_KIND: Readonly<Record<CertificateRow['kind'], CaName>> = { device: 'device-ca', gateway: 'infra-ca', server: 'infra-ca', subca: 'edge-issuer', ca: 'root', 'edge-identity': 'infra-ca' };
 
 export interface DeviceRow {
   id: string;
@@ -59,7 +59,8 @@ export interface CertificateRow {
   serial: string;
   subjectId: string;
   /** ca: an intermediate of the hierarchy (the root signed it; the root CRL lists it once revoked). */
-  kind: 'device' | 'gateway' | 'server' | 'subca' | 'ca';
+  /** edge-identity: a gateway's IoT Edge device identity (EST `identity`), apart from its leafgate certificate. */
+  kind: 'device' | 'gateway' | 'server' | 'subca' | 'ca' | 'edge-identity';
   /** The CA that signed it; by default the one that signs its kind (see ISSUER_OF_KIND). */
   issuer?: CaName;
   fingerprint: string;
