@@ -8,8 +8,9 @@ export class AuthorityMetrics {
   readonly revocations: Counter<'reason'>;
   readonly renewalsDue: Gauge<'state'>;
   readonly crlNumber: Gauge;
+  readonly caExpiry: Gauge<'ca'>;
 
-  constructor(collect: { renewals(): Promise<{ due: number; overdue: number }>; crlNumber(): number }) {
+  constructor(collect: { renewals(): Promise<{ due: number; overdue: number }>; crlNumber(): number; caExpiry?(): Array<{ ca: string; notAfter: Date }> }) {
     const registers = [this.registry];
     this.requests = new Counter({ name: 'leafgate_authority_requests_total', help: 'Device requests by action (register, auth, csr, renew) and outcome (ok or error code)', labelNames: ['action', 'outcome'], registers });
     this.renewals = new Counter({ name: 'leafgate_authority_renewals_total', help: 'Renewals by outcome (renewed, failed)', labelNames: ['outcome'], registers });
@@ -23,6 +24,13 @@ export class AuthorityMetrics {
       },
     });
     this.crlNumber = new Gauge({ name: 'leafgate_authority_crl_number', help: 'Number of the current device CRL', registers, collect() { this.set(collect.crlNumber()); } });
-    collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_authority_' });
+    this.caExpiry = new Gauge({
+      name: 'leafgate_authority_ca_expiry_timestamp_seconds', help: 'notAfter (unix time, seconds) of each CA certificate (root, device-ca, infra-ca, edge-issuer)', labelNames: ['ca'], registers,
+      collect() {
+        for (const { ca, notAfter } of collect.caExpiry?.() ?? []) this.set({ ca }, notAfter.getTime() / 1000);
+      },
+    });
+    // Standard names (process_cpu_seconds_total, nodejs_*): what stock dashboards query.
+    collectDefaultMetrics({ register: this.registry });
   }
 }

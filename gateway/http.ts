@@ -9,7 +9,8 @@ export interface Readiness {
 }
 
 export async function startOpsServer(opts: { host: string; port: number; metrics: GatewayMetrics; readiness: () => Readiness; logger: Logger }) {
-  const app = Fastify({ loggerInstance: opts.logger.child({ component: 'ops-http' }) });
+  // Scrapes and probes every few seconds are not an operator's reading: no per-request lines.
+  const app = Fastify({ loggerInstance: opts.logger.child({ component: 'ops-http' }), disableRequestLogging: true });
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/readyz', async (_req, reply) => {
     const r = opts.readiness();
