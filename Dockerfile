@@ -6,11 +6,10 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 make g++ \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund \
- && npm prune --omit=dev --no-audit --no-fund \
- && npm install --no-save --no-audit --no-fund tsx
+COPY package.json package-lock.json tsconfig.json tsconfig.build.json ./
+RUN npm ci --no-audit --no-fund
 COPY protocol ./protocol
+COPY config-schema ./config-schema
 COPY broker ./broker
 COPY plugins ./plugins
 COPY cloud-bridge ./cloud-bridge
@@ -18,6 +17,15 @@ COPY gateway ./gateway
 COPY authority ./authority
 COPY device ./device
 COPY bin ./bin
+COPY test/support/iothub-standin.ts ./test/support/iothub-standin.ts
+COPY test/support/iothub-standin ./test/support/iothub-standin
+# Compile to dist/ (tsc rewrites the .ts import extensions), then drop every dev dependency
+# (tsx, typescript, types): the runtime stage runs `node bin/leafgate.js` on dist/ alone.
+RUN npm run build \
+ && npm prune --omit=dev --no-audit --no-fund \
+ && mkdir /out \
+ && cp -r package.json node_modules dist /out/ \
+ && mkdir /out/bin && cp bin/leafgate.js bin/leafgate-gateway /out/bin/
 
 FROM node:20-bookworm-slim
 ENV NODE_ENV=production \
@@ -33,7 +41,7 @@ RUN groupadd --system --gid 10001 leafgate \
  && useradd --system --uid 10001 --gid leafgate --home /var/lib/leafgate --shell /usr/sbin/nologin leafgate \
  && mkdir -p /var/lib/leafgate/gateway && chown -R leafgate:leafgate /var/lib/leafgate
 WORKDIR /app
-COPY --from=build --chown=root:root /app /app
+COPY --from=build --chown=root:root /out /app
 USER leafgate
 VOLUME ["/var/lib/leafgate"]
 EXPOSE 8883 9464

@@ -4,8 +4,8 @@
  */
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { LeafgateError } from '../protocol/index.ts';
-import { DEFAULT_POLICY, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
+import { checkConfig, configError, readJsonConfig, type Schema } from '../config-schema/index.ts';
+import { DEFAULT_POLICY, POLICY_OVERRIDE_SCHEMA, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
 import { isPostgresUrl } from './store/index.ts';
 import { pgConfig } from './store/sql.ts';
 
@@ -124,20 +124,121 @@ export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'l
   policies?: Record<string, Partial<DevicePolicy> & { manufacturerCAFiles?: string[] }>;
 };
 
+const int = (description: string, min: number, max: number, def?: number): Schema => ({ type: 'integer', minimum: min, maximum: max, description, ...(def !== undefined ? { default: def } : {}) });
+const localEndpoint: Schema = {
+  type: 'object', additionalProperties: false, required: ['host', 'port', 'ca'],
+  properties: {
+    host: { type: 'string', minLength: 1, description: 'Tests and the demo only: host of a local stand-in.' },
+    port: int('Tests and the demo only: port of a local stand-in.', 1, 65535),
+    ca: { type: 'string', minLength: 1, description: 'Tests and the demo only: PEM of the stand-in\'s CA.' },
+  },
+};
+
+/** What an authority config file may hold (every key optional; unknown keys refused). */
+export const AUTHORITY_CONFIG_SCHEMA: Schema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    dataDir: { type: 'string', minLength: 1, default: '.leafgate/authority', env: 'LEAFGATE_AUTHORITY_DATA', description: 'CA material (SQLite mode), the admin token and the SQLite file.' },
+    caPassphrase: { type: 'string', secret: true, env: 'LEAFGATE_CA_PASSPHRASE', description: 'Encrypts the CA private keys at rest (at least 12 characters). Prefer the environment variable to the file.' },
+    listen: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        host: { type: 'string', minLength: 1, default: '0.0.0.0', env: 'LEAFGATE_AUTHORITY_HOST', description: 'HTTPS listen address.' },
+        port: { ...int('HTTPS port (0: any free port).', 0, 65535, 8443), env: 'LEAFGATE_AUTHORITY_PORT' },
+      },
+    },
+    hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
+    organization: { type: 'string', minLength: 1, default: 'leafgate', description: 'Organization in CA names.' },
+    crlBaseUrl: {
+      type: 'string', pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$', expected: 'an http(s) URL without query or fragment', env: 'LEAFGATE_CRL_BASE_URL',
+      description: 'Base URL of the CRLs ({base}/v1/crl/{ca}.crl), written into issued certificates as their CRL distribution point. Default: https://{first hostname}:{listening port}.',
+    },
+    database: { type: 'string', minLength: 1, env: 'LEAFGATE_DATABASE_URL', description: 'A SQLite file path (default <dataDir>/authority.db) or a postgres:// URL shared by several authority nodes (?schema=NAME selects a schema).' },
+    databaseFile: { type: 'string', minLength: 1, description: 'Older name of database (a SQLite file).' },
+    databaseFsync: { type: 'boolean', default: true, description: 'SQLite: acknowledge a transaction only once the WAL is fsynced (false: synchronous=NORMAL alone).' },
+    challengeTtlSeconds: int('Lifetime of an authentication challenge (seconds).', 1, 3600, 120),
+    csrDeadlineSeconds: int('Time a device has after authenticating to send its CSR (seconds).', 1, 86_400, 600),
+    gatewayCertDays: int('Lifetime of a gateway certificate (days).', 1, 825, 90),
+    gatewaySubCa: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        validityDays: int('Lifetime of a gateway Sub-CA (IoT Edge CA), days.', 1, 3650, 90),
+        permittedDns: { type: 'array', items: { type: 'string', minLength: 1 }, default: ['edgehub'], description: 'dNSName name constraints of gateway Sub-CAs ({gatewayId} replaced).' },
+      },
+    },
+    crlValidityHours: int('Lifetime of a CRL (nextUpdate - thisUpdate); reissued at half of it.', 1, 8760, 24),
+    renewalScanSeconds: int('How often due renewals are announced to gateways (seconds).', 1, 86_400, 300),
+    bodyLimitBytes: int('Max request body on the HTTPS API (bytes).', 1024, 16 * 1024 * 1024, 64 * 1024),
+    adminToken: { type: 'string', secret: true, minLength: 16, env: 'LEAFGATE_ADMIN_TOKEN', description: 'Admin API bearer token; default: the environment, else <dataDir>/admin-token.' },
+    iotHub: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        connectionString: { type: 'string', secret: true, pattern: 'HostName=', expected: 'an IoT Hub connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)', env: 'LEAFGATE_IOTHUB_CONNECTION_STRING', description: 'Azure IoT Hub registry connector (service connection string); off when absent.' },
+        authentication: { enum: ['selfSigned', 'certificateAuthority'], default: 'selfSigned', description: 'selfSigned (thumbprints per device) or certificateAuthority (the hub trusts our device CA).' },
+        edgeDeviceId: { type: 'string', minLength: 1, default: '{gatewayId}', description: 'IoT Hub id of a gateway\'s edge device; {gatewayId} is replaced.' },
+        tier: { enum: ['F1', 'B1', 'B2', 'B3', 'S1', 'S2', 'S3'], default: 'S1', description: 'IoT Hub tier: sets the registry operations quota (100/min/unit up to S2 and B2, 5,000/min/unit on S3 and B3).' },
+        units: int('IoT Hub units.', 1, 200, 1),
+        registryOperationsPerMinute: { type: 'integer', minimum: 1, description: 'Registry operations per minute leafgate paces itself to (default: the tier\'s quota times units).' },
+        sync: {
+          type: 'object', additionalProperties: false, description: 'Per-device retry of failed registry writes.',
+          properties: {
+            maxAttempts: int('Attempts before a device is parked as sync-failed.', 1, 1000, 10),
+            retryBaseMs: int('First retry delay of a failed device (ms), doubled each attempt.', 1, 86_400_000, 5000),
+            retryMaxMs: int('Longest retry delay of a failed device (ms).', 1, 86_400_000, 3_600_000),
+          },
+        },
+        localEndpoint,
+      },
+    },
+    dps: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        connectionString: { type: 'string', secret: true, pattern: 'HostName=', expected: 'a DPS service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)', env: 'LEAFGATE_DPS_CONNECTION_STRING', description: 'Azure DPS connector; off when absent.' },
+        mode: { enum: ['individual', 'group'], default: 'individual', description: 'individual: one enrollment per device; group: one enrollment group on the device CA.' },
+        iotHubHostName: { type: 'string', minLength: 1, description: 'IoT Hub that DPS assigns devices to.' },
+        units: int('DPS units.', 1, 200, 1),
+        operationsPerMinute: { type: 'integer', minimum: 1, description: 'DPS operations per minute leafgate paces itself to (default: 1,000 per unit).' },
+        sync: {
+          type: 'object', additionalProperties: false, description: 'Per-device retry of failed registry writes.',
+          properties: {
+            maxAttempts: int('Attempts before a device is parked as sync-failed.', 1, 1000, 10),
+            retryBaseMs: int('First retry delay of a failed device (ms), doubled each attempt.', 1, 86_400_000, 5000),
+            retryMaxMs: int('Longest retry delay of a failed device (ms).', 1, 86_400_000, 3_600_000),
+          },
+        },
+        localEndpoint,
+      },
+    },
+    defaultGroup: { type: 'string', minLength: 1, default: 'default', description: 'Group used when a device names none (must have a policy).' },
+    policies: { type: 'object', additionalProperties: POLICY_OVERRIDE_SCHEMA, description: 'Device policies by group, each an override of the default policy.' },
+  },
+};
+
+const envNumber = (v: string | undefined) => (v === undefined ? undefined : /^-?\d+$/.test(v.trim()) ? Number(v) : v);
+
 export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.ProcessEnv = process.env): Readonly<AuthorityConfig> {
+  checkConfig(AUTHORITY_CONFIG_SCHEMA, input, 'authority config');
   const dataDir = resolve(input.dataDir ?? env.LEAFGATE_AUTHORITY_DATA ?? '.leafgate/authority');
   const policies: Record<string, DevicePolicy> = {};
   for (const [name, raw] of Object.entries(input.policies ?? { default: {} })) {
     const { manufacturerCAFiles, ...rest } = raw;
     const p = mergePolicy(DEFAULT_POLICY, rest);
-    if (manufacturerCAFiles?.length) p.pkiSignature.manufacturerCAs = [...p.pkiSignature.manufacturerCAs, ...manufacturerCAFiles.map((f) => readFileSync(f, 'utf8'))];
+    const read = (f: string) => {
+      try {
+        return readFileSync(f, 'utf8');
+      } catch (err) {
+        return configError(`policy ${name}`, 'manufacturerCAFiles', `cannot read ${f}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      }
+    };
+    if (manufacturerCAFiles?.length) p.pkiSignature.manufacturerCAs = [...p.pkiSignature.manufacturerCAs, ...manufacturerCAFiles.map(read)];
     validatePolicy(name, p);
     policies[name] = p;
   }
   const cfg: AuthorityConfig = {
     dataDir,
     caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
-    listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_AUTHORITY_PORT ?? 8443) },
+    listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? (envNumber(env.LEAFGATE_AUTHORITY_PORT) as number) ?? 8443 },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
     crlBaseUrl: input.crlBaseUrl ?? env.LEAFGATE_CRL_BASE_URL,
@@ -155,13 +256,16 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     ...resolveAzureConfig(input, env),
     policies,
   };
-  if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);
-  if (typeof cfg.database !== 'string' || !cfg.database) throw new LeafgateError('internal', 'database must be a file path or a postgres:// URL');
-  if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
-  else if (/^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) throw new LeafgateError('internal', 'database: only postgres:// URLs or SQLite file paths are supported');
-  if (typeof cfg.databaseFsync !== 'boolean') throw new LeafgateError('internal', 'databaseFsync must be true or false');
-  if (cfg.crlBaseUrl !== undefined && !/^https?:\/\/[^\s/?#]+(\/[^\s?#]*)?$/.test(cfg.crlBaseUrl)) throw new LeafgateError('internal', 'crlBaseUrl must be an http(s) URL without query');
-  if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
+  // Again with the environment applied (policies were checked above): a bad variable is named like a bad key.
+  checkConfig(AUTHORITY_CONFIG_SCHEMA, { ...cfg, policies: {}, iotHub: stripUndefined(cfg.iotHub), dps: stripUndefined(cfg.dps), crlBaseUrl: cfg.crlBaseUrl, adminToken: cfg.adminToken }, 'authority config (with the environment)');
+  const source = 'authority config';
+  if (!cfg.policies[cfg.defaultGroup]) configError(source, 'defaultGroup', `must name a group of policies (${Object.keys(cfg.policies).join(', ')}), got ${JSON.stringify(cfg.defaultGroup)}`);
+  try {
+    if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
+  } catch (err) {
+    configError(source, 'database', (err as Error).message);
+  }
+  if (!isPostgresUrl(cfg.database) && /^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) configError(source, 'database', 'must be a postgres:// URL or a SQLite file path');
   return Object.freeze(cfg);
 }
 
@@ -171,9 +275,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
  * fails on every device). Kept in one function so that it moves as a unit.
  */
 export function resolveAzureConfig(input: AuthorityConfigInput, env: NodeJS.ProcessEnv = process.env): Pick<AuthorityConfig, 'iotHub' | 'dps'> {
-  const fail = (key: string, why: string): never => {
-    throw new LeafgateError('internal', `config ${key}: ${why}`);
-  };
+  const fail = (key: string, why: string): never => configError('authority config', key, why);
   const section = (name: string, v: unknown, keys: string[]): Record<string, any> => {
     if (v === undefined) return {};
     if (typeof v !== 'object' || v === null || Array.isArray(v)) fail(name, 'must be an object');
@@ -243,10 +345,11 @@ export function resolveAzureConfig(input: AuthorityConfigInput, env: NodeJS.Proc
   return { iotHub, dps };
 }
 
+function stripUndefined<T extends object>(o: T | undefined): T | undefined {
+  return o && (Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T);
+}
+
+/** Reads a JSON config file; its content is checked by resolveAuthorityConfig. */
 export function loadAuthorityConfigFile(path: string): AuthorityConfigInput {
-  try {
-    return JSON.parse(readFileSync(path, 'utf8')) as AuthorityConfigInput;
-  } catch (err) {
-    throw new LeafgateError('internal', `cannot read config ${path}: ${(err as Error).message}`, { cause: err });
-  }
+  return readJsonConfig(path) as AuthorityConfigInput;
 }

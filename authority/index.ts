@@ -1,6 +1,6 @@
 /** The trust authority: CA, registry, auth methods, policy, API. Never imports gateway code. */
 export { startAuthority, loadAdminToken, type RunningAuthority } from './service.ts';
-export { resolveAuthorityConfig, loadAuthorityConfigFile, type AuthorityConfig, type AuthorityConfigInput } from './config.ts';
+export { resolveAuthorityConfig, loadAuthorityConfigFile, AUTHORITY_CONFIG_SCHEMA, type AuthorityConfig, type AuthorityConfigInput } from './config.ts';
 export { DEFAULT_POLICY, type DevicePolicy } from './policy/index.ts';
 export { LocalCa, type CaConnector } from './ca/index.ts';
 export { SqlStore, SqliteStore, openStore, isPostgresUrl, type AuthorityStore } from './store/index.ts';

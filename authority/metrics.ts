@@ -12,12 +12,14 @@ export class AuthorityMetrics {
   readonly syncFailed: Gauge<'target'>;
   readonly syncLastSuccess: Gauge<'target'>;
   readonly syncThrottled: Counter<'target'>;
+  readonly caExpiry: Gauge<'ca'>;
 
   constructor(collect: {
     renewals(): Promise<{ due: number; overdue: number }>;
     crlNumber(): number;
     /** Cloud registry sync per configured target (hub, dps): unsynced rows and the last success (ms). */
     sync?(): Promise<Array<{ target: string; pending: number; failed: number; lastSuccessAt: number | null }>>;
+    caExpiry?(): Array<{ ca: string; notAfter: Date }>;
   }) {
     const registers = [this.registry];
     this.requests = new Counter({ name: 'leafgate_authority_requests_total', help: 'Device requests by action (register, auth, csr, renew) and outcome (ok or error code)', labelNames: ['action', 'outcome'], registers });
@@ -54,6 +56,13 @@ export class AuthorityMetrics {
       },
     });
     this.syncThrottled = new Counter({ name: 'leafgate_authority_registry_throttled_total', help: 'Responses 429 (throttled) from a cloud registry', labelNames: ['target'], registers });
-    collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_authority_' });
+    this.caExpiry = new Gauge({
+      name: 'leafgate_authority_ca_expiry_timestamp_seconds', help: 'notAfter (unix time, seconds) of each CA certificate (root, device-ca, infra-ca, edge-issuer)', labelNames: ['ca'], registers,
+      collect() {
+        for (const { ca, notAfter } of collect.caExpiry?.() ?? []) this.set({ ca }, notAfter.getTime() / 1000);
+      },
+    });
+    // Standard names (process_cpu_seconds_total, nodejs_*): what stock dashboards query.
+    collectDefaultMetrics({ register: this.registry });
   }
 }

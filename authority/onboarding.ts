@@ -35,7 +35,7 @@ export interface OnboardingDeps {
   ca: CaConnector;
   config: Pick<AuthorityConfig, 'policies' | 'defaultGroup' | 'challengeTtlSeconds' | 'csrDeadlineSeconds'>;
   /** Outcome of every request (metrics). */
-  onOutcome?(action: string, outcome: string): void;
+  onOutcome?(action: string, outcome: string, who: { gatewayId: string; deviceId: string; requestId: string }): void;
   /** Injected so expiry is tested without sleeping. */
   now?: () => number;
 }
@@ -51,7 +51,7 @@ export class DeviceOnboarding {
   private readonly ca: CaConnector;
   private readonly config: OnboardingDeps['config'];
   private readonly now: () => number;
-  private readonly onOutcome?: (action: string, outcome: string) => void;
+  private readonly onOutcome?: OnboardingDeps['onOutcome'];
   /** Serializes requests per device in this process; the store's keys guard across processes. */
   private readonly locks = new Map<string, Promise<unknown>>();
 
@@ -91,11 +91,11 @@ export class DeviceOnboarding {
     });
     try {
       const answer = await next;
-      this.onOutcome?.(action, 'ok');
+      this.onOutcome?.(action, 'ok', { gatewayId, deviceId, requestId });
       return answer;
     } catch (err) {
       const e = toLeafgateError(err);
-      this.onOutcome?.(action, e.code);
+      this.onOutcome?.(action, e.code, { gatewayId, deviceId, requestId });
       await this.store.appendAudit({
         at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
         detail: { message: e.message, ...(e.detail ?? {}) },

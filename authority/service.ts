@@ -9,7 +9,7 @@ import { isIP } from 'node:net';
 import pino, { type Logger } from 'pino';
 import { AUTHORITY_URI, pkix } from '../protocol/index.ts';
 import { buildAuthorityApi } from './api/server.ts';
-import { BACKDATE_MS, LocalCa } from './ca/index.ts';
+import { BACKDATE_MS, CA_NAMES, LocalCa } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { GatewayEnrollment } from './gateways.ts';
 import { hashEnrollmentCode } from './auth-methods/index.ts';
@@ -110,11 +110,14 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         for (const [target, c] of [['hub', parts.hub], ['dps', parts.dps]] as const) if (c) out.push({ target, ...(await store.countSync(target)), lastSuccessAt: c.lastSuccessAt });
         return out;
       },
+      caExpiry: () => CA_NAMES.map((name) => ({ ca: name, notAfter: ca.get(name).notAfter })),
     });
     const onboarding = new DeviceOnboarding({
       store, ca, config, now: opts.now,
-      onOutcome(action, outcome) {
+      onOutcome(action, outcome, who) {
         metrics.requests.inc({ action, outcome });
+        // Each onboarding outcome (a certificate issued or renewed, or refused) is an operator's line.
+        if (action === 'csr' || action === 'renew') logger.info({ ...who, action, outcome }, outcome === 'ok' ? (action === 'renew' ? 'device certificate renewed' : 'device certificate issued') : 'device certificate refused');
         if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
       },
     });

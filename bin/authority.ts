@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { GatewayEnrollment, LocalCa, isPostgresUrl, loadAuthorityConfigFile, openStore, resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { hashEnrollmentCode } from '../authority/auth-methods/index.ts';
 import { AuthorityEvents, Revocation } from '../authority/index.ts';
-import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
+import { intOption, parse, serveUntilSignal, urlOption, UsageError } from './cli.ts';
 import { printTable } from './table.ts';
 import { loadAdminToken } from '../authority/index.ts';
 import { request as httpsRequest } from 'node:https';
@@ -59,7 +59,32 @@ Options:
 
 The CA passphrase comes from LEAFGATE_CA_PASSPHRASE (at least 12 characters). Admin
 commands authenticate with LEAFGATE_ADMIN_TOKEN or <data-dir>/admin-token.
+
+Environment: LEAFGATE_CA_PASSPHRASE, LEAFGATE_ADMIN_TOKEN, LEAFGATE_AUTHORITY_DATA,
+  LEAFGATE_AUTHORITY_HOST, LEAFGATE_AUTHORITY_PORT, LEAFGATE_DATABASE_URL,
+  LEAFGATE_CRL_BASE_URL, LEAFGATE_IOTHUB_CONNECTION_STRING, LEAFGATE_DPS_CONNECTION_STRING,
+  LEAFGATE_VERIFY_WORKERS, LEAFGATE_LOG_LEVEL, LEAFGATE_DRAIN_TIMEOUT_MS; a key of
+  --config wins over its variable.
 `;
+
+/** `leafgate authority <command> --help`: what it does, its options, an example. */
+const SUB: Array<[string, string, string, string]> = [
+  ['start', 'Runs the authority (HTTPS API, mutual TLS for gateways). Exits 1 with one line when a part cannot start, 2 on a bad configuration.', '--config FILE --data-dir DIR --database DB --host HOST --port N', 'LEAFGATE_CA_PASSPHRASE=... leafgate authority start --config /etc/leafgate/authority.json'],
+  ['init', 'Creates the CA hierarchy (root, device CA, infrastructure CA, edge issuer); with --offline-root DIR the root key moves to DIR after a root CRL valid --crl-days days is signed.', '--config FILE --data-dir DIR --database DB --offline-root DIR --crl-days N', 'leafgate authority init --offline-root /media/usb/leafgate-root'],
+  ['root-crl', 'Signs the root CRL with the offline root key.', '--root-key FILE --crl-days N', 'leafgate authority root-crl --root-key /media/usb/leafgate-root/root.key.pem'],
+  ['migrate', 'Lists what an upgrade left to do (Sub-CAs signed by the root itself, ...).', '--config FILE --data-dir DIR --database DB', 'leafgate authority migrate'],
+  ['token', 'Creates a one-time gateway enrollment token.', '--gateway ID --ttl SECONDS (default 86400)', 'leafgate authority token --gateway site-1'],
+  ['code', 'Creates a one-time ddkg enrollment code for a device.', '--device ID --group NAME --ttl SECONDS (default 604800)', 'leafgate authority code --device sensor-1 --group lab'],
+  ['fingerprint', 'Prints the root CA\'s SHA-256 fingerprint (gateways pin it at enrollment).', '--data-dir DIR --database DB', 'leafgate authority fingerprint'],
+  ['devices', 'Lists devices (admin API).', '--authority URL --status S --limit N --json', 'leafgate authority devices --status active --json'],
+  ['certs', 'Lists certificates (admin API).', '--authority URL --expiring SPAN --status S --limit N --json', 'leafgate authority certs --expiring 7d'],
+  ['revoke', 'Revokes a certificate, a device\'s certificates or a gateway (admin API).', '--serial HEX | --device ID [--decommission] | --gateway ID; --reason R', 'leafgate authority revoke --device sensor-1 --reason keyCompromise'],
+  ['policies', 'Shows the device policies (admin API).', '--authority URL --json', 'leafgate authority policies --json'],
+  ['audit', 'Shows the audit log (admin API).', '--authority URL --device ID --limit N --json', 'leafgate authority audit --device sensor-1'],
+];
+const HELP: Record<string, string> = Object.fromEntries(
+  SUB.map(([name, what, options, example]) => [name, `leafgate authority ${name} [options]\n\n${what}\n\nOptions: ${options}\n  (each described in leafgate authority --help)\n\nExample:\n  ${example}\n`]),
+);
 
 function configFrom(values: Record<string, any>): ReturnType<typeof resolveAuthorityConfig> {
   const file: AuthorityConfigInput = values.config ? loadAuthorityConfigFile(values.config) : {};
@@ -79,10 +104,12 @@ export async function authorityCommand(argv: string[]): Promise<number> {
     expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
     target: { type: 'string' }, retry: { type: 'boolean' },
     'offline-root': { type: 'string' }, 'root-key': { type: 'string' }, 'crl-days': { type: 'string' },
-  }, USAGE);
+  }, USAGE, HELP);
   if (!parsed) return 0;
   const [command = 'start'] = parsed.positionals;
+  if (!HELP[command]) throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
   const v = parsed.values;
+  if (v.authority !== undefined) urlOption(v.authority, 'authority');
   const config = configFrom(v);
   switch (command) {
     case 'start': {

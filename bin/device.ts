@@ -2,7 +2,7 @@ import { createPrivateKey } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { LeafDevice, type DeviceCredential } from '../device/index.ts';
 import { pkix, type KeySpec } from '../protocol/index.ts';
-import { parse, UsageError } from './cli.ts';
+import { parse, readOptionFile, UsageError } from './cli.ts';
 
 const USAGE = `leafgate device onboard [options]
 
@@ -22,6 +22,12 @@ Options:
   --key SPEC              preferred key: ec-256, ec-384, rsa-2048, rsa-3072, rsa-4096
   --out DIR               where key.pem, cert.pem and chain.pem go (default ./<id>)
   -h, --help              this text
+
+Example:
+  leafgate device onboard --id sensor-1 --broker mqtts://gw1:8883 --ca root.pem \\
+    --method ddkg --attr serial=SN123 --attr mac=00:11:22:33:44:55
+
+Environment: LEAFGATE_LOG_LEVEL.
 `;
 
 export function parseKeySpec(s: string): KeySpec {
@@ -43,7 +49,7 @@ export async function deviceCommand(argv: string[]): Promise<number> {
   let credential: DeviceCredential;
   if (v.method === 'pki-signature') {
     if (!v['birth-cert'] || !v['factory-key']) throw new UsageError('pki-signature needs --birth-cert and --factory-key');
-    credential = { method: 'pki-signature', birthCert: readFileSync(v['birth-cert'], 'utf8'), factoryKey: createPrivateKey(readFileSync(v['factory-key'])) };
+    credential = { method: 'pki-signature', birthCert: readOptionFile(v['birth-cert'], 'birth-cert'), factoryKey: createPrivateKey(readOptionFile(v['factory-key'], 'factory-key')) };
   } else if (v.method === 'ddkg') {
     const attributes: Record<string, string> = {};
     for (const a of v.attr ?? []) {
@@ -56,7 +62,7 @@ export async function deviceCommand(argv: string[]): Promise<number> {
   } else throw new UsageError('--method must be pki-signature or ddkg');
 
   const device = new LeafDevice({
-    deviceId: v.id, brokerUrl: v.broker, ca: readFileSync(v.ca, 'utf8'), credential, group: v.group,
+    deviceId: v.id, brokerUrl: v.broker, ca: readOptionFile(v.ca, 'ca'), credential, group: v.group,
     keyPreference: v.key ? [parseKeySpec(v.key)] : undefined, storeDir: v.out ?? `./${v.id}`,
   });
   const result = await device.onboard();

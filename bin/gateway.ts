@@ -1,9 +1,10 @@
-import { enrollGateway, resolveGatewayConfig, startGateway, type GatewayConfigInput } from '../gateway/index.ts';
+import { enrollGateway, isEnrolled, resolveGatewayConfig, startGateway, type GatewayConfigInput } from '../gateway/index.ts';
 import { readFileSync } from 'node:fs';
+import { readJsonConfig } from '../config-schema/index.ts';
 import { join } from 'node:path';
 import pino from 'pino';
 import { AuthorityClient, GatewayIdentity, edgeCaFiles, identityFiles, issueServerCertificate } from '../cloud-bridge/index.ts';
-import { intOption, parse, serveUntilSignal, UsageError } from './cli.ts';
+import { intOption, parse, serveUntilSignal, urlOption, UsageError } from './cli.ts';
 
 const USAGE = `leafgate gateway <command> [options]
 
@@ -38,18 +39,99 @@ In production start it through bin/leafgate-gateway (the container's entrypoint)
 raises the open-files soft limit to the hard limit (one descriptor per device connection)
 and preloads jemalloc when installed (LEAFGATE_ALLOCATOR=glibc to keep glibc malloc);
 LEAFGATE_NODE_FLAGS adds node flags.
+
+Environment: LEAFGATE_GATEWAY_DATA, LEAFGATE_GATEWAY_HOST, LEAFGATE_GATEWAY_PORT,
+  LEAFGATE_GATEWAY_HTTP_HOST, LEAFGATE_GATEWAY_HTTP_PORT, LEAFGATE_GATEWAY_EDGE_CA (1),
+  LEAFGATE_REDIS_URL, LEAFGATE_REDIS_PREFIX, LEAFGATE_MODULE_CONNECTION_STRING,
+  LEAFGATE_LOG_LEVEL, LEAFGATE_DRAIN_TIMEOUT_MS; a key of --config wins over its variable.
 `;
+
+const COMMON = `  --config FILE          JSON configuration (README, Configuration)
+  --data-dir DIR         identity files (default .leafgate/gateway, env LEAFGATE_GATEWAY_DATA)`;
+
+/** `leafgate gateway <command> --help`. */
+const HELP: Record<string, string> = {
+  start: `leafgate gateway start [options]
+
+Runs the broker (MQTT over TLS), the cloud bridge and /metrics, /healthz, /readyz. Exits
+1 with one line when a part cannot start (port in use, Redis or identity missing), 2 on a
+bad configuration; SIGTERM drains and exits within LEAFGATE_DRAIN_TIMEOUT_MS.
+
+Options:
+${COMMON}
+  --host HOST            listen address (default 0.0.0.0, env LEAFGATE_GATEWAY_HOST)
+  --port N               MQTT TLS port (default 8883, env LEAFGATE_GATEWAY_PORT)
+  --redis URL            gateway cluster: shared Redis (env LEAFGATE_REDIS_URL)
+  --redis-prefix P       key prefix in that Redis, one per site (default leafgate:)
+
+Example:
+  leafgate gateway start --data-dir /var/lib/leafgate/gateway --port 8884
+`,
+  enroll: `leafgate gateway enroll --authority URL --token TOKEN --fingerprint SHA256 --id ID [options]
+
+One-time enrollment: a key made here, a CSR, the token -> the gateway certificate.
+
+Options:
+${COMMON}
+  --authority URL        authority base URL, e.g. https://authority:8443
+  --token TOKEN          one-time enrollment token (leafgate authority token --gateway ID)
+  --fingerprint SHA256   the authority root fingerprint to pin (leafgate authority fingerprint)
+  --id ID                gateway id
+  --hostname NAME        name or IP devices use to reach this gateway (repeatable;
+                         default localhost and 127.0.0.1)
+
+Example:
+  leafgate gateway enroll --authority https://authority:8443 --token "$TOKEN" \\
+    --fingerprint "$FP" --id site-1 --hostname gw1.site.example
+`,
+  renew: `leafgate gateway renew [options]
+
+Renews the gateway certificate now (new key, over mutual TLS). Needs an enrolled gateway.
+
+Options:
+${COMMON}
+
+Example:
+  leafgate gateway renew --data-dir /var/lib/leafgate/gateway
+`,
+  subca: `leafgate gateway subca [options]
+
+Gets (or renews) the IoT Edge CA: key made here, signed by the authority's edge issuer;
+prints the /etc/aziot/config.toml snippet. Needs an enrolled gateway.
+
+Options:
+${COMMON}
+
+Example:
+  leafgate gateway subca --data-dir /var/lib/leafgate/gateway
+`,
+  'issue-server-cert': `leafgate gateway issue-server-cert --name NAME [options]
+
+Issues a TLS server certificate with the local edge CA (run \`gateway subca\` first).
+
+Options:
+${COMMON}
+  --name NAME            subject CN
+  --dns NAME, --ip ADDR  SANs (repeatable; default: --name)
+  --days N               lifetime (default 30, capped by the edge CA)
+  --out DIR              output directory (default <data-dir>/server-certs)
+
+Example:
+  leafgate gateway issue-server-cert --name edgehub --dns edgehub --ip 10.0.0.5
+`,
+};
 
 export async function gatewayCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
     config: { type: 'string' }, 'data-dir': { type: 'string' }, host: { type: 'string' }, port: { type: 'string' }, redis: { type: 'string' }, 'redis-prefix': { type: 'string' },
     authority: { type: 'string' }, token: { type: 'string' }, fingerprint: { type: 'string' }, id: { type: 'string' }, hostname: { type: 'string', multiple: true },
     name: { type: 'string' }, dns: { type: 'string', multiple: true }, ip: { type: 'string', multiple: true }, days: { type: 'string' }, out: { type: 'string' },
-  }, USAGE);
+  }, USAGE, HELP);
   if (!parsed) return 0;
   const [command = 'start'] = parsed.positionals;
+  if (!HELP[command]) throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
   const v = parsed.values;
-  const file: GatewayConfigInput = v.config ? JSON.parse(readFileSync(v.config, 'utf8')) : {};
+  const file = (v.config ? readJsonConfig(v.config) : {}) as GatewayConfigInput;
   const config = resolveGatewayConfig({
     ...file,
     ...(v['data-dir'] ? { dataDir: v['data-dir'] } : {}),
@@ -58,7 +140,8 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
   });
   switch (command) {
     case 'enroll': {
-      for (const k of ['authority', 'token', 'fingerprint', 'id']) if (!v[k]) throw new UsageError(`--${k} is required for enroll`);
+      for (const k of ['authority', 'token', 'fingerprint', 'id']) if (!v[k]) throw new UsageError(`--${k} is required for enroll\n\n${HELP.enroll}`);
+      urlOption(v.authority, 'authority');
       const res = await enrollGateway({ authorityUrl: v.authority, token: v.token, rootFingerprint: v.fingerprint, gatewayId: v.id, dataDir: config.dataDir, hostnames: v.hostname ?? ['localhost', '127.0.0.1'] });
       process.stdout.write(`enrolled ${v.id}; certificate valid until ${res.notAfter}; identity in ${config.dataDir}\n`);
       return 0;
@@ -71,6 +154,7 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
     }
     case 'renew':
     case 'subca': {
+      if (!isEnrolled(config.dataDir)) throw new Error(`gateway in ${config.dataDir} is not enrolled: run \`leafgate gateway enroll\` first (or give --data-dir)`);
       const files = identityFiles(config.dataDir);
       const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as { gatewayId: string; authorityUrl: string };
       const authority = new AuthorityClient({

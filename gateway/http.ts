@@ -1,5 +1,5 @@
 /** The gateway's operations endpoint: /metrics (Prometheus), /healthz (alive), /readyz. */
-import Fastify from 'fastify';
+import Fastify, { LogController } from 'fastify';
 import type { Logger } from 'pino';
 import type { GatewayMetrics } from './metrics.ts';
 
@@ -9,7 +9,8 @@ export interface Readiness {
 }
 
 export async function startOpsServer(opts: { host: string; port: number; metrics: GatewayMetrics; readiness: () => Readiness; logger: Logger }) {
-  const app = Fastify({ loggerInstance: opts.logger.child({ component: 'ops-http' }) });
+  // Scrapes and probes every few seconds are not an operator's reading: no per-request lines.
+  const app = Fastify({ loggerInstance: opts.logger.child({ component: 'ops-http' }), logController: new LogController({ disableRequestLogging: true }) });
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/readyz', async (_req, reply) => {
     const r = opts.readiness();

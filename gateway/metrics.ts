@@ -11,6 +11,7 @@ export class GatewayMetrics {
   readonly onboardingSeconds: Histogram;
   readonly crlNumber: Gauge;
   readonly crlNextUpdate: Gauge;
+  readonly certExpiry: Gauge<'certificate'>;
   readonly authorityLink: Gauge;
   readonly revokedSessionsClosed: Counter;
   readonly crlStale: Gauge;
@@ -50,7 +51,11 @@ export class GatewayMetrics {
       buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
     });
     this.crlNumber = new Gauge({ name: 'leafgate_gateway_crl_number', help: 'Number of the CRL in force', registers });
-    this.crlNextUpdate = new Gauge({ name: 'leafgate_gateway_crl_next_update_seconds', help: 'nextUpdate of the CRL in force (unix seconds)', registers });
+    this.crlNextUpdate = new Gauge({ name: 'leafgate_gateway_crl_next_update_timestamp_seconds', help: 'nextUpdate of the CRL in force (unix time, seconds)', registers });
+    this.certExpiry = new Gauge({
+      name: 'leafgate_gateway_certificate_expiry_timestamp_seconds', help: 'notAfter (unix time, seconds) of the gateway certificate (gateway), its IoT Edge CA (edge_ca) and the device CA it trusts (device_ca)',
+      labelNames: ['certificate'], registers,
+    });
     this.authorityLink = new Gauge({ name: 'leafgate_gateway_authority_link_up', help: '1 while the event stream to the authority is open', registers });
     this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
     this.clusterLink = new Gauge({ name: 'leafgate_gateway_cluster_link', help: '1 while the Redis cluster link is up (only on a gateway cluster)', registers });
@@ -100,6 +105,7 @@ export class GatewayMetrics {
         this.set(o?.writable ? 1 : 0);
       },
     });
-    collectDefaultMetrics({ register: this.registry, prefix: 'leafgate_gateway_' });
+    // Standard names (process_cpu_seconds_total, nodejs_*): what stock dashboards query.
+    collectDefaultMetrics({ register: this.registry });
   }
 }

@@ -6,17 +6,19 @@
  */
 import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { downTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
+import { downTopic, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
-import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
+import { SessionRegistry, type DeviceSession, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
 import { edgeModuleWanted, startEdgeModule, type RunningEdgeModule } from './edge-module.ts';
 import { GatewayCluster } from './cluster.ts';
+import type { Client } from 'aedes';
 import type { OutboxStore } from '../cloud-bridge/outbox.ts';
 
 export interface RunningGateway {
@@ -47,162 +49,246 @@ export function isEnrolled(dataDir: string): boolean {
   return [f.key, f.cert, f.root, f.deviceCa, f.meta].every((p) => existsSync(p));
 }
 
-export async function startGateway(config: Readonly<GatewayConfig>, opts: { logger?: Logger; limiters?: LimiterFactory } = {}): Promise<RunningGateway> {
-  const logger = opts.logger ?? pino({ name: 'gateway', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
-  if (!isEnrolled(config.dataDir)) throw new LeafgateError('internal', `gateway in ${config.dataDir} is not enrolled: run \`leafgate gateway enroll\` first`);
+/** A gateway that cannot start: the message names the cause, one line. */
+export class GatewayStartError extends Error {
+  override readonly name = 'GatewayStartError';
+}
+
+type Close = () => Promise<void> | void;
+
+/** What a start made so far, closed in reverse order (also when a later step fails). */
+class Started {
+  private readonly closes: Array<{ name: string; close: Close }> = [];
+  constructor(private readonly log: Logger) {}
+  add(name: string, close: Close): void {
+    this.closes.push({ name, close });
+  }
+  async close(): Promise<void> {
+    for (const { name, close } of this.closes.splice(0).reverse()) {
+      try {
+        await close();
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message, part: name }, 'closing a gateway part failed');
+      }
+    }
+  }
+}
+
+/** The enrollment's files, read once. */
+interface IdentityFiles {
+  meta: { gatewayId: string; authorityUrl: string };
+  files: ReturnType<typeof identityFiles>;
+  key: string;
+  cert: string;
+  rootPem: string;
+  deviceCaPem: string;
+  deviceCa: X509Certificate;
+  infraCaPem: string;
+}
+
+function readIdentity(config: Readonly<GatewayConfig>): IdentityFiles {
+  if (!isEnrolled(config.dataDir)) throw new GatewayStartError(`gateway in ${config.dataDir} is not enrolled: run \`leafgate gateway enroll\` first`);
   completeIdentitySwap(config.dataDir);
   const files = identityFiles(config.dataDir);
-  const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as { gatewayId: string; authorityUrl: string };
-  const key = readFileSync(files.key, 'utf8');
-  const cert = readFileSync(files.cert, 'utf8');
-  const rootPem = readFileSync(files.root, 'utf8');
-  const deviceCaPem = readFileSync(files.deviceCa, 'utf8');
-  const deviceCa = new X509Certificate(deviceCaPem);
-  const log = logger.child({ gatewayId: meta.gatewayId });
-
-  const authority = new AuthorityClient({ baseUrl: meta.authorityUrl, ca: rootPem, authorityIssuer: readFileSync(files.infraCa, 'utf8'), key, cert });
-  const sessions = new SessionRegistry();
-  // Late-bound: the metrics collect from parts created below.
-  const parts: { renewals?: RenewalTracker; gate?: AuthorityGate; outbox?: OutboxStore } = {};
-  const metrics = new GatewayMetrics({
-    connections: (kind) => sessions.count(kind),
-    renewals: () => parts.renewals?.counts() ?? { due: 0, overdue: 0 },
-    gate: () => ({ active: parts.gate?.active ?? 0, queued: parts.gate?.queued ?? 0 }),
-    outbox: async () => {
-      const o = parts.outbox!;
-      const b = o.backlog ? await o.backlog() : { count: await o.pendingCount(), oldestCreatedAt: null };
-      return { ...b, writable: o.writable?.() ?? true };
-    },
-    clockSkewMs: () => authority.clockSkewMs,
-  });
-  let broker: RunningBroker | undefined;
-  let module: RunningEdgeModule | undefined;
-
-  const publish = (deviceId: string, kind: DownKind, body: unknown) => {
-    broker?.aedes.publish({ cmd: 'publish', topic: downTopic(deviceId, kind), payload: Buffer.from(JSON.stringify(body)), qos: 1, retain: false, dup: false }, (err) => {
-      if (err) log.error({ err, deviceId, kind }, 'publish to device failed');
-    });
-  };
-  // A cluster keeps its outbox, limits, broker sessions and CRL hand-over in Redis.
-  const cluster = config.redis ? new GatewayCluster(config.redis, meta.gatewayId, log.child({ component: 'cluster' })) : undefined;
-  if (cluster) {
-    try {
-      await cluster.ready();
-    } catch (err) {
-      await cluster.close();
-      throw new LeafgateError('internal', `gateway cluster: ${(err as Error).message}`);
-    }
+  try {
+    const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as IdentityFiles['meta'];
+    const deviceCaPem = readFileSync(files.deviceCa, 'utf8');
+    return {
+      meta, files, deviceCaPem, deviceCa: new X509Certificate(deviceCaPem),
+      key: readFileSync(files.key, 'utf8'), cert: readFileSync(files.cert, 'utf8'), rootPem: readFileSync(files.root, 'utf8'), infraCaPem: readFileSync(files.infraCa, 'utf8'),
+    };
+  } catch (err) {
+    throw new GatewayStartError(`gateway identity in ${config.dataDir} is unreadable (${(err as Error).message}): enroll again`);
   }
-  const outbox: OutboxStore = cluster ? cluster.outbox : new Outbox(join(config.dataDir, 'outbox.db'));
-  parts.outbox = outbox;
-  const gate = new AuthorityGate({ concurrency: config.authorityConcurrency, maxQueue: config.authorityQueueMax, pendingAfterMs: config.pendingAfterMs });
-  parts.gate = gate;
-  const renewals = new RenewalTracker();
-  parts.renewals = renewals;
-  const worker = new OutboxWorker({
-    outbox,
-    authority,
-    gate,
-    publish,
-    isConnected: (deviceId) => sessions.holder(deviceId) !== undefined || (cluster ? cluster.isPresent(deviceId) : false),
-    logger: log,
-    concurrency: config.authorityConcurrency,
-    onAnswer({ entry, ok, code }) {
-      metrics.onboardingSteps.inc({ step: entry.kind, outcome: ok ? 'ok' : code ?? 'error' });
-      metrics.onboardings.inc({ outcome: ok ? (entry.kind === 'renew' ? 'renewed' : 'issued') : code ?? 'error' });
-      if (entry.kind === 'renew') {
-        metrics.renewals.inc({ outcome: ok ? 'renewed' : 'failed' });
-        if (ok && typeof entry.body.currentSerial === 'string') renewals.done(entry.body.currentSerial);
-        if (!ok) log.warn({ deviceId: entry.deviceId, requestId: entry.requestId, code }, 'device renewal failed');
-      }
-      const started = sessions.holder(entry.deviceId)?.session.onboardingStartedAt;
-      if (ok && started !== undefined) metrics.onboardingSeconds.observe((Date.now() - started) / 1000);
-    },
-  });
-  const relay = new OnboardingRelay({
-    authority,
-    gate,
-    sessions,
-    outbox,
-    worker,
-    publish,
-    logger: log,
-    onOutcome(e) {
-      metrics.onboardingSteps.inc({ step: e.step, outcome: e.ok ? 'ok' : e.code ?? 'error' });
-    },
-  });
-  const askToRenew = (client: import('aedes').Client, session: import('../plugins/index.ts').DeviceSession) => {
-    if (session.kind !== 'operational' || !session.certSerial) return;
-    const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs, config.maxClockSkewMs);
-    if (instruction) {
-      log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'asking device to renew');
-      metrics.renewals.inc({ outcome: 'asked' });
-      publish(session.deviceId, 'instruction', instruction);
-    }
-  };
+}
 
-  // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
-  const revocations = new RevocationCache({ authority, deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
-  const updateCrlMetrics = () => {
-    const stale = revocations.isStale();
-    metrics.crlStale.set(stale ? 1 : 0);
-    if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
-    if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
-    if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
-  };
-  updateCrlMetrics();
-  revocations.on('updated', ({ crlNumber, newlyRevoked }) => {
+/** Fails fast, before the broker exists, when the port is taken (the common operator error). */
+async function portAvailable(what: string, host: string, port: number): Promise<void> {
+  if (port === 0) return;
+  await new Promise<void>((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', (err: NodeJS.ErrnoException) => {
+      reject(new GatewayStartError(err.code === 'EADDRINUSE' ? `${what} port ${host}:${port} is in use by another program (EADDRINUSE): stop it or choose another port` : `${what} cannot listen on ${host}:${port}: ${err.code ?? err.message}`));
+    });
+    probe.listen({ host, port, exclusive: true }, () => probe.close(() => resolve()));
+  });
+}
+
+interface Shared {
+  config: Readonly<GatewayConfig>;
+  id: IdentityFiles;
+  log: Logger;
+  sessions: SessionRegistry;
+  metrics: GatewayMetrics;
+  publish: (deviceId: string, kind: DownKind, body: unknown) => void;
+}
+
+/** Parts the metrics read, bound once the builders made them. */
+interface LateParts {
+  renewals?: RenewalTracker;
+  gate?: AuthorityGate;
+  outbox?: OutboxStore;
+  authority?: AuthorityClient;
+}
+
+/** Cloud bridge: authority client, cluster link, outbox, relay, CRL cache, event stream. */
+async function buildBridge(s: Shared, parts: LateParts) {
+  const { config, id, log, sessions, metrics, publish } = s;
+  const started = new Started(log);
+  try {
+    const authority = new AuthorityClient({ baseUrl: id.meta.authorityUrl, ca: id.rootPem, authorityIssuer: id.infraCaPem, key: id.key, cert: id.cert });
+    started.add('authority client', () => authority.close());
+    parts.authority = authority;
+    // A cluster keeps its outbox, limits, broker sessions and CRL hand-over in Redis.
+    const cluster = config.redis ? new GatewayCluster(config.redis, id.meta.gatewayId, log.child({ component: 'cluster' })) : undefined;
+    if (cluster) {
+      started.add('cluster', () => cluster.close());
+      try {
+        await cluster.ready();
+      } catch (err) {
+        throw new GatewayStartError(`gateway cluster: Redis did not answer: ${(err as Error).message}`);
+      }
+    }
+    const outbox: OutboxStore = cluster ? cluster.outbox : new Outbox(join(config.dataDir, 'outbox.db'));
+    started.add('outbox', () => outbox.close());
+    parts.outbox = outbox;
+    const gate = new AuthorityGate({ concurrency: config.authorityConcurrency, maxQueue: config.authorityQueueMax, pendingAfterMs: config.pendingAfterMs });
+    parts.gate = gate;
+    const renewals = new RenewalTracker();
+    parts.renewals = renewals;
+    const worker = new OutboxWorker({
+      outbox,
+      authority,
+      gate,
+      publish,
+      isConnected: (deviceId) => sessions.holder(deviceId) !== undefined || (cluster ? cluster.isPresent(deviceId) : false),
+      logger: log,
+      concurrency: config.authorityConcurrency,
+      onAnswer({ entry, ok, code }) {
+        metrics.onboardingSteps.inc({ step: entry.kind, outcome: ok ? 'ok' : code ?? 'error' });
+        metrics.onboardings.inc({ outcome: ok ? (entry.kind === 'renew' ? 'renewed' : 'issued') : code ?? 'error' });
+        // Each onboarding outcome is worth a line to an operator; scrapes and probes are not.
+        if (ok) log.info({ deviceId: entry.deviceId, requestId: entry.requestId, kind: entry.kind }, entry.kind === 'renew' ? 'device certificate renewed' : 'device certificate issued');
+        else if (entry.kind !== 'renew') log.info({ deviceId: entry.deviceId, requestId: entry.requestId, code }, 'device onboarding refused');
+        if (entry.kind === 'renew') {
+          metrics.renewals.inc({ outcome: ok ? 'renewed' : 'failed' });
+          if (ok && typeof entry.body.currentSerial === 'string') renewals.done(entry.body.currentSerial);
+          if (!ok) log.warn({ deviceId: entry.deviceId, requestId: entry.requestId, code }, 'device renewal failed');
+        }
+        const startedAt = sessions.holder(entry.deviceId)?.session.onboardingStartedAt;
+        if (ok && startedAt !== undefined) metrics.onboardingSeconds.observe((Date.now() - startedAt) / 1000);
+      },
+    });
+    started.add('outbox worker', () => worker.stop());
+    const relay = new OnboardingRelay({
+      authority,
+      gate,
+      sessions,
+      outbox,
+      worker,
+      publish,
+      logger: log,
+      onOutcome(e) {
+        metrics.onboardingSteps.inc({ step: e.step, outcome: e.ok ? 'ok' : e.code ?? 'error' });
+      },
+    });
+    const askToRenew = (client: Client, session: DeviceSession) => {
+      if (session.kind !== 'operational' || !session.certSerial) return;
+      const instruction = renewals.instructionFor(client, session.certSerial, config.renewalCsrDeadlineMs, config.maxClockSkewMs);
+      if (instruction) {
+        log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'asking device to renew');
+        metrics.renewals.inc({ outcome: 'asked' });
+        publish(session.deviceId, 'instruction', instruction);
+      }
+    };
+
+    // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
+    const revocations = new RevocationCache({ authority, deviceCa: id.deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
+    started.add('revocation cache', () => revocations.stop());
+    const updateCrlMetrics = () => {
+      const stale = revocations.isStale();
+      metrics.crlStale.set(stale ? 1 : 0);
+      if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
+      if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
+      if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
+    };
     updateCrlMetrics();
-    if (cluster && revocations.der) void cluster.shareCrl(crlNumber, revocations.der);
-    if (!newlyRevoked.length) return;
-    const hit = new Set(newlyRevoked);
-    for (const { client, session } of sessions.entries()) {
-      if (session.kind !== 'operational' || !session.certSerial || !hit.has(session.certSerial)) continue;
-      log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'closing session of a revoked certificate');
-      metrics.revokedSessionsClosed.inc();
-      publish(session.deviceId, 'revoked', { serial: session.certSerial });
-      // A revoked identity leaves no will behind; the notice goes out first, the close follows.
-      (client as unknown as { will: unknown }).will = null;
-      setImmediate(() => client.close());
-    }
-  });
-  const events = new AuthorityEventStream({ authority, logger: log });
-  events.on('event', (name, data) => {
-    if (name === 'crl' || name === 'hello') void revocations.refresh();
-    if (name === 'renewal-due') {
-      renewals.update((data as { devices?: DueRenewal[] }).devices ?? []);
-      for (const { client, session } of sessions.entries()) askToRenew(client, session);
-    }
-  });
-  events.on('link', (up) => {
-    if (up) worker.retryAllNow();
-  });
-  events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
-
-  // A CRL another gateway of the cluster got first (its own signature check decides).
-  const adoptSharedCrl = async (announced?: bigint) => {
-    if (!cluster || (announced !== undefined && revocations.crlNumber !== undefined && announced <= revocations.crlNumber)) return;
-    const der = await cluster.sharedCrl();
-    if (der) revocations.applyDer(der, 'cluster');
-  };
-  if (cluster) {
-    await adoptSharedCrl();
-    cluster.on('crl', (n) => void adoptSharedCrl(n));
-    cluster.on('link', (up) => {
-      metrics.clusterLink.set(up ? 1 : 0);
-      if (up) {
-        void adoptSharedCrl();
-        worker.kick();
+    revocations.on('updated', ({ crlNumber, newlyRevoked }) => {
+      updateCrlMetrics();
+      if (cluster && revocations.der) void cluster.shareCrl(crlNumber, revocations.der);
+      if (!newlyRevoked.length) return;
+      const hit = new Set(newlyRevoked);
+      for (const { client, session } of sessions.entries()) {
+        if (session.kind !== 'operational' || !session.certSerial || !hit.has(session.certSerial)) continue;
+        log.info({ deviceId: session.deviceId, serial: session.certSerial }, 'closing session of a revoked certificate');
+        metrics.revokedSessionsClosed.inc();
+        publish(session.deviceId, 'revoked', { serial: session.certSerial });
+        // A revoked identity leaves no will behind; the notice goes out first, the close follows.
+        (client as unknown as { will: unknown }).will = null;
+        setImmediate(() => client.close());
       }
     });
-    metrics.clusterLink.set(cluster.connected ? 1 : 0);
-  }
+    const events = new AuthorityEventStream({ authority, logger: log });
+    started.add('authority event stream', () => events.stop());
+    events.on('event', (name, data) => {
+      if (name === 'crl' || name === 'hello') void revocations.refresh();
+      if (name === 'renewal-due') {
+        renewals.update((data as { devices?: DueRenewal[] }).devices ?? []);
+        for (const { client, session } of sessions.entries()) askToRenew(client, session);
+      }
+    });
+    events.on('link', (up) => {
+      if (up) worker.retryAllNow();
+    });
+    events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
 
+    // A CRL another gateway of the cluster got first (its own signature check decides).
+    const adoptSharedCrl = async (announced?: bigint) => {
+      if (!cluster || (announced !== undefined && revocations.crlNumber !== undefined && announced <= revocations.crlNumber)) return;
+      const der = await cluster.sharedCrl();
+      if (der) revocations.applyDer(der, 'cluster');
+    };
+    if (cluster) {
+      await adoptSharedCrl();
+      cluster.on('crl', (n) => void adoptSharedCrl(n));
+      cluster.on('link', (up) => {
+        metrics.clusterLink.set(up ? 1 : 0);
+        if (up) {
+          void adoptSharedCrl();
+          worker.kick();
+        }
+      });
+      metrics.clusterLink.set(cluster.connected ? 1 : 0);
+    }
+    const start = () => {
+      revocations.start();
+      events.start();
+      worker.start();
+    };
+    /** Stops the background loops (before the broker closes); close() frees the rest. */
+    const stop = () => {
+      events.stop();
+      revocations.stop();
+      worker.stop();
+    };
+    return { authority, cluster, outbox, gate, renewals, worker, relay, revocations, events, askToRenew, updateCrlMetrics, start, stop, close: () => started.close() };
+  } catch (err) {
+    await started.close();
+    throw err;
+  }
+}
+
+type Bridge = Awaited<ReturnType<typeof buildBridge>>;
+
+/** The MQTT broker with the plugin chain, listening. */
+async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: LimiterFactory }, module: () => RunningEdgeModule | undefined) {
+  const { config, id, log, sessions, metrics, publish } = s;
+  const { cluster, relay, revocations } = bridge;
   const limits = rateLimitPlugin({ sessions, limits: config.rateLimits, factory: opts.limiters ?? cluster?.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) } });
   const hooks = composePlugins(
     [
       authenticationPlugin({
-        sessions, deviceCa: () => deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
+        sessions, deviceCa: () => id.deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
         isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
         remoteHolder: cluster ? (deviceId) => cluster.remoteHolder(deviceId) : undefined,
         revocationUsable: () => config.staleCrlPolicy === 'keep' || !revocations.isStale(),
@@ -235,7 +321,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         const session = sessions.get(client);
         const t = parsedTopicOf(client, packet.topic);
         if (!session || !t || t.direction !== 'up') return;
-        if (t.kind === 'telemetry') module?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
+        if (t.kind === 'telemetry') module()?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         if (t.kind === 'register' || t.kind === 'auth') {
           void relay.handle(session, t.kind, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         }
@@ -243,10 +329,12 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     },
   );
 
-  broker = await startBroker({
+  // aedes starts timers when created: a port already taken is found before that.
+  await portAvailable('MQTT', config.listen.host, config.listen.port);
+  const broker = await startBroker({
     host: config.listen.host,
     port: config.listen.port,
-    tls: { key, cert, ca: [deviceCaPem, rootPem] },
+    tls: { key: id.key, cert: id.cert, ca: [id.deviceCaPem, id.rootPem] },
     hooks,
     logger: log,
     maxPacketBytes: config.maxPacketBytes,
@@ -271,20 +359,49 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     const session = client ? sessions.get(client) : undefined;
     if (!session) return;
     void relay.deliverStored(session);
-    askToRenew(client, session);
+    bridge.askToRenew(client, session);
   });
+  return {
+    broker,
+    limits,
+    async close() {
+      await cluster?.releaseBroker();
+      await broker.close();
+    },
+  };
+}
+
+/** The gateway's own certificate and Edge CA renewal, and the clock/CRL watch. */
+function buildIdentity(s: Shared, bridge: Bridge, broker: RunningBroker) {
+  const { config, id, log, metrics } = s;
+  const { authority } = bridge;
   const identity = new GatewayIdentity({
-    dataDir: config.dataDir, gatewayId: meta.gatewayId, authority, logger: log, renewAfterFraction: config.certRenewAfterFraction, edgeCa: config.edgeCa,
+    dataDir: config.dataDir, gatewayId: id.meta.gatewayId, authority, logger: log, renewAfterFraction: config.certRenewAfterFraction, edgeCa: config.edgeCa,
     checkMs: config.identityCheckMs,
     onRotated(newKey, newCert) {
       // New handshakes use the new certificate; live device sessions are not touched.
-      broker!.setTls({ key: newKey, cert: newCert, ca: [deviceCaPem, rootPem] });
+      broker.setTls({ key: newKey, cert: newCert, ca: [id.deviceCaPem, id.rootPem] });
       authority.setIdentity(newKey, newCert);
+      updateExpiry();
     },
   });
+  const notAfter = (path: string) => (existsSync(path) ? new Date(new X509Certificate(readFileSync(path, 'utf8')).validTo) : undefined);
+  const updateExpiry = () => {
+    try {
+      const gw = notAfter(id.files.cert);
+      if (gw) metrics.certExpiry.set({ certificate: 'gateway' }, gw.getTime() / 1000);
+      const edge = notAfter(edgeCaFiles(config.dataDir).cert);
+      if (edge) metrics.certExpiry.set({ certificate: 'edge_ca' }, edge.getTime() / 1000);
+      metrics.certExpiry.set({ certificate: 'device_ca' }, new Date(id.deviceCa.validTo).getTime() / 1000);
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'cannot read a certificate for its expiry metric');
+    }
+  };
+  updateExpiry();
   // Time-based alarms: a CRL going stale while nothing arrives, a clock that drifted.
   const watch = setInterval(() => {
-    updateCrlMetrics();
+    bridge.updateCrlMetrics();
+    updateExpiry();
     const skew = authority.clockSkewMs;
     if (skew === undefined) return;
     if (Math.abs(skew) > config.maxClockSkewMs) {
@@ -292,119 +409,169 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
     }
   }, Math.min(config.crlRefreshMs, 60_000));
   watch.unref();
-  revocations.start();
-  events.start();
-  worker.start();
   identity.start();
-
-  const running = broker;
-  const readiness = (): Readiness => {
-    const skew = authority.clockSkewMs;
-    const checks = {
-      brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm, crlFresh: !revocations.isStale(),
-      clockInSync: skew === undefined || Math.abs(skew) <= config.maxClockSkewMs,
-      outboxWritable: outbox.writable?.() ?? true,
-    };
-    // A stale CRL makes the gateway unready only when the policy refuses logins because of it.
-    const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
-    // A clock out of tolerance (learnt from every authority answer) misjudges certificate
-    // validity; an outbox that cannot store refuses every CSR: either makes it unready at once.
-    return { ready: checks.brokerListening && (checks.authorityLink || crlOk) && checks.clockInSync && checks.outboxWritable, checks };
-  };
-  // The Redis outbox answers asynchronously: the status reports the last count read.
-  let pendingQueue: number | null = 0;
-  const refreshPending = () => {
-    Promise.resolve(outbox.pendingCount()).then((n) => (pendingQueue = n), () => (pendingQueue = null));
-    return pendingQueue;
-  };
-  const moduleStatus = () => {
-    const certOf = (p: string) => (existsSync(p) ? new X509Certificate(readFileSync(p, 'utf8')).validTo : null);
-    return {
-      gatewayId: meta.gatewayId,
-      connections: { bootstrap: sessions.count('bootstrap'), operational: sessions.count('operational') },
-      pendingQueue: refreshPending(),
-      gatewayCertNotAfter: certOf(files.cert),
-      edgeCaNotAfter: certOf(edgeCaFiles(config.dataDir).cert),
-      authorityLink: events.connected,
-      crlNumber: revocations.crlNumber?.toString() ?? null,
-      crlStale: revocations.isStale(),
-      renewals: renewals.counts(),
-      rateLimits: limits.limits,
-    };
-  };
-  if (edgeModuleWanted(process.env, config.module?.connectionString)) {
-    try {
-      module = await startEdgeModule({
-        logger: log.child({ component: 'edge-module' }),
-        connectionString: config.module?.connectionString,
-        ca: config.module?.ca,
-        reportIntervalMs: config.module?.reportIntervalMs,
-        hooks: {
-          status: moduleStatus,
-          async renewNow() {
-            await identity.renewCertificate();
-            if (config.edgeCa) await identity.renewEdgeCa();
-            return moduleStatus();
-          },
-          revokeDevice: (deviceId, reason) => authority.post('/v1/gateways/revoke-device', { deviceId, reason }),
-          apply(settings) {
-            relay.defaultGroup = settings.policyGroup;
-            if (settings.rateLimits) limits.reconfigure(settings.rateLimits);
-          },
-        },
-      });
-    } catch (err) {
-      // The broker keeps serving devices without the module link; the module status says why.
-      log.error({ err: (err as Error).message }, 'IoT Edge module client did not start');
-    }
-  }
-  let ops: Awaited<ReturnType<typeof startOpsServer>>;
-  try {
-    ops = await startOpsServer({ host: config.http.host, port: config.http.port, metrics, readiness, logger: log });
-  } catch (err) {
-    events.stop();
-    revocations.stop();
-    worker.stop();
-    await running.close();
-    authority.close();
-    await outbox.close();
-    await cluster?.close();
-    throw err;
-  }
-  log.info({ port: running.port, httpPort: ops.port, authority: meta.authorityUrl }, 'gateway listening');
-
-  let closed = false;
   return {
-    gatewayId: meta.gatewayId,
-    port: running.port,
-    httpPort: ops.port,
-    broker: running,
-    sessions,
-    metrics,
-    revocations,
-    outbox,
-    cluster,
-    renewals,
-    gate,
-    rootPem,
-    readiness,
     identity,
-    module,
-    async close() {
-      if (closed) return;
-      closed = true;
+    close() {
       clearInterval(watch);
-      await module?.close().catch(() => undefined);
-      events.stop();
-      revocations.stop();
-      worker.stop();
       identity.stop();
-      await ops.app.close();
-      await cluster?.releaseBroker();
-      await running.close();
-      authority.close();
-      await outbox.close();
-      await cluster?.close();
     },
   };
+}
+
+/** The IoT Edge module link, when running as a module; a failure is logged, not fatal. */
+async function buildModule(s: Shared, bridge: Bridge, limits: Awaited<ReturnType<typeof buildBroker>>['limits'], identity: GatewayIdentity, status: () => unknown) {
+  const { config, log } = s;
+  if (!edgeModuleWanted(process.env, config.module?.connectionString)) return { module: undefined, close: () => undefined };
+  try {
+    const module = await startEdgeModule({
+      logger: log.child({ component: 'edge-module' }),
+      connectionString: config.module?.connectionString,
+      ca: config.module?.ca,
+      reportIntervalMs: config.module?.reportIntervalMs,
+      hooks: {
+        status: status as never,
+        async renewNow() {
+          await identity.renewCertificate();
+          if (config.edgeCa) await identity.renewEdgeCa();
+          return status() as never;
+        },
+        revokeDevice: (deviceId, reason) => bridge.authority.post('/v1/gateways/revoke-device', { deviceId, reason }),
+        apply(settings) {
+          bridge.relay.defaultGroup = settings.policyGroup;
+          if (settings.rateLimits) limits.reconfigure(settings.rateLimits);
+        },
+      },
+    });
+    return { module, close: () => module.close().catch(() => undefined) };
+  } catch (err) {
+    // The broker keeps serving devices without the module link; the module status says why.
+    log.error({ err: (err as Error).message }, 'IoT Edge module client did not start');
+    return { module: undefined, close: () => undefined };
+  }
+}
+
+/** /metrics, /healthz, /readyz. */
+async function buildOps(s: Shared, readiness: () => Readiness) {
+  const { config, log, metrics } = s;
+  await portAvailable('ops HTTP', config.http.host, config.http.port);
+  const ops = await startOpsServer({ host: config.http.host, port: config.http.port, metrics, readiness, logger: log });
+  return { port: ops.port, close: () => ops.app.close() };
+}
+
+/**
+ * Starts the gateway from its builders (identity files, bridge, broker, identity renewal,
+ * module, ops), each with its own close. Either everything starts, or what did is closed
+ * in reverse order and the error (one line naming the cause) is thrown.
+ */
+export async function startGateway(config: Readonly<GatewayConfig>, opts: { logger?: Logger; limiters?: LimiterFactory } = {}): Promise<RunningGateway> {
+  const logger = opts.logger ?? pino({ name: 'gateway', level: process.env.LEAFGATE_LOG_LEVEL ?? 'info' });
+  const id = readIdentity(config);
+  const log = logger.child({ gatewayId: id.meta.gatewayId });
+  const started = new Started(log);
+  const sessions = new SessionRegistry();
+  // Late-bound: the metrics collect from parts created below.
+  const parts: LateParts = {};
+  const metrics = new GatewayMetrics({
+    connections: (kind) => sessions.count(kind),
+    renewals: () => parts.renewals?.counts() ?? { due: 0, overdue: 0 },
+    gate: () => ({ active: parts.gate?.active ?? 0, queued: parts.gate?.queued ?? 0 }),
+    outbox: async () => {
+      const o = parts.outbox;
+      if (!o) return { count: 0, oldestCreatedAt: null, writable: true };
+      const b = o.backlog ? await o.backlog() : { count: await o.pendingCount(), oldestCreatedAt: null };
+      return { ...b, writable: o.writable?.() ?? true };
+    },
+    clockSkewMs: () => parts.authority?.clockSkewMs,
+  });
+  let broker: RunningBroker | undefined;
+  let module: RunningEdgeModule | undefined;
+  const publish = (deviceId: string, kind: DownKind, body: unknown) => {
+    broker?.aedes.publish({ cmd: 'publish', topic: downTopic(deviceId, kind), payload: Buffer.from(JSON.stringify(body)), qos: 1, retain: false, dup: false }, (err) => {
+      if (err) log.error({ err, deviceId, kind }, 'publish to device failed');
+    });
+  };
+  const shared: Shared = { config, id, log, sessions, metrics, publish };
+  try {
+    const bridge = await buildBridge(shared, parts);
+    started.add('bridge', bridge.close);
+    const { authority, cluster, outbox, gate, renewals, revocations, events, relay } = bridge;
+    const brokerPart = await buildBroker(shared, bridge, opts, () => module);
+    started.add('broker', brokerPart.close);
+    broker = brokerPart.broker;
+    const running = broker;
+    const limits = brokerPart.limits;
+    const identityPart = buildIdentity(shared, bridge, running);
+    started.add('identity', identityPart.close);
+    const identity = identityPart.identity;
+    bridge.start();
+    started.add('bridge loops', bridge.stop);
+
+    const readiness = (): Readiness => {
+      const skew = authority.clockSkewMs;
+      const checks = {
+        brokerListening: running.server.listening, authorityLink: events.connected, crlCached: revocations.warm, crlFresh: !revocations.isStale(),
+        clockInSync: skew === undefined || Math.abs(skew) <= config.maxClockSkewMs,
+        outboxWritable: outbox.writable?.() ?? true,
+      };
+      // A stale CRL makes the gateway unready only when the policy refuses logins because of it.
+      const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
+      // A clock out of tolerance (learnt from every authority answer) misjudges certificate
+      // validity; an outbox that cannot store refuses every CSR: either makes it unready at once.
+      return { ready: checks.brokerListening && (checks.authorityLink || crlOk) && checks.clockInSync && checks.outboxWritable, checks };
+    };
+    // The Redis outbox answers asynchronously: the status reports the last count read.
+    let pendingQueue: number | null = 0;
+    const refreshPending = () => {
+      Promise.resolve(outbox.pendingCount()).then((n) => (pendingQueue = n), () => (pendingQueue = null));
+      return pendingQueue;
+    };
+    const moduleStatus = () => {
+      const certOf = (p: string) => (existsSync(p) ? new X509Certificate(readFileSync(p, 'utf8')).validTo : null);
+      return {
+        gatewayId: id.meta.gatewayId,
+        connections: { bootstrap: sessions.count('bootstrap'), operational: sessions.count('operational') },
+        pendingQueue: refreshPending(),
+        gatewayCertNotAfter: certOf(id.files.cert),
+        edgeCaNotAfter: certOf(edgeCaFiles(config.dataDir).cert),
+        authorityLink: events.connected,
+        crlNumber: revocations.crlNumber?.toString() ?? null,
+        crlStale: revocations.isStale(),
+        renewals: renewals.counts(),
+        rateLimits: limits.limits,
+      };
+    };
+    const modulePart = await buildModule(shared, bridge, limits, identity, moduleStatus);
+    started.add('module', modulePart.close);
+    module = modulePart.module;
+    const ops = await buildOps(shared, readiness);
+    started.add('ops', ops.close);
+    log.info({ port: running.port, httpPort: ops.port, authority: id.meta.authorityUrl }, 'gateway listening');
+
+    let closed: Promise<void> | undefined;
+    return {
+      gatewayId: id.meta.gatewayId,
+      port: running.port,
+      httpPort: ops.port,
+      broker: running,
+      sessions,
+      metrics,
+      revocations,
+      outbox,
+      cluster,
+      renewals,
+      gate,
+      rootPem: id.rootPem,
+      readiness,
+      identity,
+      module,
+      close() {
+        closed ??= started.close();
+        return closed;
+      },
+    };
+  } catch (err) {
+    await started.close();
+    throw err;
+  }
 }

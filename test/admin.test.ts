@@ -121,4 +121,9 @@ test('the authority exposes Prometheus metrics: requests by outcome, renewals du
   assert.match(text, /leafgate_authority_revocations_total\{reason="keyCompromise"\} 1/);
   assert.match(text, /leafgate_authority_renewals_due\{state="due"\} 1/);
   assert.match(text, /leafgate_authority_crl_number 2/);
+  for (const ca of ['root', 'device-ca', 'infra-ca', 'edge-issuer']) {
+    const m = new RegExp(`^leafgate_authority_ca_expiry_timestamp_seconds\\{ca="${ca}"\\} (\\d+)`, 'm').exec(text);
+    assert.ok(m && Number(m[1]) > Date.now() / 1000, `expiry of ${ca}`);
+  }
+  assert.match(text, /^process_cpu_user_seconds_total /m, 'standard process metric names');
 });

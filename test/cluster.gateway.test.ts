@@ -279,10 +279,10 @@ test('a CRL planted in Redis that the device CA did not sign is refused; garbage
 });
 
 test('gateway config: a Redis URL of another scheme or a hostile key prefix is refused at start', () => {
-  assert.throws(() => resolveGatewayConfig({ redis: { url: 'ftp://127.0.0.1:6379' } }, {}), /redis url must start with redis:\/\/ or rediss:\/\//);
-  assert.throws(() => resolveGatewayConfig({ redis: { url: 'not a url' } }, {}), /redis url is not a URL/);
-  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'a b*' } }, {}), /keyPrefix must be/);
-  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'x'.repeat(65) } }, {}), /keyPrefix must be/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: 'ftp://127.0.0.1:6379' } }, {}), /redis\.url \(env LEAFGATE_REDIS_URL\): must be a redis:\/\/ or rediss:\/\/ URL/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: 'not a url' } }, {}), /redis\.url .*must be a redis:\/\/ or rediss:\/\/ URL/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'a b*' } }, {}), /redis\.keyPrefix .*must be 1-64 characters/);
+  assert.throws(() => resolveGatewayConfig({ redis: { url: REDIS_URL, keyPrefix: 'x'.repeat(65) } }, {}), /redis\.keyPrefix .*must be 1-64 characters/);
   assert.deepEqual(resolveGatewayConfig({}, { LEAFGATE_REDIS_URL: REDIS_URL }).redis, { url: REDIS_URL, keyPrefix: 'leafgate:', startTimeoutMs: 10_000 });
   assert.equal(resolveGatewayConfig({}, {}).redis, undefined, 'embedded by default');
 });

@@ -4,6 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { Writable } from 'node:stream';
+import pino from 'pino';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { upTopic } from '../protocol/index.ts';
@@ -46,7 +48,12 @@ test('/readyz answers 503 when the authority is unreachable and no CRL is cached
   await stack.gateway.close();
   await stack.authority.close();
   rmSync(join(stack.dir, 'gateway', 'device-ca.crl'), { force: true });
-  restarted = await startGateway(resolveGatewayConfig({ dataDir: join(stack.dir, 'gateway'), listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }, {}), { logger });
+  const lines: string[] = [];
+  const captured = pino({ level: 'info' }, new Writable({ write(chunk, _enc, done) { lines.push(...String(chunk).split('\n').filter(Boolean)); done(); } }));
+  restarted = await startGateway(resolveGatewayConfig({ dataDir: join(stack.dir, 'gateway'), listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }, {}), { logger: captured });
+  const before = lines.length;
+  for (const path of ['/metrics', '/healthz', '/readyz']) await httpGet(opsUrl(restarted.httpPort, path));
+  assert.deepEqual(lines.slice(before).filter((l) => /"url":"\/(metrics|healthz|readyz)"|incoming request|request completed/.test(l)), [], 'scrapes and probes log nothing');
   const ready = await httpGet(opsUrl(restarted.httpPort, '/readyz'));
   assert.equal(ready.status, 503);
   assert.deepEqual(JSON.parse(ready.body), { status: 'not_ready', checks: { brokerListening: true, authorityLink: false, crlCached: false, crlFresh: false, clockInSync: true, outboxWritable: true } });
@@ -92,9 +99,15 @@ test('/metrics: connections by kind, onboardings, refusals by reason, onboarding
   }
   assert.equal(metricValue(text, 'leafgate_gateway_authority_link_up'), stack.gateway.readiness().checks.authorityLink ? 1 : 0);
   assert.ok((metricValue(text, 'leafgate_gateway_crl_number') ?? 0) >= 1);
-  assert.ok((metricValue(text, 'leafgate_gateway_crl_next_update_seconds') ?? 0) > Date.now() / 1000);
-  // Default process metrics carry the gateway prefix.
-  assert.match(text, /^leafgate_gateway_process_cpu_user_seconds_total /m);
+  assert.ok((metricValue(text, 'leafgate_gateway_crl_next_update_timestamp_seconds') ?? 0) > Date.now() / 1000);
+  // Expiry of the gateway certificate and of the device CA it trusts (unix seconds, in the future).
+  for (const certificate of ['gateway', 'device_ca']) {
+    assert.ok((metricValue(text, 'leafgate_gateway_certificate_expiry_timestamp_seconds', { certificate }) ?? 0) > Date.now() / 1000, certificate);
+  }
+  // Default process metrics under their standard names (stock dashboards), no prefix.
+  assert.match(text, /^process_cpu_user_seconds_total /m);
+  assert.match(text, /^nodejs_heap_size_used_bytes /m);
+  assert.doesNotMatch(text, /^leafgate_gateway_process_/m);
 
   // The gauge follows the connections.
   await client.endAsync();

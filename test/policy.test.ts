@@ -5,7 +5,8 @@
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
 import { test } from 'node:test';
-import { buildInstruction, checkCsrAgainstInstruction, chooseKey, DEFAULT_POLICY, matchesPattern, mergePolicy, validatePolicy, type DevicePolicy } from '../authority/policy/index.ts';
+import { buildInstruction, checkCsrAgainstInstruction, chooseKey, DEFAULT_POLICY, matchesPattern, mergePolicy, validatePolicy, validatePolicyOverride, type DevicePolicy } from '../authority/policy/index.ts';
+import { ConfigError } from '../config-schema/index.ts';
 import { LeafgateError } from '../protocol/errors.ts';
 import type { InstructionMessage, KeySpec } from '../protocol/messages.ts';
 import * as der from '../protocol/pkix/der.ts';
@@ -224,8 +225,7 @@ test('matchesPattern: * is the only special character', () => {
 function invalid(override: Partial<DevicePolicy>, message: RegExp): void {
   const p = mergePolicy(DEFAULT_POLICY, override);
   assert.throws(() => validatePolicy('lab', p), (err: unknown) => {
-    assert.ok(err instanceof LeafgateError, `expected LeafgateError, got ${String(err)}`);
-    assert.equal(err.code, 'internal');
+    assert.ok(err instanceof ConfigError, `expected ConfigError (exit code 2, not a wire code), got ${String(err)}`);
     assert.match(err.message, /^policy lab: /);
     assert.match(err.message, message);
     return true;
@@ -293,4 +293,23 @@ test('mergePolicy copies instead of sharing the base', () => {
   assert.deepEqual(DEFAULT_POLICY.sans, { dns: [], uri: [] });
   const partial = mergePolicy(DEFAULT_POLICY, { ddkg: { enrollment: 'auto-approve' } as DevicePolicy['ddkg'] });
   assert.deepEqual(partial.ddkg, { enrollment: 'auto-approve', allowList: [] });
+});
+
+test('validatePolicyOverride: unknown keys, wrong types and ranges in a config file are named with what they expect', () => {
+  const refused = (override: unknown, message: RegExp) =>
+    assert.throws(() => validatePolicyOverride('lab', override), (err: unknown) => {
+      assert.ok(err instanceof ConfigError);
+      assert.match(err.message, /^policy lab: /);
+      assert.match(err.message, message);
+      return true;
+    });
+  refused({ validityDay: 30 }, /validityDay: unknown key \(did you mean validityDays\?\)/);
+  refused({ validityDays: 'ten' }, /validityDays: must be integer \(got "ten"\)/);
+  refused({ keys: [{ keyType: 'rsa', keySize: 1024 }] }, /keys\.0\.keySize: must be one of 256, 384, 2048, 3072, 4096 \(got 1024\)/);
+  refused({ renewal: { requireDeviceProof: 'yes' } }, /renewal\.requireDeviceProof: must be boolean/);
+  refused({ renewal: { proofWindowSeconds: 0 } }, /renewal\.proofWindowSeconds: must be >= 1/);
+  refused({ rsaPublicExponents: [3] }, /rsaPublicExponents\.0: must be >= 65537/);
+  refused({ ddkg: { enrollment: 'anyone' } }, /ddkg\.enrollment: must be one of/);
+  refused({ cnTemplate: 'fixed' }, /cnTemplate: must be a template containing \{deviceId\}/);
+  assert.doesNotThrow(() => validatePolicyOverride('lab', { methods: ['ddkg'], rsaPublicExponents: [65537], renewal: { requireDeviceProof: false, proofWindowSeconds: 60, clockSkewSeconds: 0 }, manufacturerCAFiles: ['ca.pem'] }));
 });

@@ -502,5 +502,5 @@ test('[sqlite] durable commits: answered after the WAL fsync, kept across a reop
     assert.ok(await again.getRequest('dev-d', 'last'));
     await again.close();
   }
-  assert.throws(() => resolveAuthorityConfig({ caPassphrase: 'x'.repeat(16), databaseFsync: 'no' as unknown as boolean }, {}), /databaseFsync must be true or false/);
+  assert.throws(() => resolveAuthorityConfig({ caPassphrase: 'x'.repeat(16), databaseFsync: 'no' as unknown as boolean }, {}), /databaseFsync: must be boolean \(got "no"\)/);
 });

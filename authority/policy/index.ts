@@ -4,6 +4,7 @@
  * exactly that instruction before anything is signed.
  */
 import { LeafgateError, pkix, type AuthMethod, type InstructionMessage, type KeySpec } from '../../protocol/index.ts';
+import { ConfigError, checkConfig, type Schema } from '../../config-schema/index.ts';
 
 export interface DevicePolicy {
   /** Auth methods a device of this group may use. */
@@ -72,10 +73,68 @@ export const DEFAULT_POLICY: DevicePolicy = {
 
 const ALLOWED_KEYS = new Set(['ec-256', 'ec-384', 'rsa-2048', 'rsa-3072', 'rsa-4096']);
 
+const strings = (description: string, def: string[]): Schema => ({ type: 'array', items: { type: 'string', minLength: 1 }, default: def, description });
+
+/**
+ * What a policy override in the authority config may hold (every key optional, unknown keys
+ * refused). The range checks that need the merged policy are in validatePolicy.
+ */
+export const POLICY_OVERRIDE_SCHEMA: Schema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    methods: { type: 'array', minItems: 1, items: { enum: ['pki-signature', 'ddkg'] }, default: DEFAULT_POLICY.methods, description: 'Auth methods a device of this group may use.' },
+    cnTemplate: { type: 'string', pattern: '\\{deviceId\\}', expected: 'a template containing {deviceId}', default: DEFAULT_POLICY.cnTemplate, description: 'Subject CN; {deviceId} and {group} are replaced.' },
+    keys: {
+      type: 'array', minItems: 1, default: DEFAULT_POLICY.keys, description: 'Allowed keys (EC P-256/P-384, RSA 2048/3072/4096); the first is used when the device states no preference.',
+      items: { type: 'object', additionalProperties: false, required: ['keyType', 'keySize'], properties: { keyType: { enum: ['ec', 'rsa'] }, keySize: { enum: [256, 384, 2048, 3072, 4096] } } },
+    },
+    rsaPublicExponents: {
+      type: 'array', minItems: 1, items: { type: 'integer', minimum: 65537, not: { multipleOf: 2 } }, default: [65537],
+      description: 'RSA public exponents accepted in device CSRs (odd, >= 65537).',
+    },
+    sans: {
+      type: 'object', additionalProperties: false,
+      properties: { dns: strings('DNS SAN templates put in the instruction; the CSR may carry these and nothing else.', []), uri: strings('URI SAN templates, likewise.', []) },
+    },
+    validityDays: { type: 'integer', minimum: 1, maximum: 3650, default: DEFAULT_POLICY.validityDays, description: 'Lifetime of a device certificate (days).' },
+    renewAfterFraction: { type: 'number', exclusiveMinimum: 0, exclusiveMaximum: 1, default: DEFAULT_POLICY.renewAfterFraction, description: 'Renewal opens when this fraction of the lifetime has passed.' },
+    maxActiveCerts: { type: 'integer', minimum: 1, default: DEFAULT_POLICY.maxActiveCerts, description: 'Active (unexpired, unrevoked) certificates a device may hold at once.' },
+    pkiSignature: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        manufacturerCAs: strings('Manufacturer CA certificates (PEM) that birth certificates must chain to.', []),
+        deviceIdFrom: { enum: ['CN', 'serialNumber'], default: 'CN', description: 'Which birth-certificate subject attribute must equal the device id.' },
+      },
+    },
+    ddkg: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        enrollment: { enum: ['allow-list', 'one-time-code', 'auto-approve'], default: 'allow-list', description: 'How a first ddkg enrollment is approved.' },
+        allowList: strings('Device id patterns (* matches any run of characters).', []),
+      },
+    },
+    renewal: {
+      type: 'object', additionalProperties: false,
+      properties: {
+        requireDeviceProof: { type: 'boolean', default: true, description: 'A renewal CSR must carry a proof signed by the current key (false: accepted from the device\'s own gateway alone, audited so).' },
+        proofWindowSeconds: { type: 'integer', minimum: 1, maximum: 86_400, default: 600, description: 'A proof\'s signedAt may differ from the authority clock by this much ...' },
+        clockSkewSeconds: { type: 'integer', minimum: 0, maximum: 3_600, default: 300, description: '... plus this clock-skew tolerance.' },
+      },
+    },
+    manufacturerCAFiles: strings('Files of manufacturer CA certificates, added to pkiSignature.manufacturerCAs.', []),
+  },
+};
+
+/** Checks an override from a config file (types, ranges, unknown keys) before it is merged. */
+export function validatePolicyOverride(name: string, override: unknown): void {
+  checkConfig(POLICY_OVERRIDE_SCHEMA, override, `policy ${name}`);
+}
+
 /** Refuses a policy that would allow weak keys or nonsense values, at start-up. */
 export function validatePolicy(name: string, p: DevicePolicy): void {
-  const fail = (m: string) => {
-    throw new LeafgateError('internal', `policy ${name}: ${m}`);
+  const fail = (m: string): never => {
+    throw new ConfigError(`policy ${name}`, [m]);
   };
   if (!p.methods.length) fail('methods is empty');
   for (const m of p.methods) if (m !== 'pki-signature' && m !== 'ddkg') fail(`unknown method ${m}`);
