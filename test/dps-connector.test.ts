@@ -103,13 +103,13 @@ test('the DPS stand-in answers as DPS: 409 for a write over an existing enrollme
 
 test('Azure config is validated with the key named', () => {
   const base = { dataDir: '/tmp/x' };
-  assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', authentication: 'x509' as never } }, {}), /iotHub\.authentication: "x509" is not one of selfSigned, certificateAuthority/);
+  assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', authentication: 'x509' as never } }, {}), /iotHub\.authentication: must be one of "selfSigned", "certificateAuthority" \(got "x509"\)/);
   assert.throws(() => resolveAuthorityConfig({ ...base, dps: { connectionString: 'HostName=d', mode: 'groups' as never } }, {}), /dps\.mode/);
   assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', registryOperationsPerMinute: 0 } }, {}), /iotHub\.registryOperationsPerMinute/);
   assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', units: 1.5 } }, {}), /iotHub\.units/);
   assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', tier: 'S9' as never } }, {}), /iotHub\.tier/);
   assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', sync: { maxAttempts: -1 } } }, {}), /iotHub\.sync\.maxAttempts/);
-  assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', authentification: 'selfSigned' } as never }, {}), /iotHub\.authentification: unknown key/);
+  assert.throws(() => resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', authentification: 'selfSigned' } as never }, {}), /iotHub\.authentification: unknown key \(did you mean authentication\?\)/);
   const ok = resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', units: 2 }, dps: { connectionString: 'HostName=d' } }, {});
   assert.equal(ok.iotHub!.registryOperationsPerMinute, 200, 'S1: 100/min/unit');
   assert.equal(resolveAuthorityConfig({ ...base, iotHub: { connectionString: 'HostName=h', tier: 'S3' } }, {}).iotHub!.registryOperationsPerMinute, 5000);
