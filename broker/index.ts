@@ -8,6 +8,9 @@ import { constants } from 'node:crypto';
 import { once } from 'node:events';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
+import { answerRepeatedFilters, installPacketGate, prepareRepeatedFilters, protocolViolation, type PacketGate } from './packet-gate.ts';
+
+export { assertPacketGateFits, protocolViolation, type GatePacket, type PacketGate } from './packet-gate.ts';
 
 export interface BrokerTls {
   key: string;
@@ -34,6 +37,11 @@ export interface BrokerOptions {
   backlog?: number;
   /** Raw TCP admission, before any TLS work (e.g. per-address rate limit). */
   acceptConnection?: (remoteAddress: string) => boolean | Promise<boolean>;
+  /**
+   * Per-packet budgets (every packet type but PUBLISH, whose budget is a publish hook):
+   * false drops the packet before aedes handles it. Runs after the conformance checks.
+   */
+  packetBudget?: PacketGate;
   /** aedes: packets queued per client before its CONNECT is processed. */
   queueLimit?: number;
   /** aedes: inbound QoS 2 messages awaiting PUBREL per client. */
@@ -167,11 +175,26 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
       });
     });
   }
+  const budget = opts.packetBudget;
+  const gate: PacketGate = (client, packet) => {
+    const violation = protocolViolation(packet);
+    if (violation !== null) {
+      // One line per connection at most: the connection ends here.
+      opts.logger.info({ clientId: client.id, remote: (client.conn as { remoteAddress?: string } | undefined)?.remoteAddress, reason: violation }, 'protocol violation; connection closed');
+      client.conn.destroy();
+      return false;
+    }
+    if (budget !== undefined && !budget(client, packet)) return false;
+    if (packet.cmd === 'subscribe') prepareRepeatedFilters(packet);
+    return true;
+  };
+  answerRepeatedFilters(aedes);
   server.on('secureConnection', (socket) => {
     // MQTT is request/answer with small packets: Nagle + delayed ACK would add ~40 ms per hop.
     socket.setNoDelay(true);
     const client = aedes.handle(socket);
     fitParser(client, maxPacket);
+    installPacketGate(client, gate);
   });
   server.on('tlsClientError', (err, socket) => {
     opts.logger.debug({ err: err.message, remote: socket.remoteAddress }, 'TLS handshake failed');

@@ -39,6 +39,11 @@ export interface RelayOptions {
   onOutcome?(event: { deviceId: string; step: string; ok: boolean; code?: string; ms: number }): void;
 }
 
+/** An operational session, or a bootstrap one that authenticated on its connection. */
+export function mayReceiveStored(session: DeviceSession): boolean {
+  return session.kind === 'operational' || session.authenticated;
+}
+
 /** Cap on challenges remembered per connection: a device re-registering in a loop cannot grow it. */
 const MAX_CHALLENGES_PER_SESSION = 8;
 /**
@@ -137,11 +142,17 @@ export class OnboardingRelay {
   }
 
   /**
-   * Answers not yet known to have arrived, sent when the device subscribes. A device that
-   * connects with a certificate has everything up to it; it still gets a renewal answer if
-   * it is using the very certificate that renewal replaces.
+   * Answers not yet known to have arrived, sent when the device subscribes, and to a
+   * bootstrap session once it has authenticated. A device that connects with a certificate
+   * has everything up to it; it still gets a renewal answer if it is using the very
+   * certificate that renewal replaces.
+   *
+   * Only to a session that proved it is the device: an operational one (its certificate),
+   * or a bootstrap one that answered the authority's challenge on this connection. A bare
+   * bootstrap claim of the id gets nothing: anyone can claim an offline device's id.
    */
   async deliverStored(session: DeviceSession): Promise<void> {
+    if (!mayReceiveStored(session)) return;
     try {
       for (const entry of await this.opts.outbox.undelivered(session.deviceId)) {
         const stillOnOld = entry.kind === 'renew' && entry.body.currentSerial === session.certSerial;
@@ -182,8 +193,11 @@ export class OnboardingRelay {
           (retryAfterMs) => this.opts.publish(deviceId, 'pending', { requestId: msg.requestId, retryAfterMs }),
         );
         // The id stays known: a repeat of this answer reaches the authority, which says `replayed`.
+        const first = !session.authenticated;
         session.authenticated = true;
         this.opts.publish(deviceId, 'instruction', instruction);
+        // Now proven: what was stored for the device (e.g. a certificate it missed) goes out.
+        if (first) void this.deliverStored(session);
       }
       this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started });
     } catch (err) {

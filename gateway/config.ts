@@ -126,7 +126,12 @@ export const GATEWAY_CONFIG_SCHEMA: Schema = {
         onboardingsPerDevice: limit('Onboardings per device', DEFAULT_RATE_LIMITS.onboardingsPerDevice),
         csrsPerDevice: limit('CSRs per device', DEFAULT_RATE_LIMITS.csrsPerDevice),
         concurrentOnboardings: int('Onboardings in progress at once on this gateway.', 1, DEFAULT_RATE_LIMITS.concurrentOnboardings),
-        abuseDisconnectAfter: int('Rate-limited publishes after which the client is disconnected.', 1, DEFAULT_RATE_LIMITS.abuseDisconnectAfter),
+        subscribesPerClient: limit('SUBSCRIBE filters per connection', DEFAULT_RATE_LIMITS.subscribesPerClient),
+        unsubscribesPerClient: limit('UNSUBSCRIBE filters per connection', DEFAULT_RATE_LIMITS.unsubscribesPerClient),
+        pingsPerClient: limit('PINGREQs per connection', DEFAULT_RATE_LIMITS.pingsPerClient),
+        acksPerClient: limit('PUBACK/PUBREC/PUBREL/PUBCOMP per connection', DEFAULT_RATE_LIMITS.acksPerClient),
+        abuseDisconnectAfter: int('Rate-limited packets within abuseWindowSeconds after which the client is disconnected.', 1, DEFAULT_RATE_LIMITS.abuseDisconnectAfter),
+        abuseWindowSeconds: int('Window over which rate-limit strikes count (seconds): an admitted packet does not reset them.', 1, DEFAULT_RATE_LIMITS.abuseWindowSeconds),
       },
     },
     redis: {

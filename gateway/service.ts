@@ -12,7 +12,7 @@ import pino, { type Logger } from 'pino';
 import { downTopic, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
-import { SessionRegistry, type DeviceSession, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
+import { RefusalSampler, SessionRegistry, type DeviceSession, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
@@ -284,7 +284,31 @@ type Bridge = Awaited<ReturnType<typeof buildBridge>>;
 async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: LimiterFactory }, module: () => RunningEdgeModule | undefined) {
   const { config, id, log, sessions, metrics, publish } = s;
   const { cluster, relay, revocations } = bridge;
-  const limits = rateLimitPlugin({ sessions, limits: config.rateLimits, factory: opts.limiters ?? cluster?.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) } });
+  // Refusals are logged sampled and answered on down/error at a bounded rate, per connection:
+  // a flood of refused packets must not become a flood of log lines and answers.
+  const refusals = new RefusalSampler();
+  const reportRefusal = (client: import('aedes').Client, code: import('../protocol/index.ts').ErrorCode, message: string, extra: { topic?: string; requestId?: string; retryAfterMs?: number }) => {
+    const session = sessions.get(client);
+    const v = refusals.note(client);
+    if (v.log) log.info({ deviceId: session?.deviceId, ...(extra.topic !== undefined ? { topic: extra.topic.slice(0, 200) } : {}), code, ...(v.suppressed ? { suppressed: v.suppressed } : {}) }, message);
+    if (session && v.answer) {
+      publish(session.deviceId, 'error', {
+        code, message,
+        ...(extra.requestId !== undefined ? { requestId: extra.requestId } : {}),
+        ...(extra.retryAfterMs !== undefined ? { retryAfterMs: extra.retryAfterMs } : {}),
+      });
+    }
+  };
+  const limits = rateLimitPlugin({
+    sessions, limits: config.rateLimits, factory: opts.limiters ?? cluster?.limiters, observer: { limited: (limit) => metrics.rateLimited.inc({ limit }) },
+    onPacketLimited(client, limit, retryAfterMs) {
+      metrics.refused.inc({ reason: 'rate_limited' });
+      reportRefusal(client, 'rate_limited', `rate limit ${limit} reached; packet dropped`, { retryAfterMs });
+    },
+    onAbuse(client, limit, strikes) {
+      log.info({ deviceId: sessions.get(client)?.deviceId, remote: (client.conn as { remoteAddress?: string } | undefined)?.remoteAddress, limit, strikes }, 'client ignored its rate limits; disconnected');
+    },
+  });
   const hooks = composePlugins(
     [
       authenticationPlugin({
@@ -306,16 +330,8 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
         subscribeRefused: () => metrics.refused.inc({ reason: 'subscribe' }),
       },
       onPublishRefused(client, packet, refusal) {
-        const session = sessions.get(client);
         metrics.refused.inc({ reason: refusal.code });
-        log.info({ deviceId: session?.deviceId, topic: packet.topic.slice(0, 200), code: refusal.code }, refusal.message);
-        if (session) {
-          publish(session.deviceId, 'error', {
-            code: refusal.code, message: refusal.message,
-            ...(refusal.requestId !== undefined ? { requestId: refusal.requestId } : {}),
-            ...(refusal.retryAfterMs !== undefined ? { retryAfterMs: refusal.retryAfterMs } : {}),
-          });
-        }
+        reportRefusal(client, refusal.code, refusal.message, { topic: packet.topic, requestId: refusal.requestId, retryAfterMs: refusal.retryAfterMs });
       },
       onPublished(client, packet) {
         const session = sessions.get(client);
@@ -343,6 +359,7 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
     sessionTickets: config.tlsSessionTickets,
     maxConnections: config.maxConnections,
     acceptConnection: (address) => limits.acceptConnection(address),
+    packetBudget: (client, packet) => limits.packetBudget(client, packet),
     cluster: cluster?.brokerOptions(),
   });
   if (cluster) {
@@ -353,11 +370,15 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
     });
     broker.aedes.on('clientDisconnect', (client) => c.absent(client.id));
   }
-  // A device (re)subscribing to its answers gets what was stored for it, and a renewal
-  // request if its certificate is due.
+  // A device subscribing to its answers gets what was stored for it (if it proved it is the
+  // device: see relay.deliverStored), and a renewal request if its certificate is due. Once
+  // per connection: a SUBSCRIBE costs an outbox read, and a client repeating it must not
+  // repeat that work.
+  const subscribedOnce = new WeakSet<import('aedes').Client>();
   broker.aedes.on('subscribe', (_subs, client) => {
     const session = client ? sessions.get(client) : undefined;
-    if (!session) return;
+    if (!session || subscribedOnce.has(client)) return;
+    subscribedOnce.add(client);
     void relay.deliverStored(session);
     bridge.askToRenew(client, session);
   });

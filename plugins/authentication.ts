@@ -90,6 +90,10 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
 
       // A bootstrap claim must never take over a device that is connected with its certificate.
       if (holder?.session.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device');
+      // Nor one that proved it is the device (answered the authority's challenge on its
+      // connection): a bare claim is less than that proof. A session that has not proven
+      // anything yet may be taken over -- it may be the device itself coming back.
+      if (holder?.session.authenticated) throw new ConnectRefusal(2, 'client id is held by a session that has authenticated');
       if (holder || !opts.remoteHolder) return opts.sessions.bind(client, { ...base, kind: 'bootstrap' });
       return opts.remoteHolder(deviceId).then((remote) => {
         if (remote?.kind === 'operational') throw new ConnectRefusal(2, 'client id is held by a certified device on another gateway');

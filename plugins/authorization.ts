@@ -2,7 +2,7 @@
  * Authorization: the topic ACL of DESIGN.md as one rule. A device publishes only under
  * `lg/v1/{id}/up/` and subscribes only under `lg/v1/{id}/down/`; bootstrap sessions only
  * to the onboarding kinds. Nothing else: no other device, no wildcards across devices,
- * no `$SYS`, no retained onboarding messages, no wills outside the device's own telemetry.
+ * no `$SYS`, no retained messages at all, no wills outside the device's own telemetry.
  */
 import { BOOTSTRAP_UP_KINDS, DOWN_KINDS, TOPIC_ROOT, parseTopic, type ParsedTopic, type UpKind } from '../protocol/index.ts';
 import type { DeviceSession, SessionRegistry } from './sessions.ts';
@@ -47,6 +47,8 @@ export function authorizationPlugin(opts: { sessions: SessionRegistry }): Broker
         if (session.kind !== 'operational' || !t || t.deviceId !== session.deviceId || t.direction !== 'up' || t.kind !== 'telemetry') {
           throw new ConnectRefusal(5, 'a will may only target the device\'s own telemetry');
         }
+        // Published by aedes after the client is gone: never retained either (see authorizePublish).
+        info.will.retain = false;
       }
     },
 
@@ -61,8 +63,10 @@ export function authorizationPlugin(opts: { sessions: SessionRegistry }): Broker
         m.aclSession = session;
       }
       if (m.denial !== null) throw new PublishRefusal('forbidden', m.denial);
-      // Onboarding requests are commands, not state: never retained.
-      if (m.parsed!.kind !== 'telemetry') packet.retain = false;
+      // Nothing a device sends is retained: onboarding requests are commands, and nobody
+      // may read up/ telemetry back from the broker (the ACL), so a retained copy would only
+      // hold memory (one message per topic, for good). Dropped here, before aedes stores it.
+      packet.retain = false;
     },
 
     authorizeSubscribe(client, sub) {

@@ -1,17 +1,27 @@
 /**
- * What the rate-limit plugin keeps per connection: the publish budget (a token bucket,
- * checked on every publish) and the strikes (limited publishes the client ignored). One
- * object per connection, found by a WeakMap lookup -- skipped when the hooks of one publish
- * ask for the same client in turn.
+ * What the rate-limit plugin keeps per connection: one token bucket per packet class
+ * (publish, checked on every publish; subscribe, unsubscribe, ping, ack -- made on the
+ * first such packet) and the strikes (limited packets the client ignored), counted over a
+ * fixed window: a client that mixes admitted packets in its flood is not forgiven by them.
+ * One object per connection, found by a WeakMap lookup -- skipped when the hooks of one
+ * publish ask for the same client in turn.
  */
 import { performance } from 'node:perf_hooks';
 import { TokenBucket } from './token-bucket.ts';
+
+/** Packet classes with a budget besides PUBLISH. */
+export type PacketClass = 'subscribe' | 'unsubscribe' | 'ping' | 'ack';
 
 interface ConnectionState {
   bucket: TokenBucket | undefined;
   /** What the bucket was sized from; another object (new limits) restarts it. */
   sizedBy: object | undefined;
+  /** The other classes' buckets, made when first needed; restarted like `bucket`. */
+  others: Partial<Record<PacketClass, TokenBucket>> | undefined;
+  othersSizedBy: object | undefined;
   strikes: number;
+  /** Start of the current strike window (monotonic ms). */
+  strikesSince: number;
 }
 
 let clock = -1;
@@ -42,7 +52,7 @@ export class ConnectionLimits {
     if (client === this.lastClient) return this.lastState!;
     let s = this.states.get(client);
     if (s === undefined) {
-      s = { bucket: undefined, sizedBy: undefined, strikes: 0 };
+      s = { bucket: undefined, sizedBy: undefined, others: undefined, othersSizedBy: undefined, strikes: 0, strikesSince: 0 };
       this.states.set(client, s);
     }
     this.lastClient = client;
@@ -65,14 +75,37 @@ export class ConnectionLimits {
     return s.bucket!.take(now);
   }
 
-  /** One more ignored limit; returns how many in a row. */
-  strike(client: object): number {
-    return ++this.state(client).strikes;
+  /**
+   * `cost` packets of class `kind` against the connection's budget for it: 0 when allowed,
+   * else the milliseconds until they would be (the tokens there were are spent).
+   */
+  take(client: object, kind: PacketClass, limit: { points: number; durationSeconds: number }, sizedBy: object, cost = 1): number {
+    const s = this.state(client);
+    const now = runClock();
+    if (s.othersSizedBy !== sizedBy || s.others === undefined) {
+      s.others = {};
+      s.othersSizedBy = sizedBy;
+    }
+    const bucket = (s.others[kind] ??= new TokenBucket(limit, now));
+    for (let i = 0; i < cost; i++) {
+      const wait = bucket.take(now);
+      if (wait !== 0) return wait;
+    }
+    return 0;
   }
 
-  /** An admitted publish: the client backed off. */
-  forgive(client: object): void {
-    const s = client === this.lastClient ? this.lastState : this.states.get(client);
-    if (s !== undefined && s.strikes !== 0) s.strikes = 0;
+  /**
+   * One more ignored limit; returns how many in the current window of `windowMs` (a fixed
+   * window starting at the first strike after the previous one ended). Admitted packets in
+   * between do not reset it.
+   */
+  strike(client: object, windowMs: number): number {
+    const s = this.state(client);
+    const now = runClock();
+    if (s.strikes === 0 || now - s.strikesSince >= windowMs) {
+      s.strikes = 0;
+      s.strikesSince = now;
+    }
+    return ++s.strikes;
   }
 }

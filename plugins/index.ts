@@ -8,3 +8,4 @@ export { composePlugins, DROPPED_TOPIC, type ComposeOptions } from './compose.ts
 export { rateLimitPlugin, memoryLimiters, DEFAULT_RATE_LIMITS, type RateLimitConfig, type RateLimitPlugin, type Limit, type LimiterFactory, type RateLimitObserver } from './rate-limit.ts';
 export { parsedTopicOf, topicMemo, type TopicMemo } from './topic-memo.ts';
 export { TokenBucket } from './token-bucket.ts';
+export { RefusalSampler, DEFAULT_REFUSAL_LOG, type RefusalLogLimits, type RefusalVerdict } from './refusal-log.ts';

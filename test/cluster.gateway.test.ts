@@ -59,6 +59,8 @@ test('a device that sent its CSR through gateway A and reconnects to gateway B g
   // Back on B (a different process in production), with the authority up again.
   const back = await bootstrap(t, onB, id);
   await stack.startAuthorityAgain();
+  // Stored answers go only to a session that proved it is the device.
+  await authenticate(back, stack.credential(id, 'pki-signature'));
   const cert = await back.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
   const rows = await stack.authority.store.listCertificates({ subjectId: id });
   assert.deepEqual(rows.map((r) => r.serial), [cert.serial], 'exactly one certificate');

@@ -144,7 +144,7 @@ test('refused publishes are answered with down/error forbidden, dropped, and the
   assert.equal(identity.deviceId, 'dev-pub');
 });
 
-test('a retained publish on up/register is not retained; retained telemetry is', async (t) => {
+test('nothing a device publishes is retained: neither up/register nor telemetry (the broker\'s own retained messages are)', async (t) => {
   const stack = await startStack(t);
   const boot = await BootstrapSession.open(stack, 'pki-ret');
   t.after(() => boot.close());
@@ -156,13 +156,16 @@ test('a retained publish on up/register is not retained; retained telemetry is',
   await challenge; // the request itself was served
   assert.deepEqual(await retainedTopics(stack), [], 'nothing retained from a bootstrap session');
 
-  // Positive control: the persistence does keep retained messages where the ACL allows them.
   const identity = await boot.onboard();
   const op = await connectOk(stack, operationalOptions(identity));
   t.after(() => closeQuietly(op));
   await op.publishAsync(upTopic('pki-ret', 'csr'), '{}', { qos: 1, retain: true });
   await op.publishAsync(upTopic('pki-ret', 'telemetry', 'state'), '{"t":1}', { qos: 1, retain: true });
-  assert.deepEqual(await retainedTopics(stack), [upTopic('pki-ret', 'telemetry', 'state')]);
+  assert.deepEqual(await retainedTopics(stack), [], 'nothing retained from an operational session either');
+
+  // Positive control: the persistence does keep a retained message (one the broker publishes itself).
+  await new Promise<void>((resolve, reject) => stack.gateway.broker.aedes.publish({ cmd: 'publish', topic: 'lg/v1/pki-ret/down/control', payload: Buffer.from('x'), qos: 0, retain: true, dup: false }, (err) => (err ? reject(err) : resolve())));
+  assert.deepEqual(await retainedTopics(stack), ['lg/v1/pki-ret/down/control']);
 });
 
 test('down/ traffic of one device never reaches another (ACL and authorizeForward)', async (t) => {
