@@ -8,7 +8,7 @@ import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { downTopic, LeafgateError, type DownKind } from '../protocol/index.ts';
+import { downTopic, LeafgateError, refusalKindFor, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { SessionRegistry, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
@@ -224,7 +224,9 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         metrics.refused.inc({ reason: refusal.code });
         log.info({ deviceId: session?.deviceId, topic: packet.topic.slice(0, 200), code: refusal.code }, refusal.message);
         if (session) {
-          publish(session.deviceId, 'error', {
+          // A refused up/begin or up/enroll is answered on its response topic (the compact
+          // flow waits on one topic); everything else on down/error.
+          publish(session.deviceId, refusalKindFor(parsedTopicOf(client, packet.topic)?.kind), {
             code: refusal.code, message: refusal.message,
             ...(refusal.requestId !== undefined ? { requestId: refusal.requestId } : {}),
             ...(refusal.retryAfterMs !== undefined ? { retryAfterMs: refusal.retryAfterMs } : {}),
@@ -236,7 +238,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         const t = parsedTopicOf(client, packet.topic);
         if (!session || !t || t.direction !== 'up') return;
         if (t.kind === 'telemetry') module?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
-        if (t.kind === 'register' || t.kind === 'auth') {
+        if (t.kind === 'register' || t.kind === 'auth' || t.kind === 'begin' || t.kind === 'enroll') {
           void relay.handle(session, t.kind, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         }
       },
