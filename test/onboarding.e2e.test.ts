@@ -29,7 +29,7 @@ for (const flow of ['compact', 'classic'] as const) for (const method of ['pki-s
       const audit = await stack.authority.store.listAudit({ deviceId: id });
       // Compact: two exchanges (the auth is inside the issuance); classic: three.
       assert.deepEqual(audit.map((a) => `${a.action}:${a.outcome}`).reverse(), flow === 'compact' ? ['register:ok', 'issue:ok'] : ['register:ok', 'auth:ok', 'issue:ok']);
-      if (flow === 'compact') assert.equal(audit[0].detail.flow, 'compact');
+      if (flow === 'compact') assert.equal(audit[0].detail?.flow, 'compact');
 
       const client = await device.connectOperational(result);
       assert.equal(stack.gateway.sessions.holder(id)?.session.kind, 'operational');

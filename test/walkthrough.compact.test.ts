@@ -65,6 +65,6 @@ test('docs/protocol.md §6.6: onboarding with two mosquitto_rr calls and openssl
   assert.ok(issued.publicKey.equals(createPublicKey(readFileSync(join(work, 'device-key.pem')))));
   const audit = (await stack.authority.store.listAudit({ deviceId: dev })).reverse();
   assert.deepEqual(audit.map((a) => `${a.action}:${a.outcome}`), ['register:ok', 'issue:ok']);
-  assert.equal(audit[1].detail.flow, 'compact');
+  assert.equal(audit[1].detail?.flow, 'compact');
   if (process.env.LEAFGATE_SHOW_WALKTHROUGH) console.log(r.out);
 });
