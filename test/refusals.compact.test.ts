@@ -192,3 +192,17 @@ test('allowClassicFlow: false refuses the classic CSR with policy_violation; the
   const result = await stack.device(id, 'pki-signature', { credential: cred }).onboard();
   assert.equal((await stack.authority.store.listCertificates({ subjectId: id })).map((c) => c.serial).join(), result.serial);
 });
+
+test('begin and enroll spend the onboarding budget of the id at that address; the refusal comes on the answer topic', async (t: TestContext) => {
+  const stack = await startStack(t, { gateway: { rateLimits: { onboardingsPerDevice: { points: 2, durationSeconds: 3600 } } } });
+  const id = 'cmp-budget';
+  const cred = stack.credential(id, 'pki-signature');
+  const dev = await bootstrap(t, stack, id);
+  const offer = await begin(dev, cred);
+  const refused = await enroll(dev, enrollMessage(id, offer, ecKey('prime256v1').privateKey, { csr: csrFor(offer.instruction as never, ecKey('prime256v1')) }));
+  assert.equal(refused.code, 'auth_failed');
+  await dev.send('begin', registerMessage(cred, { requestId: rid('begin') }));
+  const limited = await dev.next<ErrorBody>('offer');
+  assert.equal(limited.code, 'rate_limited');
+  assert.ok((limited.retryAfterMs ?? 0) > 0);
+});
