@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { X509Certificate, sign, type KeyObject } from 'node:crypto';
 import { test, type TestContext } from 'node:test';
 import { enrollSigningInput, pkix, type CertMessage, type ErrorBody, type OfferMessage } from '../protocol/index.ts';
-import type { DeviceCredential } from '../device/index.ts';
+import { LeafDevice, MemoryStateStore, type DeviceCredential } from '../device/index.ts';
 import { authenticate, bootstrap, registerMessage, rid, type RawDevice } from './support/mqtt.ts';
 import { assertNothingIssued, assertRefusalAudited, csrFor, ecKey } from './support/refusals.ts';
 import { startStack, type Stack } from './support/stack.ts';
@@ -205,4 +205,43 @@ test('begin and enroll spend the onboarding budget of the id at that address; th
   const limited = await dev.next<ErrorBody>('offer');
   assert.equal(limited.code, 'rate_limited');
   assert.ok((limited.retryAfterMs ?? 0) > 0);
+});
+
+test('SDK resume: a stored enroll is re-sent as it is and gets the same certificate; one whose challenge was spent starts a fresh begin', async (t: TestContext) => {
+  const stack = await stackFor();
+  for (const spent of [false, true]) {
+    const id = spent ? 'cmp-sdk-spent' : 'cmp-sdk-resend';
+    const cred = stack.credential(id, 'pki-signature');
+    const dev = await bootstrap(t, stack, id);
+    const offer = await begin(dev, cred);
+    const key = ecKey('prime256v1');
+    const msg = enrollMessage(id, offer, factoryKeyOf(cred), { csr: csrFor(offer.instruction as never, key) });
+    let serial: string | undefined;
+    if (spent) {
+      // A verified answer with a wrong CSR spends the challenge, and no certificate exists.
+      const r = await enroll(dev, enrollMessage(id, offer, factoryKeyOf(cred), { csr: csrFor(offer.instruction as never, ecKey('secp384r1')) }));
+      assert.equal(r.code, 'policy_violation');
+    } else {
+      serial = (await enroll(dev, msg)).serial; // issued; the device "lost" the answer
+      assert.ok(serial);
+    }
+    await dev.end();
+    // What the SDK had stored before sending (a crash, a drop): the request and its key.
+    const state = new MemoryStateStore();
+    state.set('onboarding', JSON.stringify({
+      flow: 'compact', requestId: msg.requestId, csr: msg.csr, key: key.privateKey.export({ type: 'pkcs8', format: 'pem' }), keyType: 'ec', keySize: 256, challengeId: msg.challengeId, signature: msg.signature,
+    }));
+    const result = await new LeafDevice({ deviceId: id, brokerUrl: stack.brokerUrl, ca: stack.rootPem, credential: cred, timeoutMs: 10_000, state }).onboard();
+    assert.equal(state.get('onboarding'), undefined);
+    const certs = await stack.authority.store.listCertificates({ subjectId: id });
+    assert.deepEqual(certs.map((c) => c.serial), [result.serial]);
+    if (!spent) {
+      assert.equal(result.serial, serial);
+      assert.ok(new X509Certificate(result.certificate).publicKey.equals(key.publicKey));
+    } else {
+      assert.equal(new X509Certificate(result.certificate).publicKey.equals(key.publicKey), false, 'a fresh begin makes a fresh key');
+      const audit = (await stack.authority.store.listAudit({ deviceId: id })).reverse().map((a) => `${a.action}:${a.code ?? a.outcome}`);
+      assert.deepEqual(audit, ['register:ok', 'enroll:policy_violation', 'enroll:replayed', 'register:ok', 'issue:ok']);
+    }
+  }
 });
