@@ -1,6 +1,8 @@
 /**
  * Device onboarding at the authority: register -> challenge, auth -> instruction,
- * csr -> certificate. Each operation is a short list of named steps; every refusal is
+ * csr -> certificate (the classic flow), or in two exchanges (the compact flow):
+ * register{compact} -> challenge + instruction, enroll (challenge answer and CSR under one
+ * signature) -> certificate. Each operation is a short list of named steps; every refusal is
  * audited with its code; every answer is stored under (device, requestId) so a repeated
  * request gets the same answer and never a second certificate.
  */
@@ -8,6 +10,7 @@ import { X509Certificate, createHash, randomBytes, verify } from 'node:crypto';
 import {
   LeafgateError,
   challengeSigningInput,
+  enrollSigningInput,
   pkix,
   renewalSigningInput,
   toLeafgateError,
@@ -15,7 +18,10 @@ import {
   type CertMessage,
   type ChallengeMessage,
   type CsrMessage,
+  type EnrollMessage,
   type InstructionMessage,
+  type OfferMessage,
+  type OfferedInstruction,
   type RegisterMessage,
   type RenewalCsrMessage,
 } from '../protocol/index.ts';
@@ -73,6 +79,15 @@ export class DeviceOnboarding {
 
   csr(gatewayId: string, deviceId: string, msg: CsrMessage): Promise<CertMessage> {
     return this.run('csr', gatewayId, deviceId, msg.requestId, () => this.doCsr(gatewayId, deviceId, msg));
+  }
+
+  /**
+   * The compact flow's second exchange: the challenge answer and the CSR, verified together,
+   * the challenge burnt and the certificate issued in one commit. No auth session, so no
+   * particular gateway connection: the signature binds the CSR to the challenge.
+   */
+  enroll(gatewayId: string, deviceId: string, msg: EnrollMessage): Promise<CertMessage> {
+    return this.run('enroll', gatewayId, deviceId, msg.requestId, () => this.doEnroll(gatewayId, deviceId, msg));
   }
 
   /** A CSR from a device connected with its certificate `currentSerial` (the gateway vouches for the session). */
@@ -146,6 +161,14 @@ export class DeviceOnboarding {
       method: msg.method,
     };
     if (begun.salt) challenge.salt = begun.salt;
+    // Compact flow: the instruction comes with the challenge and is kept with it; the enroll
+    // that answers the challenge is checked against exactly this.
+    let offered: OfferedInstruction | undefined;
+    if (msg.compact) {
+      const built = buildInstruction(policy, { requestId: msg.requestId, deviceId, group, key: chooseKey(policy, msg.keyPreference), csrDeadline: new Date(now) });
+      offered = { subject: built.subject, keyType: built.keyType, keySize: built.keySize, sans: built.sans, validityDays: built.validityDays };
+      (challenge as OfferMessage).instruction = offered;
+    }
     // One commit: the answer, the device row of a first registration, the challenge, the audit line.
     const recorded = await this.store.recordRegistration({
       request: { deviceId, requestId: msg.requestId, kind: 'register', bodyHash: hash, response: challenge as unknown as Record<string, unknown>, createdAt: now },
@@ -155,9 +178,9 @@ export class DeviceOnboarding {
       },
       challenge: {
         id: challenge.challengeId, deviceId, gatewayId, method: msg.method, nonce: challenge.nonce,
-        context: { ...begun.context, keyPreference: msg.keyPreference ?? null, group }, expiresAt: now + this.config.challengeTtlSeconds * 1000, usedAt: null,
+        context: { ...begun.context, keyPreference: msg.keyPreference ?? null, group, ...(offered ? { compact: true, instruction: offered } : {}) }, expiresAt: now + this.config.challengeTtlSeconds * 1000, usedAt: null,
       },
-      audit: { at: now, action: 'register', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: msg.method, group } },
+      audit: { at: now, action: 'register', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, detail: { method: msg.method, group, ...(msg.compact ? { flow: 'compact' } : {}) } },
     });
     // The same requestId answered meanwhile (a repeat racing this one): that answer is the only one.
     if (!recorded) return (await this.winnerOf(deviceId, msg.requestId, 'register', hash)) as unknown as ChallengeMessage;
@@ -331,6 +354,9 @@ export class DeviceOnboarding {
     const device = await this.store.getDevice(deviceId);
     this.checkDeviceUsable(device);
     const policy = this.policyFor(device!.groupName);
+    // The classic flow's challenge signature does not cover the CSR (docs/security.md): a
+    // group may require the compact flow, whose signature does.
+    if (!policy.allowClassicFlow) throw new LeafgateError('policy_violation', `group ${device!.groupName} requires the compact onboarding (begin, enroll)`);
 
     const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
@@ -355,5 +381,78 @@ export class DeviceOnboarding {
     });
     // Another node may have answered this requestId first: that answer is then the only one.
     return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'csr', hash);
+  }
+
+  /**
+   * enroll: a repeat of the requestId gets its stored answer (also after the challenge was
+   * used or has expired). Otherwise the challenge must be a live compact one of this device;
+   * the signature must verify over the challenge AND the CSR's hash with the device's
+   * authentication key. A signature that does not verify leaves the challenge as it was: a
+   * stranger who learnt a challenge id cannot spoil the device's answer (and cannot forge
+   * one). A verified answer burns the challenge, whatever becomes of its CSR: on success
+   * inside the issuance commit, on a refused CSR right away.
+   */
+  private async doEnroll(gatewayId: string, deviceId: string, msg: EnrollMessage): Promise<CertMessage> {
+    const hash = bodyHash(msg);
+    const stored = await this.storedAnswer(deviceId, msg.requestId, 'enroll', hash);
+    if (stored) return stored as unknown as CertMessage;
+
+    const now = this.now();
+    const challenge = await this.store.getChallenge(msg.challengeId);
+    if (!challenge || challenge.deviceId !== deviceId) throw new LeafgateError('challenge_expired', 'unknown challenge');
+    if (challenge.context.compact !== true) throw new LeafgateError('challenge_expired', 'challenge was issued for the classic flow (answer it with auth)');
+    if (challenge.usedAt !== null) throw new LeafgateError('replayed');
+    if (challenge.expiresAt <= now) throw new LeafgateError('challenge_expired');
+    const device = await this.store.getDevice(deviceId);
+    if (!device) throw new LeafgateError('not_authenticated', 'device is not registered');
+    this.checkDeviceUsable(device);
+    const group = device.groupName;
+    const policy = this.policyFor(group);
+
+    let csrDer: Buffer;
+    try {
+      csrDer = pkix.fromPem(msg.csr, 'CERTIFICATE REQUEST');
+    } catch (err) {
+      throw new LeafgateError('bad_csr', (err as Error).message);
+    }
+    const ctx: MethodContext = { store: this.store, policy, deviceId, group, gatewayId, device, now };
+    const resolved = await AUTH_METHOD_HANDLERS[challenge.method].resolveKey(ctx, challenge, { requestId: msg.requestId, challengeId: msg.challengeId, signature: msg.signature, ...(msg.publicKey !== undefined ? { publicKey: msg.publicKey } : {}) });
+    let ok = false;
+    try {
+      ok = verify('sha256', enrollSigningInput(deviceId, challenge.id, challenge.nonce, csrDer), resolved.key, Buffer.from(msg.signature, 'base64'));
+    } catch {
+      ok = false;
+    }
+    if (!ok) throw new LeafgateError('auth_failed', 'enroll signature does not verify over the challenge and this CSR');
+
+    try {
+      const csr = await this.parseCsr(msg.csr);
+      const offered = challenge.context.instruction as OfferedInstruction;
+      const instruction: InstructionMessage = { ...offered, requestId: msg.requestId, csrDeadline: new Date(challenge.expiresAt).toISOString() };
+      checkCsrAgainstInstruction(csr, instruction, policy);
+      const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
+      const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
+      const { devicePatch, consumeCode } = resolved.onVerified;
+      const recorded = await this.store.recordCompactIssuance({
+        request: { deviceId, requestId: msg.requestId, kind: 'enroll', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
+        certificate: row,
+        challengeId: challenge.id,
+        ...(consumeCode ? { consumeCode: { codeHash: consumeCode.codeHash, groupName: group } } : {}),
+        // The device belongs to the gateway through which it got this certificate.
+        devicePatch: { ...devicePatch, gatewayId },
+        maxActive: policy.maxActiveCerts,
+        audit: {
+          at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
+          detail: { flow: 'compact', method: challenge.method, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
+        },
+      });
+      return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'enroll', hash);
+    } catch (err) {
+      // A verified answer is spent even when its CSR is refused (one challenge, one try); a
+      // failure of ours (CA, store) leaves it, so the identical message can be sent again.
+      const e = toLeafgateError(err);
+      if (e.code !== 'internal' && e.code !== 'authority_unavailable' && e.code !== 'replayed') await this.store.useChallenge(challenge.id, now);
+      throw e;
+    }
   }
 }

@@ -21,6 +21,8 @@ export interface SimConfig {
   devices: Array<{ id: string; credential: SimCredential; brokerUrl?: string }>;
   concurrency: number;
   keyPreference?: KeySpec[];
+  /** The SDK's onboarding flow (its default, compact, when absent). */
+  flow?: 'compact' | 'classic';
   timeoutMs: number;
   /** No device starts after this monotonic ms (the run is bounded in time). */
   stopLaunchingAt: number;
@@ -79,7 +81,7 @@ export function prepareSimulation(cfg: SimConfig): { run(stopLaunchingAt: number
     const credential: DeviceCredential = d.credential.method === 'pki-signature'
       ? { method: 'pki-signature', birthCert: d.credential.birthCert, factoryKey: createPrivateKey(d.credential.factoryKeyPem) }
       : { method: 'ddkg', attributes: d.credential.attributes };
-    return new LeafDevice({ deviceId: d.id, brokerUrl: d.brokerUrl ?? cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}) });
+    return new LeafDevice({ deviceId: d.id, brokerUrl: d.brokerUrl ?? cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}), ...(cfg.flow ? { flow: cfg.flow } : {}) });
   });
   return { run: (stopLaunchingAt) => runDevices(prepared, cfg.concurrency, stopLaunchingAt) };
 }

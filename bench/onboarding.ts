@@ -95,12 +95,13 @@ async function startWorker(i: number): Promise<Worker> {
 
 export const onboardingBench = defineBench({
   name: 'onboarding',
-  description: 'devices/s end to end (bootstrap, auth, keygen, CSR, signing, delivery, mTLS reconnect), gateway and authority in separate processes',
+  description: 'devices/s end to end (bootstrap, auth, keygen, CSR, signing, delivery, mTLS reconnect; --flow compact|classic), gateway and authority in separate processes',
   options: {
     devices: { default: 2000, help: 'devices to onboard in the measured run' },
     concurrency: { default: 100, help: 'devices onboarding at once (over all simulators)' },
     workers: { default: 0, help: 'simulator worker processes (0: simulate in the bench process)' },
     method: { default: 'pki-signature', help: 'pki-signature, ddkg or mixed' },
+    flow: { default: 'compact', help: 'onboarding flow of the SDK: compact (begin, enroll: two exchanges) or classic (register, auth, csr)' },
     key: { default: 'ec-256', help: 'device key the instruction asks for: ec-256 or rsa-2048' },
     warmup: { default: 100, help: 'devices onboarded before the measured run (JIT, connection pools)' },
     'authority-concurrency': { default: 0, help: 'gateway authorityConcurrency (outbox requests in flight); 0 keeps the product default' },
@@ -116,6 +117,8 @@ export const onboardingBench = defineBench({
     const key = KEYS[opts.key];
     if (!key) throw new Error(`--key must be one of ${Object.keys(KEYS).join(', ')}`);
     if (!['pki-signature', 'ddkg', 'mixed'].includes(opts.method)) throw new Error('--method must be pki-signature, ddkg or mixed');
+    if (opts.flow !== 'compact' && opts.flow !== 'classic') throw new Error('--flow must be compact or classic');
+    const flow = opts.flow as 'compact' | 'classic';
     const total = opts.devices + opts.warmup;
     const nGateways = opts.gateways;
     if (!Number.isInteger(nGateways) || nGateways < 1) throw new Error('--gateways must be a positive integer');
@@ -157,7 +160,7 @@ export const onboardingBench = defineBench({
     for (let i = 0; i < opts.workers; i++) workers.push(await startWorker(i));
     /** Prepares the devices (keys decoded, outside the measured window), then returns the run. */
     const prepareSim = async (list: SimConfig['devices']): Promise<(stopLaunchingAt: number) => Promise<SimResult>> => {
-      const base = { brokerUrl, ca: stack.rootPem, keyPreference, timeoutMs: opts['timeout-ms'], stopLaunchingAt: Infinity, fullPeerChain: opts['sim-peer-chain'] };
+      const base = { brokerUrl, ca: stack.rootPem, keyPreference, flow, timeoutMs: opts['timeout-ms'], stopLaunchingAt: Infinity, fullPeerChain: opts['sim-peer-chain'] };
       if (!workers.length) {
         const sim = prepareSimulation({ ...base, devices: list, concurrency: opts.concurrency });
         return (stop) => sim.run(stop);
@@ -190,7 +193,7 @@ export const onboardingBench = defineBench({
     const spanMs = r.lastEnd - r.firstStart;
 
     // `gateways` (an option) is on every line already; say where the gateways keep their state.
-    const ctx = { method: opts.method, key: opts.key, ...(redis ? { gateway_state: 'redis' } : {}) };
+    const ctx = { method: opts.method, key: opts.key, flow, ...(redis ? { gateway_state: 'redis' } : {}) };
     emit('devices_per_s', (r.ok * 1000) / spanMs, 'devices/s', { ...ctx, ok: r.ok, failed: r.failed, not_started: r.notStarted, wall_s: spanMs / 1000 });
     if (r.failed) emit('devices_failed', r.failed, 'devices', { ...ctx, errors: r.errors });
     const [p50, p90, p99, max] = percentiles(r.latencies, [50, 90, 99, 100]);
@@ -200,7 +203,9 @@ export const onboardingBench = defineBench({
     emit('latency_max_ms', max, 'ms', ctx);
     for (const [phase, values] of Object.entries(r.phases)) {
       const [a, b] = percentiles(values, [50, 99]);
-      const what = { auth: 'bootstrap connect + register + challenge + auth + instruction', keygen: 'device key generation', issue: 'CSR build + gateway outbox + authority issuance + delivery', mtls: 'mTLS reconnect to CONNACK' }[phase];
+      const what = (flow === 'compact'
+        ? { auth: 'bootstrap connect + begin + offer (challenge and instruction)', keygen: 'device key generation', issue: 'CSR build + signature + enroll: authority verification and issuance + delivery', mtls: 'mTLS reconnect to CONNACK' }
+        : { auth: 'bootstrap connect + register + challenge + auth + instruction', keygen: 'device key generation', issue: 'CSR build + gateway outbox + authority issuance + delivery', mtls: 'mTLS reconnect to CONNACK' })[phase];
       emit(`phase_${phase}_p50_ms`, a, 'ms', { ...ctx, phase: what ?? phase });
       emit(`phase_${phase}_p99_ms`, b, 'ms', { ...ctx, phase: what ?? phase });
     }

@@ -14,10 +14,14 @@ import {
   toLeafgateError,
   validateAuth,
   validateCsr,
+  validateEnroll,
   validateRegister,
   validateRenewalCsr,
+  COMPACT_ANSWER_KINDS,
+  type CertMessage,
   type ChallengeMessage,
   type DownKind,
+  type OfferMessage,
   type InstructionMessage,
 } from '../protocol/index.ts';
 import { PublishRefusal, parsedTopicOf, type BrokerPlugin, type DeviceSession, type SessionRegistry } from '../plugins/index.ts';
@@ -165,8 +169,53 @@ export class OnboardingRelay {
     }
   }
 
-  /** Handles one accepted publish on up/register or up/auth. Never throws. */
-  async handle(session: DeviceSession, kind: 'register' | 'auth', payload: Buffer): Promise<void> {
+  /**
+   * The compact flow (up/begin, up/enroll): each answered on its one down kind, refusals
+   * included (COMPACT_ANSWER_KINDS), so a client waiting on one response topic sees either.
+   * Nothing here is bound to the connection: the enroll's signature covers the challenge and
+   * the CSR, which the authority checks together, so the second exchange may come on a new
+   * connection (one `mosquitto_rr` per exchange). Not durable at the gateway: an enroll the
+   * authority did not answer is refused (authority_unavailable, with retryAfterMs) and the
+   * device re-sends the identical message, which the authority answers idempotently.
+   */
+  private async handleCompact(session: DeviceSession, kind: 'begin' | 'enroll', payload: Buffer): Promise<void> {
+    const started = performance.now();
+    const deviceId = session.deviceId;
+    const answerKind = COMPACT_ANSWER_KINDS[kind];
+    let requestId: string | undefined;
+    try {
+      const obj = parseJsonObject(payload);
+      requestId = requestIdOf(obj);
+      if (kind === 'begin') {
+        const msg = validateRegister(obj);
+        if (msg.group === undefined && this.defaultGroup) msg.group = this.defaultGroup;
+        session.onboardingStartedAt ??= Date.now();
+        const offer = await this.opts.gate.run(
+          () => this.opts.authority.post<OfferMessage>('/v1/devices/register', { ...msg, compact: true, deviceId }),
+          (retryAfterMs) => this.opts.publish(deviceId, 'pending', { requestId: msg.requestId, retryAfterMs }),
+        );
+        this.opts.publish(deviceId, answerKind, offer);
+      } else {
+        const msg = validateEnroll(obj);
+        const cert = await this.opts.gate.run(
+          () => this.opts.authority.post<CertMessage>('/v1/devices/enroll', { ...msg, deviceId }),
+          (retryAfterMs) => this.opts.publish(deviceId, 'pending', { requestId: msg.requestId, retryAfterMs }),
+        );
+        this.opts.publish(deviceId, answerKind, cert);
+      }
+      this.opts.onOutcome?.({ deviceId, step: kind, ok: true, ms: performance.now() - started });
+    } catch (err) {
+      const e = toLeafgateError(err);
+      if (e.code === 'internal') this.opts.logger.error({ err, deviceId, requestId, step: kind }, 'onboarding step failed');
+      else this.opts.logger.info({ deviceId, requestId, step: kind, code: e.code }, e.message);
+      this.opts.publish(deviceId, answerKind, e.toBody(requestId));
+      this.opts.onOutcome?.({ deviceId, step: kind, ok: false, code: e.code, ms: performance.now() - started });
+    }
+  }
+
+  /** Handles one accepted publish on up/register, up/auth, up/begin or up/enroll. Never throws. */
+  async handle(session: DeviceSession, kind: 'register' | 'auth' | 'begin' | 'enroll', payload: Buffer): Promise<void> {
+    if (kind === 'begin' || kind === 'enroll') return this.handleCompact(session, kind, payload);
     const started = performance.now();
     const deviceId = session.deviceId;
     let requestId: string | undefined;

@@ -1,7 +1,9 @@
 /**
  * Leaf device SDK on mqtt.js: runs the whole onboarding flow of docs/protocol.md --
  * bootstrap connection, register, challenge signature, key generation, CSR, certificate --
- * then reconnects with mutual TLS. Imports only protocol/, so a device vendor can read it
+ * then reconnects with mutual TLS. By default the compact flow (begin -> offer, enroll ->
+ * enrolled: two exchanges, the challenge answer and the CSR under one signature); the
+ * classic flow (register, auth, csr) with `flow: 'classic'`. Imports only protocol/, so a device vendor can read it
  * as the reference implementation of the wire contract.
  */
 import { createPrivateKey, createPublicKey, randomBytes, sign, type KeyObject } from 'node:crypto';
@@ -13,6 +15,7 @@ import {
   LeafgateError,
   challengeSigningInput,
   downFilter,
+  enrollSigningInput,
   isErrorCode,
   parseTopic,
   pkix,
@@ -20,9 +23,11 @@ import {
   upTopic,
   type CertMessage,
   type ChallengeMessage,
+  type EnrollMessage,
   type ErrorBody,
   type InstructionMessage,
   type KeySpec,
+  type OfferMessage,
   type RenewalCsrMessage,
 } from '../protocol/index.ts';
 import { deriveDdkgKeyPair } from './ddkg.ts';
@@ -53,6 +58,12 @@ export interface DeviceOptions {
    * `onboarding.json` (0600) in `storeDir` when set, else memory (this object's life).
    */
   state?: DeviceStateStore;
+  /**
+   * `compact` (default): two exchanges, begin -> offer (challenge + instruction) and enroll
+   * (challenge answer + CSR under one signature) -> certificate. `classic`: register, auth,
+   * csr, for gateways and authorities that predate the compact flow.
+   */
+  flow?: 'compact' | 'classic';
 }
 
 /** Persistence of the SDK's onboarding state: small JSON strings by key. */
@@ -127,6 +138,11 @@ interface PendingCsr {
   keySize: number;
   /** True once the requestId was replaced after a stored not_authenticated answer. */
   reissued?: boolean;
+  /** Compact flow: the request is an `enroll`, re-sent byte for byte with these fields. */
+  flow?: 'compact';
+  challengeId?: string;
+  signature?: string;
+  publicKey?: string;
 }
 
 const PENDING_KEY = 'onboarding';
@@ -204,8 +220,15 @@ class Inbox {
     } catch {
       return;
     }
-    // Errors without a requestId (e.g. a refused publish) concern whatever is in flight.
-    const w = this.waiters.find((x) => (t.kind === 'error' ? body.requestId === undefined || x.requestId === body.requestId : x.kinds.includes(t.kind) && x.requestId === body.requestId));
+    // The compact flow's answer kinds carry refusals too: an error body there has a `code`.
+    const isError = t.kind === 'error' || ((t.kind === 'offer' || t.kind === 'enrolled') && typeof body.code === 'string');
+    // Errors without a requestId (e.g. a refused publish) concern whatever is in flight
+    // (on a compact answer kind: what waits on that kind).
+    const w = this.waiters.find((x) =>
+      isError
+        ? (t.kind === 'error' || x.kinds.includes(t.kind)) && (body.requestId === undefined || x.requestId === body.requestId)
+        : x.kinds.includes(t.kind) && x.requestId === body.requestId,
+    );
     if (t.kind === 'pending') {
       // The gateway queued the request (authority unreachable): keep waiting, longer.
       const p = this.waiters.find((x) => x.requestId === body.requestId);
@@ -215,7 +238,7 @@ class Inbox {
     if (!w) return;
     this.waiters = this.waiters.filter((x) => x !== w);
     clearTimeout(w.timer);
-    if (t.kind === 'error') {
+    if (isError) {
       const e = body as unknown as ErrorBody;
       w.reject(new LeafgateError(isErrorCode(e.code) ? e.code : 'internal', String(e.message ?? e.code), e.retryAfterMs !== undefined ? { retryAfterMs: e.retryAfterMs } : {}));
     } else w.resolve(body);
@@ -333,7 +356,7 @@ export class LeafDevice {
     if (!raw) return undefined;
     try {
       const p = JSON.parse(raw) as PendingCsr;
-      if (typeof p.requestId === 'string' && typeof p.csr === 'string' && typeof p.key === 'string') return p;
+      if (typeof p.requestId === 'string' && typeof p.csr === 'string' && typeof p.key === 'string' && (p.flow !== 'compact' || (typeof p.challengeId === 'string' && typeof p.signature === 'string'))) return p;
     } catch {
       // unreadable: start afresh
     }
@@ -371,7 +394,100 @@ export class LeafDevice {
     const t0 = performance.now();
     const { client, inbox } = await this.connectBootstrap();
     try {
-      let pending = await this.loadPending();
+      const pending = await this.loadPending();
+      // A stored request is resumed in the flow it was made in.
+      if (pending ? pending.flow === 'compact' : (this.opts.flow ?? 'compact') === 'compact') return await this.compactOnce(client, inbox, pending, t0);
+      return await this.classicOnce(client, inbox, pending, t0);
+    } finally {
+      await bounded(client, client.endAsync(), this.timeoutMs, 'DISCONNECT').catch(() => client.end(true));
+    }
+  }
+
+  /**
+   * The compact flow on this connection: begin -> offer, then enroll -> certificate. The
+   * enroll is kept before it is sent; after a drop it is re-sent byte for byte (the authority
+   * answers a repeat with the same certificate). If its challenge was spent without an
+   * answer or has expired (`replayed`, `challenge_expired`), it starts again with a fresh begin.
+   */
+  private async compactOnce(client: MqttClient, inbox: Inbox, stored: PendingCsr | undefined, t0: number): Promise<OnboardResult> {
+    let pending = stored;
+    let tAuth = t0;
+    let keyReadyAt = t0;
+    for (let fresh = false; ; ) {
+      if (!pending) {
+        const offer = await this.begin(client, inbox);
+        fresh = true;
+        tAuth = performance.now();
+        const pair = await generateKeyForInstruction(offer.instruction);
+        keyReadyAt = performance.now();
+        const csr = pkix.buildCsr({ commonName: offer.instruction.subject.commonName, sans: offer.instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+        const { key: authKey, publicKey } = this.authenticationKey(offer);
+        const signature = sign('sha256', enrollSigningInput(this.deviceId, offer.challengeId, offer.nonce, pkix.fromPem(csr, 'CERTIFICATE REQUEST')), authKey).toString('base64');
+        pending = {
+          flow: 'compact', requestId: newRequestId(), csr, key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string,
+          keyType: offer.instruction.keyType, keySize: offer.instruction.keySize, challengeId: offer.challengeId, signature, ...(publicKey ? { publicKey } : {}),
+        };
+        // Kept before it is sent: from now on every attempt re-sends this very message.
+        await this.state.set(PENDING_KEY, JSON.stringify(pending));
+      }
+      try {
+        const message: EnrollMessage = { requestId: pending.requestId, challengeId: pending.challengeId!, csr: pending.csr, signature: pending.signature!, ...(pending.publicKey ? { publicKey: pending.publicKey } : {}) };
+        const privateKey = createPrivateKey(pending.key);
+        const cert = await this.exchange(client, inbox, 'enroll', 'enrolled', message, createPublicKey(privateKey));
+        const identity = this.keep(cert, privateKey, { keyType: pending.keyType, keySize: pending.keySize } as KeySpec);
+        await this.state.delete(PENDING_KEY);
+        const tIssue = performance.now();
+        return { ...identity, ms: { total: tIssue - t0, auth: tAuth - t0, keygen: keyReadyAt - tAuth, issue: tIssue - keyReadyAt } };
+      } catch (err) {
+        const code = err instanceof LeafgateError ? err.code : undefined;
+        if (!fresh && (code === 'replayed' || code === 'challenge_expired')) {
+          // The stored request's challenge was spent without an answer kept for it (or ran
+          // out): no certificate exists for it, so start again with a new begin.
+          await this.state.delete(PENDING_KEY);
+          pending = undefined;
+          continue;
+        }
+        if (code !== undefined && !RESUMABLE.has(code)) await this.state.delete(PENDING_KEY);
+        throw err;
+      }
+    }
+  }
+
+  /** begin -> offer (the challenge and the instruction together). */
+  private async begin(client: MqttClient, inbox: Inbox): Promise<OfferMessage> {
+    const register = this.registerBody();
+    const offerP = inbox.wait<OfferMessage>(['offer'], register.requestId as string, this.timeoutMs);
+    offerP.catch(() => undefined);
+    await this.publish(client, upTopic(this.deviceId, 'begin'), JSON.stringify(register));
+    const offer = await offerP;
+    if (!offer.instruction) throw new LeafgateError('bad_request', 'offer without an instruction');
+    return offer;
+  }
+
+  /** The register/begin body of this device. */
+  private registerBody(): Record<string, unknown> {
+    const cred = this.opts.credential;
+    const register: Record<string, unknown> = { requestId: newRequestId(), method: cred.method };
+    if (this.opts.group) register.group = this.opts.group;
+    if (this.opts.keyPreference) register.keyPreference = this.opts.keyPreference;
+    if (cred.method === 'pki-signature') register.birthCert = cred.birthCert;
+    if (cred.method === 'ddkg' && cred.enrollmentCode) register.enrollmentCode = cred.enrollmentCode;
+    return register;
+  }
+
+  /** The key that answers a challenge: the factory key, or the ddkg key (with its public half). */
+  private authenticationKey(challenge: ChallengeMessage): { key: KeyObject; publicKey?: string } {
+    const cred = this.opts.credential;
+    if (cred.method === 'pki-signature') return { key: cred.factoryKey };
+    if (!challenge.salt) throw new LeafgateError('bad_request', 'ddkg challenge without salt');
+    const pair = deriveDdkgKeyPair(cred.attributes, challenge.salt, this.deviceId);
+    return { key: pair.privateKey, publicKey: pair.publicKey.export({ type: 'spki', format: 'pem' }) as string };
+  }
+
+  /** The classic flow on this connection: register, auth, csr (resuming a stored csr). */
+  private async classicOnce(client: MqttClient, inbox: Inbox, stored: PendingCsr | undefined, t0: number): Promise<OnboardResult> {
+    {
+      let pending = stored;
       let authenticatedHere = false;
       let tAuth = t0;
       let keyReadyAt = t0;
@@ -416,34 +532,21 @@ export class LeafDevice {
           throw err;
         }
       }
-    } finally {
-      await bounded(client, client.endAsync(), this.timeoutMs, 'DISCONNECT').catch(() => client.end(true));
     }
   }
 
   /** register -> challenge -> auth -> instruction on this connection. */
   private async authenticate(client: MqttClient, inbox: Inbox): Promise<InstructionMessage> {
-    const cred = this.opts.credential;
-    const regId = newRequestId();
-    const register: Record<string, unknown> = { requestId: regId, method: cred.method };
-    if (this.opts.group) register.group = this.opts.group;
-    if (this.opts.keyPreference) register.keyPreference = this.opts.keyPreference;
-    if (cred.method === 'pki-signature') register.birthCert = cred.birthCert;
-    if (cred.method === 'ddkg' && cred.enrollmentCode) register.enrollmentCode = cred.enrollmentCode;
+    const register = this.registerBody();
+    const regId = register.requestId as string;
     const challengeP = inbox.wait<ChallengeMessage>(['challenge'], regId, this.timeoutMs);
     challengeP.catch(() => undefined);
     await this.publish(client, upTopic(this.deviceId, 'register'), JSON.stringify(register));
     const challenge = await challengeP;
 
-    let signingKey: KeyObject;
     const auth: Record<string, unknown> = { requestId: newRequestId(), challengeId: challenge.challengeId };
-    if (cred.method === 'pki-signature') signingKey = cred.factoryKey;
-    else {
-      if (!challenge.salt) throw new LeafgateError('bad_request', 'ddkg challenge without salt');
-      const pair = deriveDdkgKeyPair(cred.attributes, challenge.salt, this.deviceId);
-      signingKey = pair.privateKey;
-      auth.publicKey = pair.publicKey.export({ type: 'spki', format: 'pem' });
-    }
+    const { key: signingKey, publicKey } = this.authenticationKey(challenge);
+    if (publicKey) auth.publicKey = publicKey;
     auth.signature = sign('sha256', challengeSigningInput(this.deviceId, challenge.challengeId, challenge.nonce), signingKey).toString('base64');
     const instructionP = inbox.wait<InstructionMessage>(['instruction'], auth.requestId as string, this.timeoutMs);
     instructionP.catch(() => undefined);
@@ -459,10 +562,15 @@ export class LeafDevice {
   }
 
   /** Publishes a CSR message and waits for its certificate, which must carry `publicKey`. */
-  private async exchangeCsr(client: MqttClient, inbox: Inbox, message: RenewalCsrMessage, publicKey: KeyObject): Promise<CertMessage> {
-    const certP = inbox.wait<CertMessage>(['cert'], message.requestId, this.timeoutMs);
+  private exchangeCsr(client: MqttClient, inbox: Inbox, message: RenewalCsrMessage, publicKey: KeyObject): Promise<CertMessage> {
+    return this.exchange(client, inbox, 'csr', 'cert', message, publicKey);
+  }
+
+  /** Publishes a certificate request (csr or enroll) and waits for the certificate, which must carry `publicKey`. */
+  private async exchange(client: MqttClient, inbox: Inbox, up: 'csr' | 'enroll', down: 'cert' | 'enrolled', message: RenewalCsrMessage | EnrollMessage, publicKey: KeyObject): Promise<CertMessage> {
+    const certP = inbox.wait<CertMessage>([down], message.requestId, this.timeoutMs);
     certP.catch(() => undefined);
-    await this.publish(client, upTopic(this.deviceId, 'csr'), JSON.stringify(message));
+    await this.publish(client, upTopic(this.deviceId, up), JSON.stringify(message));
     const cert = await certP;
     // The certificate must carry the key made here: its SubjectPublicKeyInfo, byte for byte
     // the one the CSR sent (the authority copies it), read without a full X.509 decode.

@@ -9,7 +9,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { downTopic, type DownKind } from '../protocol/index.ts';
+import { downTopic, refusalKindFor, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
 import { RefusalSampler, SessionRegistry, type DeviceSession, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
@@ -287,12 +287,12 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
   // Refusals are logged sampled and answered on down/error at a bounded rate, per connection:
   // a flood of refused packets must not become a flood of log lines and answers.
   const refusals = new RefusalSampler();
-  const reportRefusal = (client: import('aedes').Client, code: import('../protocol/index.ts').ErrorCode, message: string, extra: { topic?: string; requestId?: string; retryAfterMs?: number }) => {
+  const reportRefusal = (client: import('aedes').Client, code: import('../protocol/index.ts').ErrorCode, message: string, extra: { topic?: string; requestId?: string; retryAfterMs?: number; answerOn?: DownKind }) => {
     const session = sessions.get(client);
     const v = refusals.note(client);
     if (v.log) log.info({ deviceId: session?.deviceId, ...(extra.topic !== undefined ? { topic: extra.topic.slice(0, 200) } : {}), code, ...(v.suppressed ? { suppressed: v.suppressed } : {}) }, message);
     if (session && v.answer) {
-      publish(session.deviceId, 'error', {
+      publish(session.deviceId, extra.answerOn ?? 'error', {
         code, message,
         ...(extra.requestId !== undefined ? { requestId: extra.requestId } : {}),
         ...(extra.retryAfterMs !== undefined ? { retryAfterMs: extra.retryAfterMs } : {}),
@@ -331,14 +331,16 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
       },
       onPublishRefused(client, packet, refusal) {
         metrics.refused.inc({ reason: refusal.code });
-        reportRefusal(client, refusal.code, refusal.message, { topic: packet.topic, requestId: refusal.requestId, retryAfterMs: refusal.retryAfterMs });
+        // A refused up/begin or up/enroll is answered on its response topic (the compact flow
+        // waits on one topic); everything else on down/error.
+        reportRefusal(client, refusal.code, refusal.message, { topic: packet.topic, requestId: refusal.requestId, retryAfterMs: refusal.retryAfterMs, answerOn: refusalKindFor(parsedTopicOf(client, packet.topic)?.kind) });
       },
       onPublished(client, packet) {
         const session = sessions.get(client);
         const t = parsedTopicOf(client, packet.topic);
         if (!session || !t || t.direction !== 'up') return;
         if (t.kind === 'telemetry') module()?.relayTelemetry(session.deviceId, t.rest.join('/'), Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
-        if (t.kind === 'register' || t.kind === 'auth') {
+        if (t.kind === 'register' || t.kind === 'auth' || t.kind === 'begin' || t.kind === 'enroll') {
           void relay.handle(session, t.kind, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
         }
       },

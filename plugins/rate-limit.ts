@@ -205,7 +205,9 @@ export function rateLimitPlugin(opts: RateLimitOptions): RateLimitPlugin {
       const session = opts.sessions.get(client);
       if (!session) return;
       const kind = parsedTopicOf(client, packet.topic)?.kind;
-      if (kind === 'register') return onboardingBudget(client, session);
+      // Both compact exchanges count (an enroll carries its own proof, so it is not held back
+      // until an auth like a classic CSR; keyed like register, a stranger spends only its own).
+      if (kind === 'register' || kind === 'begin' || kind === 'enroll') return onboardingBudget(client, session);
       // An unauthenticated bootstrap CSR is refused by the outbox; it must not cost the device.
       if (kind === 'csr' && (session.kind === 'operational' || session.authenticated)) return csrBudget(client, session.deviceId);
     },

@@ -49,6 +49,11 @@ export interface RegisterMessage {
   enrollmentCode?: string;
   /** Key types the device can generate, most preferred first. */
   keyPreference?: KeySpec[];
+  /**
+   * Gateway -> authority only: the device started the compact flow (`up/begin`); the
+   * challenge then carries the instruction and is answered by `enroll`, not `auth`.
+   */
+  compact?: true;
 }
 
 /** Gateway -> device: prove possession. */
@@ -61,6 +66,34 @@ export interface ChallengeMessage {
   method: AuthMethod;
   /** ddkg: base64 authority salt for HKDF (RFC 5869); stable per device. */
   salt?: string;
+}
+
+/** What the compact flow's offer tells the device to request (the instruction without its per-request fields). */
+export type OfferedInstruction = Pick<InstructionMessage, 'subject' | 'keyType' | 'keySize' | 'sans' | 'validityDays'>;
+
+/**
+ * Gateway -> device on `down/offer`, the answer to `up/begin` (compact flow): the challenge
+ * and, in the same message, the certificate to request. Answered by `enroll` before `expiresAt`.
+ */
+export interface OfferMessage extends ChallengeMessage {
+  instruction: OfferedInstruction;
+}
+
+/**
+ * Device -> gateway on `up/enroll` (compact flow): the answer to an offer's challenge and the
+ * CSR under ONE signature by the device's authentication key (birth-certificate key or ddkg
+ * key) over `enrollSigningInput(...)`. Needs no prior auth and no particular connection:
+ * the signature binds the CSR to the challenge. Answered by `cert`-shaped `down/enrolled`.
+ */
+export interface EnrollMessage {
+  requestId: string;
+  challengeId: string;
+  /** PEM PKCS#10 request made as the offer's instruction says. */
+  csr: string;
+  /** base64: ECDSA (DER) or RSASSA-PKCS1-v1_5, SHA-256, over enrollSigningInput. */
+  signature: string;
+  /** ddkg: the re-derived public key (SPKI PEM); required at first enrollment. */
+  publicKey?: string;
 }
 
 /** Device -> gateway: the signed challenge. */
@@ -137,8 +170,22 @@ export function challengeSigningInput(deviceId: string, challengeId: string, non
  * be replayed neither for another CSR, another request nor later.
  */
 export function renewalSigningInput(deviceId: string, requestId: string, csrDer: Uint8Array, signedAt: string): Buffer {
-  const csrHash = createHash('sha256').update(csrDer).digest('base64url');
-  return Buffer.from(`leafgate-renew-v1\n${deviceId}\n${requestId}\n${csrHash}\n${signedAt}`, 'utf8');
+  return Buffer.from(`leafgate-renew-v1\n${deviceId}\n${requestId}\n${csrHashOf(csrDer)}\n${signedAt}`, 'utf8');
+}
+
+/** base64url (no padding) of the SHA-256 of a CSR's DER, as the signing inputs carry it. */
+export function csrHashOf(csrDer: Uint8Array): string {
+  return createHash('sha256').update(csrDer).digest('base64url');
+}
+
+/**
+ * Bytes a device signs in the compact flow (`enroll`): the challenge (device, challenge id,
+ * nonce text) AND the exact CSR (sha256 of its DER, base64url without padding), so that
+ * nobody who relays the answer -- the gateway included -- can attach another CSR to it.
+ * Domain-separated from the auth and renewal inputs by its first line.
+ */
+export function enrollSigningInput(deviceId: string, challengeId: string, nonce: string, csrDer: Uint8Array): Buffer {
+  return Buffer.from(`leafgate-enroll-v1\n${deviceId}\n${challengeId}\n${nonce}\n${csrHashOf(csrDer)}`, 'utf8');
 }
 
 // ---- validation ------------------------------------------------------------------------
@@ -236,8 +283,9 @@ export function isKeySpec(v: unknown): v is KeySpec {
   return (k.keyType === 'ec' || k.keyType === 'rsa') && Number.isInteger(k.keySize) && Object.keys(k).length === 2;
 }
 
-export function validateRegister(o: Obj): RegisterMessage {
-  onlyKeys(o, ['requestId', 'method', 'group', 'birthCert', 'enrollmentCode', 'keyPreference', 'deviceId']);
+/** `compactFlag`: the authority's route, where the gateway marks a compact (`begin`) register. */
+export function validateRegister(o: Obj, opts: { compactFlag?: boolean } = {}): RegisterMessage {
+  onlyKeys(o, opts.compactFlag ? ['requestId', 'method', 'group', 'birthCert', 'enrollmentCode', 'keyPreference', 'deviceId', 'compact'] : ['requestId', 'method', 'group', 'birthCert', 'enrollmentCode', 'keyPreference', 'deviceId']);
   const requestId = str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN);
   const method = o.method;
   if (!AUTH_METHODS.includes(method as AuthMethod)) bad(`method must be one of ${AUTH_METHODS.join(', ')}`);
@@ -253,6 +301,22 @@ export function validateRegister(o: Obj): RegisterMessage {
     if (!Array.isArray(kp) || kp.length === 0 || kp.length > 8 || !kp.every(isKeySpec)) bad('keyPreference must be 1-8 {keyType, keySize} objects');
     msg.keyPreference = kp.map((k) => ({ keyType: k.keyType, keySize: k.keySize }));
   }
+  if (o.compact !== undefined) {
+    if (o.compact !== true) bad('compact must be true when present');
+    msg.compact = true;
+  }
+  return msg;
+}
+
+export function validateEnroll(o: Obj): EnrollMessage {
+  onlyKeys(o, ['requestId', 'challengeId', 'csr', 'signature', 'publicKey', 'deviceId']);
+  const msg: EnrollMessage = {
+    requestId: str(o, 'requestId', LIMITS.requestIdChars, REQUEST_ID_PATTERN),
+    challengeId: str(o, 'challengeId', 64, REQUEST_ID_PATTERN),
+    csr: pem(o, 'csr', 'CERTIFICATE REQUEST'),
+    signature: str(o, 'signature', LIMITS.signatureChars, BASE64_PATTERN),
+  };
+  if (o.publicKey !== undefined) msg.publicKey = pem(o, 'publicKey', 'PUBLIC KEY');
   return msg;
 }
 

@@ -5,13 +5,26 @@
  */
 export const TOPIC_ROOT = 'lg/v1';
 
-export const UP_KINDS = ['register', 'auth', 'csr', 'telemetry'] as const;
-export const DOWN_KINDS = ['challenge', 'instruction', 'pending', 'cert', 'error', 'revoked'] as const;
+export const UP_KINDS = ['register', 'auth', 'csr', 'begin', 'enroll', 'telemetry'] as const;
+export const DOWN_KINDS = ['challenge', 'instruction', 'pending', 'cert', 'error', 'revoked', 'offer', 'enrolled'] as const;
 export type UpKind = (typeof UP_KINDS)[number];
 export type DownKind = (typeof DOWN_KINDS)[number];
 
 /** Onboarding topics a bootstrap session (no operational cert yet) may publish to. */
-export const BOOTSTRAP_UP_KINDS: readonly UpKind[] = ['register', 'auth', 'csr'];
+export const BOOTSTRAP_UP_KINDS: readonly UpKind[] = ['register', 'auth', 'csr', 'begin', 'enroll'];
+
+/**
+ * The compact onboarding (two request/response exchanges, docs/protocol.md §4.11): each
+ * request kind has ONE down kind that carries its answer AND its refusals (an error body,
+ * recognisable by its `code`), so that a client waiting on a single response topic -- e.g.
+ * `mosquitto_rr -e` -- sees whichever comes. Other kinds refuse on `down/error`.
+ */
+export const COMPACT_ANSWER_KINDS = { begin: 'offer', enroll: 'enrolled' } as const satisfies Partial<Record<UpKind, DownKind>>;
+
+/** The down kind on which a refusal of a publish on `up/{kind}` is sent. */
+export function refusalKindFor(upKind: string | undefined): DownKind {
+  return upKind === 'begin' || upKind === 'enroll' ? COMPACT_ANSWER_KINDS[upKind] : 'error';
+}
 
 export const DEVICE_ID_MAX_LENGTH = 128;
 /**

@@ -28,13 +28,18 @@ const session = (deviceId: string, kind: DeviceSession['kind']): DeviceSession =
 test('publishDenial: a device publishes only to its own up/ topics of its session kind', () => {
   const boot = session('dev-1', 'bootstrap');
   const op = session('dev-1', 'operational');
-  for (const kind of ['register', 'auth', 'csr'] as const) assert.equal(publishDenial(boot, upTopic('dev-1', kind)), null, `bootstrap ${kind}`);
+  for (const kind of ['register', 'auth', 'csr', 'begin', 'enroll'] as const) assert.equal(publishDenial(boot, upTopic('dev-1', kind)), null, `bootstrap ${kind}`);
   assert.equal(publishDenial(op, upTopic('dev-1', 'csr')), null, 'operational csr (renewal)');
   assert.equal(publishDenial(op, upTopic('dev-1', 'telemetry', 'a', 'b')), null, 'operational telemetry');
   const denied: Array<[DeviceSession, string]> = [
     [boot, upTopic('dev-1', 'telemetry', 'x')], // bootstrap may not send telemetry
     [op, upTopic('dev-1', 'register')], // operational sessions do not re-register
     [op, upTopic('dev-1', 'auth')],
+    [op, upTopic('dev-1', 'begin')], // the compact flow is a bootstrap flow too
+    [op, upTopic('dev-1', 'enroll')],
+    [boot, upTopic('dev-2', 'enroll')],
+    [boot, downTopic('dev-1', 'enrolled')], // spoofing the compact flow's answers
+    [boot, 'lg/v1/dev-1/up/enroll/extra'],
     [boot, upTopic('dev-2', 'register')], // another device
     [op, upTopic('dev-2', 'telemetry', 'x')],
     [op, downTopic('dev-1', 'cert')], // spoofing the gateway's answers
@@ -50,8 +55,8 @@ test('publishDenial: a device publishes only to its own up/ topics of its sessio
 
 test('subscriptionAllowed: only the own down/ tree or one known kind under it', () => {
   const s = session('dev-1', 'operational');
-  for (const f of ['lg/v1/dev-1/down/#', 'lg/v1/dev-1/down/+', 'lg/v1/dev-1/down/cert', 'lg/v1/dev-1/down/revoked']) assert.equal(subscriptionAllowed(s, f), true, f);
-  for (const f of ['#', '+/#', '$SYS/#', 'lg/v1/+/down/#', 'lg/v1/#', 'lg/v1/dev-2/down/#', 'lg/v1/dev-1/up/#', 'lg/v1/dev-1/#', 'lg/v1/dev-1/down/unknown', 'lg/v1/dev-1/down/+/x', 'lg/v1/dev-1/down/cert/#', 'lg/v1/dev-10/down/#']) {
+  for (const f of ['lg/v1/dev-1/down/#', 'lg/v1/dev-1/down/+', 'lg/v1/dev-1/down/cert', 'lg/v1/dev-1/down/revoked', 'lg/v1/dev-1/down/offer', 'lg/v1/dev-1/down/enrolled']) assert.equal(subscriptionAllowed(s, f), true, f);
+  for (const f of ['#', '+/#', '$SYS/#', 'lg/v1/+/down/#', 'lg/v1/#', 'lg/v1/dev-2/down/#', 'lg/v1/dev-1/up/#', 'lg/v1/dev-1/#', 'lg/v1/dev-1/down/unknown', 'lg/v1/dev-1/down/+/x', 'lg/v1/dev-1/down/cert/#', 'lg/v1/dev-10/down/#', 'lg/v1/dev-2/down/enrolled', 'lg/v1/dev-1/down/offer/#']) {
     assert.equal(subscriptionAllowed(s, f), false, f);
   }
 });

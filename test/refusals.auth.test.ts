@@ -16,8 +16,10 @@ import { startStack, type Stack } from './support/stack.ts';
 const pkiCredential = (stack: Stack, id: string) => stack.credential(id, 'pki-signature') as Extract<DeviceCredential, { method: 'pki-signature' }>;
 
 /** A device with an explicit credential, through the SDK (bounded by its own timeout). */
-const sdkDevice = (stack: Stack, id: string, credential: DeviceCredential, group?: string) =>
-  new LeafDevice({ deviceId: id, brokerUrl: stack.brokerUrl, ca: stack.rootPem, credential, timeoutMs: 5_000, ...(group ? { group } : {}) });
+const sdkDevice = (stack: Stack, id: string, credential: DeviceCredential, group?: string, flow?: 'compact' | 'classic') =>
+  new LeafDevice({ deviceId: id, brokerUrl: stack.brokerUrl, ca: stack.rootPem, credential, timeoutMs: 5_000, ...(group ? { group } : {}), ...(flow ? { flow } : {}) });
+/** The SDK's flows; the step that checks the proof: auth (classic) or enroll (compact). */
+const FLOWS = [['compact', 'enroll'], ['classic', 'auth']] as const;
 
 // ---- replay ----------------------------------------------------------------------------
 
@@ -114,26 +116,28 @@ test('ddkg: a device id not on the allow-list is refused with enrollment_require
   assert.equal(await stack.authority.store.getDevice(id), null);
 });
 
-test('ddkg one-time-code group: no code is refused, a code enrolls once and only its device', async (t) => {
+for (const [flow, step] of FLOWS) {
+test(`ddkg one-time-code group: no code is refused, a code enrolls once and only its device (${flow} flow)`, async (t) => {
   const stack = await startStack(t);
   const attrs = (id: string) => ({ cpu: `cpu-${id}`, mac: '02:00:00:00:00:09', board: 'rev-c' });
 
-  await assert.rejects(sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1') }, 'coded').onboard(), { code: 'enrollment_required' });
+  await assert.rejects(sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1') }, 'coded', flow).onboard(), { code: 'enrollment_required' });
   await assertRefusalAudited(stack, 'coded-1', 'enrollment_required', { action: 'register' });
   await assertNothingIssued(stack, 'coded-1');
   assert.equal(await stack.authority.store.getDevice('coded-1'), null);
 
   const code = await stack.authority.createEnrollmentCode('coded-1', 'coded');
-  const enrolled = await sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1'), enrollmentCode: code }, 'coded').onboard();
+  const enrolled = await sdkDevice(stack, 'coded-1', { method: 'ddkg', attributes: attrs('coded-1'), enrollmentCode: code }, 'coded', flow).onboard();
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'coded-1' })).map((r) => r.serial).join(), enrolled.serial);
   assert.equal((await stack.authority.store.getDevice('coded-1'))?.status, 'enrolled');
 
   // The same code for a second device: bound to coded-1 and already used.
-  await assert.rejects(sdkDevice(stack, 'coded-2', { method: 'ddkg', attributes: attrs('coded-2'), enrollmentCode: code }, 'coded').onboard(), { code: 'enrollment_required' });
-  await assertRefusalAudited(stack, 'coded-2', 'enrollment_required', { action: 'auth' });
+  await assert.rejects(sdkDevice(stack, 'coded-2', { method: 'ddkg', attributes: attrs('coded-2'), enrollmentCode: code }, 'coded', flow).onboard(), { code: 'enrollment_required' });
+  await assertRefusalAudited(stack, 'coded-2', 'enrollment_required', { action: step });
   await assertNothingIssued(stack, 'coded-2');
   assert.equal((await stack.authority.store.getDevice('coded-2'))?.ddkgPublicKey, null);
-});
+});}
+
 
 test('ddkg: an unused code bound to another device does not enroll this one', async (t) => {
   const stack = await startStack(t);
@@ -155,7 +159,8 @@ test('ddkg: an enrollment code is only good for the group it was created for', a
   await assertNothingIssued(stack, id);
 });
 
-test('ddkg: re-deriving with other hardware attributes after enrolling is auth_failed', async (t) => {
+for (const [flow, step] of FLOWS) {
+test(`ddkg: re-deriving with other hardware attributes after enrolling is auth_failed (${flow} flow)`, async (t) => {
   const stack = await startStack(t);
   const id = 'ddkg-moved';
   const first = await stack.device(id, 'ddkg').onboard();
@@ -163,12 +168,13 @@ test('ddkg: re-deriving with other hardware attributes after enrolling is auth_f
   assert.ok(enrolledKey);
 
   // Same id, other hardware (a clone, or a swapped board): another derived key.
-  const clone = sdkDevice(stack, id, { method: 'ddkg', attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'rev-X' } });
+  const clone = sdkDevice(stack, id, { method: 'ddkg', attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'rev-X' } }, undefined, flow);
   await assert.rejects(clone.onboard(), { code: 'auth_failed' });
-  await assertRefusalAudited(stack, id, 'auth_failed', { action: 'auth' });
+  await assertRefusalAudited(stack, id, 'auth_failed', { action: step });
   assert.deepEqual((await stack.authority.store.listCertificates({ subjectId: id })).map((r) => r.serial), [first.serial]);
   assert.equal((await stack.authority.store.getDevice(id))?.ddkgPublicKey, enrolledKey);
-});
+});}
+
 
 // ---- pki-signature -----------------------------------------------------------------------
 
@@ -194,16 +200,18 @@ test('pki-signature: a birth certificate naming another device is auth_failed', 
   assert.equal(await stack.authority.store.getDevice('pki-someone-else'), null);
 });
 
-test('pki-signature: a challenge signed with another key than the birth certificate\'s is auth_failed', async (t) => {
+for (const [flow, step] of FLOWS) {
+test(`pki-signature: a challenge signed with another key than the birth certificate's is auth_failed (${flow} flow)`, async (t) => {
   const stack = await startStack(t);
   const id = 'pki-wrongkey';
   const { birthCert } = stack.manufacturer.issueBirthCertificate(id);
   const otherKey = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
-  await assert.rejects(sdkDevice(stack, id, { method: 'pki-signature', birthCert, factoryKey: otherKey }).onboard(), { code: 'auth_failed' });
-  await assertRefusalAudited(stack, id, 'auth_failed', { action: 'auth' });
+  await assert.rejects(sdkDevice(stack, id, { method: 'pki-signature', birthCert, factoryKey: otherKey }, undefined, flow).onboard(), { code: 'auth_failed' });
+  await assertRefusalAudited(stack, id, 'auth_failed', { action: step });
   await assertNothingIssued(stack, id);
   assert.equal((await stack.authority.store.getDevice(id))?.status, 'registered');
-});
+});}
+
 
 test('a challenge expires by time: answered at its last millisecond it is accepted, a second later challenge_expired', async (t) => {
   // The authority's clock stands still unless the test moves it.

@@ -6,7 +6,7 @@
 import Fastify, { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
-import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateRegister, validateRenewalCsr, type ErrorCode } from '../../protocol/index.ts';
+import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateEnroll, validateRegister, validateRenewalCsr, type ErrorCode } from '../../protocol/index.ts';
 import { CA_NAMES, type CaConnector, type CaName } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
@@ -234,7 +234,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     });
     scoped.post('/v1/devices/register', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;
-      return deps.onboarding.register(req.gatewayId!, deviceIdOf(body), validateRegister(body));
+      // `compact: true` is the gateway's mark of a device's `up/begin` (the compact flow).
+      return deps.onboarding.register(req.gatewayId!, deviceIdOf(body), validateRegister(body, { compactFlag: true }));
     });
     scoped.post('/v1/devices/auth', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;
@@ -243,6 +244,11 @@ export async function buildAuthorityApi(deps: ApiDeps) {
     scoped.post('/v1/devices/csr', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;
       return deps.onboarding.csr(req.gatewayId!, deviceIdOf(body), validateCsr(body));
+    });
+    // The compact flow's second exchange: challenge answer + CSR under one signature.
+    scoped.post('/v1/devices/enroll', { schema: objectBody }, async (req) => {
+      const body = req.body as Record<string, unknown>;
+      return deps.onboarding.enroll(req.gatewayId!, deviceIdOf(body), validateEnroll(body));
     });
     scoped.post('/v1/devices/renew', { schema: objectBody }, async (req) => {
       const body = req.body as Record<string, unknown>;

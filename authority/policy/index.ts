@@ -25,6 +25,14 @@ export interface DevicePolicy {
   renewAfterFraction: number;
   /** Active (unexpired, unrevoked) certificates a device may hold at once. */
   maxActiveCerts: number;
+  /**
+   * First issuance by the classic three-exchange flow (register, auth, csr). Its challenge
+   * signature does not cover the CSR, so a gateway relaying it could substitute its own CSR
+   * (docs/security.md); the compact flow (begin, enroll) signs both. False refuses the
+   * classic `csr` with policy_violation, so devices of the group must use the compact flow.
+   * Default true: devices in the field keep working.
+   */
+  allowClassicFlow: boolean;
   pkiSignature: {
     /** Manufacturer CA certificates (PEM) that birth certificates must chain to. */
     manufacturerCAs: string[];
@@ -66,6 +74,7 @@ export const DEFAULT_POLICY: DevicePolicy = {
   validityDays: 365,
   renewAfterFraction: 2 / 3,
   maxActiveCerts: 2,
+  allowClassicFlow: true,
   pkiSignature: { manufacturerCAs: [], deviceIdFrom: 'CN' },
   ddkg: { enrollment: 'allow-list', allowList: [] },
   renewal: { requireDeviceProof: true, proofWindowSeconds: 600, clockSkewSeconds: 300 },
@@ -148,6 +157,7 @@ export function validatePolicy(name: string, p: DevicePolicy): void {
   if (!(p.validityDays >= 1 && p.validityDays <= 3650)) fail('validityDays must be 1..3650');
   if (!(p.renewAfterFraction > 0 && p.renewAfterFraction < 1)) fail('renewAfterFraction must be in (0, 1)');
   if (!(Number.isInteger(p.maxActiveCerts) && p.maxActiveCerts >= 1)) fail('maxActiveCerts must be >= 1');
+  if (typeof p.allowClassicFlow !== 'boolean') fail('allowClassicFlow must be true or false');
   if (!['allow-list', 'one-time-code', 'auto-approve'].includes(p.ddkg.enrollment)) fail('ddkg.enrollment is invalid');
   if (typeof p.renewal?.requireDeviceProof !== 'boolean') fail('renewal.requireDeviceProof must be true or false');
   if (!(Number.isInteger(p.renewal.proofWindowSeconds) && p.renewal.proofWindowSeconds >= 1 && p.renewal.proofWindowSeconds <= 86_400)) fail('renewal.proofWindowSeconds must be 1..86400');

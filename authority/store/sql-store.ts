@@ -340,6 +340,29 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
+  async recordCompactIssuance(args: {
+    request: RequestRow; certificate: CertificateRow; challengeId: string; consumeCode?: { codeHash: string; groupName: string };
+    devicePatch: DevicePatch; maxActive: number; audit: AuditEntry;
+  }): Promise<boolean> {
+    const { request: q, certificate, challengeId, consumeCode: code, devicePatch, maxActive, audit } = args;
+    const deviceId = certificate.subjectId;
+    return this.answerTransaction(async (tx, written) => {
+      if ((await this.insertRequestRow(tx, q, written)).changes !== 1) return false;
+      // Single use, inside the commit: of two verified answers racing (two nodes), one burns it.
+      if ((await tx.run(SQL.useChallenge, [q.createdAt, challengeId])).changes !== 1) throw new LeafgateError('replayed', 'challenge was already answered');
+      if (code && (await tx.run(SQL.useCode, [q.createdAt, code.codeHash, deviceId, code.groupName, q.createdAt])).changes !== 1) {
+        throw new LeafgateError('enrollment_required', 'enrollmentCode is unknown, used or expired');
+      }
+      if (tx.dialect === 'postgres') await tx.query('SELECT id FROM devices WHERE id = ? FOR UPDATE', [deviceId]);
+      const active = Number((await tx.one(SQL.countActive, [deviceId, q.createdAt]))?.n ?? 0);
+      if (active >= maxActive) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${maxActive})`);
+      await updateDeviceRow(tx, deviceId, devicePatch, q.createdAt);
+      await this.insertCert(tx, certificate);
+      await this.audit(tx, audit);
+      return true;
+    });
+  }
+
   async recordRegistration(args: { request: RequestRow; device: DeviceRow | null; challenge: ChallengeRow; audit: AuditEntry }): Promise<boolean> {
     const { request: q, device, challenge, audit } = args;
     return this.answerTransaction(async (tx, written) => {

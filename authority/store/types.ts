@@ -49,7 +49,7 @@ export interface AuthSessionRow {
 export interface RequestRow {
   deviceId: string;
   requestId: string;
-  kind: 'register' | 'auth' | 'csr' | 'renew';
+  kind: 'register' | 'auth' | 'csr' | 'renew' | 'enroll';
   bodyHash: string;
   response: Record<string, unknown>;
   createdAt: number;
@@ -199,6 +199,18 @@ export interface AuthorityStore {
    * through which the device holds its certificate is the one that may renew it).
    */
   recordIssuance(args: { request: RequestRow; certificate: CertificateRow; authSessionId: string; audit: AuditEntry; maxActive?: number; gatewayId?: string }): Promise<boolean>;
+  /**
+   * The compact flow's issuance commit (`enroll`, no auth session): the answer, the challenge
+   * burnt (single use: already used -> LeafgateError `replayed`, nothing written), the
+   * one-time enrollment code consumed when given (unknown, used or expired ->
+   * `enrollment_required`), the device's enrollment fields and gateway, the active-certificate
+   * cap (as in recordIssuance), the certificate and the audit row; all or nothing. False when
+   * the requestId was taken meanwhile (the caller returns that answer).
+   */
+  recordCompactIssuance(args: {
+    request: RequestRow; certificate: CertificateRow; challengeId: string; consumeCode?: { codeHash: string; groupName: string };
+    devicePatch: DevicePatch; maxActive: number; audit: AuditEntry;
+  }): Promise<boolean>;
   /**
    * register's commit: the stored answer (the challenge) first, then the device row when
    * given (kept as it is when it exists), the challenge row and the audit row; all or
