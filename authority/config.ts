@@ -8,12 +8,24 @@ import { LeafgateError } from '../protocol/index.ts';
 import { DEFAULT_POLICY, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
 import { isPostgresUrl } from './store/index.ts';
 import { pgConfig } from './store/sql.ts';
+import { DEFAULT_KEY_LABELS, defaultPkcs11Workers, type Pkcs11KeysConfig } from './ca/pkcs11-ca-key.ts';
+import type { CaName } from './ca/index.ts';
+
+/**
+ * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
+ * with PostgreSQL), decrypted with caPassphrase. pkcs11: keys in a PKCS#11 token (an HSM),
+ * certificates in `<dataDir>/ca`. keyvault: Azure Key Vault keys (its own connector).
+ */
+export type CaKeysConfig = { store: 'file' } | Pkcs11KeysConfig | ({ store: 'keyvault' } & Record<string, unknown>);
+export type CaKeysConfigInput = { store?: 'file' | 'pkcs11' | 'keyvault'; keyLabels?: Partial<Record<CaName, string>> } & Record<string, unknown>;
 
 export interface AuthorityConfig {
   /** CA material (SQLite mode), the admin token and the SQLite file live here. */
   dataDir: string;
-  /** Encrypts the CA private keys at rest. Env: LEAFGATE_CA_PASSPHRASE. */
+  /** Encrypts the CA private keys at rest (caKeys.store "file"). Env: LEAFGATE_CA_PASSPHRASE. */
   caPassphrase: string;
+  /** Where the CA keys live: file (default), pkcs11 (an HSM), keyvault. */
+  caKeys: CaKeysConfig;
   listen: { host: string; port: number };
   /** Names (DNS or IP) in the authority's TLS certificate. */
   hostnames: string[];
@@ -77,7 +89,8 @@ export interface AuthorityConfig {
   policies: Record<string, DevicePolicy>;
 }
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys'>> & {
+  caKeys?: CaKeysConfigInput;
   /** Older name of `database` (a SQLite file). */
   databaseFile?: string;
   dps?: Partial<NonNullable<AuthorityConfig['dps']>> & { connectionString: string };
@@ -100,6 +113,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   const cfg: AuthorityConfig = {
     dataDir,
     caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
+    caKeys: resolveCaKeys(input.caKeys),
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? Number(env.LEAFGATE_AUTHORITY_PORT ?? 8443) },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
@@ -141,6 +155,36 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   if (cfg.crlBaseUrl !== undefined && !/^https?:\/\/[^\s/?#]+(\/[^\s?#]*)?$/.test(cfg.crlBaseUrl)) throw new LeafgateError('internal', 'crlBaseUrl must be an http(s) URL without query');
   if (!Number.isInteger(cfg.listen.port) || cfg.listen.port < 0 || cfg.listen.port > 65535) throw new LeafgateError('internal', 'listen.port is invalid');
   return Object.freeze(cfg);
+}
+
+/**
+ * `caKeys`: defaults and validation in one place. The PIN is never part of the configuration:
+ * only the file or the environment variable it is read from at start.
+ */
+export function resolveCaKeys(input: CaKeysConfigInput | undefined): CaKeysConfig {
+  const store = input?.store ?? 'file';
+  const bad = (what: string) => new LeafgateError('internal', `caKeys: ${what}`);
+  if (store === 'file') return { store };
+  if (store === 'keyvault') return { ...input, store } as CaKeysConfig;
+  if (store !== 'pkcs11') throw bad(`store must be "file", "pkcs11" or "keyvault", not ${JSON.stringify(store)}`);
+  const i = input as Partial<Pkcs11KeysConfig> & { pin?: unknown };
+  if ('pin' in i) throw bad('a PIN is never written in the configuration: use pinFile or pinEnv');
+  const str = (v: unknown, name: string, required: boolean) => {
+    if (v === undefined && !required) return undefined;
+    if (typeof v !== 'string' || !v) throw bad(`${name} must be a non-empty string`);
+    return v;
+  };
+  const keyLabels = { ...DEFAULT_KEY_LABELS, ...(i.keyLabels ?? {}) };
+  for (const [name, label] of Object.entries(keyLabels)) str(label, `keyLabels.${name}`, true);
+  if (new Set(Object.values(keyLabels)).size !== Object.keys(keyLabels).length) throw bad('keyLabels must differ from one CA to another');
+  const keyType = i.keyType ?? 'ec-256';
+  if (!['ec-256', 'ec-384', 'rsa-3072'].includes(keyType)) throw bad('keyType must be ec-256, ec-384 or rsa-3072');
+  const workers = i.workers ?? defaultPkcs11Workers();
+  if (!Number.isInteger(workers) || workers < 1 || workers > 16) throw bad('workers must be an integer from 1 to 16');
+  return {
+    store, module: str(i.module, 'module', true)!, tokenLabel: str(i.tokenLabel, 'tokenLabel', true)!, pinFile: str(i.pinFile, 'pinFile', false),
+    pinEnv: str(i.pinEnv, 'pinEnv', false), keyLabels, keyType, workers,
+  };
 }
 
 export function loadAuthorityConfigFile(path: string): AuthorityConfigInput {

@@ -172,7 +172,7 @@ export class GatewayEnrollment {
     const own = namesOf(current.pem);
     const extra = this.deps.subCa.permittedDns.map((d) => d.replaceAll('{gatewayId}', gatewayId));
     const nameConstraints = { dns: [...new Set([...own.dns, ...extra])], ip: [...new Set(own.ip)] };
-    const issued = this.deps.ca.issue('edge', {
+    const issued = await this.deps.ca.issue('edge', {
       // Built from the checked CN and the parser's canonical key, never the request's bytes.
       subjectDer: pkix.encodeName(expectedCn),
       spkiDer: csr.spkiDer,
@@ -195,7 +195,7 @@ export class GatewayEnrollment {
   private async issueGatewayCert(gatewayId: string, csr: pkix.ParsedCsr, action: string, now: number): Promise<GatewayEnrollmentResult> {
     const k = csr.key;
 
-    const issued = this.deps.ca.issue('infra', {
+    const issued = await this.deps.ca.issue('infra', {
       // Built from the checked CN (the gateway id) and the parser's canonical key, never the request's bytes.
       subjectDer: pkix.encodeName(gatewayId),
       spkiDer: csr.spkiDer,
