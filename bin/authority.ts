@@ -165,6 +165,8 @@ export async function authorityCommand(argv: string[]): Promise<number> {
  * an intermediate). `migrate` lists what an upgrade left for the operator.
  */
 async function caCommand(command: 'init' | 'root-crl' | 'migrate', v: Record<string, any>, config: ReturnType<typeof resolveAuthorityConfig>): Promise<number> {
+  // init on a new data directory: the SQLite file lives there.
+  if (!isPostgresUrl(config.database)) mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const store = await openStore(config.database);
   let ca: LocalCa | undefined;
   try {

@@ -122,6 +122,17 @@ function releaseModule(path: string): void {
   }
 }
 
+/** CKA_EC_POINT is a DER OCTET STRING (04 len 04 X Y); a few modules answer the bare point (04 X Y). */
+function unwrapOctetString(v: Buffer): Buffer {
+  try {
+    const node = pkix.der.parseDer(v);
+    if (node.tag === pkix.der.TAG.OCTET_STRING && node.value[0] === 0x04) return node.value;
+  } catch {
+    // not DER: the bare point
+  }
+  return v;
+}
+
 /** A key found in (or made in) the token. */
 export interface TokenKey {
   label: string;
@@ -204,7 +215,8 @@ export class Pkcs11Token {
     if (!priv) return null;
     const attr = (h: Handle, types: number[]) => p11.C_GetAttributeValue(this.session, h, types.map((type) => ({ type }))).map((a) => a.value as Buffer);
     const [keyTypeRaw, sensitive, extractable] = attr(priv, [pk.CKA_KEY_TYPE, pk.CKA_SENSITIVE, pk.CKA_EXTRACTABLE]);
-    const keyType = keyTypeRaw.readUIntLE(0, keyTypeRaw.length);
+    // CK_ULONG in the platform's byte order and size (8 octets on 64-bit Linux).
+    const keyType = keyTypeRaw.length === 8 ? Number(keyTypeRaw.readBigUInt64LE(0)) : keyTypeRaw.readUIntLE(0, keyTypeRaw.length);
     const flags = { sensitive: sensitive[0] === 1, extractable: extractable[0] === 1 };
     const pub = this.find(pk.CKO_PUBLIC_KEY, label);
     if (keyType === pk.CKK_EC) {
@@ -212,7 +224,7 @@ export class Pkcs11Token {
       if (!pub) throw new LeafgateError('internal', `PKCS#11 token "${this.tokenLabel}" holds the private key "${label}" but not its public key (same label)`);
       const [pointOctets] = attr(pub, [pk.CKA_EC_POINT]);
       // CKA_EC_POINT is the DER OCTET STRING of the point (PKCS#11 2.40 2.3.3).
-      const point = pointOctets[0] === 0x04 && pointOctets.length % 2 === 1 ? pointOctets : pkix.der.parseDer(pointOctets).value;
+      const point = unwrapOctetString(pointOctets);
       const spki = pkix.der.seq(pkix.der.seq(pkix.der.oid(pkix.OID.ecPublicKey), params), pkix.der.bitString(point));
       const publicKey = createPublicKey({ key: spki, format: 'der', type: 'spki' });
       const desc = pkix.keyDescription(publicKey);
@@ -319,7 +331,8 @@ class SignWorker {
     };
     this.worker.on('error', fail);
     this.worker.on('exit', (code) => fail(new Error(`PKCS#11 signing worker exited with code ${code}`)));
-    this.worker.unref();
+    // Held while it opens its session (a start awaits it), then unref'd: in-flight jobs hold the process.
+    void this.ready.then(() => this.worker.unref(), () => this.worker.unref());
   }
 }
 
@@ -426,6 +439,7 @@ export class Pkcs11Signer {
         w.worker.once('exit', () => resolve());
       });
       try {
+        w.worker.ref(); // held until its session is closed
         w.worker.postMessage({ type: 'close' });
         await closed;
       } catch {

@@ -16,6 +16,7 @@ const { createHash } = require('node:crypto');
 
 const pk = require(workerData.pkcs11jsPath);
 const p11 = new pk.PKCS11();
+p11.load(workerData.module);
 
 // DigestInfo prefixes (RFC 8017 9.2 note 1).
 const DIGEST_INFO = {
