@@ -8,12 +8,24 @@ import { checkConfig, configError, readJsonConfig, type Schema } from '../config
 import { DEFAULT_POLICY, POLICY_OVERRIDE_SCHEMA, mergePolicy, validatePolicy, type DevicePolicy } from './policy/index.ts';
 import { isPostgresUrl } from './store/index.ts';
 import { pgConfig } from './store/sql.ts';
+import { DEFAULT_KEY_LABELS, defaultPkcs11Workers, type Pkcs11KeysConfig } from './ca/pkcs11-ca-key.ts';
+import type { CaName } from './ca/index.ts';
+
+/**
+ * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
+ * with PostgreSQL), decrypted with caPassphrase. pkcs11: keys in a PKCS#11 token (an HSM),
+ * certificates in `<dataDir>/ca`. keyvault: Azure Key Vault keys (its own connector).
+ */
+export type CaKeysConfig = { store: 'file' } | Pkcs11KeysConfig | ({ store: 'keyvault' } & Record<string, unknown>);
+export type CaKeysConfigInput = { store?: 'file' | 'pkcs11' | 'keyvault'; keyLabels?: Partial<Record<CaName, string>> } & Record<string, unknown>;
 
 export interface AuthorityConfig {
   /** CA material (SQLite mode), the admin token and the SQLite file live here. */
   dataDir: string;
-  /** Encrypts the CA private keys at rest. Env: LEAFGATE_CA_PASSPHRASE. */
+  /** Encrypts the CA private keys at rest (caKeys.store "file"). Env: LEAFGATE_CA_PASSPHRASE. */
   caPassphrase: string;
+  /** Where the CA keys live: file (default), pkcs11 (an HSM), keyvault. */
+  caKeys: CaKeysConfig;
   listen: { host: string; port: number };
   /** Names (DNS or IP) in the authority's TLS certificate. */
   hostnames: string[];
@@ -114,7 +126,8 @@ export const DPS_OPS_PER_MINUTE_PER_UNIT = 1000;
 
 type SyncRetryInput = Partial<SyncRetryConfig>;
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys'>> & {
+  caKeys?: CaKeysConfigInput;
   /** Older name of `database` (a SQLite file). */
   databaseFile?: string;
   dps?: Partial<Omit<NonNullable<AuthorityConfig['dps']>, 'sync'>> & { connectionString: string; sync?: SyncRetryInput };
@@ -147,6 +160,11 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         host: { type: 'string', minLength: 1, default: '0.0.0.0', env: 'LEAFGATE_AUTHORITY_HOST', description: 'HTTPS listen address.' },
         port: { ...int('HTTPS port (0: any free port).', 0, 65535, 8443), env: 'LEAFGATE_AUTHORITY_PORT' },
       },
+    },
+    caKeys: {
+      type: 'object', additionalProperties: true,
+      description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM".',
+      properties: { store: { enum: ['file', 'pkcs11', 'keyvault'], default: 'file', description: 'file, pkcs11 or keyvault.' } },
     },
     hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
     organization: { type: 'string', minLength: 1, default: 'leafgate', description: 'Organization in CA names.' },
@@ -238,6 +256,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   const cfg: AuthorityConfig = {
     dataDir,
     caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
+    caKeys: resolveCaKeys(input.caKeys),
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? (envNumber(env.LEAFGATE_AUTHORITY_PORT) as number) ?? 8443 },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
@@ -343,6 +362,36 @@ export function resolveAzureConfig(input: AuthorityConfigInput, env: NodeJS.Proc
     };
   }
   return { iotHub, dps };
+}
+
+/**
+ * `caKeys`: defaults and validation in one place. The PIN is never part of the configuration:
+ * only the file or the environment variable it is read from at start.
+ */
+export function resolveCaKeys(input: CaKeysConfigInput | undefined): CaKeysConfig {
+  const store = input?.store ?? 'file';
+  const bad = (what: string): never => configError('authority config', 'caKeys', what);
+  if (store === 'file') return { store };
+  if (store === 'keyvault') return { ...input, store } as CaKeysConfig;
+  if (store !== 'pkcs11') bad(`store must be "file", "pkcs11" or "keyvault", not ${JSON.stringify(store)}`);
+  const i = input as Partial<Pkcs11KeysConfig> & { pin?: unknown };
+  if ('pin' in i) bad('a PIN is never written in the configuration: use pinFile or pinEnv');
+  const str = (v: unknown, name: string, required: boolean): string | undefined => {
+    if (v === undefined && !required) return undefined;
+    if (typeof v !== 'string' || !v) return bad(`${name} must be a non-empty string`);
+    return v;
+  };
+  const keyLabels = { ...DEFAULT_KEY_LABELS, ...(i.keyLabels ?? {}) };
+  for (const [name, label] of Object.entries(keyLabels)) str(label, `keyLabels.${name}`, true);
+  if (new Set(Object.values(keyLabels)).size !== Object.keys(keyLabels).length) bad('keyLabels must differ from one CA to another');
+  const keyType = i.keyType ?? 'ec-256';
+  if (!['ec-256', 'ec-384', 'rsa-3072'].includes(keyType)) bad('keyType must be ec-256, ec-384 or rsa-3072');
+  const workers = i.workers ?? defaultPkcs11Workers();
+  if (!Number.isInteger(workers) || workers < 1 || workers > 16) bad('workers must be an integer from 1 to 16');
+  return {
+    store, module: str(i.module, 'module', true)!, tokenLabel: str(i.tokenLabel, 'tokenLabel', true)!, pinFile: str(i.pinFile, 'pinFile', false),
+    pinEnv: str(i.pinEnv, 'pinEnv', false), keyLabels, keyType, workers,
+  };
 }
 
 function stripUndefined<T extends object>(o: T | undefined): T | undefined {

@@ -165,7 +165,7 @@ export class GatewayEnrollment {
     const csr = await this.checkCsr(action, csrPem, gatewayId, now);
     if (csr.subject.length !== 1 || csr.commonName !== edgeDeviceId) throw await this.refuse(action, 'policy_violation', `the IoT Edge device identity CSR subject must be CN=${edgeDeviceId}`, gatewayId, now);
     if (csr.sans.dns.length || csr.sans.ip.length) throw await this.refuse(action, 'policy_violation', 'the IoT Edge device identity carries no SANs', gatewayId, now);
-    const issued = this.deps.ca.issue('infra', {
+    const issued = await this.deps.ca.issue('infra', {
       subjectDer: pkix.encodeName(edgeDeviceId),
       spkiDer: csr.spkiDer,
       profile: { kind: 'device', keyType: csr.key.keyType },
@@ -227,7 +227,7 @@ export class GatewayEnrollment {
   }
 
   private async issueSubCa(gatewayId: string, { csr, expectedCn, nameConstraints }: { csr: pkix.ParsedCsr; expectedCn: string; nameConstraints: { dns: string[]; ip: string[] } }, now: number): Promise<{ certificate: string; chain: string[]; notAfter: string }> {
-    const issued = this.deps.ca.issue('edge', {
+    const issued = await this.deps.ca.issue('edge', {
       // Built from the checked CN and the parser's canonical key, never the request's bytes.
       subjectDer: pkix.encodeName(expectedCn),
       spkiDer: csr.spkiDer,
@@ -250,7 +250,7 @@ export class GatewayEnrollment {
   private async issueGatewayCert(gatewayId: string, csr: pkix.ParsedCsr, action: string, now: number): Promise<GatewayEnrollmentResult> {
     const k = csr.key;
 
-    const issued = this.deps.ca.issue('infra', {
+    const issued = await this.deps.ca.issue('infra', {
       // Built from the checked CN (the gateway id) and the parser's canonical key, never the request's bytes.
       subjectDer: pkix.encodeName(gatewayId),
       spkiDer: csr.spkiDer,

@@ -2,7 +2,7 @@
 export { startAuthority, loadAdminToken, type RunningAuthority } from './service.ts';
 export { resolveAuthorityConfig, loadAuthorityConfigFile, AUTHORITY_CONFIG_SCHEMA, type AuthorityConfig, type AuthorityConfigInput } from './config.ts';
 export { DEFAULT_POLICY, type DevicePolicy } from './policy/index.ts';
-export { LocalCa, type CaConnector } from './ca/index.ts';
+export { LocalCa, openCa, Pkcs11Token, openPkcs11CaKeys, type CaConnector, type CaKey } from './ca/index.ts';
 export { SqlStore, SqliteStore, openStore, isPostgresUrl, type AuthorityStore } from './store/index.ts';
 export { LocalBus, PgBus, type ClusterBus, type ClusterMessage } from './cluster.ts';
 export { DeviceOnboarding } from './onboarding.ts';

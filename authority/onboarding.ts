@@ -253,7 +253,7 @@ export class DeviceOnboarding {
    * by the parser), a subject built from the instruction's CN, the SANs the instruction allowed.
    */
   private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, instruction: InstructionMessage, now: number): Promise<{ answer: CertMessage; row: CertificateRow }> {
-    const issued = await this.ca.issueAsync('device', {
+    const issued = await this.ca.issue('device', {
       subjectDer: pkix.encodeName(instruction.subject.commonName), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
       notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + instruction.validityDays * 86_400_000),
     });

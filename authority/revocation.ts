@@ -58,7 +58,7 @@ export class Revocation {
 
   /** The CAs whose CRL this node can sign now (the root only while its key is online). */
   private signable(name: CaName): boolean {
-    return !!this.deps.ca.get(name).privateKey;
+    return !!this.deps.ca.get(name).key;
   }
 
   /** Reissued at half its validity, but not more often than once a minute. */
@@ -133,7 +133,8 @@ export class Revocation {
    */
   async reissue(newlyRevoked: string[] = [], name: CaName = 'device-ca'): Promise<CrlSnapshot> {
     const ca = this.deps.ca.get(name);
-    if (!ca.privateKey) throw new LeafgateError('bad_request', `the ${name} key is offline: its CRL is signed where the key is (leafgate authority root-crl)`);
+    const key = ca.key;
+    if (!key) throw new LeafgateError('bad_request', `the ${name} key is offline: its CRL is signed where the key is (leafgate authority root-crl)`);
     const announce = (crl: CrlSnapshot) => {
       if (name === 'device-ca') this.deps.events.emit('crl', { crlNumber: crl.crlNumber.toString(), revoked: newlyRevoked });
     };
@@ -144,8 +145,9 @@ export class Revocation {
       const crlNumber = (prev?.crlNumber ?? 0n) + 1n;
       const thisUpdate = new Date(now);
       const nextUpdate = new Date(now + this.validityMs());
-      const der = pkix.encodeCrl({
-        issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey, crlNumber, thisUpdate, nextUpdate,
+      // Signed through the CA's key wherever it lives (file, PKCS#11 token, Key Vault).
+      const der = await pkix.encodeCrlAsync({
+        issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: key, crlNumber, thisUpdate, nextUpdate,
         entries: revoked.map((c) => ({ serial: c.serial, revokedAt: new Date(c.revokedAt ?? now), reason: c.revocationReason ?? 0 })),
       });
       if (await this.deps.store.saveCrl({ issuer: name, crlNumber, thisUpdate: now, nextUpdate: nextUpdate.getTime(), der })) {

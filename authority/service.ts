@@ -9,7 +9,7 @@ import { isIP } from 'node:net';
 import pino, { type Logger } from 'pino';
 import { AUTHORITY_URI, pkix } from '../protocol/index.ts';
 import { buildAuthorityApi } from './api/server.ts';
-import { BACKDATE_MS, CA_NAMES, LocalCa } from './ca/index.ts';
+import { BACKDATE_MS, CA_NAMES, openCa, type LocalCa } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { GatewayEnrollment } from './gateways.ts';
 import { hashEnrollmentCode } from './auth-methods/index.ts';
@@ -71,17 +71,19 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     throw err;
   }
   let bus: ClusterBus = new LocalBus();
-  let ca: LocalCa;
+  let ca: LocalCa | undefined;
   try {
     if (store.db instanceof PostgresDriver) {
       // Several nodes on one database share one CA, kept in the database (keys encrypted).
-      const shared = await LocalCa.openShared(store, config.caPassphrase, { organization: config.organization, adoptDir: join(config.dataDir, 'ca'), crlBaseUrl: config.crlBaseUrl });
+      const shared = await openCa(config, { shared: store, adoptDir: true });
       ca = shared.ca;
       if (shared.created) logger.info({ adopted: shared.adopted }, shared.adopted ? 'CA files of the data directory stored in the database for the cluster' : 'new CA created in the database');
       bus = await PgBus.start(store.db, logger.child({ component: 'cluster' }));
     } else {
-      ca = LocalCa.open(join(config.dataDir, 'ca'), config.caPassphrase, { organization: config.organization, crlBaseUrl: config.crlBaseUrl });
+      ca = (await openCa(config)).ca;
     }
+    // Where each CA key is (file, pkcs11:<token>/<label>): never a secret.
+    logger.info({ caKeys: config.caKeys.store, keys: ca.describeKeys() }, 'CA keys opened');
     // The intermediates are certificates the root issued: on record, so they can be revoked (root CRL).
     await store.ensureCertificates(ca.intermediates().map((c) => ({
       serial: c.serial, subjectId: c.name, kind: 'ca' as const, issuer: 'root' as const, fingerprint: c.certificate.fingerprint256, notBefore: new Date(c.certificate.validFrom).getTime(),
@@ -92,13 +94,16 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       logger.warn({ count: legacy.length, gateways: [...new Set(legacy.map((c) => c.subjectId))].slice(0, 20) }, 'gateway Sub-CAs signed directly by the root (before the edge issuer) are still valid and carry no full name constraints: renew them (gateway subca) and revoke the old ones; `leafgate authority migrate` lists them');
     }
   } catch (err) {
+    await ca?.close();
     await bus.close();
     await store.close();
     if (err instanceof LeafgateError && err.code === 'authority_unavailable') logger.error({ database, err: err.message }, 'cannot open the authority database');
+    else logger.error({ caKeys: config.caKeys.store, err: (err as Error).message }, 'cannot open the CA');
     throw err;
   }
+  const caOpened: LocalCa = ca;
   // What was started so far, stopped in reverse if a later step fails (e.g. the port is taken).
-  const started: Array<() => unknown> = [() => store.close(), () => bus.close()];
+  const started: Array<() => unknown> = [() => caOpened.close(), () => store.close(), () => bus.close()];
   try {
     // Late-bound: the metrics read parts made below.
     const parts: { renewals?: RenewalScheduler; revocation?: Revocation; hub?: IotHubConnector; dps?: DpsConnector } = {};
@@ -164,7 +169,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
 
     const tlsKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
     const now = Date.now();
-    const tlsCert = ca.issue('infra', {
+    const tlsCert = await ca.issue('infra', {
       subjectDer: pkix.encodeName(`${config.organization} authority`),
       spkiDer: tlsKey.publicKey.export({ type: 'spki', format: 'der' }),
       profile: { kind: 'server', keyType: 'ec' },
@@ -232,6 +237,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         await bus.close();
         await app.close();
         await store.close();
+        await caOpened.close();
       },
     };
   } catch (err) {

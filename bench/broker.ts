@@ -156,12 +156,12 @@ export const brokerBench = defineBench({
 
     // Device identities straight from the CA: one per publisher, one subscriber.
     const ca = LocalCa.open(stack.caDir, BENCH_PASSPHRASE);
-    const identity = (id: string): Identity => {
-      const i = issueBenchIdentity(ca, id);
+    const identity = async (id: string): Promise<Identity> => {
+      const i = await issueBenchIdentity(ca, id);
       return { id, key: i.keyPem, cert: i.certPem + i.caPem };
     };
-    const pubs = Array.from({ length: opts.publishers }, (_, i) => identity(`bench-pub-${String(i).padStart(3, '0')}`));
-    const subscriber = identity('bench-sub');
+    const pubs = await Promise.all(Array.from({ length: opts.publishers }, (_, i) => identity(`bench-pub-${String(i).padStart(3, '0')}`)));
+    const subscriber = await identity('bench-sub');
 
     const targets: Target[] = [];
     // In-process brokers close before the authority, so the gateway's event stream ends quietly.

@@ -41,7 +41,7 @@ async function handle(msg: ConnCommand): Promise<unknown> {
       contexts = new Map();
       const now = Date.now();
       for (const id of msg.ids) {
-        const i = issueBenchIdentity(ca, id, now);
+        const i = await issueBenchIdentity(ca, id, now);
         // Leaf + device CA unless chain is false (the leaf alone, as the protocol now asks).
         // Contexts are built here, not in the timed part.
         contexts.set(id, createSecureContext({ key: i.keyPem, cert: i.certPem + (msg.chain === false ? '' : i.caPem) }));

@@ -15,9 +15,9 @@ export interface BenchIdentity {
   caPem: string;
 }
 
-export function issueBenchIdentity(ca: LocalCa, id: string, now = Date.now()): BenchIdentity {
+export async function issueBenchIdentity(ca: LocalCa, id: string, now = Date.now()): Promise<BenchIdentity> {
   const pair = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-  const issued = ca.issue('device', {
+  const issued = await ca.issue('device', {
     subjectDer: pkix.encodeName(id), spkiDer: pair.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'device', keyType: 'ec' },
     notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + 86_400_000),
   });

@@ -46,7 +46,7 @@ export async function measureTlsFloor(o: {
   const ref = spawnNode('bench/reference-brokers.ts', [o.gatewayDir, 'node-tls'], { name: 'node-tls' });
   try {
     const port = Number((await ref.waitFor(/on port (\d+)/))[1]);
-    const identity = issueBenchIdentity(LocalCa.open(o.caDir, o.passphrase), 'bench-tls-floor');
+    const identity = await issueBenchIdentity(LocalCa.open(o.caDir, o.passphrase), 'bench-tls-floor');
     const bootstrap = tls.createSecureContext({ ca: o.anchors, minVersion: 'TLSv1.2' });
     const operational = tls.createSecureContext({ ca: o.anchors, key: identity.keyPem, cert: identity.certPem, minVersion: 'TLSv1.2' });
 

@@ -19,7 +19,7 @@ const NAMES = ['root', 'device-ca', 'infra-ca'] as const;
 const deviceKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const csr = parseCsr(buildCsr({ commonName: 'dev-1', privateKey: deviceKey.privateKey, publicKey: deviceKey.publicKey }));
 
-function issue(ca: LocalCa, notBefore: Date, notAfter: Date) {
+async function issue(ca: LocalCa, notBefore: Date, notAfter: Date) {
   return ca.issue('device', { subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, notBefore, notAfter });
 }
 
@@ -74,7 +74,7 @@ test('the organization option names the CAs', (t) => {
   assert.equal(ca.infraCa.certificate.subject, 'CN=Acme Infrastructure CA');
 });
 
-test('reopening with the same passphrase loads the same CAs', (t) => {
+test('reopening with the same passphrase loads the same CAs', async (t) => {
   const w = workdir(t);
   const dir = w.path('ca');
   const first = LocalCa.open(dir, PASSPHRASE);
@@ -87,7 +87,7 @@ test('reopening with the same passphrase loads the same CAs', (t) => {
   assert.ok(again.deviceCa.subjectDer.equals(first.deviceCa.subjectDer));
   assert.deepEqual(NAMES.map((n) => readFileSync(`${dir}/${n}.key.pem`, 'utf8') + readFileSync(`${dir}/${n}.crt.pem`, 'utf8')), files, 'files are not rewritten');
   // a certificate issued after reopening chains to the original root
-  const issued = issue(again, new Date(), new Date(Date.now() + DAY));
+  const issued = await issue(again, new Date(), new Date(Date.now() + DAY));
   const x = new X509Certificate(issued.pem);
   assert.ok(x.verify(first.deviceCa.certificate.publicKey));
   assert.ok(x.checkIssued(first.deviceCa.certificate));
@@ -170,34 +170,34 @@ test('CA keys are encrypted with PBES2 + scrypt, as the module comment says', (t
   assert.match(asn1, /:PBES2\n/);
 });
 
-test('notAfter is clamped to the issuing CA\'s notAfter', (t) => {
+test('notAfter is clamped to the issuing CA\'s notAfter', async (t) => {
   const w = workdir(t);
   const ca = LocalCa.open(w.path('ca'), PASSPHRASE);
   const caEnd = new Date(ca.deviceCa.certificate.validTo);
   const now = new Date();
 
-  const long = issue(ca, now, new Date(now.getTime() + 100 * 365 * DAY));
+  const long = await issue(ca, now, new Date(now.getTime() + 100 * 365 * DAY));
   assert.equal(long.notAfter.getTime(), caEnd.getTime());
   assert.equal(new Date(new X509Certificate(long.pem).validTo).getTime(), caEnd.getTime());
 
-  const justPast = issue(ca, now, new Date(caEnd.getTime() + 1000));
+  const justPast = await issue(ca, now, new Date(caEnd.getTime() + 1000));
   assert.equal(new Date(new X509Certificate(justPast.pem).validTo).getTime(), caEnd.getTime());
 
-  const exact = issue(ca, now, caEnd);
+  const exact = await issue(ca, now, caEnd);
   assert.equal(new Date(new X509Certificate(exact.pem).validTo).getTime(), caEnd.getTime());
 
   const inside = new Date(now.getTime() + 30 * DAY + 123);
-  const short = issue(ca, now, inside);
+  const short = await issue(ca, now, inside);
   assert.equal(short.notAfter.getTime(), Math.floor(inside.getTime() / 1000) * 1000, 'reported notAfter is the encoded second');
   assert.equal(new Date(new X509Certificate(short.pem).validTo).getTime(), short.notAfter.getTime());
   assert.equal(new Date(new X509Certificate(short.pem).validFrom).getTime(), short.notBefore.getTime());
 
   // the infrastructure CA clamps to its own end
-  const infra = ca.issue('infra', { subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'server', keyType: 'ec' }, notBefore: now, notAfter: new Date(now.getTime() + 100 * 365 * DAY) });
+  const infra = await ca.issue('infra', { subjectDer: csr.subjectDer, spkiDer: csr.spkiDer, profile: { kind: 'server', keyType: 'ec' }, notBefore: now, notAfter: new Date(now.getTime() + 100 * 365 * DAY) });
   assert.equal(infra.notAfter.getTime(), new Date(ca.infraCa.certificate.validTo).getTime());
 });
 
-test('serial numbers are positive, 16 octets and unique across 1,000 issuances', (t) => {
+test('serial numbers are positive, 16 octets and unique across 1,000 issuances', async (t) => {
   const w = workdir(t);
   const ca = LocalCa.open(w.path('ca'), PASSPHRASE);
   const now = new Date();
@@ -205,7 +205,7 @@ test('serial numbers are positive, 16 octets and unique across 1,000 issuances',
   const serials = new Set<string>();
   const started = Date.now();
   for (let i = 0; i < 1000; i++) {
-    const issued = issue(ca, now, later);
+    const issued = await issue(ca, now, later);
     assert.match(issued.serial, /^[0-9A-F]{32}$/);
     const [tbs] = der.children(der.parseDer(issued.der));
     const serialNode = der.children(tbs)[1];

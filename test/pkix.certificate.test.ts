@@ -45,7 +45,7 @@ function csrFor(label: KeyLabel, cn: string, sans?: { dns?: string[]; uri?: stri
   return { pem, parsed: parseCsr(pem), privateKey };
 }
 
-function issueDevice(ca: LocalCa, csr: ParsedCsr, opts: { notBefore?: Date; notAfter?: Date; sans?: { dns?: string[]; uri?: string[]; ip?: string[] } } = {}): IssuedCertificate {
+function issueDevice(ca: LocalCa, csr: ParsedCsr, opts: { notBefore?: Date; notAfter?: Date; sans?: { dns?: string[]; uri?: string[]; ip?: string[] } } = {}): Promise<IssuedCertificate> {
   const now = new Date();
   return ca.issue('device', {
     subjectDer: csr.subjectDer,
@@ -143,11 +143,11 @@ test('CA certificates pass openssl verify -x509_strict and carry the CA profile'
 });
 
 for (const label of Object.keys(KEYS) as KeyLabel[]) {
-  test(`device certificate for an ${label} CSR verifies as sslclient and shows the device profile`, (t) => {
+  test(`device certificate for an ${label} CSR verifies as sslclient and shows the device profile`, async (t) => {
     const { w, ca } = setup(t);
     const sans = { dns: ['dev-1.devices.example'], uri: ['urn:leafgate:device:dev-1'], ip: ['10.0.0.7'] };
     const { parsed } = csrFor(label, 'dev-1', sans);
-    const issued = issueDevice(ca, parsed);
+    const issued = await issueDevice(ca, parsed);
     w.write('leaf.pem', issued.pem);
 
     const ok = verify(w, ['-x509_strict', '-purpose', 'sslclient', '-CAfile', 'root.pem', '-untrusted', 'device-ca.pem', 'leaf.pem']);
@@ -188,12 +188,12 @@ for (const label of Object.keys(KEYS) as KeyLabel[]) {
   });
 }
 
-test('device certificate from an openssl-made CSR verifies too', (t) => {
+test('device certificate from an openssl-made CSR verifies too', async (t) => {
   const { w, ca } = setup(t);
   w.openssl(['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'dev.key']);
   w.openssl(['req', '-new', '-key', 'dev.key', '-subj', '/CN=dev-7', '-out', 'dev.csr']);
   const parsed = parseCsr(w.read('dev.csr').toString());
-  const issued = issueDevice(ca, parsed);
+  const issued = await issueDevice(ca, parsed);
   w.write('leaf.pem', issued.pem);
   const r = verify(w, ['-x509_strict', '-purpose', 'sslclient', '-CAfile', 'root.pem', '-untrusted', 'device-ca.pem', 'leaf.pem']);
   assert.ok(r.ok, r.out);
@@ -203,7 +203,7 @@ test('device certificate from an openssl-made CSR verifies too', (t) => {
   assert.equal(certPub, keyPub);
 });
 
-test('gateway and server profiles from the infrastructure CA', (t) => {
+test('gateway and server profiles from the infrastructure CA', async (t) => {
   const { w, ca } = setup(t);
   const { parsed } = csrFor('EC P-256', 'gw-1', { dns: ['gw-1.example'] });
   const now = Date.now();
@@ -211,7 +211,7 @@ test('gateway and server profiles from the infrastructure CA', (t) => {
     ['gateway', 'TLS Web Client Authentication, TLS Web Server Authentication', ['sslclient', 'sslserver']],
     ['server', 'TLS Web Server Authentication', ['sslserver']],
   ] as const) {
-    const issued = ca.issue('infra', {
+    const issued = await ca.issue('infra', {
       subjectDer: parsed.subjectDer,
       spkiDer: parsed.spkiDer,
       profile: { kind, keyType: 'ec' },
@@ -242,7 +242,7 @@ function opensslReference(w: Workdir, o: { csrPem: string; caCert: string; caKey
   return `${o.name}.ref.pem`;
 }
 
-test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermediate, root)', (t) => {
+test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermediate, root)', async (t) => {
   const { w, ca } = setup(t);
   const caDir = w.path('ca');
   const differences: string[] = [];
@@ -250,7 +250,7 @@ test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermedi
   for (const label of ['EC P-256', 'RSA-2048'] as const) {
     const sans = { dns: ['dev-1.devices.example'], ip: ['10.0.0.7'] };
     const { pem, parsed } = csrFor(label, 'dev-1', sans);
-    const issued = issueDevice(ca, parsed);
+    const issued = await issueDevice(ca, parsed);
     const ours = `ours-${parsed.key.keyType}.pem`;
     w.write(ours, issued.pem);
     const ref = opensslReference(w, {
@@ -282,7 +282,7 @@ test('ASN.1 shape matches an openssl reference (device EC, device RSA, intermedi
   }
 
   // intermediate: CSR for the device CA's own key, signed by the root with the intermediate profile
-  const caKey = ca.deviceCa.privateKey;
+  const caKey = ca.deviceCa.privateKey!;
   const csrPem = buildCsr({ commonName: 'leafgate Device CA', privateKey: caKey, publicKey: ca.deviceCa.certificate.publicKey });
   w.write('ours-intermediate.pem', ca.deviceCa.pem);
   const ref = opensslReference(w, {

@@ -18,8 +18,8 @@ const DAY = 86_400_000;
 const leafKey = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const leafCsr = parseCsr(buildCsr({ commonName: 'dev-1', privateKey: leafKey.privateKey, publicKey: leafKey.publicKey }));
 
-function issueLeaf(ca: LocalCa, notBefore: Date, notAfter: Date): X509Certificate {
-  const issued = ca.issue('device', { subjectDer: leafCsr.subjectDer, spkiDer: leafCsr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, notBefore, notAfter });
+async function issueLeaf(ca: LocalCa, notBefore: Date, notAfter: Date): Promise<X509Certificate> {
+  const issued = await ca.issue('device', { subjectDer: leafCsr.subjectDer, spkiDer: leafCsr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, notBefore, notAfter });
   return new X509Certificate(issued.pem);
 }
 
@@ -31,7 +31,7 @@ test('verifyChain', async (t) => {
   const deviceCa = ca.deviceCa.certificate;
   const infraCa = ca.infraCa.certificate;
   const now = Date.now();
-  const leaf = issueLeaf(ca, new Date(now - 60_000), new Date(now + 30 * DAY));
+  const leaf = await issueLeaf(ca, new Date(now - 60_000), new Date(now + 30 * DAY));
 
   await t.test('ok: leaf -> device CA -> root', () => {
     const r = verifyChain(leaf, [deviceCa], [root]);
@@ -58,8 +58,8 @@ test('verifyChain', async (t) => {
     assert.equal(self.path.length, 1, 'a self-signed anchor is not added twice');
   });
 
-  await t.test('expired leaf', () => {
-    const expired = issueLeaf(ca, new Date(now - 10 * DAY), new Date(now - DAY));
+  await t.test('expired leaf', async () => {
+    const expired = await issueLeaf(ca, new Date(now - 10 * DAY), new Date(now - DAY));
     const r = verifyChain(expired, [deviceCa], [root]);
     assert.equal(r.ok, false);
     assert.match(r.reason ?? '', /certificate CN=dev-1 is not valid at /);
@@ -68,8 +68,8 @@ test('verifyChain', async (t) => {
     assert.equal(verifyChain(expired, [deviceCa], [root], new Date(now - 2 * DAY)).ok, true);
   });
 
-  await t.test('not yet valid leaf', () => {
-    const future = issueLeaf(ca, new Date(now + DAY), new Date(now + 10 * DAY));
+  await t.test('not yet valid leaf', async () => {
+    const future = await issueLeaf(ca, new Date(now + DAY), new Date(now + 10 * DAY));
     const r = verifyChain(future, [deviceCa], [root]);
     assert.equal(r.ok, false);
     assert.match(r.reason ?? '', /is not valid at/);

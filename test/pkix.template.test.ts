@@ -94,10 +94,10 @@ test('template TBS is byte-identical to the generic encoder for every profile, k
   }
   t.diagnostic(`${compared} template/generic pairs compared`);
   // serials of every length the INTEGER encoder can meet (leading zero octets, top bit set)
-  const template = new CertificateTemplate({ kind: 'device', keyType: 'ec' }, { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey });
+  const template = new CertificateTemplate({ kind: 'device', keyType: 'ec' }, { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey! });
   for (const serial of [Buffer.from([1]), Buffer.from([0x80]), Buffer.from([0, 0, 0x7f, 1]), Buffer.alloc(20, 0xff)]) {
     const fields: TemplateFields = { serial, subjectDer: CSRS.ec256.subjectDer, spkiDer: CSRS.ec256.spkiDer, notBefore: VALIDITIES[0][0], notAfter: VALIDITIES[0][1] };
-    const generic = encodeCertificate({ ...fields, profile: { kind: 'device', keyType: 'ec' }, issuer: { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey } });
+    const generic = encodeCertificate({ ...fields, profile: { kind: 'device', keyType: 'ec' }, issuer: { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey! } });
     assert.ok(template.encodeTbs(fields).equals(tbsOf(generic)), `serial ${serial.toString('hex')}`);
   }
 });
@@ -117,7 +117,7 @@ test('template certificates (sync and threadpool-signed) pass openssl verify and
   ];
   for (const [i, c] of cases.entries()) {
     const issuingCa = ca[c.ca];
-    const issuer = { subjectDer: issuingCa.subjectDer, keyId: issuingCa.keyId, privateKey: issuingCa.privateKey };
+    const issuer = { subjectDer: issuingCa.subjectDer, keyId: issuingCa.keyId, privateKey: issuingCa.privateKey! };
     const template = new CertificateTemplate(c.profile, issuer);
     const fields: TemplateFields = {
       serial: newSerial(), subjectDer: CSRS[c.csr].subjectDer, spkiDer: CSRS[c.csr].spkiDer, notBefore: new Date(Date.now() - 300_000), notAfter: new Date(Date.now() + 30 * DAY), sans: c.sans,
@@ -134,7 +134,7 @@ test('template certificates (sync and threadpool-signed) pass openssl verify and
   }
 });
 
-test('LocalCa.issue and issueAsync output re-encodes identically with the generic encoder', async (t) => {
+test('LocalCa.issue output (worker pool, and the threadpool fallback) re-encodes identically with the generic encoder', async (t) => {
   const w = workdir(t);
   const ca = LocalCa.open(w.path('ca'), PASSPHRASE);
   const now = Date.now();
@@ -142,9 +142,9 @@ test('LocalCa.issue and issueAsync output re-encodes identically with the generi
     subjectDer: CSRS.ec256.subjectDer, spkiDer: CSRS.ec256.spkiDer, profile: { kind: 'device', keyType: 'ec' } as const, sans: { dns: ['dev-1.devices.example'], uri: [] },
     notBefore: new Date(now - 300_000), notAfter: new Date(now + 365 * DAY),
   };
-  const sync = ca.issue('device', req);
-  const pooled = await ca.issueAsync('device', req);
-  const clamped = await ca.issueAsync('device', { ...req, notAfter: new Date(now + 100 * 365 * DAY) });
+  const sync = await ca.issue('device', req);
+  const pooled = await ca.issue('device', req);
+  const clamped = await ca.issue('device', { ...req, notAfter: new Date(now + 100 * 365 * DAY) });
   assert.equal(clamped.notAfter.getTime(), Math.floor(ca.deviceCa.notAfter.getTime() / 1000) * 1000, 'validity clamped to the issuing CA');
   for (const issued of [sync, pooled, clamped]) {
     const x = new X509Certificate(issued.pem);
@@ -153,7 +153,7 @@ test('LocalCa.issue and issueAsync output re-encodes identically with the generi
     assert.ok(x.verify(ca.deviceCa.certificate.publicKey));
     assert.ok(der.children(der.parseDer(issued.der))[0].raw.equals(tbsOf(encodeCertificate({
       serial: Buffer.from(issued.serial, 'hex'), subjectDer: req.subjectDer, spkiDer: req.spkiDer, notBefore: req.notBefore, notAfter: issued.notAfter, profile: req.profile, sans: req.sans,
-      issuer: { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey },
+      issuer: { subjectDer: ca.deviceCa.subjectDer, keyId: ca.deviceCa.keyId, privateKey: ca.deviceCa.privateKey! },
     }))));
   }
   assert.notEqual(sync.serial, pooled.serial);

@@ -199,7 +199,7 @@ test('a CRL with a bad signature served by the authority is refused by the gatew
   const { identity, crlNumber, file, fileBytes } = await revokedAtGateway(stack, 'pki-crl-forged');
   const ca = stack.authority.ca.deviceCa;
   // What an attacker would serve: a higher number, and the revoked serial gone.
-  const genuineNext = crlSignedBy(stack, ca.privateKey, crlNumber + 2n);
+  const genuineNext = crlSignedBy(stack, ca.privateKey!, crlNumber + 2n);
   const flipped = Buffer.from(genuineNext);
   flipped[flipped.length - 1] ^= 0x01; // still well-formed DER
   const forgeries: Array<[string, bigint, Buffer]> = [
@@ -232,8 +232,8 @@ test('an older CRL, or another CRL with the same number, never replaces the newe
   const ca = stack.authority.ca.deviceCa;
   const candidates: Array<[string, Buffer]> = [
     ['the authority\'s previous CRL', older.der],
-    ['a freshly signed CRL with a lower number', crlSignedBy(stack, ca.privateKey, crlNumber - 1n)],
-    ['a freshly signed CRL with the same number', crlSignedBy(stack, ca.privateKey, crlNumber)],
+    ['a freshly signed CRL with a lower number', crlSignedBy(stack, ca.privateKey!, crlNumber - 1n)],
+    ['a freshly signed CRL with the same number', crlSignedBy(stack, ca.privateKey!, crlNumber)],
   ];
   const updates: bigint[] = [];
   stack.gateway.revocations.on('updated', (u) => updates.push(u.crlNumber));
@@ -249,6 +249,6 @@ test('an older CRL, or another CRL with the same number, never replaces the newe
   }
   assert.deepEqual(updates, []);
   // Positive control: a higher number does replace it.
-  stack.gateway.revocations.applyDer(crlSignedBy(stack, ca.privateKey, crlNumber + 1n, [identity.serial]), 'test');
+  stack.gateway.revocations.applyDer(crlSignedBy(stack, ca.privateKey!, crlNumber + 1n, [identity.serial]), 'test');
   assert.equal(stack.gateway.revocations.crlNumber, crlNumber + 1n);
 });

@@ -14,7 +14,9 @@ import { createCipheriv, createHash, createPrivateKey, randomBytes, scryptSync, 
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
-const { CertificateTemplate, encodeCertificate, keyIdentifier, newSerial, subjectDerOf } = pkix;
+import type { CaKey } from './ca-key.ts';
+import { FileCaKey } from './file-ca-key.ts';
+const { CertificateTemplate, encodeCertificate, encodeCertificateAsync, keyIdentifier, newSerial, subjectDerOf } = pkix;
 type CertificateProfile = pkix.CertificateProfile;
 
 /** The CAs of the hierarchy, by the name of their files, rows and CRLs. */
@@ -30,7 +32,10 @@ export interface IssuingCa {
   pem: string;
   subjectDer: Buffer;
   keyId: Buffer;
-  privateKey: KeyObject;
+  /** Where the key is and how it signs (file, PKCS#11 token, Key Vault). */
+  key: CaKey;
+  /** The private key itself when it is held in this process (file keys): the issuance fast path. Null in an HSM. */
+  privateKey: KeyObject | null;
   /** certificate.validTo as a Date, read once. */
   notAfter: Date;
   /** Upper-case hex, as in the certificates table. */
@@ -38,7 +43,7 @@ export interface IssuingCa {
 }
 
 /** The root: its key is null while it is kept offline. */
-export type RootCa = Omit<IssuingCa, 'privateKey'> & { privateKey: KeyObject | null };
+export type RootCa = Omit<IssuingCa, 'key'> & { key: CaKey | null };
 
 /** The intermediates the root signs: name, common name suffix and profile. */
 const INTERMEDIATES: ReadonlyArray<{ name: Exclude<CaName, 'root'>; cn: string; profile: pkix.CertificateProfile }> = [
@@ -82,14 +87,15 @@ export interface CaBundle {
 /** CA connector contract: what every CA backend (built-in, HSM, external) provides. */
 export interface CaConnector {
   readonly name: string;
-  issue(issuer: IssuerRole, req: IssueRequest): IssuedCertificate;
   /**
-   * The same certificate without blocking the caller's thread on the signature: the
-   * issuance hot path uses this one (a remote or HSM connector is asynchronous anyway).
+   * Signs a certificate without blocking the caller's thread on the signature: file keys on
+   * the worker pool, an HSM or a remote key through its CaKey. Asynchronous only.
    */
-  issueAsync(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate>;
+  issue(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate>;
   /** Trust bundle, root last. */
   bundle(): CaBundle;
+  /** Releases the keys' sessions (HSM) or connections; called once when the authority closes. */
+  close(): Promise<void>;
 }
 
 const MIN_PASSPHRASE = 12;
@@ -186,11 +192,51 @@ export class LocalCa implements CaConnector {
     const missing = INTERMEDIATES.filter((i) => !by.has(i.name));
     if (missing.length) {
       const made = missing.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(opts.crlBaseUrl, 'root')));
-      await store.insertCaMaterialIfAbsent(made.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey, passphrase), createdAt: now.getTime() })));
+      await store.insertCaMaterialIfAbsent(made.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey!, passphrase), createdAt: now.getTime() })));
       by = new Map((await store.getCaMaterial()).map((r) => [r.name, r]));
     }
     const [deviceCa, infraCa, edgeIssuer] = INTERMEDIATES.map((i) => fromPem(i.name, row(i.name).certPem, row(i.name).keyPem, passphrase, root, where(i.name)));
     return { ca: new LocalCa(root, deviceCa, infraCa, edgeIssuer, opts.crlBaseUrl), created, adopted };
+  }
+
+  /**
+   * A CA whose keys live outside this process (a PKCS#11 token, a key vault): the keys come
+   * as CaKeys, the certificates are the files `<dir>/<name>.crt.pem` (public; no key file is
+   * ever written). With `create`, a missing certificate is made through the keys -- the root
+   * self-signs through its key, the root's key signs the intermediates -- which is what
+   * `leafgate authority init` does; at start the certificates must exist. A root without a
+   * key (null) is kept offline. Every key must match its certificate and every intermediate
+   * chain to the root, or the authority refuses to start.
+   */
+  static async openWithKeys(
+    dir: string,
+    keys: { root: CaKey | null } & Record<Exclude<CaName, 'root'>, CaKey>,
+    opts: { organization?: string; now?: Date; crlBaseUrl?: string; create?: boolean } = {},
+  ): Promise<LocalCa> {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const now = opts.now ?? new Date();
+    const org = opts.organization ?? 'leafgate';
+    const load = async (name: CaName, key: CaKey | null, issuer: RootCa | null, cn: string, profile: CertificateProfile, years: number, crlUrl: string | undefined) => {
+      const certPath = join(dir, `${name}.crt.pem`);
+      if (existsSync(certPath)) {
+        const pem = readFileSync(certPath, 'utf8');
+        const certificate = parseCert(pem, certPath);
+        if (key && !sameKey(certificate.publicKey, key.publicKey)) throw new LeafgateError('internal', `the ${name} key (${key.description}) does not match ${certPath}`);
+        checkIssuedBy(certificate, issuer, certPath);
+        return { ...describe(name, certificate, pem), key, privateKey: null };
+      }
+      if (!opts.create) throw new LeafgateError('internal', `${certPath} is missing: run \`leafgate authority init\` with the same key store first`);
+      if (!key) throw new LeafgateError('internal', `the ${name} certificate is missing and its key is offline`);
+      const ca = await createCaWithKey(name, key, issuer, cn, profile, now, years, crlUrl);
+      writeFileSync(certPath, ca.pem);
+      return ca;
+    };
+    const root = (await load('root', keys.root, null, `${org} Root CA`, { kind: 'root' }, 20, undefined)) as RootCa;
+    const rootUrl = crlUrlOf(opts.crlBaseUrl, 'root');
+    const made: IssuingCa[] = [];
+    for (const i of INTERMEDIATES) made.push((await load(i.name, keys[i.name], root, `${org} ${i.cn}`, i.profile, 10, rootUrl)) as IssuingCa);
+    const [deviceCa, infraCa, edgeIssuer] = made;
+    return new LocalCa(root, deviceCa, infraCa, edgeIssuer, opts.crlBaseUrl);
   }
 
   /** The same CA with the root key brought online for one job (an offline root's CRL, say). */
@@ -220,21 +266,26 @@ export class LocalCa implements CaConnector {
     this.templates.clear();
   }
 
-  issue(issuer: IssuerRole, req: IssueRequest): IssuedCertificate {
-    const { template, fields, ca } = this.prepare(issuer, req);
-    return this.result(ca, fields, template.encode(fields), req.notBefore);
-  }
-
-  async issueAsync(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate> {
+  async issue(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate> {
     const { template, fields, ca } = this.prepare(issuer, req);
     return this.result(ca, fields, await template.encodeAsync(fields), req.notBefore);
+  }
+
+  /** Where each key lives, for the start-up log and `--help` (never a secret). */
+  describeKeys(): Record<CaName, string> {
+    return Object.fromEntries(CA_NAMES.map((n) => [n, this.get(n).key?.description ?? 'offline'])) as Record<CaName, string>;
+  }
+
+  async close(): Promise<void> {
+    const keys = new Set(CA_NAMES.map((n) => this.get(n).key).filter((k): k is CaKey => !!k));
+    await Promise.all([...keys].map((k) => k.close?.()));
   }
 
   private prepare(issuer: IssuerRole, req: IssueRequest): { template: pkix.CertificateTemplate; fields: pkix.TemplateFields; ca: IssuingCa } {
     const ca = this.get(ISSUER_CA[issuer]);
     // The root signs intermediates only, and only while its key is online.
     if (issuer === 'root' && req.profile.kind !== 'intermediate') throw new LeafgateError('internal', 'the root signs intermediates only');
-    if (!ca.privateKey) throw new LeafgateError('internal', 'the root key is offline: run this where root.key.pem is');
+    if (!ca.key) throw new LeafgateError('internal', 'the root key is offline: run this where root.key.pem is');
     if (issuer === 'edge' && req.profile.kind !== 'intermediate') throw new LeafgateError('internal', 'the edge issuer signs gateway Sub-CAs only');
     // A certificate never outlives its issuer (RFC 5280 6.1.3 would reject the tail anyway).
     const notAfter = req.notAfter > ca.notAfter ? ca.notAfter : req.notAfter;
@@ -249,7 +300,9 @@ export class LocalCa implements CaConnector {
     const key = profile.kind === 'root' || profile.kind === 'intermediate' ? `${ca.name} ${JSON.stringify(profile)}` : `${ca.name} ${profile.kind} ${profile.keyType}`;
     let t = this.templates.get(key);
     if (!t) {
-      t = new CertificateTemplate(profile, { subjectDer: ca.subjectDer, keyId: ca.keyId, privateKey: ca.privateKey, crlUrl: this.crlUrl(ca.name) });
+      // A key in this process signs through its KeyObject (the fast path), any other through its CaKey.
+      const signer = ca.privateKey ? { privateKey: ca.privateKey } : { signer: ca.key };
+      t = new CertificateTemplate(profile, { subjectDer: ca.subjectDer, keyId: ca.keyId, crlUrl: this.crlUrl(ca.name), ...signer });
       // Sub-CA profiles differ per gateway: not worth keeping.
       if (profile.kind !== 'intermediate') this.templates.set(key, t);
     }
@@ -313,7 +366,7 @@ function readCaFiles(dir: string): CaFileSet | null {
 function generateSet(passphrase: string, org: string, now: Date, crlBaseUrl?: string): CaFileSet {
   const root = createCa('root', null, `${org} Root CA`, { kind: 'root' }, now, 20, undefined);
   const cas = [root, ...INTERMEDIATES.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(crlBaseUrl, 'root')))];
-  return cas.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey, passphrase) }));
+  return cas.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey!, passphrase) }));
 }
 
 function parseCert(pem: string, where: string): X509Certificate {
@@ -332,7 +385,7 @@ function decryptKey(keyPem: string, passphrase: string, where: string): KeyObjec
   }
 }
 
-function describe(name: CaName, certificate: X509Certificate, pem: string): Omit<IssuingCa, 'privateKey'> {
+function describe(name: CaName, certificate: X509Certificate, pem: string): Omit<IssuingCa, 'privateKey' | 'key'> {
   return {
     name, certificate, pem, subjectDer: subjectDerOf(certificate.raw), keyId: keyIdentifier(certificate.publicKey.export({ type: 'spki', format: 'der' })),
     notAfter: new Date(certificate.validTo), serial: certificate.serialNumber.toUpperCase(),
@@ -342,10 +395,10 @@ function describe(name: CaName, certificate: X509Certificate, pem: string): Omit
 /** The root from its certificate, with its key when online (null: kept offline). */
 function rootFromPem(pem: string, keyPem: string | null, passphrase: string, where: string): RootCa {
   const certificate = parseCert(pem, where);
-  if (!keyPem) return { ...describe('root', certificate, pem), privateKey: null };
+  if (!keyPem) return { ...describe('root', certificate, pem), privateKey: null, key: null };
   const privateKey = decryptKey(keyPem, passphrase, where);
   if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `the root key does not match ${where}`);
-  return { ...describe('root', certificate, pem), privateKey };
+  return { ...describe('root', certificate, pem), privateKey, key: new FileCaKey(privateKey) };
 }
 
 /** One CA from its certificate and encrypted key; checks the key matches and the chain to `issuer`. */
@@ -353,12 +406,16 @@ function fromPem(name: CaName, pem: string, keyPem: string, passphrase: string, 
   const privateKey = decryptKey(keyPem, passphrase, where);
   const certificate = parseCert(pem, certWhere);
   if (!certificate.checkPrivateKey(privateKey)) throw new LeafgateError('internal', `${where} does not match ${certWhere}`);
-  // An issuing CA that does not chain to the current root (e.g. the root was regenerated)
-  // would make every issued chain invalid without a word: refuse to start instead.
+  checkIssuedBy(certificate, issuer, certWhere);
+  return { ...describe(name, certificate, pem), privateKey, key: new FileCaKey(privateKey) };
+}
+
+// An issuing CA that does not chain to the current root (e.g. the root was regenerated)
+// would make every issued chain invalid without a word: refuse to start instead.
+function checkIssuedBy(certificate: X509Certificate, issuer: RootCa | null, where: string): void {
   if (issuer && !(certificate.checkIssued(issuer.certificate) && certificate.verify(issuer.certificate.publicKey))) {
-    throw new LeafgateError('internal', `${certWhere} is not issued by the current root: restore the root or remove the issuing CAs`);
+    throw new LeafgateError('internal', `${where} is not issued by the current root: restore the root or remove the issuing CAs`);
   }
-  return { ...describe(name, certificate, pem), privateKey };
 }
 
 /** A new CA: self-signed root when `issuer` is null, else an intermediate the root signs. */
@@ -382,7 +439,35 @@ function createCa(name: CaName, issuer: RootCa | null, commonName: string, profi
     issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey!, crlUrl } : { subjectDer, keyId, privateKey },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
-  return { ...describe(name, new X509Certificate(der), pem), privateKey };
+  return { ...describe(name, new X509Certificate(der), pem), privateKey, key: new FileCaKey(privateKey) };
+}
+
+/** A new CA whose key is a CaKey (an HSM): self-signed through it when `issuer` is null, else signed through the root's. */
+async function createCaWithKey(name: CaName, key: CaKey, issuer: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): Promise<IssuingCa> {
+  if (issuer && !issuer.key) throw new LeafgateError('internal', `the ${name} CA is missing and the root key is offline`);
+  const spkiDer = key.publicKey.export({ type: 'spki', format: 'der' });
+  const subjectDer = pkix.encodeName(commonName);
+  const keyId = keyIdentifier(spkiDer);
+  const notAfter = new Date(now);
+  notAfter.setUTCFullYear(notAfter.getUTCFullYear() + years);
+  const der = await encodeCertificateAsync({
+    serial: newSerial(),
+    subjectDer,
+    spkiDer,
+    notBefore: new Date(now.getTime() - BACKDATE_MS),
+    notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
+    profile,
+    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, signer: issuer.key!, crlUrl } : { subjectDer, keyId, signer: key },
+  });
+  const pem = pkix.toPem(der, 'CERTIFICATE');
+  const certificate = new X509Certificate(der);
+  // What the token signed is checked once here: a signer that answers garbage never makes a CA.
+  if (!certificate.verify(issuer ? issuer.certificate.publicKey : key.publicKey)) throw new LeafgateError('internal', `the ${name} certificate signed through ${(issuer?.key ?? key).description} does not verify`);
+  return { ...describe(name, certificate, pem), privateKey: null, key };
+}
+
+function sameKey(a: KeyObject, b: KeyObject): boolean {
+  return a.export({ type: 'spki', format: 'der' }).equals(b.export({ type: 'spki', format: 'der' }));
 }
 
 function loadOrCreate(dir: string, name: CaName, passphrase: string, parent: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): IssuingCa {
@@ -394,7 +479,7 @@ function loadOrCreate(dir: string, name: CaName, passphrase: string, parent: Roo
   const ca = createCa(name, parent, commonName, profile, now, years, crlUrl);
   // Key first: a crash between the two writes leaves a key without a cert, which the next
   // start overwrites, never a cert whose key is lost.
-  writeFileSync(keyPath, encryptPkcs8Scrypt(ca.privateKey, passphrase), { mode: 0o600 });
+  writeFileSync(keyPath, encryptPkcs8Scrypt(ca.privateKey!, passphrase), { mode: 0o600 });
   chmodSync(keyPath, 0o600); // the mode above applies only when the file is created
   writeFileSync(certPath, ca.pem);
   return ca;

@@ -37,8 +37,27 @@ export interface CertificateInput {
   notAfter: Date;
   profile: CertificateProfile;
   sans?: { dns?: string[]; uri?: string[]; ip?: string[] };
-  issuer: { subjectDer: Buffer; keyId: Buffer; privateKey: KeyObject; crlUrl?: string };
+  issuer: CertificateIssuer;
 }
+
+/**
+ * A signer whose private key is not in this process (an HSM, a remote key service): the
+ * shape of authority/ca's CaKey. `sign` answers the signature as X.509 carries it (a DER
+ * ECDSA-Sig-Value for EC, PKCS#1 v1.5 for RSA) over `data` hashed with `hash`.
+ */
+export interface AsyncSigner {
+  readonly publicKey: KeyObject;
+  sign(hash: string, data: Buffer): Promise<Buffer>;
+}
+
+/**
+ * The issuer of a certificate: its name and key id, and either its private KeyObject (the
+ * fast path: signed here or on the worker pool) or an asynchronous signer.
+ */
+export type CertificateIssuer = { subjectDer: Buffer; keyId: Buffer; crlUrl?: string } & (
+  | { privateKey: KeyObject; signer?: undefined }
+  | { privateKey?: undefined; signer: AsyncSigner }
+);
 
 // Serial randomness is drawn from the CSPRNG 4 KiB at a time (one RAND_bytes call per 256
 // serials instead of one each), as node does for randomUUID.
@@ -163,10 +182,13 @@ function profileExtensions(input: CertificateInput): Buffer[] {
   return ext;
 }
 
-/** Encodes and signs a certificate; returns its DER. */
-export function encodeCertificate(input: CertificateInput): Buffer {
-  const { algorithm, hash } = signatureAlgorithmFor(input.issuer.privateKey);
-  const tbs = der.seq(
+/** The algorithm identifier and hash of an issuer's signatures, from its private key or its signer's public key. */
+function issuerAlgorithm(issuer: { privateKey?: KeyObject; signer?: AsyncSigner }): { algorithm: Buffer; hash: string } {
+  return signatureAlgorithmFor(issuer.privateKey ?? issuer.signer!.publicKey);
+}
+
+function certificateTbs(input: CertificateInput, algorithm: Buffer): Buffer {
+  return der.seq(
     der.contextTag(0, der.integer(2)), // version v3
     der.integer(input.serial),
     algorithm,
@@ -176,7 +198,23 @@ export function encodeCertificate(input: CertificateInput): Buffer {
     input.spkiDer,
     der.contextTag(3, der.seq(...profileExtensions(input))),
   );
+}
+
+/** Encodes and signs a certificate on this thread (the issuer's KeyObject); returns its DER. */
+export function encodeCertificate(input: CertificateInput): Buffer {
+  if (!input.issuer.privateKey) throw new Error('encodeCertificate signs with a KeyObject: use encodeCertificateAsync with a signer');
+  const { algorithm, hash } = issuerAlgorithm(input.issuer);
+  const tbs = certificateTbs(input, algorithm);
   const signature = sign(hash, tbs, input.issuer.privateKey);
+  return der.seq(tbs, algorithm, der.bitString(signature));
+}
+
+/** The same certificate, signed by the issuer's KeyObject or through its asynchronous signer (an HSM). */
+export async function encodeCertificateAsync(input: CertificateInput): Promise<Buffer> {
+  if (input.issuer.privateKey) return encodeCertificate(input);
+  const { algorithm, hash } = issuerAlgorithm(input.issuer);
+  const tbs = certificateTbs(input, algorithm);
+  const signature = await input.issuer.signer.sign(hash, tbs);
   return der.seq(tbs, algorithm, der.bitString(signature));
 }
 
@@ -201,17 +239,21 @@ export interface TemplateFields {
  */
 export class CertificateTemplate {
   readonly hash: string;
-  private readonly privateKey: KeyObject;
+  /** The fast path: a KeyObject signed with here or on the worker pool. */
+  private readonly privateKey: KeyObject | undefined;
+  /** Otherwise: a key held elsewhere (an HSM), signing asynchronously. */
+  private readonly signer: AsyncSigner | undefined;
   private readonly head: Buffer; // [0] version, then the serial follows
   private readonly algorithm: Buffer;
   private readonly issuerDer: Buffer;
   private readonly fixedExtensions: Buffer; // the profile's extensions before SKI
   private readonly akiExtension: Buffer; // after SKI; empty for a self-signed root
 
-  constructor(profile: CertificateProfile, issuer: CertificateInput['issuer']) {
-    const { algorithm, hash } = signatureAlgorithmFor(issuer.privateKey);
+  constructor(profile: CertificateProfile, issuer: CertificateIssuer) {
+    const { algorithm, hash } = issuerAlgorithm(issuer);
     this.hash = hash;
     this.privateKey = issuer.privateKey;
+    this.signer = issuer.privateKey ? undefined : issuer.signer;
     this.algorithm = algorithm;
     this.head = der.contextTag(0, der.integer(2));
     this.issuerDer = Buffer.from(issuer.subjectDer);
@@ -265,20 +307,26 @@ export class CertificateTemplate {
     return out;
   }
 
-  /** Encodes and signs on this thread. */
+  /** Encodes and signs on this thread (KeyObject issuers only). */
   encode(f: TemplateFields): Buffer {
+    if (!this.privateKey) throw new Error('this template signs through an asynchronous signer: use encodeAsync');
     const tbs = this.encodeTbs(f);
     return this.assemble(tbs, sign(this.hash, tbs, this.privateKey));
   }
 
-  /** Encodes here and signs on the libuv threadpool (crypto.sign with a callback). */
+  /**
+   * Encodes here and signs off the event loop: a KeyObject on the worker pool (or the libuv
+   * threadpool), an asynchronous signer (an HSM) through its own sign.
+   */
   encodeAsync(f: TemplateFields): Promise<Buffer> {
     const tbs = this.encodeTbs(f);
+    const key = this.privateKey;
+    if (!key) return this.signer!.sign(this.hash, tbs).then((signature) => this.assemble(tbs, signature));
     // On the worker pool when there is one (batched per event-loop turn), else the threadpool.
     const pool = ecVerifyPool();
-    if (pool) return pool.sign(this.hash, tbs, this.privateKey).then((signature) => this.assemble(tbs, signature));
+    if (pool) return pool.sign(this.hash, tbs, key).then((signature) => this.assemble(tbs, signature));
     return new Promise((resolve, reject) => {
-      sign(this.hash, tbs, this.privateKey, (err, signature) => (err ? reject(err) : resolve(this.assemble(tbs, signature))));
+      sign(this.hash, tbs, key, (err, signature) => (err ? reject(err) : resolve(this.assemble(tbs, signature))));
     });
   }
 }

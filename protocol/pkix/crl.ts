@@ -8,6 +8,7 @@ import * as der from './der.ts';
 import { readExtensions } from './extensions.ts';
 import { OID, SIGNATURE_ALGORITHMS } from './oids.ts';
 import { signatureAlgorithmFor } from './keys.ts';
+import type { AsyncSigner } from './certificate.ts';
 import { fromPem, toPem } from './pem.ts';
 
 /** RFC 5280 5.3.1 CRLReason. */
@@ -33,7 +34,8 @@ export interface CrlEntry {
 export interface CrlInput {
   issuerDer: Buffer;
   issuerKeyId: Buffer;
-  issuerKey: KeyObject;
+  /** The issuer's private KeyObject, or (encodeCrlAsync) a signer whose key lives elsewhere: an HSM. */
+  issuerKey: KeyObject | AsyncSigner;
   crlNumber: bigint;
   thisUpdate: Date;
   nextUpdate: Date;
@@ -42,8 +44,26 @@ export interface CrlInput {
 
 const ext = (oid: string, value: Buffer) => der.seq(der.oid(oid), der.octetString(value));
 
+const isKeyObject = (k: KeyObject | AsyncSigner): k is KeyObject => typeof (k as AsyncSigner).sign !== 'function';
+
+/** Signs on this thread with the issuer's KeyObject. */
 export function encodeCrl(input: CrlInput): Buffer {
-  const { algorithm, hash } = signatureAlgorithmFor(input.issuerKey);
+  const key = input.issuerKey;
+  if (!isKeyObject(key)) throw new Error('encodeCrl signs with a KeyObject: use encodeCrlAsync with a signer');
+  const { algorithm, hash, tbs } = crlTbs(input, key);
+  return der.seq(tbs, algorithm, der.bitString(sign(hash, tbs, key)));
+}
+
+/** The same CRL, signed by a KeyObject or through an asynchronous signer (an HSM, a remote key). */
+export async function encodeCrlAsync(input: CrlInput): Promise<Buffer> {
+  const key = input.issuerKey;
+  if (isKeyObject(key)) return encodeCrl(input);
+  const { algorithm, hash, tbs } = crlTbs(input, key.publicKey);
+  return der.seq(tbs, algorithm, der.bitString(await key.sign(hash, tbs)));
+}
+
+function crlTbs(input: CrlInput, key: KeyObject): { algorithm: Buffer; hash: string; tbs: Buffer } {
+  const { algorithm, hash } = signatureAlgorithmFor(key);
   const fields: Buffer[] = [der.integer(1), algorithm, input.issuerDer, der.time(input.thisUpdate), der.time(input.nextUpdate)];
   if (input.entries.length) {
     fields.push(der.seq(...input.entries.map((e) => {
@@ -57,8 +77,7 @@ export function encodeCrl(input: CrlInput): Buffer {
     ext(OID.authorityKeyIdentifier, der.seq(der.tlv(0x80, input.issuerKeyId))),
     ext(OID.cRLNumber, der.integer(input.crlNumber)),
   )));
-  const tbs = der.seq(...fields);
-  return der.seq(tbs, algorithm, der.bitString(sign(hash, tbs, input.issuerKey)));
+  return { algorithm, hash, tbs: der.seq(...fields) };
 }
 
 /** PEM with the `X509 CRL` armor that openssl reads. */
