@@ -68,7 +68,8 @@ const int = (description: string, min: number, def?: number, extra: Partial<Sche
 const port = (description: string, def: number, env: string): Schema => ({ type: 'integer', minimum: 0, maximum: 65535, default: def, env, description });
 const limit = (description: string, d: { points: number; durationSeconds: number }): Schema => ({
   type: 'object', additionalProperties: false, description,
-  properties: { points: int(`${description}: events allowed per window`, 1, d.points), durationSeconds: int(`${description}: window (seconds)`, 1, d.durationSeconds) },
+  // The window may be under a second (a per-connection token bucket refills continuously).
+  properties: { points: int(`${description}: events allowed per window`, 1, d.points), durationSeconds: { type: 'number', exclusiveMinimum: 0, default: d.durationSeconds, description: `${description}: window (seconds)` } },
 });
 
 /** What a gateway config file may hold (every key optional; unknown keys refused). */
