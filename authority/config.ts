@@ -75,9 +75,32 @@ export interface AuthorityConfig {
   /** Group used when a device names none. */
   defaultGroup: string;
   policies: Record<string, DevicePolicy>;
+  /** The operator dashboard (authority/dashboard/); README "The dashboard". */
+  dashboard: DashboardConfig;
 }
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps'>> & {
+export interface DashboardConfig {
+  /** Default true. Env: LEAFGATE_DASHBOARD_ENABLED=false turns it off. */
+  enabled: boolean;
+  /** Its own HTTPS port (no client-certificate request); default: the API's listener under /dashboard. */
+  listen?: { host: string; port: number };
+  /**
+   * Reverse-proxy mode: a request carrying this header (e.g. X-Forwarded-User) is logged in as
+   * its value. Only honoured when set; only set it when the proxy strips the header from
+   * clients and nothing else can reach the dashboard.
+   */
+  trustedHeader?: string;
+  /** The origin POSTs must come from (e.g. https://pki.example.com behind a proxy); default https://{Host header}. */
+  publicOrigin?: string;
+  /** Absolute lifetime of a session, and how long it survives unused. */
+  sessionMinutes: number;
+  idleMinutes: number;
+  /** "Expiring" in the overview and the device filter: within this many days. */
+  expiringDays: number;
+}
+
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'dashboard'>> & {
+  dashboard?: Partial<DashboardConfig>;
   /** Older name of `database` (a SQLite file). */
   databaseFile?: string;
   dps?: Partial<NonNullable<AuthorityConfig['dps']>> & { connectionString: string };
@@ -132,7 +155,22 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
         }
       : undefined,
     policies,
+    dashboard: {
+      enabled: input.dashboard?.enabled ?? !/^(false|0|off|no)$/i.test(env.LEAFGATE_DASHBOARD_ENABLED ?? ''),
+      listen: input.dashboard?.listen,
+      trustedHeader: input.dashboard?.trustedHeader || undefined,
+      publicOrigin: input.dashboard?.publicOrigin,
+      sessionMinutes: input.dashboard?.sessionMinutes ?? 480,
+      idleMinutes: input.dashboard?.idleMinutes ?? 30,
+      expiringDays: input.dashboard?.expiringDays ?? 30,
+    },
   };
+  const d = cfg.dashboard;
+  if (typeof d.enabled !== 'boolean') throw new LeafgateError('internal', 'dashboard.enabled must be true or false');
+  if (d.trustedHeader !== undefined && !/^[A-Za-z0-9-]{1,64}$/.test(d.trustedHeader)) throw new LeafgateError('internal', 'dashboard.trustedHeader must be a header name');
+  if (d.publicOrigin !== undefined && !/^https:\/\/[^\s/?#]+$/.test(d.publicOrigin)) throw new LeafgateError('internal', 'dashboard.publicOrigin must be an https origin (scheme, host, port; no path)');
+  if (d.listen && (!Number.isInteger(d.listen.port) || d.listen.port < 0 || d.listen.port > 65535 || typeof d.listen.host !== 'string')) throw new LeafgateError('internal', 'dashboard.listen needs host and port');
+  for (const k of ['sessionMinutes', 'idleMinutes', 'expiringDays'] as const) if (!Number.isInteger(d[k]) || d[k] < 1) throw new LeafgateError('internal', `dashboard.${k} must be a positive integer`);
   if (!cfg.policies[cfg.defaultGroup]) throw new LeafgateError('internal', `defaultGroup ${cfg.defaultGroup} has no policy`);
   if (typeof cfg.database !== 'string' || !cfg.database) throw new LeafgateError('internal', 'database must be a file path or a postgres:// URL');
   if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
