@@ -102,6 +102,28 @@ export interface AuthorityConfig {
   /** Group used when a device names none. */
   defaultGroup: string;
   policies: Record<string, DevicePolicy>;
+  /** The operator dashboard (authority/dashboard/); README "The dashboard". */
+  dashboard: DashboardConfig;
+}
+
+export interface DashboardConfig {
+  /** Default true. Env: LEAFGATE_DASHBOARD_ENABLED=false turns it off. */
+  enabled: boolean;
+  /** Its own HTTPS port (no client-certificate request); default: the API's listener under /dashboard. */
+  listen?: { host: string; port: number };
+  /**
+   * Reverse-proxy mode: a request carrying this header (e.g. X-Forwarded-User) is logged in as
+   * its value. Only honoured when set; only set it when the proxy strips the header from
+   * clients and nothing else can reach the dashboard.
+   */
+  trustedHeader?: string;
+  /** The origin POSTs must come from (e.g. https://pki.example.com behind a proxy); default https://{Host header}. */
+  publicOrigin?: string;
+  /** Absolute lifetime of a session, and how long it survives unused. */
+  sessionMinutes: number;
+  idleMinutes: number;
+  /** "Expiring" in the overview and the device filter: within this many days. */
+  expiringDays: number;
 }
 
 export type HubTier = 'F1' | 'B1' | 'B2' | 'B3' | 'S1' | 'S2' | 'S3';
@@ -126,8 +148,9 @@ export const DPS_OPS_PER_MINUTE_PER_UNIT = 1000;
 
 type SyncRetryInput = Partial<SyncRetryConfig>;
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys' | 'dashboard'>> & {
   caKeys?: CaKeysConfigInput;
+  dashboard?: Partial<DashboardConfig>;
   /** Older name of `database` (a SQLite file). */
   databaseFile?: string;
   dps?: Partial<Omit<NonNullable<AuthorityConfig['dps']>, 'sync'>> & { connectionString: string; sync?: SyncRetryInput };
@@ -228,6 +251,21 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         localEndpoint,
       },
     },
+    dashboard: {
+      type: 'object', additionalProperties: false, description: 'The operator dashboard (README "The dashboard").',
+      properties: {
+        enabled: { type: 'boolean', default: true, env: 'LEAFGATE_DASHBOARD_ENABLED', description: 'Serve the dashboard (same credential as the admin API); env: false turns it off.' },
+        listen: {
+          type: 'object', additionalProperties: false, required: ['host', 'port'], description: 'Its own HTTPS port; default: the API listener under /dashboard.',
+          properties: { host: { type: 'string', minLength: 1, description: 'Listen address.' }, port: int('Port.', 0, 65535) },
+        },
+        trustedHeader: { type: 'string', pattern: '^[A-Za-z0-9-]{1,64}$', expected: 'a header name', description: 'Reverse-proxy mode: the header carrying the logged-in user (only honoured when set).' },
+        publicOrigin: { type: 'string', pattern: '^https://[^\\s/?#]+$', expected: 'an https origin (scheme, host, port; no path)', description: 'The origin POSTs must come from; default https://{Host header}.' },
+        sessionMinutes: int('Absolute lifetime of a dashboard session (minutes).', 1, 10_080, 480),
+        idleMinutes: int('Idle lifetime of a dashboard session (minutes).', 1, 10_080, 30),
+        expiringDays: int('"Expiring" in the overview and the device filter: within this many days.', 1, 3650, 30),
+      },
+    },
     defaultGroup: { type: 'string', minLength: 1, default: 'default', description: 'Group used when a device names none (must have a policy).' },
     policies: { type: 'object', additionalProperties: POLICY_OVERRIDE_SCHEMA, description: 'Device policies by group, each an override of the default policy.' },
   },
@@ -274,6 +312,15 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     adminToken: input.adminToken ?? env.LEAFGATE_ADMIN_TOKEN,
     ...resolveAzureConfig(input, env),
     policies,
+    dashboard: {
+      enabled: input.dashboard?.enabled ?? !/^(false|0|off|no)$/i.test(env.LEAFGATE_DASHBOARD_ENABLED ?? ''),
+      listen: input.dashboard?.listen,
+      trustedHeader: input.dashboard?.trustedHeader || undefined,
+      publicOrigin: input.dashboard?.publicOrigin,
+      sessionMinutes: input.dashboard?.sessionMinutes ?? 480,
+      idleMinutes: input.dashboard?.idleMinutes ?? 30,
+      expiringDays: input.dashboard?.expiringDays ?? 30,
+    },
   };
   // Again with the environment applied (policies were checked above): a bad variable is named like a bad key.
   checkConfig(AUTHORITY_CONFIG_SCHEMA, { ...cfg, policies: {}, iotHub: stripUndefined(cfg.iotHub), dps: stripUndefined(cfg.dps), crlBaseUrl: cfg.crlBaseUrl, adminToken: cfg.adminToken }, 'authority config (with the environment)');

@@ -24,6 +24,9 @@ import { LocalBus, PgBus, type ClusterBus } from './cluster.ts';
 import { LeafgateError } from '../protocol/index.ts';
 import { hashAdminToken } from './api/admin.ts';
 import { newSecret } from './secret.ts';
+import { DashboardQueries } from './store/dashboard.ts';
+import type { DashboardDeps } from './dashboard/routes.ts';
+import { startDashboardServer } from './dashboard/server.ts';
 
 /**
  * The admin credential: LEAFGATE_ADMIN_TOKEN, else a token made on first start in
@@ -54,6 +57,8 @@ export interface RunningAuthority {
   dps?: DpsConnector;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
+  /** The operator dashboard's URL (https://.../dashboard) when it is enabled. */
+  dashboardUrl?: string;
   /** One-time ddkg enrollment code bound to a device. */
   createEnrollmentCode(deviceId: string, group?: string, ttlSeconds?: number): Promise<string>;
   close(): Promise<void>;
@@ -181,6 +186,18 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     });
     const bundle = ca.bundle();
     const adminToken = loadAdminToken(config);
+    const createEnrollmentCode = async (deviceId: string, group = config.defaultGroup, ttlSeconds = 7 * 86_400) => {
+      const code = newSecret(12);
+      await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
+      return code;
+    };
+    const tls = { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] };
+    const dashboard: DashboardDeps | undefined = config.dashboard.enabled
+      ? {
+          store, queries: new DashboardQueries(store.db), revocation, enrollment, createEnrollmentCode, adminTokenHash: hashAdminToken(adminToken),
+          config: config.dashboard, groups: Object.keys(config.policies), now: opts.now,
+        }
+      : undefined;
     const app = await buildAuthorityApi({
       onboarding,
       enrollment,
@@ -193,9 +210,11 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       policies: config.policies,
       metrics,
       adminTokenHash: hashAdminToken(adminToken),
-      tls: { key: tlsKey.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: tlsCert.pem + bundle.infraCa, ca: [bundle.infraCa, bundle.root] },
+      tls,
       bodyLimitBytes: config.bodyLimitBytes,
       edgeDeviceId: (gatewayId) => (config.iotHub?.edgeDeviceId ?? '{gatewayId}').replaceAll('{gatewayId}', gatewayId),
+      // On the API's listener unless it has its own port.
+      dashboard: dashboard && !config.dashboard.listen ? dashboard : undefined,
     });
     // Small JSON request/answer pairs: Nagle + delayed ACK would add ~40 ms to each.
     app.server.on('secureConnection', (socket: import('node:tls').TLSSocket) => socket.setNoDelay(true));
@@ -209,7 +228,15 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       const name = config.hostnames[0] ?? host;
       ca.setCrlBaseUrl(`https://${isIP(name) === 6 ? `[${name}]` : name}:${port}`);
     }
-    logger.info({ url, root: ca.root.certificate.fingerprint256 }, 'authority listening');
+    let dashboardUrl: string | undefined;
+    let ownDashboard: Awaited<ReturnType<typeof startDashboardServer>> | undefined;
+    if (dashboard && config.dashboard.listen) {
+      const own = (ownDashboard = await startDashboardServer(dashboard, { tls, listen: config.dashboard.listen, logger: logger.child({ component: 'dashboard' }) }));
+      started.push(() => own.app.close());
+      const dh = config.dashboard.listen.host === '0.0.0.0' || config.dashboard.listen.host === '::' ? 'localhost' : config.dashboard.listen.host;
+      dashboardUrl = `https://${isIP(dh) === 6 ? `[${dh}]` : dh}:${own.port}/dashboard`;
+    } else if (dashboard) dashboardUrl = `${url}/dashboard`;
+    logger.info({ url, root: ca.root.certificate.fingerprint256, dashboard: dashboardUrl }, 'authority listening');
 
     return {
       url,
@@ -224,17 +251,15 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       hub,
       dps,
       rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
-      async createEnrollmentCode(deviceId, group = config.defaultGroup, ttlSeconds = 7 * 86_400) {
-        const code = newSecret(12);
-        await store.createEnrollmentCode(hashEnrollmentCode(code), deviceId, group, Date.now() + ttlSeconds * 1000);
-        return code;
-      },
+      dashboardUrl,
+      createEnrollmentCode,
       async close() {
         revocation.stop();
         renewals.stop();
         hub?.stop();
         dps?.stop();
         await bus.close();
+        await ownDashboard?.app.close();
         await app.close();
         await store.close();
         await caOpened.close();

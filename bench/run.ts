@@ -12,8 +12,9 @@ import { issuanceBench } from './issuance.ts';
 import { onboardingBench } from './onboarding.ts';
 import { brokerBench } from './broker.ts';
 import { connectionsBench } from './connections.ts';
+import { dashboardBench } from './dashboard.ts';
 
-const BENCHES: Bench<any>[] = [issuanceBench, onboardingBench, brokerBench, connectionsBench];
+const BENCHES: Bench<any>[] = [issuanceBench, onboardingBench, brokerBench, connectionsBench, dashboardBench];
 
 const COMMON: OptionSpecs = {
   'max-seconds': { default: 300, help: 'hard bound on one benchmark; it is stopped (exit 3) past it' },

@@ -18,6 +18,7 @@ import { registerAdminRoutes } from './admin.ts';
 import { estRoutes } from './est.ts';
 import type { AuthorityMetrics } from '../metrics.ts';
 import type { AuthorityStore } from '../store/index.ts';
+import { dashboardPlugin, type DashboardDeps } from '../dashboard/routes.ts';
 
 export interface ApiDeps {
   onboarding: DeviceOnboarding;
@@ -37,6 +38,8 @@ export interface ApiDeps {
   bodyLimitBytes: number;
   /** The IoT Hub device id of a gateway's edge device (EST edge-identity CN). */
   edgeDeviceId?: (gatewayId: string) => string;
+  /** The operator dashboard under /dashboard on this listener (authority/dashboard/); absent: not served here. */
+  dashboard?: DashboardDeps;
 }
 
 declare module 'fastify' {
@@ -171,6 +174,7 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   registerAdminRoutes(app as unknown as import('fastify').FastifyInstance, { store: deps.store, revocation: deps.revocation, policies: deps.policies, adminTokenHash: deps.adminTokenHash });
   // EST (RFC 7030) under /.well-known/est, in its own scope (content type, text/plain refusals): authority/api/est.ts.
+  if (deps.dashboard) app.register(dashboardPlugin(deps.dashboard) as unknown as import('fastify').FastifyPluginAsync, { prefix: '/dashboard' });
   app.register(async (scoped) => estRoutes(scoped as unknown as import('fastify').FastifyInstance, { enrollment: deps.enrollment, ca: deps.ca, store: deps.store, edgeDeviceId: deps.edgeDeviceId }));
 
   app.register(async (scoped) => {
