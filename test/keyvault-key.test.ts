@@ -5,7 +5,8 @@
  * authentication, api-version, key_ops, throttling with Retry-After.
  */
 import assert from 'node:assert/strict';
-import { createPublicKey, generateKeyPairSync, verify, X509Certificate } from 'node:crypto';
+import { createPublicKey, generateKeyPairSync, randomUUID, verify, X509Certificate } from 'node:crypto';
+import https from 'node:https';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,6 +14,7 @@ import { format } from 'node:util';
 import { test } from 'node:test';
 import { AzureLogger, setLogLevel } from '@azure/logger';
 import type { TokenCredential } from '@azure/identity';
+import { CryptographyClient, KeyClient } from '@azure/keyvault-keys';
 import pino from 'pino';
 import { KeyVaultCaKey, keyVaultCredential, ecdsaRawToDer, type KeyVaultCaKeyOptions } from '../authority/ca/keyvault-key.ts';
 import { CaKeyIssuer, createKeyVaultDeviceCa, openCaKeyIssuer } from '../authority/ca/keyvault-device-ca.ts';
@@ -20,6 +22,7 @@ import { LocalCa } from '../authority/ca/local-ca.ts';
 import { LeafgateError, pkix } from '../protocol/index.ts';
 import { KeyVaultStandin } from './support/keyvault-standin.ts';
 import { workdir } from './support/openssl.ts';
+import { until, within } from './support/wait.ts';
 
 // Everything the SDKs log goes through here (and into the captured lines of the secret test).
 const azureLines: string[] = [];
@@ -285,4 +288,158 @@ test('the client secret is read from a file and appears in no log line, no error
     assert.ok(!text.includes(kv.clientSecret), `the secret leaked: ${text.slice(0, 200)}`);
     assert.ok(!text.includes(wrong), `the wrong secret leaked: ${text.slice(0, 200)}`);
   }
+});
+
+test('the stand-in checks the token audience and expiry: a token for another resource, or one past its lifetime, gets 401', async (t) => {
+  const kv = await standin(t);
+  const real = credential(kv);
+  // A credential that asks Entra for another resource than the vault's challenge names.
+  const management: TokenCredential = { getToken: () => real.getToken('https://management.azure.com/.default') };
+  await assert.rejects(KeyVaultCaKey.open(options(kv, { credential: management })), (e: LeafgateError) => /401/.test(e.message) && /audience/i.test(e.message));
+  assert.equal(kv.keys.size, 0);
+
+  // A credential that keeps handing out the token it got first, whatever Entra says about it.
+  let first: Awaited<ReturnType<TokenCredential['getToken']>> = null;
+  const sticky: TokenCredential = { getToken: async (scopes, o) => (first ??= await real.getToken(scopes, o)) };
+  const key = await KeyVaultCaKey.open(options(kv, { credential: sticky }));
+  t.after(() => key.close());
+  await key.sign('sha256', tbs());
+  kv.expireTokens();
+  const err = await key.sign('sha256', tbs(1)).then(() => assert.fail('signed'), (e: LeafgateError) => e);
+  assert.equal(err.code, 'authority_unavailable');
+  assert.match(err.message, /401/);
+  assert.equal(kv.signs, 1);
+});
+
+test('the stand-in refuses what Key Vault refuses: an algorithm that does not suit the key, a digest of the wrong length', async (t) => {
+  const kv = await standin(t);
+  const clientOptions = { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true, retryOptions: { maxRetries: 0 } };
+  const cred = credential(kv);
+  const key = await new KeyClient(kv.vaultUrl, cred, clientOptions).createEcKey('p256', { curve: 'P-256', keyOps: ['sign'] });
+  const crypto = new CryptographyClient(key, cred, clientOptions);
+  const status = (e: { statusCode?: number; code?: string }) => e.statusCode === 400 && e.code === 'BadParameter';
+  await assert.rejects(crypto.sign('ES384', Buffer.alloc(48, 1)), status);
+  await assert.rejects(crypto.sign('RS256', Buffer.alloc(32, 1)), status);
+  await assert.rejects(crypto.sign('ES256', Buffer.alloc(20, 1)), status);
+  assert.equal(kv.signs, 0);
+  const ok = await crypto.sign('ES256', Buffer.alloc(32, 1));
+  assert.equal(ok.result.length, 64);
+});
+
+test('the token endpoint refuses an unknown tenant, client id or grant', async (t) => {
+  const kv = await standin(t);
+  const post = (path: string, form: Record<string, string>) =>
+    new Promise<number>((resolve, reject) => {
+      const req = https.request(`${kv.authorityHost}${path}`, { method: 'POST', ca: kv.ca, headers: { 'content-type': 'application/x-www-form-urlencoded' } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode!));
+      });
+      req.on('error', reject);
+      req.end(new URLSearchParams(form).toString());
+    });
+  const good = { grant_type: 'client_credentials', client_id: kv.clientId, client_secret: kv.clientSecret, scope: 'https://vault.azure.net/.default' };
+  assert.equal(await post(`/${kv.tenantId}/oauth2/v2.0/token`, good), 200);
+  assert.equal(await post(`/${randomUUID()}/oauth2/v2.0/token`, good), 400);
+  assert.equal(await post(`/${kv.tenantId}/oauth2/v2.0/token`, { ...good, client_id: randomUUID() }), 401);
+  assert.equal(await post(`/${kv.tenantId}/oauth2/v2.0/token`, { ...good, grant_type: 'password' }), 401);
+  assert.equal(kv.tokensIssued, 1);
+});
+
+test('open refuses a key it cannot sign certificates with: disabled, P-521, RSA-1024; a pinned version that does not exist is not created', async (t) => {
+  const kv = await standin(t);
+  kv.addKey('disabled', 'EC-HSM', { crv: 'P-256', keyOps: ['sign'] }).enabled = false;
+  kv.addKey('p521', 'EC-HSM', { crv: 'P-521', keyOps: ['sign'] });
+  kv.addKey('rsa1024', 'RSA', { size: 1024, keyOps: ['sign'] });
+  await assert.rejects(KeyVaultCaKey.open(options(kv, { keyName: 'disabled' })), /is disabled/);
+  await assert.rejects(KeyVaultCaKey.open(options(kv, { keyName: 'p521' })), /P-521 is not supported/);
+  await assert.rejects(KeyVaultCaKey.open(options(kv, { keyName: 'rsa1024' })), /RSA-1024 is not supported/);
+  await assert.rejects(KeyVaultCaKey.open(options(kv, { keyName: 'pinned', keyVersion: '0'.repeat(32) })), /404/);
+  assert.equal(kv.keys.has('pinned'), false);
+  const rsa = await KeyVaultCaKey.open(options(kv, { keyName: 'rsa', create: { kty: 'RSA', size: 3072 } }));
+  t.after(() => rsa.close());
+  await assert.rejects(rsa.sign('sha1', tbs()), /sha256, sha384 or sha512/);
+});
+
+test('at most maxInFlight sign calls reach the vault at once; a transient 503 is retried; a closed key signs nothing', async (t) => {
+  const kv = await standin(t);
+  const key = await KeyVaultCaKey.open(options(kv, { maxInFlight: 2 }));
+  await key.sign('sha256', tbs()); // the CryptographyClient has met its challenge
+  kv.holdSigns();
+  const pending = Array.from({ length: 6 }, (_, i) => key.sign('sha256', tbs(i)));
+  await until(() => kv.parked === 2, 20_000, 'two parked signs');
+  // One more round trip to the vault: anything the key had sent is there by now.
+  await new KeyClient(kv.vaultUrl, credential(kv), { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true }).getKey('device-ca');
+  assert.equal(kv.parked, 2);
+  kv.release();
+  assert.equal((await Promise.all(pending)).length, 6);
+
+  kv.failNext(2, 503);
+  assert.ok(verify('sha256', tbs(9), key.publicKey, await key.sign('sha256', tbs(9))));
+  assert.ok(kv.requests.filter((r) => r.status === 503).length === 2);
+
+  await key.close();
+  await assert.rejects(key.sign('sha256', tbs()), (e: LeafgateError) => e.code === 'authority_unavailable');
+});
+
+test('keyVaultCredential: the service principal needs tenant, client id and a secret from a file or AZURE_CLIENT_SECRET; errors name the file, never its content', () => {
+  const env = {};
+  assert.throws(() => keyVaultCredential({ kind: 'clientSecret', clientId: 'c', clientSecretFile: '/nonexistent' }, { env }), /tenantId and clientId/);
+  assert.throws(() => keyVaultCredential({ kind: 'clientSecret', tenantId: 't', clientId: 'c' }, { env }), /no client secret/);
+  assert.throws(() => keyVaultCredential({ kind: 'clientSecret', tenantId: 't', clientId: 'c', clientSecretFile: '/nonexistent/secret' }, { env }), /cannot read the Key Vault client secret file \/nonexistent\/secret: ENOENT/);
+  assert.ok(keyVaultCredential({ kind: 'clientSecret' }, { env: { AZURE_TENANT_ID: 't', AZURE_CLIENT_ID: 'c', AZURE_CLIENT_SECRET: 's' } }));
+  assert.ok(keyVaultCredential({ kind: 'managedIdentity' }, { env }));
+});
+
+test('the Key Vault device CA: only under the current root, only with the root key online; a device certificate never outlives it', async (t) => {
+  const kv = await standin(t);
+  const w = workdir(t, 'leafgate-kv-ca-');
+  const local = LocalCa.open(join(w.dir, 'a'), 'correct horse battery staple');
+  const otherRoot = LocalCa.open(join(w.dir, 'b'), 'correct horse battery staple').root;
+  const key = await KeyVaultCaKey.open(options(kv));
+  t.after(() => key.close());
+  assert.throws(() => createKeyVaultDeviceCa({ root: { ...local.root, privateKey: null }, caKey: key }), /run this where root.key.pem is/);
+  const ca = createKeyVaultDeviceCa({ root: local.root, caKey: key, years: 1 });
+  assert.throws(() => openCaKeyIssuer('device-ca', ca.pem, key, otherRoot), /not issued by the current root/);
+  const device = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const cert = await new CaKeyIssuer(ca, local.root.pem).issue({
+    subjectDer: pkix.encodeName('kv-device-2'),
+    spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }),
+    profile: { kind: 'device', keyType: 'ec' },
+    notBefore: new Date(),
+    notAfter: new Date(Date.now() + 5 * 365 * 86400_000),
+  });
+  assert.equal(new X509Certificate(cert.pem).validTo, ca.certificate.validTo);
+});
+
+test('a call that Key Vault never answers ends with the wait budget, and so does the one queued behind it', async (t) => {
+  const kv = await standin(t);
+  const key = await KeyVaultCaKey.open(options(kv, { maxInFlight: 1, maxWaitMs: 1500 }));
+  t.after(() => key.close());
+  await key.sign('sha256', tbs());
+  kv.holdSigns();
+  t.after(() => kv.release());
+  const outcomes = await within(Promise.allSettled([key.sign('sha256', tbs(1)), key.sign('sha256', tbs(2))]), 20_000, 'both calls to end');
+  for (const o of outcomes) {
+    assert.equal(o.status, 'rejected');
+    assert.equal((o as PromiseRejectedResult).reason.code, 'authority_unavailable');
+    assert.ok((o as PromiseRejectedResult).reason.retryAfterMs > 0);
+  }
+  assert.equal(kv.parked, 1);
+});
+
+test('a 429 whose pause outlasts the budget of a call already queued fails that call at its deadline, not at the end of the pause', async (t) => {
+  const kv = await standin(t);
+  const key = await KeyVaultCaKey.open(options(kv, { maxInFlight: 1, maxWaitMs: 2500 }));
+  t.after(() => key.close());
+  await key.sign('sha256', tbs());
+  kv.failNext(1, 429, { 'retry-after': '60' });
+  // A goes out and meets the 429; B waits behind it (one call at a time), queued before the pause.
+  const a = key.sign('sha256', tbs(1)).catch((e: LeafgateError) => e);
+  const b = key.sign('sha256', tbs(2)).catch((e: LeafgateError) => e);
+  const [ea, eb] = (await within(Promise.all([a, b]), 20_000, 'both calls to end')) as LeafgateError[];
+  assert.equal(ea.code, 'authority_unavailable');
+  assert.equal(ea.retryAfterMs, 60_000);
+  assert.equal(eb.code, 'authority_unavailable');
+  assert.ok(eb.retryAfterMs! > 20_000, `retryAfterMs ${eb.retryAfterMs}: the rest of the pause`);
+  assert.equal(kv.signs, 1);
 });

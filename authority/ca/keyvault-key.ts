@@ -219,7 +219,9 @@ export class KeyVaultCaKey implements CaKey {
     }
   }
 
+  /** Runs the pump again at `t`, or sooner when the first queued call's deadline comes first. */
   private wakeAt(t: number): void {
+    if (this.queue.length) t = Math.min(t, this.queue[0].deadline + 1);
     this.timer = setTimeout(() => {
       this.timer = null;
       this.pump();
@@ -230,7 +232,8 @@ export class KeyVaultCaKey implements CaKey {
     job.attempts++;
     let raw: Uint8Array;
     try {
-      raw = (await this.crypto.sign(job.alg, job.digest)).result;
+      // A call that hangs (a black-holed connection) ends with the caller's budget.
+      raw = (await this.crypto.sign(job.alg, job.digest, { abortSignal: AbortSignal.timeout(Math.max(1, job.deadline - Date.now())) })).result;
     } catch (err) {
       const status = statusOf(err);
       const now = Date.now();
@@ -269,13 +272,15 @@ export class KeyVaultCaKey implements CaKey {
    * by another key version, or damaged on the way, must never end up in a certificate.
    */
   private x509Signature(job: Job, raw: Buffer): Buffer {
-    let signature = raw;
+    let signature: Buffer | null = raw;
     if (this.keyType === 'ec') {
-      const size = this.curve === 'P-384' ? 48 : 32;
-      if (raw.length !== 2 * size) throw new LeafgateError('authority_unavailable', `Key Vault answered an ECDSA signature of ${raw.length} octets`, { retryAfterMs: 60_000 });
-      signature = ecdsaRawToDer(raw);
+      try {
+        signature = ecdsaRawToDer(raw);
+      } catch {
+        signature = null;
+      }
     }
-    if (!cryptoVerify(job.hash, job.data, this.publicKey, signature)) {
+    if (!signature || !cryptoVerify(job.hash, job.data, this.publicKey, signature)) {
       this.opts.logger?.warn({ key: this.keyId }, 'Key Vault answered a signature that does not verify with the CA public key');
       throw new LeafgateError('authority_unavailable', 'the signature from Key Vault does not verify with the CA key', { retryAfterMs: 60_000 });
     }

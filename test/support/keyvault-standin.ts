@@ -36,6 +36,7 @@ export interface StandinKey {
   kty: 'EC' | 'EC-HSM' | 'RSA' | 'RSA-HSM';
   crv?: 'P-256' | 'P-384' | 'P-521';
   keyOps: string[];
+  enabled: boolean;
   privateKey: KeyObject;
   publicJwk: Record<string, string>;
   created: number;
@@ -78,6 +79,8 @@ export class KeyVaultStandin {
   private readonly window: number[] = [];
   private retryNotBefore = 0;
   private corrupt = 0;
+  private holding = false;
+  private readonly held: Array<() => void> = [];
   private faults: Array<{ status: number; headers: Record<string, string> }> = [];
   private constructor(
     readonly ca: string,
@@ -121,6 +124,25 @@ export class KeyVaultStandin {
   /** The next `n` signatures come back damaged (one bit flipped), as a faulty path would deliver them. */
   corruptNextSignatures(n: number): void {
     this.corrupt += n;
+  }
+
+  /** Every token issued so far expires now (a client that keeps using one gets 401). */
+  expireTokens(): void {
+    for (const t of this.tokens.values()) t.expiresAt = 0;
+  }
+
+  /** Sign requests are parked (not answered) until `release()`; `parked` counts them. */
+  holdSigns(): void {
+    this.holding = true;
+  }
+
+  release(): void {
+    this.holding = false;
+    for (const go of this.held.splice(0)) go();
+  }
+
+  get parked(): number {
+    return this.held.length;
   }
 
   /** A key made out of band (portal, az CLI), e.g. one whose key_ops lack `sign`. */
@@ -258,7 +280,10 @@ export class KeyVaultStandin {
     const create = /^\/keys\/([A-Za-z0-9-]{1,127})\/create$/.exec(url.pathname);
     if (create && req.method === 'POST') return this.createKey(create[1], body, send, error);
     const sign = /^\/keys\/([A-Za-z0-9-]{1,127})\/([0-9a-f]{32})\/sign$/.exec(url.pathname);
-    if (sign && req.method === 'POST') return this.sign(sign[1], sign[2], body, send, error);
+    if (sign && req.method === 'POST') {
+      if (this.holding) return void this.held.push(() => this.sign(sign[1], sign[2], body, send, error));
+      return this.sign(sign[1], sign[2], body, send, error);
+    }
     const get = /^\/keys\/([A-Za-z0-9-]{1,127})(?:\/([0-9a-f]{32})?)?\/?$/.exec(url.pathname);
     if (get && req.method === 'GET') {
       const key = this.find(get[1], get[2]);
@@ -281,7 +306,7 @@ export class KeyVaultStandin {
     const t = Math.floor(key.created / 1000);
     return {
       key: { kid: this.kid(key), kty: key.kty, key_ops: key.keyOps, ...key.publicJwk },
-      attributes: { enabled: true, created: t, updated: t, recoveryLevel: 'Recoverable+Purgeable', recoverableDays: 90, exportable: false },
+      attributes: { enabled: key.enabled, created: t, updated: t, recoveryLevel: 'Recoverable+Purgeable', recoverableDays: 90, exportable: false },
     };
   }
 
@@ -334,7 +359,7 @@ function makeKey(name: string, kty: StandinKey['kty'], crv: StandinKey['crv'] | 
     : generateKeyPairSync('rsa', { modulusLength: size ?? 2048 });
   const jwk = publicKey.export({ format: 'jwk' }) as Record<string, string>;
   const publicJwk: Record<string, string> = ec ? { crv: jwk.crv, x: jwk.x, y: jwk.y } : { n: jwk.n, e: jwk.e };
-  return { name, version: randomBytes(16).toString('hex'), kty, crv: ec ? (crv ?? 'P-256') : undefined, keyOps, privateKey, publicJwk, created: Date.now() };
+  return { name, version: randomBytes(16).toString('hex'), kty, crv: ec ? (crv ?? 'P-256') : undefined, keyOps, enabled: true, privateKey, publicJwk, created: Date.now() };
 }
 
 /** Curve orders (SEC 2 / FIPS 186-4 D.1.2). */
