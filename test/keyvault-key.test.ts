@@ -16,7 +16,7 @@ import { AzureLogger, setLogLevel } from '@azure/logger';
 import type { TokenCredential } from '@azure/identity';
 import { CryptographyClient, KeyClient } from '@azure/keyvault-keys';
 import pino from 'pino';
-import { KeyVaultCaKey, keyVaultCredential, ecdsaRawToDer, type KeyVaultCaKeyOptions } from '../authority/ca/keyvault-key.ts';
+import { KeyVaultCaKey, keyVaultCredential, ecdsaRawToDer, openKeyVaultCaKey, resolveKeyVaultStoreConfig, type KeyVaultCaKeyOptions } from '../authority/ca/keyvault-key.ts';
 import { CaKeyIssuer, createKeyVaultDeviceCa, openCaKeyIssuer } from '../authority/ca/keyvault-device-ca.ts';
 import { LocalCa } from '../authority/ca/local-ca.ts';
 import { LeafgateError, pkix } from '../protocol/index.ts';
@@ -442,4 +442,27 @@ test('a 429 whose pause outlasts the budget of a call already queued fails that 
   assert.equal(eb.code, 'authority_unavailable');
   assert.ok(eb.retryAfterMs! > 20_000, `retryAfterMs ${eb.retryAfterMs}: the rest of the pause`);
   assert.equal(kv.signs, 1);
+});
+
+test('caKeys.keyvault: validated, secrets never in it; openKeyVaultCaKey signs in with a service principal from the environment', async (t) => {
+  const env = {};
+  assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'http://v.vault.azure.net', keyName: 'k' }, env), /vaultUrl/);
+  assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'a/b' }, env), /keyName/);
+  assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'k', credential: { kind: 'clientSecret', clientSecret: 'x' } as never }, env), /never put in the configuration/);
+  assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'k', credential: { kind: 'password' } as never }, env), /credential.kind/);
+  assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'k', signsPer10s: 0 }, env), /signsPer10s/);
+  const d = resolveKeyVaultStoreConfig(undefined, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/', LEAFGATE_KEYVAULT_KEY: 'leafgate-device-ca' });
+  assert.deepEqual(d.create, { kty: 'EC-HSM', curve: 'P-256' });
+  assert.deepEqual(d.credential, { kind: 'managedIdentity' });
+  assert.equal(d.vaultUrl, 'https://v.vault.azure.net');
+
+  const kv = await standin(t);
+  const spEnv = { AZURE_TENANT_ID: kv.tenantId, AZURE_CLIENT_ID: kv.clientId, AZURE_CLIENT_SECRET: kv.clientSecret, AZURE_AUTHORITY_HOST: kv.authorityHost };
+  const cfg = resolveKeyVaultStoreConfig({ vaultUrl: kv.vaultUrl, keyName: 'from-env', create: { kty: 'EC', curve: 'P-384' }, signsPer10s: 50 }, spEnv);
+  assert.deepEqual(cfg.credential, { kind: 'clientSecret' });
+  const key = await openKeyVaultCaKey(cfg, { env: spEnv, clientOptions: { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true } });
+  t.after(() => key.close());
+  assert.equal(key.curve, 'P-384');
+  assert.ok(verify('sha384', tbs(), key.publicKey, await key.sign('sha384', tbs())));
+  assert.equal(kv.keys.get('from-env')![0].kty, 'EC');
 });

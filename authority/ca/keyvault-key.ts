@@ -399,3 +399,62 @@ function openError(what: string, err: unknown): LeafgateError {
   const hint = status === 401 || status === 403 ? ' (check the identity and its role on the vault: Key Vault Crypto User to sign, Crypto Officer to create)' : '';
   return new LeafgateError('internal', `${what}: ${status ?? ''} ${typeof code === 'string' ? code : ''} ${messageOf(err)}${hint}`.replace(/\s+/g, ' ').trim(), { cause: err });
 }
+
+// ---- configuration ----------------------------------------------------------------------------
+
+/**
+ * `caKeys.keyvault` in the authority configuration (the CA key store `keyvault`): where the
+ * key is, how to sign in, how fast to go. No secret is ever part of it: the client secret is
+ * read from `credential.clientSecretFile` or AZURE_CLIENT_SECRET.
+ */
+export interface KeyVaultStoreConfig {
+  vaultUrl: string;
+  keyName: string;
+  keyVersion?: string;
+  /** Create the key when it does not exist (default EC-HSM P-256); false: it must exist. */
+  create?: KeyVaultKeySpec | false;
+  credential: KeyVaultCredentialConfig;
+  /** Sign calls per 10 s (default 1,000); see the limits at the top of this file. */
+  signsPer10s?: number;
+  maxInFlight?: number;
+  maxWaitMs?: number;
+}
+
+/** Validates `caKeys.keyvault`, with LEAFGATE_KEYVAULT_URL / LEAFGATE_KEYVAULT_KEY as fallbacks. */
+export function resolveKeyVaultStoreConfig(input: Partial<KeyVaultStoreConfig> | undefined, env: NodeJS.ProcessEnv = process.env): KeyVaultStoreConfig {
+  const vaultUrl = input?.vaultUrl ?? env.LEAFGATE_KEYVAULT_URL;
+  const keyName = input?.keyName ?? env.LEAFGATE_KEYVAULT_KEY;
+  if (!vaultUrl || !/^https:\/\/[^/]+\/?$/.test(vaultUrl)) throw new LeafgateError('internal', 'caKeys.keyvault.vaultUrl must be https://{vault}.vault.azure.net (LEAFGATE_KEYVAULT_URL)');
+  if (!keyName || !/^[A-Za-z0-9-]{1,127}$/.test(keyName)) throw new LeafgateError('internal', 'caKeys.keyvault.keyName must be 1-127 letters, digits and dashes (LEAFGATE_KEYVAULT_KEY)');
+  if (input && 'clientSecret' in (input.credential ?? {})) {
+    throw new LeafgateError('internal', 'caKeys.keyvault.credential: a client secret is never put in the configuration; use clientSecretFile or AZURE_CLIENT_SECRET');
+  }
+  // Default: a service principal when AZURE_CLIENT_SECRET is set, else the managed identity
+  // (a user-assigned one by AZURE_CLIENT_ID).
+  const credential = input?.credential ?? (env.AZURE_CLIENT_SECRET ? { kind: 'clientSecret' as const } : { kind: 'managedIdentity' as const });
+  if (credential.kind !== 'managedIdentity' && credential.kind !== 'clientSecret') throw new LeafgateError('internal', 'caKeys.keyvault.credential.kind must be managedIdentity or clientSecret');
+  const create = input?.create === undefined ? ({ kty: 'EC-HSM', curve: 'P-256' } as const) : input.create;
+  for (const [k, v] of Object.entries({ signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs })) {
+    if (v !== undefined && !(Number.isInteger(v) && v >= 1)) throw new LeafgateError('internal', `caKeys.keyvault.${k} must be a positive integer`);
+  }
+  return { vaultUrl: vaultUrl.replace(/\/$/, ''), keyName, keyVersion: input?.keyVersion, create, credential, signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs };
+}
+
+/** The authority's way in: the CA key from `caKeys.keyvault` (resolved), its credential built here. */
+export function openKeyVaultCaKey(
+  cfg: KeyVaultStoreConfig,
+  opts: { env?: NodeJS.ProcessEnv; logger?: KeyVaultCaKeyOptions['logger']; clientOptions?: KeyVaultCaKeyOptions['clientOptions'] } = {},
+): Promise<KeyVaultCaKey> {
+  return KeyVaultCaKey.open({
+    vaultUrl: cfg.vaultUrl,
+    keyName: cfg.keyName,
+    keyVersion: cfg.keyVersion,
+    create: cfg.create || undefined,
+    credential: keyVaultCredential(cfg.credential, { env: opts.env, tlsOptions: opts.clientOptions?.tlsOptions }),
+    pace: cfg.signsPer10s ? { requests: cfg.signsPer10s, windowMs: 10_000 } : undefined,
+    maxInFlight: cfg.maxInFlight,
+    maxWaitMs: cfg.maxWaitMs,
+    clientOptions: opts.clientOptions,
+    logger: opts.logger,
+  });
+}
