@@ -348,8 +348,8 @@ function sdkOptions(opts: KeyVaultCaKeyOptions): KeyClientOptions {
 async function createKey(keys: KeyClient, name: string, spec: KeyVaultKeySpec): Promise<KeyVaultKey> {
   const hsm = spec.kty.endsWith('-HSM');
   // key_ops: sign only -- the CA key can do nothing else, whatever a role would allow.
-  if (spec.kty === 'EC' || spec.kty === 'EC-HSM') return keys.createEcKey(name, { curve: (spec as { curve: 'P-256' | 'P-384' }).curve, hsm, keyOps: ['sign'], exportable: false });
-  return keys.createRsaKey(name, { keySize: (spec as { size: number }).size, hsm, keyOps: ['sign'], exportable: false });
+  if (spec.kty === 'EC' || spec.kty === 'EC-HSM') return keys.createEcKey(name, { curve: (spec as { curve: 'P-256' | 'P-384' }).curve, hsm, keyOps: ['sign'] });
+  return keys.createRsaKey(name, { keySize: (spec as { size: number }).size, hsm, keyOps: ['sign'] });
 }
 
 function publicKeyOf(key: KeyVaultKey, where: string): KeyObject {
