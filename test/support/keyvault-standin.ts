@@ -12,8 +12,10 @@
  *     Azure/azure-sdk-for-python#28595 and Azure/azure-sdk-for-net#14789);
  *   - the key operations: a sign on a key whose key_ops lack `sign` gets 403 Forbidden with
  *     innererror KeyOperationForbidden (the body quoted in the Key Vault TROUBLESHOOTING.md of
- *     the Azure SDK for .NET); the algorithm must suit the key (ES256 on P-256, ES384 on P-384,
- *     RS* on RSA) and the digest must have the algorithm's hash length (400 BadParameter);
+ *     the Azure SDK for .NET); the algorithm must suit the key (ES256 "for SHA-256 digests and
+ *     keys created with curve P-256", ES384 on P-384, RS* on RSA:
+ *     learn.microsoft.com/azure/key-vault/keys/about-keys-details) and the digest must have the
+ *     algorithm's hash length (400 BadParameter);
  *   - the rate: beyond `rate.requests` key transactions per `rate.windowMs` the answer is 429
  *     with `Retry-After` (seconds), and, as Key Vault documents, a request answered 429 does
  *     not count towards the limit (learn.microsoft.com/azure/key-vault/general/overview-throttling).
@@ -26,9 +28,12 @@ import https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createTestCa, issueServerCert } from './iothub-standin/pki.ts';
 
-/** api-version values Key Vault's keys API answers (7.0 to 7.6, and the 2025 date-named one). */
-export const KNOWN_API_VERSIONS = ['7.0', '7.1', '7.2', '7.3', '7.4', '7.5', '7.6-preview.2', '7.6', '2025-07-01'];
-const LATEST_API_VERSION = '7.6';
+/**
+ * api-version values of Key Vault's keys API (the REST reference lists 7.0 to 7.6 and
+ * 2025-07-01, which @azure/keyvault-keys 4.10 sends: its LATEST_API_VERSION).
+ */
+export const KNOWN_API_VERSIONS = ['7.0', '7.1', '7.2', '7.3', '7.4', '7.5', '7.6', '2025-07-01'];
+const LATEST_API_VERSION = '2025-07-01';
 
 export interface StandinKey {
   name: string;
