@@ -166,6 +166,16 @@ test('key_ops: a key that does not allow sign is refused at open; one whose sign
   assert.equal(kv.signs, 1);
 });
 
+test('start-up rides out a throttled vault: the key is read with the SDK retry policy, which waits for Retry-After', async (t) => {
+  const kv = await standin(t);
+  kv.failNext(1, 429, { 'retry-after': '1' });
+  const key = await KeyVaultCaKey.open(options(kv));
+  t.after(() => key.close());
+  assert.equal(kv.throttled, 1);
+  assert.equal(kv.earlyRetries, 0);
+  assert.ok(kv.keys.has('device-ca'));
+});
+
 test('a key that does not exist is not created without `create`', async (t) => {
   const kv = await standin(t);
   await assert.rejects(KeyVaultCaKey.open(options(kv, { keyName: 'absent', create: undefined })), (e: LeafgateError) => /404/.test(e.message) && /KeyNotFound/.test(e.message));

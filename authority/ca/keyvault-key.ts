@@ -18,7 +18,8 @@
  * vault, so every pending call would meet it) and the call goes back to the head of the
  * queue; requests answered 429 do not count towards the limit
  * (learn.microsoft.com/azure/key-vault/general/overview-throttling), so the retry costs
- * nothing. The SDK's own retry policy is turned off (`retryOptions.maxRetries: 0`): its
+ * nothing. For signing the SDK's own retry policy is turned off (`retryOptions.maxRetries: 0`;
+ * reading the key at start-up keeps it, 3 retries honouring Retry-After): its
  * throttling strategy would sleep for any Retry-After inside the call, with no bound, while
  * holding a caller -- here a wait longer than `maxWaitMs` fails at once instead, as a
  * LeafgateError `authority_unavailable` with `retryAfterMs`, which reaches the device as its
@@ -119,8 +120,9 @@ export class KeyVaultCaKey implements CaKey {
    * the authority does not start on a key it cannot use.
    */
   static async open(opts: KeyVaultCaKeyOptions): Promise<KeyVaultCaKey> {
-    const clientOptions = sdkOptions(opts);
-    const keys = new KeyClient(opts.vaultUrl, opts.credential, clientOptions);
+    // Start-up is not on anyone's request path: the key is read with the SDK's own retry
+    // policy (3 retries, honouring Retry-After on 429); signing uses the paced queue below.
+    const keys = new KeyClient(opts.vaultUrl, opts.credential, { ...opts.clientOptions });
     const where = `Key Vault key ${opts.keyName}${opts.keyVersion ? `/${opts.keyVersion}` : ''} in ${opts.vaultUrl}`;
     let key: KeyVaultKey;
     try {
@@ -141,7 +143,7 @@ export class KeyVaultCaKey implements CaKey {
       throw new LeafgateError('internal', `${where} does not allow the sign operation (key_ops: ${(key.keyOperations ?? []).join(', ') || 'none'}): update it with \`az keyvault key set-attributes --ops sign\``);
     }
     const publicKey = publicKeyOf(key, where);
-    const crypto = new CryptographyClient(key, opts.credential, clientOptions);
+    const crypto = new CryptographyClient(key, opts.credential, sdkOptions(opts));
     opts.logger?.info({ key: key.id, kty: key.keyType }, 'CA key in Key Vault');
     return new KeyVaultCaKey(publicKey, key, crypto, opts);
   }
