@@ -387,7 +387,13 @@ test('at most maxInFlight sign calls reach the vault at once; a transient 503 is
   assert.ok(verify('sha256', tbs(9), key.publicKey, await key.sign('sha256', tbs(9))));
   assert.ok(kv.requests.filter((r) => r.status === 503).length === 2);
 
+  // A call waiting out its back-off when the key is closed ends too.
+  kv.failNext(1, 503);
+  const backingOff = key.sign('sha256', tbs(10));
+  await until(() => kv.requests.filter((r) => r.status === 503).length === 3, 20_000, 'the third 503');
   await key.close();
+  const closedErr = await within(backingOff.then(() => null, (e: LeafgateError) => e), 20_000, 'the backing-off call to end');
+  assert.equal(closedErr?.code, 'authority_unavailable');
   await assert.rejects(key.sign('sha256', tbs()), (e: LeafgateError) => e.code === 'authority_unavailable');
 });
 

@@ -253,6 +253,7 @@ export class KeyVaultCaKey implements CaKey {
       const backoff = TRANSIENT_BACKOFF_MS * 2 ** (job.attempts - 1);
       if (transient && now + backoff <= job.deadline && !this.closed) {
         setTimeout(() => {
+          if (this.closed) return job.reject(new LeafgateError('authority_unavailable', 'the authority is closing', { retryAfterMs: 1000 }));
           this.queue.unshift(job);
           this.pump();
         }, backoff);
