@@ -6,7 +6,9 @@
  *   - the bearer token: a request without one gets the challenge of Key Vault's
  *     challenge-based authentication (401 + `WWW-Authenticate: Bearer authorization="{authority}/{tenant}",
  *     resource="https://vault.azure.net"`); a token the token endpoint did not issue for the
- *     https://vault.azure.net audience, or one that expired, gets 401 too;
+ *     https://vault.azure.net audience, or one that expired, gets 401 too (a missing or refused
+ *     token is answered 401 with WWW-Authenticate: learn.microsoft.com/azure/key-vault/general/
+ *     authentication-requests-and-responses and .../rest-error-codes: expired, wrong resource);
  *   - the api-version query value: unknown versions get 400 BadParameter "The specified
  *     version (X) is not recognized" (the text Key Vault answers, quoted in
  *     Azure/azure-sdk-for-python#28595 and Azure/azure-sdk-for-net#14789);
