@@ -343,6 +343,25 @@ test('dashboard: login, pages, actions and the attacks, in Chromium', { timeout:
     assert.ok(audit.some((r) => r.action === 'disable-gateway' && r.gatewayId === 'gw-doomed' && (r.detail as any)?.actor === 'dashboard:admin'));
   });
 
+  await t.test('cloud sync: a device parked after failed IoT Hub syncs is listed and retried through the UI, with a confirmation; audited', async () => {
+    const issued = await stack.device('dash-sync', 'pki-signature').onboard();
+    await authority.store.recordSyncFailure(issued.serial, 'hub', { attempts: 10, nextAt: null, failedAt: Date.now(), error: `HTTP 400 ${XSS_IMG}`, status: 'active' });
+    await page.goto(`${base}/`, WAIT);
+    assert.match(await page.content(), /<span class="n">1<\/span> <span class="l">cloud sync failed<\/span>/);
+    await page.goto(`${base}/sync`, WAIT);
+    const text = await page.$eval('main', (m) => m.textContent ?? '');
+    assert.match(text, /dash-sync/);
+    assert.ok(text.includes(XSS_IMG), 'the registry\'s error text is shown as text');
+    assert.equal(await page.$('main img'), null);
+    await clickAndWait(page, 'form[action$="retry-sync"]:has(input[name="device"][value="dash-sync"]) button[type="submit"]');
+    assert.equal((await authority.store.listSyncFailed({ target: 'hub' })).length, 1, 'nothing changes before the confirmation');
+    await clickAndWait(page, 'button.danger[type="submit"]');
+    assert.equal(new URL(page.url()).pathname, '/dashboard/sync');
+    assert.deepEqual(await authority.store.listSyncFailed({ target: 'hub' }), [], 'back in the queue');
+    const audit = await authority.store.listAudit({ deviceId: 'dash-sync', limit: 10 });
+    assert.ok(audit.some((r) => r.action === 'sync-retry' && (r.detail as any)?.actor === 'dashboard:admin' && (r.detail as any)?.count === 1));
+  });
+
   await t.test('logout ends the session server-side', async () => {
     const cookie = (await page.cookies()).map((c) => `${c.name}=${c.value}`).join('; ');
     await clickAndWait(page, 'form.logout button');

@@ -66,7 +66,7 @@ export interface PageContext {
   nav?: string;
 }
 
-const NAV: Array<[string, string]> = [['overview', ''], ['devices', '/devices'], ['certificates', '/certificates'], ['gateways', '/gateways'], ['audit', '/audit']];
+const NAV: Array<[string, string]> = [['overview', ''], ['devices', '/devices'], ['certificates', '/certificates'], ['gateways', '/gateways'], ['sync', '/sync'], ['audit', '/audit']];
 
 export function layout(ctx: PageContext, body: SafeHtml): string {
   return html`<!doctype html>

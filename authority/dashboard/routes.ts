@@ -241,7 +241,7 @@ ${stat('with an active certificate', counts.active, href('/certificates', { stat
 ${stat(`expiring within ${cfg.expiringDays} d`, counts.expiring, href('/devices', { state: 'expiring' }))}
 ${stat('with a revoked certificate', counts.revoked, href('/devices', { state: 'revoked' }))}
 ${stat('decommissioned', counts.decommissioned, href('/devices', { state: 'disabled' }))}
-${stat('IoT Hub sync failed', counts.syncFailed, href('/certificates', { kind: 'device' }))}
+${stat('cloud sync failed', counts.syncFailed, href('/sync'))}
 </ul></section>
 <section aria-labelledby="h-activity"><h2 id="h-activity">Issuance and refusals</h2>
 <table class="compact"><thead><tr><th scope="col"></th><th scope="col">issued</th><th scope="col">renewed</th><th scope="col">refused</th><th scope="col">errors</th></tr></thead>
@@ -280,6 +280,34 @@ ${gateways.map((g, i) => html`<tr><td><a href="${href('/devices', { gateway: g.i
     const reasonSelect = (id: string) => html`<label for="${id}">Reason</label><select id="${id}" name="reason">${REASONS.map((r) => html`<option value="${r}"${r === 'unspecified' ? html` selected` : ''}>${r}</option>`)}</select>`;
 
     // ---- gateways ----
+    // Devices whose IoT Hub or DPS sync failed past its attempt limit (parked), and the retry.
+    app.get('/sync', async (req, reply) => {
+      const s = req.dashboardSession!;
+      const t = now();
+      const rows = await deps.store.listSyncFailed({ limit: 500 });
+      const q = query(req);
+      const retry = (target: string, device: string | undefined, label: string) => html`<form method="post" action="/dashboard/actions/retry-sync">${csrfField(s.csrf)}<input type="hidden" name="target" value="${target}">${device ? html`<input type="hidden" name="device" value="${device}">` : ''}<button type="submit">${label}</button></form>`;
+      return page(reply, req, 'Cloud sync', 'sync', html`
+${flash(q.done)}
+<p>Devices whose registration in IoT Hub or DPS failed past the attempt limit. The others keep syncing; these wait for an operator (fix the cause, then retry).</p>
+${rows.length ? html`<div class="actions">${[...new Set(rows.map((r) => r.target))].map((target) => retry(target, undefined, `Retry all failed ${target === 'hub' ? 'IoT Hub' : 'DPS'} syncs…`))}</div>
+<table><thead><tr><th scope="col">device</th><th scope="col">target</th><th scope="col">certificate</th><th scope="col">attempts</th><th scope="col">failed</th><th scope="col">last error</th><th scope="col"></th></tr></thead>
+<tbody>${rows.map((r) => html`<tr><td><a href="${href('/devices/' + seg(r.deviceId))}">${r.deviceId}</a></td><td>${r.target}</td><td><a href="${href('/certificates/' + seg(r.serial))}">${r.serial.slice(0, 12)}…</a> (${r.status})</td><td class="num">${r.attempts}</td><td title="${when(r.failedAt)}">${relative(r.failedAt, t)}</td><td>${r.error ?? ''}</td><td>${retry(r.target, r.deviceId, 'Retry…')}</td></tr>`)}</tbody></table>` : html`<p>No failed sync.</p>`}`);
+    });
+
+    app.post('/actions/retry-sync', async (req, reply) => {
+      const form = req.body as Form;
+      const target = field(form, 'target', 8);
+      if (target !== 'hub' && target !== 'dps') throw new Refused(400, 'target must be hub or dps');
+      const device = typeof form.device === 'string' && form.device !== '' ? field(form, 'device', 128) : undefined;
+      if (device !== undefined && !isValidDeviceId(device)) throw new Refused(400, 'not a device id');
+      const what = device ? html`the failed ${target} sync of device <strong>${device}</strong>` : html`every failed ${target} sync`;
+      if (form.confirm !== 'yes') return confirmPage(req, reply, 'retry-sync', { target, ...(device ? { device } : {}) }, html`Retry ${what} with a fresh set of attempts?`, 'Retry');
+      const count = await deps.store.retrySyncFailed(target, device);
+      await deps.store.appendAudit({ at: now(), action: 'sync-retry', outcome: 'ok', deviceId: device ?? null, detail: { target, count, actor: req.dashboardSession!.operator } });
+      return reply.redirect(href('/sync', { done: 'sync-retried' }), 303);
+    });
+
     app.get('/gateways', async (req, reply) => {
       const s = req.dashboardSession!;
       const t = now();
@@ -357,7 +385,10 @@ ${audit.length === PAGE ? html`<p class="pager"><a href="${href('/audit', { devi
     });
 
     function flash(done: string | undefined) {
-      const text: Record<string, string> = { revoked: 'Revoked: the certificates are on the next CRL.', decommissioned: 'Decommissioned.', 'gateway-revoked': 'Gateway disabled and its certificates revoked.' };
+      const text: Record<string, string> = {
+        revoked: 'Revoked: the certificates are on the next CRL.', decommissioned: 'Decommissioned.', 'gateway-revoked': 'Gateway disabled and its certificates revoked.',
+        'sync-retried': 'Sync retried: the devices are back in the queue with a fresh set of attempts.',
+      };
       return done && text[done] ? html`<p class="flash ok" role="status">${text[done]}</p>` : '';
     }
 

@@ -111,7 +111,10 @@ export class DashboardQueries {
       [now, now + expiringDays * DAY],
     );
     const revoked = await this.db.one("SELECT COUNT(DISTINCT subject_id) AS n FROM certificates WHERE status = 'revoked' AND kind = 'device'");
-    const syncFailed = await this.db.one("SELECT COUNT(*) AS n FROM certificates WHERE kind = 'device' AND hub_error IS NOT NULL");
+    // Parked rows (past the attempt limit) of either target; rows still backing off are not failures yet.
+    const syncFailed = await this.db.one(
+      "SELECT COUNT(*) AS n FROM certificates WHERE kind = 'device' AND ((hub_synced_at IS NULL AND hub_failed_at IS NOT NULL) OR (dps_synced_at IS NULL AND dps_failed_at IS NOT NULL))",
+    );
     return {
       registered: byStatus.get('registered') ?? 0, enrolled: byStatus.get('enrolled') ?? 0, decommissioned: byStatus.get('disabled') ?? 0,
       active: n(active?.n), expiring: n(expiring?.n), revoked: n(revoked?.n), syncFailed: n(syncFailed?.n),
