@@ -101,7 +101,7 @@ test('CLI: certs --expiring, devices, policies and audit as tables and JSON; rev
   assert.match((await cli(stack, 'policies')).stdout, /^default\s+pki-signature,ddkg/m);
   assert.match((await cli(stack, 'revoke', '--serial', id.serial, '--reason', 'superseded')).stdout, new RegExp(id.serial));
   const audit = JSON.parse((await cli(stack, 'audit', '--device', 'cli-1', '--json')).stdout);
-  assert.deepEqual(audit.map((a: any) => a.action).reverse(), ['register', 'auth', 'issue', 'revoke']);
+  assert.deepEqual(audit.map((a: any) => a.action).reverse(), ['register', 'issue', 'revoke'], 'the compact flow (the SDK default): register, then one enroll that authenticates and issues');
   await assert.rejects(cli(stack, 'revoke'), /--serial HEX, --device ID or --gateway ID/);
 });
 
@@ -117,7 +117,7 @@ test('the authority exposes Prometheus metrics: requests by outcome, renewals du
       res.on('end', () => resolve(body));
     }).on('error', reject);
   });
-  assert.match(text, /leafgate_authority_requests_total\{action="csr",outcome="ok"\} 2/);
+  assert.match(text, /leafgate_authority_requests_total\{action="enroll",outcome="ok"\} 2/);
   assert.match(text, /leafgate_authority_revocations_total\{reason="keyCompromise"\} 1/);
   assert.match(text, /leafgate_authority_renewals_due\{state="due"\} 1/);
   assert.match(text, /leafgate_authority_crl_number 2/);
