@@ -309,7 +309,8 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     crlValidityHours: input.crlValidityHours ?? 24,
     renewalScanSeconds: input.renewalScanSeconds ?? 300,
     defaultGroup: input.defaultGroup ?? 'default',
-    adminToken: input.adminToken ?? env.LEAFGATE_ADMIN_TOKEN,
+    // An empty variable is an unset one (a shell's VAR= ).
+    adminToken: input.adminToken ?? (env.LEAFGATE_ADMIN_TOKEN || undefined),
     ...resolveAzureConfig(input, env),
     policies,
     dashboard: {
