@@ -54,10 +54,10 @@ async function gatewayMemory(stack: { gateway: { pid: number }; gatewayMetrics()
   const text = await stack.gatewayMetrics();
   return {
     rssKb: procStatusKb(stack.gateway.pid, 'VmRSS'),
-    heapUsedKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_used_bytes') / 1024,
-    heapTotalKb: metricValue(text, 'leafgate_gateway_nodejs_heap_size_total_bytes') / 1024,
-    externalKb: metricValue(text, 'leafgate_gateway_nodejs_external_memory_bytes') / 1024,
-    newSpaceKb: metricValue(text, 'leafgate_gateway_nodejs_heap_space_size_total_bytes', 'space="new"') / 1024,
+    heapUsedKb: metricValue(text, 'nodejs_heap_size_used_bytes') / 1024,
+    heapTotalKb: metricValue(text, 'nodejs_heap_size_total_bytes') / 1024,
+    externalKb: metricValue(text, 'nodejs_external_memory_bytes') / 1024,
+    newSpaceKb: metricValue(text, 'nodejs_heap_space_size_total_bytes', 'space="new"') / 1024,
     operational: metricValue(text, 'leafgate_gateway_connections', 'kind="operational"'),
   };
 }
