@@ -109,7 +109,7 @@ export const GATEWAY_CONFIG_SCHEMA: Schema = {
       properties: {
         connectionString: { type: 'string', secret: true, minLength: 1, env: 'LEAFGATE_MODULE_CONNECTION_STRING', description: 'IoT Edge module connection string (else the IoT Edge environment, if any).' },
         ca: { type: 'string', minLength: 1, description: 'PEM of the CA that signed edgeHub (with connectionString).' },
-        reportIntervalMs: int('Module twin status report interval (ms).', 1000),
+        reportIntervalMs: int('Module twin status report interval (ms).', 10),
       },
     },
     http: {

@@ -98,7 +98,16 @@ export async function startStack(
     await authority.close();
     throw err;
   }
-  const gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
+  let gateway: RunningGateway;
+  try {
+    gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
+  } catch (err) {
+    // A gateway that cannot start (a bad test config, say) must not leave the authority running:
+    // the test file would never end.
+    await authority.close();
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   const brokerUrl = `mqtts://127.0.0.1:${gateway.port}`;
   const rootPem = gateway.rootPem;
 
