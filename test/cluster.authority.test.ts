@@ -17,6 +17,7 @@ import { Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
 import pino from 'pino';
 import { listMigrations } from '../authority/store/index.ts';
+import { ManufacturerCa } from '../device/index.ts';
 import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type DevicePolicy, type RunningAuthority } from '../authority/index.ts';
 import { challengeSigningInput, downFilter } from '../protocol/index.ts';
 import { authorityRequest, gatewayIdentity, type HttpAnswer } from './support/http.ts';
@@ -88,7 +89,7 @@ const csrRequest = (node: Stack, stack: Stack, deviceId: string, body: { request
 
 test('two nodes starting at once on an empty database: migrated once, one CA (the loser of the insert race loads the winner\'s)', { timeout: 60_000 }, async (t) => {
   const { url, schema, admin } = await pgSchema(t);
-  const manufacturer = { pem: '' } as Stack['manufacturer'];
+  const manufacturer = ManufacturerCa.create();
   const nodes = await Promise.all([startNode({ manufacturer }, url), startNode({ manufacturer }, url), startNode({ manufacturer }, url)]);
   t.after(async () => {
     for (const n of nodes) await n.close();
@@ -291,7 +292,7 @@ test('PostgreSQL unreachable: start-up fails with a clear message; a running nod
   const viaProxy = new URL(url);
   viaProxy.host = `127.0.0.1:${proxy.port}`;
   const { logger: log, lines } = capturedLogger();
-  const node = await startNode({ manufacturer: { pem: '' } as Stack['manufacturer'] }, viaProxy.toString(), { logger: log });
+  const node = await startNode({ manufacturer: ManufacturerCa.create() }, viaProxy.toString(), { logger: log });
   t.after(async () => {
     await node.close();
     await proxy.close();
