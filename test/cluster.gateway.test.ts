@@ -56,10 +56,13 @@ test('a device that sent its CSR through gateway A and reconnects to gateway B g
   assert.equal((await gwB.outbox.get(id, requestId))?.state, 'queued', 'gateway B sees the request accepted by A');
   await dev.end();
 
-  // Back on B (a different process in production), with the authority up again.
-  const back = await bootstrap(t, onB, id);
+  // The authority back: the queued CSR is answered from the shared outbox (under the
+  // authentication made on A: a new one before that would supersede it).
   await stack.startAuthorityAgain();
-  // Stored answers go only to a session that proved it is the device.
+  await until(async () => (await gwB.outbox.get(id, requestId))?.state === 'done', 60_000, 'the queued CSR answered');
+  // Back on B (a different process in production). Stored answers go only to a session that
+  // proved it is the device: after authenticating there, the certificate follows.
+  const back = await bootstrap(t, onB, id);
   await authenticate(back, stack.credential(id, 'pki-signature'));
   const cert = await back.next<CertMessage>('cert', { requestId, timeoutMs: 20_000 });
   const rows = await stack.authority.store.listCertificates({ subjectId: id });

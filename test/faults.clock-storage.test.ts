@@ -132,7 +132,9 @@ test('a full disk under the outbox: gateway_unavailable with retryAfterMs, /read
   const state = new MemoryStateStore();
   const device = new LeafDevice({
     deviceId: 'disk-dev-1', brokerUrl: `mqtts://127.0.0.1:${gw.port}`, ca: gw.rootPem, credential: stack.credential('disk-dev-1', 'pki-signature'),
-    timeoutMs: 20_000, retries: 0, state,
+    // The classic flow: its CSR goes through the gateway's durable outbox, which is what a
+    // full disk refuses (the compact flow's enroll goes to the authority without it).
+    timeoutMs: 20_000, retries: 0, state, flow: 'classic',
   });
   await assert.rejects(device.onboard(), (err: unknown) => {
     assert.ok(err instanceof LeafgateError);
