@@ -208,7 +208,8 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         permittedDns: { type: 'array', items: { type: 'string', minLength: 1 }, default: ['edgehub'], description: 'dNSName name constraints of gateway Sub-CAs ({gatewayId} replaced).' },
       },
     },
-    crlValidityHours: int('Lifetime of a CRL (nextUpdate - thisUpdate); reissued at half of it.', 1, 8760, 24),
+    // Hours, possibly fractional (a short-lived CRL: tests use one second).
+    crlValidityHours: { type: 'number', exclusiveMinimum: 0, maximum: 8760, default: 24, description: 'Lifetime of a CRL (nextUpdate - thisUpdate), hours; reissued at half of it.' },
     renewalScanSeconds: int('How often due renewals are announced to gateways (seconds).', 1, 86_400, 300),
     bodyLimitBytes: int('Max request body on the HTTPS API (bytes).', 1024, 16 * 1024 * 1024, 64 * 1024),
     adminToken: { type: 'string', secret: true, minLength: 16, env: 'LEAFGATE_ADMIN_TOKEN', description: 'Admin API bearer token; default: the environment, else <dataDir>/admin-token.' },

@@ -54,7 +54,7 @@ test('authority config: typos, wrong types and ranges are refused, each naming t
   refused(
     () => resolveAuthorityConfig({ challengeTtlSeconds: 'abc', crlValidityHours: -5, renewalScanSeconds: 0 } as never, {}),
     /challengeTtlSeconds: must be integer \(got "abc"\)/,
-    /crlValidityHours: must be >= 1 \(got -5\)/,
+    /crlValidityHours: must be > 0 \(got -5\)/,
     /renewalScanSeconds: must be >= 1 \(got 0\)/,
   );
   refused(() => resolveAuthorityConfig({ crlBaseUrl: 'https://crl.example/x?y=1' }, {}), /crlBaseUrl \(env LEAFGATE_CRL_BASE_URL\): must be an http\(s\) URL without query/);
