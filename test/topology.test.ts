@@ -108,7 +108,8 @@ test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gatew
   const served = await Promise.all(stack.gateways.map(async (g) => {
     const text = await g.metrics();
     return {
-      registers: metricValue(text, 'leafgate_gateway_onboarding_steps_total', { step: 'register', outcome: 'ok' }) ?? 0,
+      // The SDK onboards with the compact flow (begin + enroll) by default.
+      registers: (metricValue(text, 'leafgate_gateway_onboarding_steps_total', { step: 'register', outcome: 'ok' }) ?? 0) + (metricValue(text, 'leafgate_gateway_onboarding_steps_total', { step: 'begin', outcome: 'ok' }) ?? 0),
       issued: metricValue(text, 'leafgate_gateway_onboardings_total', { outcome: 'issued' }) ?? 0,
       operational: metricValue(text, 'leafgate_gateway_connections', { kind: 'operational' }) ?? 0,
       clusterLink: metricValue(text, 'leafgate_gateway_cluster_link'),

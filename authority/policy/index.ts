@@ -106,6 +106,7 @@ export const POLICY_OVERRIDE_SCHEMA: Schema = {
       type: 'object', additionalProperties: false,
       properties: { dns: strings('DNS SAN templates put in the instruction; the CSR may carry these and nothing else.', []), uri: strings('URI SAN templates, likewise.', []) },
     },
+    allowClassicFlow: { type: 'boolean', default: true, description: 'Accept the classic register/auth/csr flow besides the compact one (whose signature covers the CSR); false requires the compact flow.' },
     validityDays: { type: 'integer', minimum: 1, maximum: 3650, default: DEFAULT_POLICY.validityDays, description: 'Lifetime of a device certificate (days).' },
     renewAfterFraction: { type: 'number', exclusiveMinimum: 0, exclusiveMaximum: 1, default: DEFAULT_POLICY.renewAfterFraction, description: 'Renewal opens when this fraction of the lifetime has passed.' },
     maxActiveCerts: { type: 'integer', minimum: 1, default: DEFAULT_POLICY.maxActiveCerts, description: 'Active (unexpired, unrevoked) certificates a device may hold at once.' },
