@@ -190,6 +190,12 @@ async function buildBridge(s: Shared, parts: LateParts) {
       logger: log,
       onOutcome(e) {
         metrics.onboardingSteps.inc({ step: e.step, outcome: e.ok ? 'ok' : e.code ?? 'error' });
+        // A compact enroll is answered here, not through the outbox: it is the onboarding's outcome.
+        if (e.step === 'enroll') {
+          metrics.onboardings.inc({ outcome: e.ok ? 'issued' : e.code ?? 'error' });
+          const started = sessions.holder(e.deviceId)?.session.onboardingStartedAt;
+          if (e.ok && started !== undefined) metrics.onboardingSeconds.observe((Date.now() - started) / 1000);
+        }
       },
     });
     const askToRenew = (client: Client, session: DeviceSession) => {
