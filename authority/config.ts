@@ -161,6 +161,15 @@ export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'l
 };
 
 const int = (description: string, min: number, max: number, def?: number): Schema => ({ type: 'integer', minimum: min, maximum: max, description, ...(def !== undefined ? { default: def } : {}) });
+/** Per-device retry of failed registry writes, the same for IoT Hub and DPS. */
+const syncRetry: Schema = {
+  type: 'object', additionalProperties: false, description: 'Per-device retry of failed registry writes.',
+  properties: {
+    maxAttempts: int('Attempts before a device is parked as sync-failed.', 1, 1000, 10),
+    retryBaseMs: int('First retry delay of a failed device (ms), doubled each attempt.', 1, 86_400_000, 5000),
+    retryMaxMs: int('Longest retry delay of a failed device (ms).', 1, 86_400_000, 3_600_000),
+  },
+};
 const localEndpoint: Schema = {
   type: 'object', additionalProperties: false, required: ['host', 'port', 'ca'],
   properties: {
@@ -222,14 +231,7 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         tier: { enum: ['F1', 'B1', 'B2', 'B3', 'S1', 'S2', 'S3'], default: 'S1', description: 'IoT Hub tier: sets the registry operations quota (100/min/unit up to S2 and B2, 5,000/min/unit on S3 and B3).' },
         units: int('IoT Hub units.', 1, 200, 1),
         registryOperationsPerMinute: { type: 'integer', minimum: 1, description: 'Registry operations per minute leafgate paces itself to (default: the tier\'s quota times units).' },
-        sync: {
-          type: 'object', additionalProperties: false, description: 'Per-device retry of failed registry writes.',
-          properties: {
-            maxAttempts: int('Attempts before a device is parked as sync-failed.', 1, 1000, 10),
-            retryBaseMs: int('First retry delay of a failed device (ms), doubled each attempt.', 1, 86_400_000, 5000),
-            retryMaxMs: int('Longest retry delay of a failed device (ms).', 1, 86_400_000, 3_600_000),
-          },
-        },
+        sync: syncRetry,
         localEndpoint,
       },
     },
@@ -241,14 +243,7 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         iotHubHostName: { type: 'string', minLength: 1, description: 'IoT Hub that DPS assigns devices to.' },
         units: int('DPS units.', 1, 200, 1),
         operationsPerMinute: { type: 'integer', minimum: 1, description: 'DPS operations per minute leafgate paces itself to (default: 1,000 per unit).' },
-        sync: {
-          type: 'object', additionalProperties: false, description: 'Per-device retry of failed registry writes.',
-          properties: {
-            maxAttempts: int('Attempts before a device is parked as sync-failed.', 1, 1000, 10),
-            retryBaseMs: int('First retry delay of a failed device (ms), doubled each attempt.', 1, 86_400_000, 5000),
-            retryMaxMs: int('Longest retry delay of a failed device (ms).', 1, 86_400_000, 3_600_000),
-          },
-        },
+        sync: syncRetry,
         localEndpoint,
       },
     },
