@@ -266,7 +266,8 @@ function capturedLogger(): { logger: pino.Logger; lines: Array<Record<string, an
 }
 
 test('PostgreSQL unreachable: start-up fails with a clear message; a running node answers 503 with a body, logs it, and recovers', { timeout: 90_000 }, async (t) => {
-  // Start-up, through the CLI: a closed port.
+  // Start-up, through the CLI: a closed port. Closed a moment ago: on a busy machine another
+  // process may take it and drop the connection instead of refusing it -- unavailable all the same.
   const closedPort = await new Promise<number>((resolve) => {
     const s = net.createServer().listen(0, '127.0.0.1', () => {
       const p = (s.address() as net.AddressInfo).port;
@@ -279,7 +280,7 @@ test('PostgreSQL unreachable: start-up fails with a clear message; a running nod
     encoding: 'utf8', env: { ...process.env, LEAFGATE_CA_PASSPHRASE: PASSPHRASE, LEAFGATE_LOG_LEVEL: 'info' }, timeout: 60_000,
   });
   assert.equal(cli.status, 1, cli.stderr);
-  assert.match(cli.stderr, new RegExp(`^error \\[authority_unavailable\\]: cannot open the authority database: database unavailable \\(postgres://leafgate@127\\.0\\.0\\.1:${closedPort}/leafgate\\): .*ECONNREFUSED`, 'm'));
+  assert.match(cli.stderr, new RegExp(`^error \\[authority_unavailable\\]: cannot open the authority database: database unavailable \\(postgres://leafgate@127\\.0\\.0\\.1:${closedPort}/leafgate\\): .*(ECONNREFUSED|ECONNRESET|Connection terminated)`, 'm'));
   assert.doesNotMatch(cli.stderr + cli.stdout, /pg-secret/);
   const logLine = cli.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((l) => l.msg === 'cannot open the authority database');
   assert.ok(logLine, cli.stdout);
