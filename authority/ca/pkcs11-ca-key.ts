@@ -302,7 +302,8 @@ class SignWorker {
   readonly ready: Promise<void>;
 
   constructor(workerData: unknown, onExit: (w: SignWorker, err: Error) => void, onSettled: () => void) {
-    this.worker = new Worker(new URL('./pkcs11-worker.cjs', import.meta.url), { workerData });
+    // Plain CommonJS: no need for the parent's `--import tsx` loader in the worker (see verify-pool.ts).
+    this.worker = new Worker(new URL('./pkcs11-worker.cjs', import.meta.url), { workerData, execArgv: [] });
     let readyResolve!: () => void;
     let readyReject!: (err: Error) => void;
     this.ready = new Promise((res, rej) => {

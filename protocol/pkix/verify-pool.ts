@@ -91,7 +91,10 @@ class VerifyWorker {
   jobs = 0;
 
   constructor(onExit: (w: VerifyWorker, err: Error) => void, onSettled: () => void) {
-    this.worker = new Worker(WORKER_SOURCE, { eval: true });
+    // execArgv []: the worker is plain JavaScript on node:crypto; inheriting the parent's
+    // `--import tsx` would register a module loader in every worker, which under node 20 can
+    // stall a worker's start for good (seen once under CI load: a test awaiting a verdict forever).
+    this.worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });
     this.worker.on('message', (m: { id: number; results: unknown[] }) => {
       const waiting = this.inFlight.get(m.id);
       if (!waiting) return;
