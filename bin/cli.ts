@@ -73,7 +73,8 @@ export function serveUntilSignal(close: () => Promise<void>): Promise<void> {
         process.exitCode = 1;
       }).finally(resolve);
     };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
+    // on, not once: a second signal during the drain must not kill the process mid-close (the drain is bounded by DRAIN_TIMEOUT_MS).
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
   });
 }

@@ -18,7 +18,8 @@ import { startStack, type Stack } from './support/stack.ts';
 import { until, within } from './support/wait.ts';
 
 /** Generous bounds for a machine 4x slower than the development one. */
-const CUT_MS = 30_000;
+// A bound only: on a loaded CI machine a flood test's well-behaved publish can wait long.
+const CUT_MS = 120_000;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
