@@ -418,25 +418,31 @@ function checkIssuedBy(certificate: X509Certificate, issuer: RootCa | null, wher
   }
 }
 
+/** The fields of a new CA certificate but its issuer: fresh serial, validity within the issuer's. */
+function caCertificateFields(spkiDer: Buffer, issuer: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number) {
+  const notAfter = new Date(now);
+  notAfter.setUTCFullYear(notAfter.getUTCFullYear() + years);
+  return {
+    serial: newSerial(),
+    subjectDer: pkix.encodeName(commonName),
+    spkiDer,
+    notBefore: new Date(now.getTime() - BACKDATE_MS),
+    notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
+    profile,
+    keyId: keyIdentifier(spkiDer),
+  };
+}
+
 /** A new CA: self-signed root when `issuer` is null, else an intermediate the root signs. */
 function createCa(name: CaName, issuer: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): IssuingCa {
   if (issuer && !issuer.privateKey) {
     throw new LeafgateError('internal', `the ${name} CA is missing and the root key is offline: run \`leafgate authority init\` where root.key.pem is, then copy the new CA files here`);
   }
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-  const spkiDer = publicKey.export({ type: 'spki', format: 'der' });
-  const subjectDer = pkix.encodeName(commonName);
-  const keyId = keyIdentifier(spkiDer);
-  const notAfter = new Date(now);
-  notAfter.setUTCFullYear(notAfter.getUTCFullYear() + years);
+  const { keyId, ...fields } = caCertificateFields(publicKey.export({ type: 'spki', format: 'der' }), issuer, commonName, profile, now, years);
   const der = encodeCertificate({
-    serial: newSerial(),
-    subjectDer,
-    spkiDer,
-    notBefore: new Date(now.getTime() - BACKDATE_MS),
-    notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
-    profile,
-    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey!, crlUrl } : { subjectDer, keyId, privateKey },
+    ...fields,
+    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, privateKey: issuer.privateKey!, crlUrl } : { subjectDer: fields.subjectDer, keyId, privateKey },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
   return { ...describe(name, new X509Certificate(der), pem), privateKey, key: new FileCaKey(privateKey) };
@@ -445,19 +451,10 @@ function createCa(name: CaName, issuer: RootCa | null, commonName: string, profi
 /** A new CA whose key is a CaKey (an HSM): self-signed through it when `issuer` is null, else signed through the root's. */
 async function createCaWithKey(name: CaName, key: CaKey, issuer: RootCa | null, commonName: string, profile: CertificateProfile, now: Date, years: number, crlUrl: string | undefined): Promise<IssuingCa> {
   if (issuer && !issuer.key) throw new LeafgateError('internal', `the ${name} CA is missing and the root key is offline`);
-  const spkiDer = key.publicKey.export({ type: 'spki', format: 'der' });
-  const subjectDer = pkix.encodeName(commonName);
-  const keyId = keyIdentifier(spkiDer);
-  const notAfter = new Date(now);
-  notAfter.setUTCFullYear(notAfter.getUTCFullYear() + years);
+  const { keyId, ...fields } = caCertificateFields(key.publicKey.export({ type: 'spki', format: 'der' }), issuer, commonName, profile, now, years);
   const der = await encodeCertificateAsync({
-    serial: newSerial(),
-    subjectDer,
-    spkiDer,
-    notBefore: new Date(now.getTime() - BACKDATE_MS),
-    notAfter: issuer ? minDate(notAfter, issuer.notAfter) : notAfter,
-    profile,
-    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, signer: issuer.key!, crlUrl } : { subjectDer, keyId, signer: key },
+    ...fields,
+    issuer: issuer ? { subjectDer: issuer.subjectDer, keyId: issuer.keyId, signer: issuer.key!, crlUrl } : { subjectDer: fields.subjectDer, keyId, signer: key },
   });
   const pem = pkix.toPem(der, 'CERTIFICATE');
   const certificate = new X509Certificate(der);
