@@ -177,6 +177,9 @@ export async function startBroker(opts: BrokerOptions): Promise<RunningBroker> {
   }
   const budget = opts.packetBudget;
   const gate: PacketGate = (client, packet) => {
+    // A cut connection's parser still emits the rest of the chunk it was given: those
+    // packets are dropped without a word (else one cut flooder writes thousands of log lines).
+    if (client.conn.destroyed) return false;
     const violation = protocolViolation(packet);
     if (violation !== null) {
       // One line per connection at most: the connection ends here.

@@ -73,6 +73,8 @@ export async function startStack(
     policy?: Partial<DevicePolicy>;
     /** The authority's clock (expiry tests move it instead of sleeping). */
     authorityNow?: () => number;
+    /** The gateway's logger (a test that counts log lines passes its own). */
+    gatewayLogger?: pino.Logger;
   } = {},
 ): Promise<Stack> {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-test-'));
@@ -100,7 +102,7 @@ export async function startStack(
   }
   let gateway: RunningGateway;
   try {
-    gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger });
+    gateway = await startGateway(resolveGatewayConfig({ dataDir: gatewayDir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, ...opts.gateway }, {}), { logger: opts.gatewayLogger ?? logger });
   } catch (err) {
     // A gateway that cannot start (a bad test config, say) must not leave the authority running:
     // the test file would never end.
