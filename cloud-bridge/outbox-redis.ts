@@ -33,6 +33,7 @@ redis.call('HSET', p .. 'e:' .. s, 'seq', s, 'deviceId', ARGV[3], 'requestId', A
   'state', 'queued', 'attempts', 0, 'nextAttemptAt', ARGV[8], 'createdAt', ARGV[8], 'idx', ARGV[2], 'owner', ARGV[9])
 redis.call('HSET', p .. 'idx', ARGV[2], s)
 redis.call('ZADD', p .. 'due:' .. ARGV[9], ARGV[8], string.format('%016d', s))
+redis.call('ZADD', p .. 'age:' .. ARGV[9], ARGV[8], string.format('%016d', s))
 return {s, 1}`;
 
 // Leases what it returns: the score moves to now + lease, so another gateway's claim skips it
@@ -51,6 +52,7 @@ if redis.call('HGET', k, 'state') ~= 'queued' then return 0 end
 redis.call('HSET', k, 'state', ARGV[3], 'response', ARGV[4], 'completedAt', ARGV[5])
 local m = string.format('%016d', tonumber(ARGV[2]))
 redis.call('ZREM', p .. 'due:' .. redis.call('HGET', k, 'owner'), m)
+redis.call('ZREM', p .. 'age:' .. redis.call('HGET', k, 'owner'), m)
 redis.call('ZADD', p .. 'u:' .. redis.call('HGET', k, 'deviceId'), ARGV[2], m)
 redis.call('ZADD', p .. 'done', ARGV[5], m)
 return 1`;
@@ -205,6 +207,21 @@ export class RedisOutbox implements OutboxStore {
 
   pendingCount(): Promise<number> {
     return this.run(() => this.r.zcard(`${this.prefix}due:${this.owner}`));
+  }
+
+  /**
+   * The due set is scored by the next attempt, not by age: a second set scored by creation
+   * time (kept with it by ACCEPT and FINISH) answers the oldest entry in one read. Entries
+   * queued by a version without it are counted but have no age (null when none is known).
+   */
+  backlog(): Promise<{ count: number; oldestCreatedAt: number | null }> {
+    return this.run(async () => {
+      const [count, oldest] = await Promise.all([
+        this.r.zcard(`${this.prefix}due:${this.owner}`),
+        this.r.zrange(`${this.prefix}age:${this.owner}`, 0, 0, 'WITHSCORES'),
+      ]);
+      return { count, oldestCreatedAt: count > 0 && oldest.length === 2 ? Number(oldest[1]) : null };
+    });
   }
 
   purge(before: number): Promise<number> {

@@ -183,10 +183,18 @@ test('two outboxes on one Redis: a queued request is claimed by one gateway at a
   await a.markDelivered(first.entry.seq, 3002);
   assert.deepEqual(await a.undelivered('dev-1'), []);
 
+  assert.deepEqual(await a.backlog(), { count: 0, oldestCreatedAt: null }, 'nothing queued: no age');
   await a.accept('dev-2', 'q2', 'csr', { csr: 'z' }, 4000);
+  await a.accept('dev-3', 'q3', 'csr', { csr: 'w' }, 4500);
+  await a.reschedule((await a.get('dev-2', 'q2'))!.seq, 9000);
+  assert.deepEqual(await a.backlog(), { count: 2, oldestCreatedAt: 4000 }, 'the oldest by creation, not by next attempt');
+  assert.deepEqual(await other.backlog(), { count: 0, oldestCreatedAt: null }, 'per gateway');
+  await a.finish((await a.get('dev-2', 'q2'))!.seq, 'done', { serial: 'CC' }, 5000);
+  assert.deepEqual(await a.backlog(), { count: 1, oldestCreatedAt: 4500 });
   assert.equal(await a.purge(3500), 1);
   assert.equal(await a.get('dev-1', 'q1'), null);
-  assert.equal((await a.get('dev-2', 'q2'))?.state, 'queued', 'queued work is never purged');
+  assert.equal((await a.get('dev-3', 'q3'))?.state, 'queued', 'queued work is never purged');
+  assert.equal((await a.get('dev-2', 'q2'))?.state, 'done', 'an answer newer than the cut stays');
 });
 
 /**
