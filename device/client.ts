@@ -148,6 +148,28 @@ interface PendingCsr {
 const PENDING_KEY = 'onboarding';
 
 /**
+ * The renewal in progress, kept before its CSR is sent: a renewal whose answer was lost (the
+ * gateway or this process died in between) is re-sent as it was -- same requestId, CSR, proof
+ * and key -- and gets the one certificate made for it. A fresh key and requestId instead would
+ * leave the first certificate issued for a key nobody holds, and the device on its old
+ * certificate, no longer asked to renew, until that one expires.
+ */
+interface PendingRenewal {
+  /** Serial of the certificate being replaced: the stored request is only for that identity. */
+  replaces: string;
+  requestId: string;
+  csr: string;
+  proof?: string;
+  signedAt?: string;
+  /** PKCS#8 PEM of the new key. */
+  key: string;
+  keyType: KeySpec['keyType'];
+  keySize: number;
+}
+
+const RENEWAL_KEY = 'renewal';
+
+/**
  * Races a promise against the connection closing (or going offline) and a timer, so that no
  * wait on mqtt.js outlives the connection: mqtt.js does not settle a QoS 1 publish whose
  * PUBACK never comes when the gateway dies first.
@@ -364,6 +386,20 @@ export class LeafDevice {
     return undefined;
   }
 
+  /** The renewal in progress for the certificate `serial`, if any; one for another certificate is dropped. */
+  private async loadRenewal(serial: string): Promise<PendingRenewal | undefined> {
+    const raw = await this.state.get(RENEWAL_KEY);
+    if (!raw) return undefined;
+    try {
+      const p = JSON.parse(raw) as PendingRenewal;
+      if (p.replaces === serial && typeof p.requestId === 'string' && typeof p.csr === 'string' && typeof p.key === 'string') return p;
+    } catch {
+      // unreadable: start afresh
+    }
+    await this.state.delete(RENEWAL_KEY);
+    return undefined;
+  }
+
   /** The whole flow; resolves with the new identity, rejects with the gateway's error code. */
   /**
    * The whole flow, retried when the gateway says "later" (rate_limited, authority_unavailable)
@@ -566,10 +602,15 @@ export class LeafDevice {
     return this.exchange(client, inbox, 'csr', 'cert', message, publicKey);
   }
 
-  /** Publishes a certificate request (csr or enroll) and waits for the certificate, which must carry `publicKey`. */
-  private async exchange(client: MqttClient, inbox: Inbox, up: 'csr' | 'enroll', down: 'cert' | 'enrolled', message: RenewalCsrMessage | EnrollMessage, publicKey: KeyObject): Promise<CertMessage> {
+  /**
+   * Publishes a certificate request (csr or enroll) and waits for the certificate, which must
+   * carry `publicKey`. The answer is awaited from the start: `before` (a SUBSCRIBE) may bring
+   * it already, when the gateway held it for this request.
+   */
+  private async exchange(client: MqttClient, inbox: Inbox, up: 'csr' | 'enroll', down: 'cert' | 'enrolled', message: RenewalCsrMessage | EnrollMessage, publicKey: KeyObject, before?: Promise<unknown>): Promise<CertMessage> {
     const certP = inbox.wait<CertMessage>([down], message.requestId, this.timeoutMs);
     certP.catch(() => undefined);
+    if (before) await before;
     await this.publish(client, upTopic(this.deviceId, up), JSON.stringify(message));
     const cert = await certP;
     // The certificate must carry the key made here: its SubjectPublicKeyInfo, byte for byte
@@ -590,14 +631,44 @@ export class LeafDevice {
    * current key's proof, checks and stores the answer.
    */
   private async requestCertificate(client: MqttClient, inbox: Inbox, instruction: InstructionMessage, current?: DeviceIdentity): Promise<{ identity: DeviceIdentity; keyReadyAt: number }> {
+    // A renewal of this certificate already under way (an earlier attempt on a lost
+    // connection) is resumed, not doubled.
+    const stored = current ? await this.loadRenewal(current.serial) : undefined;
+    if (stored) return { identity: await this.resumeRenewal(client, inbox, stored), keyReadyAt: performance.now() };
     const pair = await generateKeyForInstruction(instruction);
     const keyReadyAt = performance.now();
     const csr = pkix.buildCsr({ commonName: instruction.subject.commonName, sans: instruction.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
     const requestId = newRequestId();
     const message: RenewalCsrMessage = { requestId, csr };
-    if (current) Object.assign(message, renewalProof(this.deviceId, requestId, csr, current.privateKey));
-    const cert = await this.exchangeCsr(client, inbox, message, pair.publicKey);
-    return { identity: this.keep(cert, pair.privateKey, { keyType: instruction.keyType, keySize: instruction.keySize }), keyReadyAt };
+    const key: KeySpec = { keyType: instruction.keyType, keySize: instruction.keySize } as KeySpec;
+    if (!current) return { identity: this.keep(await this.exchangeCsr(client, inbox, message, pair.publicKey), pair.privateKey, key), keyReadyAt };
+    Object.assign(message, renewalProof(this.deviceId, requestId, csr, current.privateKey));
+    const pending: PendingRenewal = { replaces: current.serial, ...message, key: pair.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, keyType: key.keyType, keySize: key.keySize };
+    // Kept (durably, with a file store) before the CSR leaves.
+    await this.state.set(RENEWAL_KEY, JSON.stringify(pending));
+    return { identity: await this.resumeRenewal(client, inbox, pending), keyReadyAt };
+  }
+
+  /**
+   * Sends (or re-sends, byte for byte) a kept renewal and waits for its certificate; the
+   * record goes once the certificate is stored, or when the answer says it can never
+   * succeed (a stale proof, a revoked certificate...). `before`: see `exchange`.
+   */
+  private async resumeRenewal(client: MqttClient, inbox: Inbox, pending: PendingRenewal, before?: Promise<unknown>): Promise<DeviceIdentity> {
+    const privateKey = createPrivateKey(pending.key);
+    const message: RenewalCsrMessage = { requestId: pending.requestId, csr: pending.csr };
+    if (pending.proof !== undefined && pending.signedAt !== undefined) Object.assign(message, { proof: pending.proof, signedAt: pending.signedAt });
+    let cert: CertMessage;
+    try {
+      cert = await this.exchange(client, inbox, 'csr', 'cert', message, createPublicKey(privateKey), before);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code !== undefined && !RESUMABLE.has(code)) await this.state.delete(RENEWAL_KEY);
+      throw err;
+    }
+    const identity = this.keep(cert, privateKey, { keyType: pending.keyType, keySize: pending.keySize } as KeySpec);
+    await this.state.delete(RENEWAL_KEY);
+    return identity;
   }
 
   private store(id: DeviceIdentity): void {
@@ -687,6 +758,20 @@ export class LeafDevice {
     const identity = current ?? sessionIdentities.get(client);
     const inbox = new Inbox(client);
     let busy = false;
+    // A renewal of this certificate left unanswered (a crash of the gateway or of this
+    // process) is resumed at once: its answer may be held by the gateway, which delivers it
+    // on the SUBSCRIBE below, so it is awaited before subscribing.
+    const stored = identity ? await this.loadRenewal(identity.serial) : undefined;
+    let subscribed!: (v: unknown) => void;
+    const afterSubscribe = new Promise((resolve) => (subscribed = resolve));
+    if (stored) {
+      busy = true;
+      void this.resumeRenewal(client, inbox, stored, afterSubscribe)
+        .then(onRenewed, (err: Error) => onError?.(err))
+        .finally(() => {
+          busy = false;
+        });
+    }
     client.on('message', (topic, payload) => {
       const t = parseTopic(topic);
       if (t?.kind !== 'instruction' || busy) return;
@@ -707,7 +792,12 @@ export class LeafDevice {
           busy = false;
         });
     });
-    await bounded(client, client.subscribeAsync(downFilter(this.deviceId), { qos: 1 }), this.timeoutMs, 'SUBACK');
+    try {
+      await bounded(client, client.subscribeAsync(downFilter(this.deviceId), { qos: 1 }), this.timeoutMs, 'SUBACK');
+    } finally {
+      // Also on failure: the resumed renewal then fails on its publish instead of waiting.
+      subscribed(undefined);
+    }
   }
 
   async publishTelemetry(client: MqttClient, body: unknown, subtopic = 'state'): Promise<void> {

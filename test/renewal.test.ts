@@ -9,7 +9,7 @@ import { X509Certificate } from 'node:crypto';
 import { test } from 'node:test';
 import mqtt from 'mqtt';
 import { downFilter, pkix, upTopic } from '../protocol/index.ts';
-import { renewalProof, type DeviceIdentity } from '../device/index.ts';
+import { MemoryStateStore, renewalProof, type DeviceIdentity } from '../device/index.ts';
 import { startStack } from './support/stack.ts';
 import { until as waitUntil, within } from './support/wait.ts';
 
@@ -86,4 +86,81 @@ test('a renewal CSR with the same key is refused (policy_violation), nothing iss
   assert.equal(errors[0].requestId, 'same-key-1');
   const rows = await stack.authority.store.listCertificates({ subjectId: 'renew-3' });
   assert.deepEqual(rows.map((r) => r.status), ['active']);
+});
+
+/** A state store that reports what the SDK keeps, so a test can "crash" the device right after. */
+class WatchedState extends MemoryStateStore {
+  readonly kept: string[] = [];
+  onSet?: (key: string) => void;
+  override set(key: string, value: string) {
+    super.set(key, value);
+    this.kept.push(key);
+    this.onSet?.(key);
+  }
+}
+
+test('a renewal answered while the device was down is picked up on its return: same request, one new certificate', async (t) => {
+  const stack = await startStack(t, { policy: DUE_NOW });
+  const state = new WatchedState();
+  const device = stack.device('renew-resume-1', 'pki-signature', { state });
+  const first = await device.onboard();
+  await stack.authority.renewals.announce();
+  await waitUntil(() => stack.gateway.renewals.get(first.serial), 30_000, 'the gateway to hold the due renewal');
+  // The authority goes away: the renewal CSR waits in the gateway's outbox.
+  await stack.stopAuthority();
+  const client = await device.connectOperational(first);
+  const failed = new Promise<Error>((resolve) => void device.enableRenewal(client, () => resolve(new Error('renewed on the first connection')), resolve));
+  await waitUntil(async () => (await stack.gateway.outbox.pendingCount()) === 1, 30_000, 'the renewal CSR to be queued at the gateway');
+  assert.ok(state.get('renewal'), 'the request is kept before it is sent');
+  // The device dies before any answer.
+  client.end(true);
+  assert.notEqual((await within(failed, 30_000, 'the first attempt to fail')).message, 'renewed on the first connection');
+  await stack.startAuthorityAgain();
+  await waitUntil(async () => (await stack.gateway.outbox.pendingCount()) === 0, 60_000, 'the queued renewal to be answered');
+
+  await waitUntil(() => !stack.gateway.sessions.holder('renew-resume-1'), 30_000, 'the gateway to see the connection gone');
+  // "Restarted": a new SDK object on the same state, connecting with the old certificate.
+  const again = stack.device('renew-resume-1', 'pki-signature', { state });
+  const client2 = await again.connectOperational(first);
+  t.after(() => client2.endAsync(true));
+  const next = await within(new Promise<DeviceIdentity>((resolve, reject) => void again.enableRenewal(client2, resolve, reject)), 30_000, 'the resumed renewal');
+  const rows = await stack.authority.store.listCertificates({ subjectId: 'renew-resume-1' });
+  assert.deepEqual(Object.fromEntries(rows.map((r) => [r.serial, r.status])), { [first.serial]: 'superseded', [next.serial]: 'active' }, 'exactly one new certificate, the one made for the kept request');
+  assert.equal(state.get('renewal'), undefined, 'the kept request is gone once its certificate is stored');
+});
+
+test('a renewal whose CSR never left is re-sent as it was on the next connection; a stale record for another certificate is dropped', async (t) => {
+  const stack = await startStack(t, { policy: DUE_NOW });
+  const state = new WatchedState();
+  const device = stack.device('renew-resume-2', 'pki-signature', { state });
+  const first = await device.onboard();
+  const client = await device.connectOperational(first);
+  // Crash right after the request is kept: the CSR is never published.
+  state.onSet = (key) => {
+    if (key === 'renewal') client.end(true);
+  };
+  const failed = new Promise<Error>((resolve) => void device.enableRenewal(client, () => resolve(new Error('renewed')), resolve));
+  await stack.authority.renewals.announce();
+  assert.notEqual((await within(failed, 30_000, 'the first attempt to fail')).message, 'renewed');
+  state.onSet = undefined;
+  await waitUntil(() => !stack.gateway.sessions.holder('renew-resume-2'), 30_000, 'the gateway to see the connection gone');
+  const kept = JSON.parse(state.get('renewal')!) as { requestId: string; replaces: string };
+  assert.equal(kept.replaces, first.serial);
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: 'renew-resume-2' })).length, 1, 'nothing issued yet');
+
+  const client2 = await device.connectOperational(first);
+  t.after(() => client2.endAsync(true));
+  const next = await within(new Promise<DeviceIdentity>((resolve, reject) => void device.enableRenewal(client2, resolve, reject)), 30_000, 'the resumed renewal');
+  const audit = await stack.authority.store.listAudit({ deviceId: 'renew-resume-2' });
+  assert.ok(audit.some((a) => a.action === 'renew' && a.outcome === 'ok' && a.requestId === kept.requestId && a.serial === next.serial), 'issued for the kept requestId');
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: 'renew-resume-2', status: 'active' })).length, 1);
+
+  // A record for a certificate that is no longer in use is never sent.
+  state.set('renewal', JSON.stringify({ ...kept, replaces: 'DEADBEEF' }));
+  await client2.endAsync();
+  await waitUntil(() => !stack.gateway.sessions.holder('renew-resume-2'), 30_000, 'the gateway to see the connection gone');
+  const client3 = await device.connectOperational(next);
+  t.after(() => client3.endAsync(true));
+  await device.enableRenewal(client3, () => assert.fail('nothing to renew'), () => undefined);
+  assert.equal(state.get('renewal'), undefined);
 });
