@@ -137,10 +137,13 @@ export class DashboardQueries {
   /** Onboardings (issue ok) and refusals per bucket of `bucketMs`, `buckets` of them ending at `now`. */
   async activitySeries(now: number, bucketMs: number, buckets: number): Promise<Array<{ start: number; onboarded: number; refused: number }>> {
     const start = now - bucketMs * buckets;
+    // Grouped by the output alias: PostgreSQL reads `(at - $1) / $2` and `(at - $5) / $6` as two
+    // expressions and refuses the query. The CASTs make SQLite divide integers (better-sqlite3
+    // binds numbers as REAL), so that its rows are grouped per bucket, not per timestamp.
     const rows = await this.db.query(
-      `SELECT (at - ?) / ? AS b, outcome, COUNT(*) AS n FROM audit_log
-        WHERE at >= ? AND at < ? AND ((action = 'issue' AND outcome = 'ok') OR outcome = 'refused') GROUP BY (at - ?) / ?, outcome`,
-      [start, bucketMs, start, now, start, bucketMs],
+      `SELECT (at - CAST(? AS BIGINT)) / CAST(? AS BIGINT) AS b, outcome, COUNT(*) AS n FROM audit_log
+        WHERE at >= ? AND at < ? AND ((action = 'issue' AND outcome = 'ok') OR outcome = 'refused') GROUP BY b, outcome`,
+      [start, bucketMs, start, now],
     );
     const out = Array.from({ length: buckets }, (_, i) => ({ start: start + i * bucketMs, onboarded: 0, refused: 0 }));
     for (const r of rows) {
@@ -155,10 +158,11 @@ export class DashboardQueries {
   /** Active certificates expiring per week over the coming `weeks`, devices apart from the rest. */
   async expirySeries(now: number, weeks: number): Promise<Array<{ start: number; devices: number; others: number }>> {
     const week = 7 * DAY;
+    // Grouped by the alias, integer division on both engines: see activitySeries.
     const rows = await this.db.query(
-      `SELECT (not_after - ?) / ? AS w, kind, COUNT(*) AS n FROM certificates WHERE status = 'active' AND not_after > ? AND not_after <= ?
-        GROUP BY (not_after - ?) / ?, kind`,
-      [now, week, now, now + weeks * week, now, week],
+      `SELECT (not_after - CAST(? AS BIGINT)) / CAST(? AS BIGINT) AS w, kind, COUNT(*) AS n FROM certificates WHERE status = 'active' AND not_after > ? AND not_after <= ?
+        GROUP BY w, kind`,
+      [now, week, now, now + weeks * week],
     );
     const out = Array.from({ length: weeks }, (_, i) => ({ start: now + i * week, devices: 0, others: 0 }));
     for (const r of rows) {

@@ -167,6 +167,7 @@ export class SqlStore implements AuthorityStore {
    */
   private async insertRequestRow(q: Queryable, r: RequestRow, written: string[]) {
     let response = r.response;
+    let chainRow: [ref: string, text: string] | null = null;
     const chain = response?.chain;
     if (Array.isArray(chain) && chain.length > 0 && chain.every((c) => typeof c === 'string')) {
       const text = JSON.stringify(chain);
@@ -179,14 +180,18 @@ export class SqlStore implements AuthorityStore {
       // The chain row goes in the same transaction as the answer naming it, until one such
       // transaction is known to have committed (chain rows are never deleted): one that
       // rolls back takes its chain row with it.
-      if (!this.committedChains.has(ref)) {
-        await q.run(SQL.insertChain, [ref, text]);
-        written.push(ref);
-      }
+      if (!this.committedChains.has(ref)) chainRow = [ref, text];
       const { chain: _inline, ...rest } = response as Record<string, unknown>;
       response = { ...rest, chainRef: ref };
     }
-    return q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(response), r.createdAt]);
+    const result = await q.run(SQL.insertRequest, [r.deviceId, r.requestId, r.kind, r.bodyHash, json(response), r.createdAt]);
+    // Only once the answer is in: a requestId taken already returns false and writes nothing
+    // (no chain row that no answer names).
+    if (result.changes === 1 && chainRow) {
+      await q.run(SQL.insertChain, chainRow);
+      written.push(chainRow[0]);
+    }
+    return result;
   }
 
   /** A transaction that stores answers: the chain rows it wrote are known once it committed. */
