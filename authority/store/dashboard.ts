@@ -121,7 +121,7 @@ export class DashboardQueries {
     };
   }
 
-  /** Issuances (issue, renew, enroll-gateway: ok) and refusals since `since`. */
+  /** Device issuances (`issue`, both flows), renewals and refusals since `since`; gateway enrollments are not device issuances. */
   async auditCounts(since: number): Promise<{ issued: number; renewed: number; refused: number; errors: number }> {
     const rows = await this.db.query('SELECT action, outcome, COUNT(*) AS n FROM audit_log WHERE at >= ? GROUP BY action, outcome', [since]);
     const out = { issued: 0, renewed: 0, refused: 0, errors: 0 };
