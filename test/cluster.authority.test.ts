@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { sign, X509Certificate } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -323,4 +324,44 @@ test('PostgreSQL unreachable: start-up fails with a clear message; a running nod
   await until(async () => (await authorityRequest(api, '/admin/v1/devices', { headers: auth })).status === 200, 10_000, 'the API to answer again');
   await until(() => lines.some((l) => l.msg === 'cluster event connection restored'), 20_000, 'the event connection to come back');
   assert.equal((await authorityRequest(api, '/readyz')).status, 200);
+});
+
+/** One HTTPS request to a node's dashboard, trusting the authority's root. */
+function dashboardRequest(stack: Stack, url: string, opts: { method?: string; headers?: Record<string, string>; body?: string } = {}): Promise<{ status: number; headers: Record<string, unknown>; text: string }> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(url, { method: opts.method ?? 'GET', headers: opts.headers, ca: stack.rootPem, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => (text += d));
+      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, text }));
+    });
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
+
+test('dashboard: a session opened on node A works on node B, and a logout on B ends it on A', async (t) => {
+  const { url } = await pgSchema(t);
+  const { stack, a, b } = await cluster(t, url);
+  const form = (o: Record<string, string>) => new URLSearchParams(o).toString();
+  const post = (node: RunningAuthority, path: string, body: string, cookie?: string) => dashboardRequest(stack, `${node.url}/dashboard${path}`, {
+    method: 'POST', body, headers: { origin: new URL(node.url).origin, 'content-type': 'application/x-www-form-urlencoded', ...(cookie ? { cookie } : {}) },
+  });
+  const login = await post(a, '/login', form({ token: ADMIN }));
+  assert.equal(login.status, 303);
+  assert.equal(login.headers.location, '/dashboard');
+  const cookie = String(login.headers['set-cookie']).split(';')[0];
+  assert.match(cookie, /^__Host-leafgate_dashboard=.{40,}/);
+
+  const onB = await dashboardRequest(stack, `${b.url}/dashboard`, { headers: { cookie } });
+  assert.equal(onB.status, 200, 'node B knows the session node A opened');
+  assert.match(onB.text, /dashboard:admin/);
+  const csrf = /name="csrf" value="([^"]+)"/.exec(onB.text)![1];
+  // An action on node B with the session of node A is accepted (CSRF token included).
+  assert.equal((await post(b, '/actions/enrollment-token', form({ csrf, gateway: 'gw-dash', ttlHours: '1' }), cookie)).status, 200);
+
+  assert.equal((await post(b, '/logout', form({ csrf }), cookie)).status, 303);
+  const afterLogout = await dashboardRequest(stack, `${a.url}/dashboard`, { headers: { cookie } });
+  assert.equal(afterLogout.status, 303, 'logged out on both nodes');
+  assert.equal(afterLogout.headers.location, '/dashboard/login');
 });

@@ -12,12 +12,14 @@
  *   (a bigint count read as a string, an unescaped LIKE wildcard, ...) fails on its engine.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { openStore, type SqlStore, type AuditEntry, type CertificateRow, type DevicePatch, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
 import { DashboardQueries, type DeviceListRow, type DeviceState } from '../authority/store/dashboard.ts';
+import { SessionStore } from '../authority/dashboard/sessions.ts';
 import { pgSchema } from './support/pg.ts';
 
 type Engine = 'sqlite' | 'postgres';
@@ -614,5 +616,53 @@ for (const engine of ENGINES) {
 
     // The distinct actions, sorted.
     assert.deepStrictEqual(await q.auditActions(), ['auth', 'enroll-gateway', 'issue', 'note', 'renew', 'revoke']);
+  });
+}
+
+for (const engine of ENGINES) {
+  test(`[${engine}] dashboard sessions: shared by every store on the database, expiring by age and idleness, bounded, destroyed once`, async (t) => {
+    const { store, reopen } = await open(t, engine);
+    const other = await reopen(); // another authority node on the same database
+    const clock = { now: NOW };
+    const opts = { sessionMs: 8 * 3600_000, idleMs: 1800_000, now: () => clock.now, max: 3 };
+    const a = new SessionStore(store, opts);
+    const b = new SessionStore(other, opts);
+    const s = await a.create('dashboard:admin', 'token');
+    const seen = await b.get(s.id);
+    assert.deepEqual(seen && { operator: seen.operator, via: seen.via, csrf: seen.csrf }, { operator: 'dashboard:admin', via: 'token', csrf: s.csrf }, 'known on the other node');
+    assert.equal(await b.get(s.id.slice(0, -1) + (s.id.endsWith('A') ? 'B' : 'A')), null, 'another id is nothing');
+    const row = await store.getDashboardSession(createHash('sha256').update(s.id).digest('base64url'));
+    assert.ok(row && !JSON.stringify(row).includes(s.id), 'the id itself is never stored');
+
+    // Idle: each use restarts the clock (written at most every 30 s), silence past idleMs ends it.
+    clock.now += 1700_000;
+    assert.ok(await a.get(s.id), 'used before the idle limit');
+    clock.now += 1700_000;
+    assert.ok(await b.get(s.id), 'the use on node A counted on node B');
+    clock.now += 1800_001;
+    assert.equal(await b.get(s.id), null, 'idle too long');
+    assert.equal(await a.get(s.id), null, 'and gone for both');
+
+    // Age: past sessionMs it ends however busy.
+    const busy = await a.create('dashboard:admin', 'token');
+    for (let i = 0; i < 17; i++) {
+      clock.now += 1700_000;
+      if (i < 16) assert.ok(await b.get(busy.id), `in use, ${i}`);
+    }
+    assert.equal(await a.get(busy.id), null, 'older than sessionMs');
+
+    // Destroyed on one node (logout): refused on the other.
+    const out = await a.create('dashboard:alice', 'header');
+    await b.destroy(out.id);
+    assert.equal(await a.get(out.id), null);
+
+    // Bounded: past `max`, the oldest go first.
+    const made: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      clock.now += 1000;
+      made.push((await a.create(`dashboard:u${i}`, 'header')).id);
+    }
+    const alive = await Promise.all(made.map(async (id) => (await b.get(id)) !== null));
+    assert.deepEqual(alive, [false, false, true, true, true]);
   });
 }

@@ -89,7 +89,7 @@ function query(req: FastifyRequest): Form {
 export function dashboardPlugin(deps: DashboardDeps) {
   const now = deps.now ?? Date.now;
   const cfg = deps.config;
-  const sessions = new SessionStore({ sessionMs: cfg.sessionMinutes * 60_000, idleMs: cfg.idleMinutes * 60_000, now });
+  const sessions = new SessionStore(deps.store, { sessionMs: cfg.sessionMinutes * 60_000, idleMs: cfg.idleMinutes * 60_000, now });
   const header = cfg.trustedHeader?.toLowerCase();
 
   return async function dashboard(app: FastifyInstance): Promise<void> {
@@ -126,12 +126,12 @@ export function dashboardPlugin(deps: DashboardDeps) {
     app.addHook('onRequest', async (req, reply) => {
       const path = req.url.split('?')[0];
       if (path.startsWith('/dashboard/static/')) return;
-      let s = sessions.get(parseCookies(req.headers.cookie)[COOKIE]);
+      let s = await sessions.get(parseCookies(req.headers.cookie)[COOKIE]);
       if (header) {
         const raw = req.headers[header];
         const user = typeof raw === 'string' && /^[\x21-\x7e]{1,128}$/.test(raw) ? raw : null;
         if (user && (!s || s.via !== 'header' || s.operator !== `dashboard:${user}`)) {
-          s = sessions.create(`dashboard:${user}`, 'header');
+          s = await sessions.create(`dashboard:${user}`, 'header');
           setCookie(reply, s.id, sessions.maxAgeSeconds);
         }
       }
@@ -204,8 +204,8 @@ ${q.failed ? html`<p class="flash error" role="alert">That token is not the admi
       const token = field(form, 'token', 1024);
       if (!token || !timingSafeEqual(hashAdminToken(token), deps.adminTokenHash)) return reply.redirect('/dashboard/login?failed=1', 303);
       const old = req.dashboardSession;
-      if (old) sessions.destroy(old.id);
-      const s = sessions.create('dashboard:admin', 'token');
+      if (old) await sessions.destroy(old.id);
+      const s = await sessions.create('dashboard:admin', 'token');
       setCookie(reply, s.id, sessions.maxAgeSeconds);
       await deps.store.appendAudit({ at: now(), action: 'dashboard-login', outcome: 'ok', detail: { actor: s.operator, via: 'token' } });
       return reply.redirect('/dashboard', 303);
@@ -213,7 +213,7 @@ ${q.failed ? html`<p class="flash error" role="alert">That token is not the admi
 
     app.post('/logout', async (req, reply) => {
       const s = req.dashboardSession!;
-      sessions.destroy(s.id);
+      await sessions.destroy(s.id);
       setCookie(reply, '', 0);
       return reply.redirect('/dashboard/login', 303);
     });

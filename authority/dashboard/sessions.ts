@@ -1,10 +1,11 @@
 /**
  * Server-side dashboard sessions: the cookie holds only a random 256-bit id; the operator,
- * the CSRF token and the expiry live here, in the authority's memory (a restart logs every
- * operator out; each authority node of a cluster has its own sessions, so a load balancer
- * in front of the dashboard must keep an operator on one node).
+ * the CSRF token and the expiry live in the authority's store (table dashboard_sessions,
+ * keyed by the id's SHA-256), so every node of a cluster knows a session -- no sticky load
+ * balancing -- and a restart logs nobody out.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import type { AuthorityStore } from '../store/index.ts';
 
 export interface Session {
   id: string;
@@ -19,48 +20,44 @@ export interface Session {
 
 export const SESSION_COOKIE = 'leafgate_dashboard';
 
+/** The idle clock is written at most this often per session (a page view is a read, mostly). */
+const TOUCH_EVERY_MS = 30_000;
+
+type SessionBackend = Pick<AuthorityStore, 'insertDashboardSession' | 'getDashboardSession' | 'touchDashboardSession' | 'deleteDashboardSession' | 'purgeDashboardSessions'>;
+
 export class SessionStore {
-  private readonly sessions = new Map<string, Session>();
+  constructor(private readonly store: SessionBackend, private readonly opts: { sessionMs: number; idleMs: number; now: () => number; max?: number }) {}
 
-  constructor(private readonly opts: { sessionMs: number; idleMs: number; now: () => number; max?: number }) {}
-
-  create(operator: string, via: Session['via']): Session {
-    this.sweep();
-    const max = this.opts.max ?? 10_000;
-    // Bounded: the oldest sessions go first (Map keeps insertion order).
-    while (this.sessions.size >= max) this.sessions.delete(this.sessions.keys().next().value!);
+  async create(operator: string, via: Session['via']): Promise<Session> {
     const now = this.opts.now();
+    await this.store.purgeDashboardSessions(now - this.opts.sessionMs, now - this.opts.idleMs);
     const s: Session = { id: randomBytes(32).toString('base64url'), operator, via, csrf: randomBytes(32).toString('base64url'), createdAt: now, lastUsedAt: now };
-    this.sessions.set(key(s.id), s);
+    // Bounded: the oldest sessions go first.
+    await this.store.insertDashboardSession({ idHash: key(s.id), operator, via, csrf: s.csrf, createdAt: now, lastUsedAt: now }, this.opts.max ?? 10_000);
     return s;
   }
 
   /** The live session of a cookie value, its idle clock restarted; null when unknown or expired. */
-  get(id: string | undefined): Session | null {
+  async get(id: string | undefined): Promise<Session | null> {
     if (!id || id.length > 100) return null;
     const k = key(id);
-    const s = this.sessions.get(k);
-    if (!s) return null;
+    const r = await this.store.getDashboardSession(k);
+    if (!r) return null;
     const now = this.opts.now();
-    if (now - s.createdAt > this.opts.sessionMs || now - s.lastUsedAt > this.opts.idleMs) {
-      this.sessions.delete(k);
+    if (now - r.createdAt > this.opts.sessionMs || now - r.lastUsedAt > this.opts.idleMs) {
+      await this.store.deleteDashboardSession(k);
       return null;
     }
-    s.lastUsedAt = now;
-    return s;
+    if (now - r.lastUsedAt >= TOUCH_EVERY_MS) await this.store.touchDashboardSession(k, now);
+    return { id, operator: r.operator, via: r.via, csrf: r.csrf, createdAt: r.createdAt, lastUsedAt: now };
   }
 
-  destroy(id: string): void {
-    this.sessions.delete(key(id));
+  async destroy(id: string): Promise<void> {
+    await this.store.deleteDashboardSession(key(id));
   }
 
   get maxAgeSeconds(): number {
     return Math.floor(this.opts.sessionMs / 1000);
-  }
-
-  private sweep(): void {
-    const now = this.opts.now();
-    for (const [k, s] of this.sessions) if (now - s.createdAt > this.opts.sessionMs || now - s.lastUsedAt > this.opts.idleMs) this.sessions.delete(k);
   }
 }
 

@@ -18,6 +18,7 @@ import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
 import { ISSUER_OF_KIND } from './types.ts';
 import type {
+  DashboardSessionRow,
   AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, PendingCertificateRow, RegistryTarget, RequestRow, SyncFailureRow,
 } from './types.ts';
 
@@ -532,6 +533,32 @@ export class SqlStore implements AuthorityStore {
 
   async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', t: RegistryTarget = 'hub'): Promise<void> {
     await this.db.run(`UPDATE devices SET ${target(t)}_state = ? WHERE id = ?`, [state, deviceId]);
+  }
+
+  async insertDashboardSession(row: DashboardSessionRow, max: number): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      await tx.run('INSERT INTO dashboard_sessions (id_hash, operator, via, csrf, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)', [row.idHash, row.operator, row.via, row.csrf, row.createdAt, row.lastUsedAt]);
+      // Bounded: past `max` sessions the oldest go (the subquery is NULL below `max`: nothing goes).
+      await tx.run('DELETE FROM dashboard_sessions WHERE created_at < (SELECT created_at FROM dashboard_sessions ORDER BY created_at DESC LIMIT 1 OFFSET ?)', [max - 1]);
+    });
+  }
+
+  async getDashboardSession(idHash: string): Promise<DashboardSessionRow | null> {
+    const r = await this.db.one('SELECT * FROM dashboard_sessions WHERE id_hash = ?', [idHash]);
+    if (!r) return null;
+    return { idHash: r.id_hash, operator: r.operator, via: r.via, csrf: r.csrf, createdAt: Number(r.created_at), lastUsedAt: Number(r.last_used_at) };
+  }
+
+  async touchDashboardSession(idHash: string, at: number): Promise<void> {
+    await this.db.run('UPDATE dashboard_sessions SET last_used_at = ? WHERE id_hash = ? AND last_used_at < ?', [at, idHash, at]);
+  }
+
+  async deleteDashboardSession(idHash: string): Promise<void> {
+    await this.db.run('DELETE FROM dashboard_sessions WHERE id_hash = ?', [idHash]);
+  }
+
+  async purgeDashboardSessions(createdBefore: number, usedBefore: number): Promise<number> {
+    return (await this.db.run('DELETE FROM dashboard_sessions WHERE created_at < ? OR last_used_at < ?', [createdBefore, usedBefore])).changes;
   }
 
   async appendAudit(entry: AuditEntry): Promise<void> {

@@ -143,6 +143,15 @@ export interface GatewayRow {
  * Domain-level operations; each one that changes several rows is atomic in the store, so
  * callers never hold a transaction across an await.
  */
+export interface DashboardSessionRow {
+  idHash: string;
+  operator: string;
+  via: 'token' | 'header';
+  csrf: string;
+  createdAt: number;
+  lastUsedAt: number;
+}
+
 export interface AuthorityStore {
   close(): Promise<void>;
   /** Resolves when the database answers; authority_unavailable when it cannot be reached. */
@@ -260,6 +269,14 @@ export interface AuthorityStore {
   /** Disabled (decommissioned) devices still present in an external registry. */
   listHubDecommissioned(limit: number, target?: RegistryTarget): Promise<string[]>;
   setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target?: RegistryTarget): Promise<void>;
+
+  /** Dashboard sessions (authority/dashboard/sessions.ts), keyed by the SHA-256 of the cookie's id. */
+  insertDashboardSession(row: DashboardSessionRow, max: number): Promise<void>;
+  getDashboardSession(idHash: string): Promise<DashboardSessionRow | null>;
+  touchDashboardSession(idHash: string, at: number): Promise<void>;
+  deleteDashboardSession(idHash: string): Promise<void>;
+  /** Drops sessions created before `createdBefore` or idle since before `usedBefore`. */
+  purgeDashboardSessions(createdBefore: number, usedBefore: number): Promise<number>;
 
   appendAudit(entry: AuditEntry): Promise<void>;
   listAudit(filter: { deviceId?: string; limit?: number }): Promise<AuditRow[]>;
