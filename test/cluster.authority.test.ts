@@ -88,7 +88,7 @@ async function authenticate(stack: Stack, r: Stack, a: Stack, deviceId: string):
 const csrRequest = (node: Stack, stack: Stack, deviceId: string, body: { requestId: string; csr: string }) =>
   authorityRequest(node, '/v1/devices/csr', { body: { deviceId, ...body }, identity: gatewayIdentity(stack) });
 
-test('two nodes starting at once on an empty database: migrated once, one CA (the loser of the insert race loads the winner\'s)', { timeout: 60_000 }, async (t) => {
+test('two nodes starting at once on an empty database: migrated once, one CA (the loser of the insert race loads the winner\'s)', { timeout: 240_000 }, async (t) => {
   const { url, schema, admin } = await pgSchema(t);
   const manufacturer = ManufacturerCa.create();
   const nodes = await Promise.all([startNode({ manufacturer }, url), startNode({ manufacturer }, url), startNode({ manufacturer }, url)]);
@@ -112,7 +112,7 @@ test('two nodes starting at once on an empty database: migrated once, one CA (th
   await assert.rejects(startAuthority(config, { logger }), /cannot decrypt the root CA stored in the database: wrong CA passphrase\?/);
 });
 
-test('two nodes on one database: one shared CA, distinct serials across nodes, a requestId repeated or raced on both yields one certificate', { timeout: 120_000 }, async (t) => {
+test('two nodes on one database: one shared CA, distinct serials across nodes, a requestId repeated or raced on both yields one certificate', { timeout: 300_000 }, async (t) => {
   const { url, schema, admin } = await pgSchema(t);
   const { stack, a, b, onB } = await cluster(t, url);
 
@@ -165,7 +165,7 @@ test('two nodes on one database: one shared CA, distinct serials across nodes, a
   }
 });
 
-test('a revocation on node B is in node A\'s CRL and reaches the gateway whose event stream is on A', { timeout: 60_000 }, async (t) => {
+test('a revocation on node B is in node A\'s CRL and reaches the gateway whose event stream is on A', { timeout: 240_000 }, async (t) => {
   const { url } = await pgSchema(t);
   const { stack, a, b, onB } = await cluster(t, url);
   const id = 'pki-cluster-revoked';
@@ -197,7 +197,7 @@ test('a revocation on node B is in node A\'s CRL and reaches the gateway whose e
   assert.equal(b.revocation.crl().crlNumber, crlNumber);
 });
 
-test('the renewal scan runs once per period for the cluster; its announcement reaches the gateway on the other node', { timeout: 60_000 }, async (t) => {
+test('the renewal scan runs once per period for the cluster; its announcement reaches the gateway on the other node', { timeout: 240_000 }, async (t) => {
   const { url } = await pgSchema(t);
   // Due at once (see test/renewal.test.ts).
   const { stack, a, b } = await cluster(t, url, { renewAfterFraction: 0.001, validityDays: 1 });
@@ -266,7 +266,7 @@ function capturedLogger(): { logger: pino.Logger; lines: Array<Record<string, an
   return { logger: pino({ level: 'info' }, sink), lines };
 }
 
-test('PostgreSQL unreachable: start-up fails with a clear message; a running node answers 503 with a body, logs it, and recovers', { timeout: 90_000 }, async (t) => {
+test('PostgreSQL unreachable: start-up fails with a clear message; a running node answers 503 with a body, logs it, and recovers', { timeout: 240_000 }, async (t) => {
   // Start-up, through the CLI: a closed port. Closed a moment ago: on a busy machine another
   // process may take it and drop the connection instead of refusing it -- unavailable all the same.
   const closedPort = await new Promise<number>((resolve) => {

@@ -33,7 +33,7 @@ import { TEST_REDIS_URL as REDIS_URL, deleteRedisKeys } from './support/redis.ts
 const DEVICES = 10;
 
 
-test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gateways on Redis, a TCP load balancer', { timeout: 60_000 }, async (t) => {
+test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gateways on Redis, a TCP load balancer', { timeout: 300_000 }, async (t) => {
   // After-hooks run in the order they are added: clients and balancer, then the processes
   // (gateways first) and the temp dir, then the Redis keys, then the schema (pgSchema's own).
   const closers: Array<() => Promise<unknown>> = [];
@@ -76,7 +76,7 @@ test('docker-compose topology as processes: 2 authorities on PostgreSQL, 2 gatew
     i % 2 === 0
       ? { method: 'pki-signature', ...stack.manufacturer.issueBirthCertificate(id) }
       : { method: 'ddkg', attributes: { cpu: `cpu-${id}`, mac: '02:00:00:00:00:01', board: 'topology' } };
-  const devices = ids.map((id, i) => new LeafDevice({ deviceId: id, brokerUrl: viaLb.brokerUrl, ca: stack.rootPem, credential: credential(id, i), timeoutMs: 15_000 }));
+  const devices = ids.map((id, i) => new LeafDevice({ deviceId: id, brokerUrl: viaLb.brokerUrl, ca: stack.rootPem, credential: credential(id, i), timeoutMs: 60_000 }));
   // All at once: the bootstrap connections arrive together and alternate between the gateways.
   const identities: OnboardResult[] = await within(Promise.all(devices.map((d) => d.onboard())), 30_000, 'onboarding through the load balancer');
   const anchors = pkix.parseCertificates(stack.rootPem);
