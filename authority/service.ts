@@ -85,7 +85,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       if (shared.created) logger.info({ adopted: shared.adopted }, shared.adopted ? 'CA files of the data directory stored in the database for the cluster' : 'new CA created in the database');
       bus = await PgBus.start(store.db, logger.child({ component: 'cluster' }));
     } else {
-      ca = (await openCa(config)).ca;
+      ca = (await openCa(config, { logger: logger.child({ component: 'ca' }) })).ca;
     }
     // Where each CA key is (file, pkcs11:<token>/<label>): never a secret.
     logger.info({ caKeys: config.caKeys.store, keys: ca.describeKeys() }, 'CA keys opened');

@@ -221,15 +221,18 @@ export class LocalCa implements CaConnector {
       if (existsSync(certPath)) {
         const pem = readFileSync(certPath, 'utf8');
         const certificate = parseCert(pem, certPath);
-        if (key && !sameKey(certificate.publicKey, key.publicKey)) throw new LeafgateError('internal', `the ${name} key (${key.description}) does not match ${certPath}`);
+        if (key && !sameKey(certificate.publicKey, key.publicKey)) {
+          throw new LeafgateError('internal', `the ${name} key (${key.description}) does not match ${certPath}: configure the key (and key version) that certificate was made for, or move ${certPath} away and run \`leafgate authority init\` to sign a new ${name} certificate for this key`);
+        }
         checkIssuedBy(certificate, issuer, certPath);
-        return { ...describe(name, certificate, pem), key, privateKey: null };
+        // A key held in this process keeps the issuance fast path (its KeyObject); any other signs through its CaKey.
+        return { ...describe(name, certificate, pem), key, privateKey: key instanceof FileCaKey ? key.keyObject : null };
       }
       if (!opts.create) throw new LeafgateError('internal', `${certPath} is missing: run \`leafgate authority init\` with the same key store first`);
       if (!key) throw new LeafgateError('internal', `the ${name} certificate is missing and its key is offline`);
       const ca = await createCaWithKey(name, key, issuer, cn, profile, now, years, crlUrl);
       writeFileSync(certPath, ca.pem);
-      return ca;
+      return key instanceof FileCaKey ? { ...ca, privateKey: key.keyObject } : ca;
     };
     const root = (await load('root', keys.root, null, `${org} Root CA`, { kind: 'root' }, 20, undefined)) as RootCa;
     const rootUrl = crlUrlOf(opts.crlBaseUrl, 'root');
@@ -461,6 +464,32 @@ async function createCaWithKey(name: CaName, key: CaKey, issuer: RootCa | null, 
   // What the token signed is checked once here: a signer that answers garbage never makes a CA.
   if (!certificate.verify(issuer ? issuer.certificate.publicKey : key.publicKey)) throw new LeafgateError('internal', `the ${name} certificate signed through ${(issuer?.key ?? key).description} does not verify`);
   return { ...describe(name, certificate, pem), privateKey: null, key };
+}
+
+/**
+ * The encrypted file key of one CA, for LocalCa.openWithKeys when the other CAs' keys live
+ * elsewhere (the device CA's in Key Vault): `<dir>/<name>.key.pem` decrypted as LocalCa.open
+ * does. A root whose certificate is there without its key is kept offline (null). With
+ * `create` (`authority init`), a key that is missing along with its certificate is generated
+ * (EC P-256) and written encrypted, before openWithKeys writes the certificate -- the order
+ * LocalCa.open keeps: a crash between the two leaves a key without a certificate, never the
+ * reverse. Without `create` a missing key stops the start with what to do.
+ */
+export function openFileCaKey(dir: string, name: CaName, passphrase: string, opts: { create?: boolean } = {}): FileCaKey | null {
+  checkPassphrase(passphrase);
+  const keyPath = join(dir, `${name}.key.pem`);
+  const certPath = join(dir, `${name}.crt.pem`);
+  if (existsSync(keyPath)) return new FileCaKey(decryptKey(readFileSync(keyPath, 'utf8'), passphrase, keyPath));
+  if (existsSync(certPath)) {
+    if (name === 'root') return null;
+    throw new LeafgateError('internal', `${keyPath} is missing (its certificate ${certPath} is there): restore the key file, or move the certificate away and run \`leafgate authority init\` to make a new ${name}`);
+  }
+  if (!opts.create) throw new LeafgateError('internal', `${certPath} is missing: run \`leafgate authority init\` with the same key store first`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  writeFileSync(keyPath, encryptPkcs8Scrypt(privateKey, passphrase), { mode: 0o600 });
+  chmodSync(keyPath, 0o600);
+  return new FileCaKey(privateKey);
 }
 
 function sameKey(a: KeyObject, b: KeyObject): boolean {

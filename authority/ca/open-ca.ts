@@ -1,20 +1,22 @@
 /**
  * Opens the authority's CA with its keys where configuration says they are (`caKeys.store`):
  * file keys (encrypted PKCS#8 in the data directory, or ca_material rows with PostgreSQL),
- * or a PKCS#11 token. The one place that picks a key store, for `authority start` and the
- * CLI's offline commands alike.
+ * a PKCS#11 token, or Azure Key Vault for the device CA's key (the root, the infrastructure
+ * CA and the edge issuer keep encrypted file keys; the root may be offline). The one place
+ * that picks a key store, for `authority start` and the CLI's offline commands alike.
  */
 import { join } from 'node:path';
 import { LeafgateError } from '../../protocol/index.ts';
-import { LocalCa, type CaMaterialStore, type CaName } from './local-ca.ts';
+import { LocalCa, openFileCaKey, type CaMaterialStore, type CaName } from './local-ca.ts';
 import { openPkcs11CaKeys, type Pkcs11KeysConfig } from './pkcs11-ca-key.ts';
+import { openKeyVaultCaKey, type KeyVaultCaKeyOptions, type KeyVaultStoreConfig } from './keyvault-key.ts';
 
 export interface CaOpenConfig {
   dataDir: string;
   caPassphrase: string;
   organization: string;
   crlBaseUrl?: string;
-  caKeys: { store: 'file' } | Pkcs11KeysConfig | ({ store: 'keyvault' } & Record<string, unknown>);
+  caKeys: { store: 'file' } | Pkcs11KeysConfig | { store: 'keyvault'; keyvault: KeyVaultStoreConfig };
 }
 
 export interface OpenedCa {
@@ -24,14 +26,20 @@ export interface OpenedCa {
   adopted?: boolean;
   /** Keys generated in the token on this call (init). */
   generated?: CaName[];
+  /** Key Vault: the key the device CA signs with (its versioned id), for init's report. */
+  keyVaultKeyId?: string;
 }
 
 /**
  * `shared`: the cluster's store when several nodes share PostgreSQL (file keys only).
- * `create`: `authority init` -- a missing PKCS#11 key is generated in the token and the
- * missing certificates are signed through the token; at start they must exist.
+ * `create`: `authority init` -- a missing PKCS#11 or Key Vault key (and a missing file key
+ * beside a Key Vault one) is generated and the missing certificates are signed through the
+ * keys; at start they must exist.
  */
-export async function openCa(config: CaOpenConfig, opts: { shared?: CaMaterialStore; create?: boolean; adoptDir?: boolean; env?: NodeJS.ProcessEnv } = {}): Promise<OpenedCa> {
+export async function openCa(
+  config: CaOpenConfig,
+  opts: { shared?: CaMaterialStore; create?: boolean; adoptDir?: boolean; env?: NodeJS.ProcessEnv; logger?: KeyVaultCaKeyOptions['logger'] } = {},
+): Promise<OpenedCa> {
   const dir = join(config.dataDir, 'ca');
   const common = { organization: config.organization, crlBaseUrl: config.crlBaseUrl };
   switch (config.caKeys.store) {
@@ -51,7 +59,20 @@ export async function openCa(config: CaOpenConfig, opts: { shared?: CaMaterialSt
         throw err;
       }
     }
+    case 'keyvault': {
+      if (opts.shared) throw new LeafgateError('internal', 'caKeys.store "keyvault" keeps the CA certificates and the other CA keys in the data directory: it is not available with a shared PostgreSQL database yet');
+      const deviceKey = await openKeyVaultCaKey(config.caKeys.keyvault, { create: opts.create, env: opts.env, logger: opts.logger });
+      try {
+        const file = (name: CaName) => openFileCaKey(dir, name, config.caPassphrase, { create: opts.create });
+        const root = file('root');
+        const ca = await LocalCa.openWithKeys(dir, { root, 'device-ca': deviceKey, 'infra-ca': file('infra-ca')!, 'edge-issuer': file('edge-issuer')! }, { ...common, create: opts.create });
+        return { ca, keyVaultKeyId: deviceKey.keyId };
+      } catch (err) {
+        await deviceKey.close();
+        throw err;
+      }
+    }
     default:
-      throw new LeafgateError('internal', `caKeys.store "${config.caKeys.store}" has no connector in this build`);
+      throw new LeafgateError('internal', `caKeys.store "${(config.caKeys as { store: string }).store}" has no connector in this build`);
   }
 }
