@@ -1,0 +1,256 @@
+/**
+ * caKeys.store "keyvault": the device CA's key in Azure Key Vault, the root, the infrastructure
+ * CA and the edge issuer as encrypted file keys in <dataDir>/ca. The REAL @azure/keyvault-keys
+ * and @azure/identity clients talk HTTPS to the wire-level stand-in (test/support/
+ * keyvault-standin.ts), which counts the sign operations it performs. `authority init` (the
+ * CLI) creates the vault key and the hierarchy; an authority started on it onboards a device
+ * through a real gateway and mqtt.js with a certificate the vault signed (openssl verifies the
+ * chain), signs its CRL through the vault after a revocation, turns a throttled vault into
+ * `pending` then the certificate (issued once); a device CA certificate of another key and the
+ * configuration mistakes refuse to start with what to do.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import pino from 'pino';
+import { ConfigError } from '../config-schema/index.ts';
+import { LeafgateError, pkix, type CertMessage, type ErrorBody } from '../protocol/index.ts';
+import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
+import { BACKDATE_MS, LocalCa, openCa } from '../authority/ca/index.ts';
+import { KeyVaultStandin } from './support/keyvault-standin.ts';
+import { startStack } from './support/stack.ts';
+import { authenticate, bootstrap, csrFor, rid } from './support/mqtt.ts';
+import { OPENSSL } from './support/openssl.ts';
+
+const PASSPHRASE = 'kv-test-passphrase-0123';
+const KEY = 'leafgate-device-ca';
+const silent = pino({ level: 'silent' });
+
+interface Vault {
+  kv: KeyVaultStandin;
+  dir: string;
+  secretFile: string;
+  caFile: string;
+  /** caKeys for this vault: a service principal whose secret is in a file, the stand-in's CA trusted. */
+  caKeys(extra?: Record<string, unknown>): NonNullable<AuthorityConfigInput['caKeys']>;
+  config(dataDir: string, extra?: Record<string, unknown>, input?: AuthorityConfigInput): ReturnType<typeof resolveAuthorityConfig>;
+}
+
+async function vault(t: TestContext, opts?: Parameters<typeof KeyVaultStandin.start>[0]): Promise<Vault> {
+  const kv = await KeyVaultStandin.start(opts);
+  t.after(() => kv.close());
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-kv-ca-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const secretFile = join(dir, 'client-secret');
+  writeFileSync(secretFile, `${kv.clientSecret}\n`, { mode: 0o600 });
+  const caFile = join(dir, 'vault-ca.pem');
+  writeFileSync(caFile, kv.ca);
+  const caKeys = (extra: Record<string, unknown> = {}) => ({
+    store: 'keyvault' as const,
+    keyvault: {
+      vaultUrl: kv.vaultUrl, keyName: KEY,
+      credential: { kind: 'clientSecret' as const, tenantId: kv.tenantId, clientId: kv.clientId, clientSecretFile: secretFile, authorityHost: kv.authorityHost },
+      // The stand-in is https://127.0.0.1:port, not *.vault.azure.net, under a test CA.
+      tlsCaFile: caFile, disableChallengeResourceVerification: true,
+      ...extra,
+    },
+  });
+  const config = (dataDir: string, extra: Record<string, unknown> = {}, input: AuthorityConfigInput = {}) =>
+    resolveAuthorityConfig({ dataDir, caPassphrase: PASSPHRASE, listen: { host: '127.0.0.1', port: 0 }, caKeys: caKeys(extra), ...input }, {});
+  return { kv, dir, secretFile, caFile, caKeys, config };
+}
+
+/** `authority init` in process (what the CLI calls): the vault key and the hierarchy. */
+async function init(v: Vault, dataDir: string, extra: Record<string, unknown> = {}): Promise<void> {
+  const { ca } = await openCa(v.config(dataDir, extra), { create: true, logger: silent });
+  await ca.close();
+}
+
+const spkiOf = (k: { export(o: { type: 'spki'; format: 'der' }): Buffer }) => k.export({ type: 'spki', format: 'der' });
+const vaultPublicKey = (kv: KeyVaultStandin, name = KEY) => createPublicKey(kv.keys.get(name)!.at(-1)!.privateKey);
+const creates = (kv: KeyVaultStandin) => kv.requests.filter((r) => r.method === 'POST' && r.path.endsWith('/create') && r.status === 200).length;
+
+function deviceRequest(cn: string, days = 30) {
+  const now = Date.now();
+  const pair = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  return { subjectDer: pkix.encodeName(cn), spkiDer: spkiOf(pair.publicKey), profile: { kind: 'device', keyType: 'ec' } as const, notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + days * 86_400_000) };
+}
+
+function opensslVerify(cwd: string, files: Record<string, string>, args: string[]) {
+  for (const [name, text] of Object.entries(files)) writeFileSync(join(cwd, name), text);
+  return spawnSync(OPENSSL, ['verify', '-x509_strict', ...args], { cwd, encoding: 'utf8' });
+}
+
+/** Starting an authority fails; the error is one line (a LeafgateError or a ConfigError). */
+async function startFails(config: ReturnType<typeof resolveAuthorityConfig>): Promise<Error> {
+  const err = await startAuthority(config, { logger: silent }).then(
+    async (a) => {
+      await a.close();
+      return null;
+    },
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof Error, `expected a refusal, got ${String(err)}`);
+  assert.doesNotMatch(err.message, /\n/, 'one line');
+  return err;
+}
+
+test('init creates the device CA key in the vault (EC-HSM P-256, key_ops sign) and file keys for the others; start opens them without creating anything; issuance signs through the vault', async (t) => {
+  const v = await vault(t);
+  const data = join(v.dir, 'authority');
+  await init(v, data);
+  const stored = v.kv.keys.get(KEY)!;
+  assert.equal(stored.length, 1);
+  assert.deepEqual([stored[0].kty, stored[0].crv, stored[0].keyOps], ['EC-HSM', 'P-256', ['sign']]);
+  // The device CA has a certificate and no key file; the others have encrypted keys (openssl reads them with the passphrase).
+  assert.deepEqual(readdirSync(join(data, 'ca')).sort(), ['device-ca.crt.pem', 'edge-issuer.crt.pem', 'edge-issuer.key.pem', 'infra-ca.crt.pem', 'infra-ca.key.pem', 'root.crt.pem', 'root.key.pem']);
+  assert.match(readFileSync(join(data, 'ca', 'infra-ca.key.pem'), 'utf8'), /BEGIN ENCRYPTED PRIVATE KEY/);
+  const deviceCaCert = new X509Certificate(readFileSync(join(data, 'ca', 'device-ca.crt.pem')));
+  assert.ok(spkiOf(deviceCaCert.publicKey).equals(spkiOf(vaultPublicKey(v.kv))), 'the device CA certificate is for the vault key');
+  const chain = opensslVerify(join(data, 'ca'), {}, ['-CAfile', 'root.crt.pem', 'device-ca.crt.pem', 'infra-ca.crt.pem', 'edge-issuer.crt.pem']);
+  assert.equal(chain.status, 0, chain.stdout + chain.stderr);
+
+  // A second init changes nothing: same key (no new version), same certificates.
+  const before = readFileSync(join(data, 'ca', 'device-ca.crt.pem'), 'utf8');
+  await init(v, data);
+  assert.equal(v.kv.keys.get(KEY)!.length, 1);
+  assert.equal(creates(v.kv), 1);
+  assert.equal(readFileSync(join(data, 'ca', 'device-ca.crt.pem'), 'utf8'), before);
+
+  // Start: nothing created; the device CA signs through the vault, the others in process.
+  const { ca } = await openCa(v.config(data), { logger: silent });
+  t.after(() => ca.close());
+  assert.equal(creates(v.kv), 1);
+  assert.equal(ca.deviceCa.privateKey, null, 'the device CA key is not in this process');
+  assert.match(ca.describeKeys()['device-ca'], new RegExp(`^keyvault:${v.kv.vaultUrl}/keys/${KEY}/[0-9a-f]{32}$`));
+  assert.deepEqual([ca.describeKeys().root, ca.describeKeys()['infra-ca'], ca.describeKeys()['edge-issuer']], ['file', 'file', 'file']);
+  assert.ok(ca.infraCa.privateKey, 'a file key keeps the in-process fast path');
+  const signs = v.kv.signs;
+  const cert = await ca.issue('device', deviceRequest('kv-unit-1', 365 * 30));
+  assert.equal(v.kv.signs, signs + 1, 'one sign operation in the vault per device certificate');
+  assert.ok(new X509Certificate(cert.pem).verify(vaultPublicKey(v.kv)), 'signed by the vault key');
+  assert.equal(new X509Certificate(cert.pem).validTo, ca.deviceCa.certificate.validTo, 'never past the device CA');
+  // Gateways and the authority's TLS are not the vault's business.
+  const gw = await ca.issue('infra', { ...deviceRequest('gw-unit'), profile: { kind: 'gateway', keyType: 'ec' } });
+  assert.ok(new X509Certificate(gw.pem).verify(ca.infraCa.certificate.publicKey));
+  assert.equal(v.kv.signs, signs + 1);
+});
+
+test('the key types init creates: EC P-384 (ES384) and RSA 3072, software keys with hsm false; an existing key is used as it is', async (t) => {
+  const v = await vault(t);
+  await init(v, join(v.dir, 'p384'), { keyName: 'p384', keyType: 'ec-384', hsm: false });
+  assert.deepEqual([v.kv.keys.get('p384')![0].kty, v.kv.keys.get('p384')![0].crv], ['EC', 'P-384']);
+  await init(v, join(v.dir, 'rsa'), { keyName: 'rsa', keyType: 'rsa-3072' });
+  const rsa = v.kv.keys.get('rsa')![0];
+  assert.equal(rsa.kty, 'RSA-HSM');
+  assert.equal(createPublicKey(rsa.privateKey).asymmetricKeyDetails?.modulusLength, 3072);
+  // A key made out of band (az keyvault key create) is taken, whatever keyType says.
+  v.kv.addKey('existing', 'EC-HSM', { crv: 'P-256', keyOps: ['sign', 'verify'] });
+  await init(v, join(v.dir, 'existing'), { keyName: 'existing', keyType: 'rsa-3072' });
+  assert.equal(v.kv.keys.get('existing')!.length, 1);
+
+  for (const name of ['p384', 'rsa', 'existing']) {
+    const { ca } = await openCa(v.config(join(v.dir, name), { keyName: name }), { logger: silent });
+    try {
+      const cert = new X509Certificate((await ca.issue('device', deviceRequest(`kv-${name}`))).pem);
+      assert.ok(cert.verify(vaultPublicKey(v.kv, name)), `${name}: signed by the vault key`);
+      assert.ok(cert.checkIssued(ca.deviceCa.certificate));
+    } finally {
+      await ca.close();
+    }
+  }
+});
+
+test('a device-ca.crt.pem that is not for the vault key refuses start and says what to do; doing it (move it away, init) works, under the same root', async (t) => {
+  const v = await vault(t);
+  // An authority that ran on file keys moves its device CA key to the vault: its device-ca.crt.pem is for the file key.
+  const data = join(v.dir, 'switched');
+  LocalCa.open(join(data, 'ca'), PASSPHRASE);
+  const rootBefore = readFileSync(join(data, 'ca', 'root.crt.pem'), 'utf8');
+  v.kv.addKey(KEY, 'EC-HSM', { crv: 'P-256', keyOps: ['sign'] });
+  const err = await startFails(v.config(data));
+  assert.ok(err instanceof LeafgateError);
+  assert.match(err.message, new RegExp(`the device-ca key \\(keyvault:${v.kv.vaultUrl}/keys/${KEY}/[0-9a-f]{32}\\) does not match .*device-ca\\.crt\\.pem: configure the key \\(and key version\\) that certificate was made for, or move .*device-ca\\.crt\\.pem away and run \`leafgate authority init\``));
+  // The same refusal at init: it never replaces a certificate on its own.
+  await assert.rejects(init(v, data), /does not match/);
+
+  renameSync(join(data, 'ca', 'device-ca.crt.pem'), join(data, 'ca', 'device-ca.crt.pem.file-key'));
+  await init(v, data);
+  assert.equal(readFileSync(join(data, 'ca', 'root.crt.pem'), 'utf8'), rootBefore, 'the root stays');
+  const { ca } = await openCa(v.config(data), { logger: silent });
+  t.after(() => ca.close());
+  assert.ok(spkiOf(ca.deviceCa.certificate.publicKey).equals(spkiOf(vaultPublicKey(v.kv))));
+
+  // A key rotated in the vault (a new current version) no longer matches the certificate: refused the same way;
+  // the version pinned in caKeys.keyvault.keyVersion keeps the authority on the certificate's key.
+  const version = v.kv.keys.get(KEY)!.at(-1)!.version;
+  v.kv.addKey(KEY, 'EC-HSM', { crv: 'P-256', keyOps: ['sign'] });
+  assert.match((await startFails(v.config(data))).message, /does not match/);
+  const pinned = await openCa(v.config(data, { keyVersion: version }), { logger: silent });
+  await pinned.ca.close();
+});
+
+test('the root kept offline: start runs on the vault key and the intermediates; a device CA to make needs the root key', async (t) => {
+  const v = await vault(t);
+  const data = join(v.dir, 'offline');
+  await init(v, data);
+  mkdirSync(join(v.dir, 'usb'));
+  renameSync(join(data, 'ca', 'root.key.pem'), join(v.dir, 'usb', 'root.key.pem'));
+  const { ca } = await openCa(v.config(data), { logger: silent });
+  assert.equal(ca.describeKeys().root, 'offline');
+  assert.ok(new X509Certificate((await ca.issue('device', deviceRequest('kv-offline'))).pem).verify(vaultPublicKey(v.kv)));
+  await ca.close();
+  // A device CA certificate for a new key cannot be signed without the root key.
+  rmSync(join(data, 'ca', 'device-ca.crt.pem'));
+  await assert.rejects(init(v, data, { keyName: 'another' }), /the device-ca CA is missing and the root key is offline/);
+  // At start a missing certificate says to run init; so does a missing file key.
+  await assert.rejects(openCa(v.config(data), { logger: silent }), /device-ca\.crt\.pem is missing: run `leafgate authority init` with the same key store first/);
+  await assert.rejects(openCa(v.config(join(v.dir, 'empty')), { logger: silent }), /root\.crt\.pem is missing: run `leafgate authority init`/);
+  assert.equal(existsSync(join(v.dir, 'empty', 'ca', 'root.key.pem')), false, 'start writes no key');
+});
+
+test('configuration refusals name the key: unknown keys, a client secret, a vault URL, settings of another store, PostgreSQL', async (t) => {
+  const v = await vault(t);
+  const data = join(v.dir, 'cfg');
+  const refused = (input: AuthorityConfigInput, message: RegExp, env: NodeJS.ProcessEnv = {}) =>
+    assert.throws(() => resolveAuthorityConfig({ dataDir: data, caPassphrase: PASSPHRASE, ...input }, env), (err: Error) => {
+      assert.ok(err instanceof ConfigError, String(err));
+      assert.match(err.message, message);
+      return true;
+    });
+  const kv = v.caKeys().keyvault as Record<string, any>;
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, vaultURL: kv.vaultUrl } } }, /caKeys\.keyvault\.vaultURL: unknown key \(did you mean vaultUrl\?\)/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { ...kv.credential, clientSecret: 'S3cret-in-config' } } } }, /caKeys\.keyvault\.credential\.clientSecret: must be absent: a client secret is never written in the configuration; use clientSecretFile or AZURE_CLIENT_SECRET$/);
+  assert.throws(() => resolveAuthorityConfig({ dataDir: data, caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { ...kv.credential, clientSecret: 'S3cret-in-config' } } } }, {}), (e: Error) => !e.message.includes('S3cret-in-config'));
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, vaultUrl: 'http://v.vault.azure.net' } } }, /caKeys\.keyvault\.vaultUrl \(env LEAFGATE_KEYVAULT_URL\): must be https:\/\/\{vault\}\.vault\.azure\.net/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, vaultUrl: undefined } } }, /caKeys\.keyvault\.vaultUrl: must be https:\/\/\{vault\}\.vault\.azure\.net \(env LEAFGATE_KEYVAULT_URL\)/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, keyType: 'ec-521' } } }, /caKeys\.keyvault\.keyType: must be one of "ec-256", "ec-384", "rsa-3072"/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, maxWaitMs: 0 } } }, /caKeys\.keyvault\.maxWaitMs: must be >= 1/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { kind: 'password' } } } }, /caKeys\.keyvault\.credential\.kind: must be one of "managedIdentity", "clientSecret"/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { kind: 'managedIdentity', clientSecretFile: '/x' } } } }, /caKeys\.keyvault\.credential\.clientSecretFile: is for kind clientSecret/);
+  refused({ caKeys: { store: 'keyvault', vaultUrl: kv.vaultUrl, keyName: KEY } }, /caKeys\.vaultUrl: unknown key for store "keyvault" \(its settings go under caKeys\.keyvault\)/);
+  refused({ caKeys: { keyvault: kv } }, /caKeys\.keyvault: is set but caKeys\.store is "file": add "store": "keyvault"/);
+  refused({ caKeys: v.caKeys(), database: 'postgres://leafgate@127.0.0.1/test' }, /caKeys\.store: "keyvault" .* not available with a shared PostgreSQL database/);
+  // The environment fills in the vault and the key; the default credential follows AZURE_CLIENT_SECRET.
+  const fromEnv = resolveAuthorityConfig({ dataDir: data, caKeys: { store: 'keyvault' } }, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/', LEAFGATE_KEYVAULT_KEY: 'k1' });
+  assert.deepEqual(fromEnv.caKeys, { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k1', keyType: 'ec-256', hsm: true, credential: { kind: 'managedIdentity' } } });
+  refused({ caKeys: { store: 'keyvault' } }, /caKeys\.keyvault\.keyName: must be 1-127 letters/, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net', LEAFGATE_KEYVAULT_KEY: 'a/b' });
+  refused({ caKeys: { store: 'keyvault' } }, /caKeys\.keyvault\.vaultUrl/, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/path', LEAFGATE_KEYVAULT_KEY: 'k1' });
+
+  // Past validation, what the vault or Entra refuses stops the start with its cause, and no secret in it.
+  const wrongSecret = join(v.dir, 'wrong-secret');
+  writeFileSync(wrongSecret, 'Wr0ng-client-secret-value\n');
+  mkdirSync(join(data, 'ca'), { recursive: true });
+  const lines: string[] = [];
+  const logger = pino({ level: 'trace' }, new Writable({ write: (c, _e, cb) => (lines.push(String(c)), cb()) }));
+  const config = v.config(data, { credential: { ...kv.credential, clientSecretFile: wrongSecret } });
+  const err = await startAuthority(config, { logger }).then(async (a) => (await a.close(), null), (e: unknown) => e as Error);
+  assert.ok(err instanceof LeafgateError && /cannot read Key Vault key leafgate-device-ca/.test(err.message), String(err));
+  assert.ok(![err.message, ...lines].some((l) => l.includes('Wr0ng-client-secret-value') || l.includes(v.kv.clientSecret)), 'no secret in the error or the log');
+  assert.equal((await startFails(v.config(data, { tlsCaFile: join(v.dir, 'absent.pem') }))).message, `cannot read caKeys.keyvault.tlsCaFile ${join(v.dir, 'absent.pem')}: ENOENT`);
+});
