@@ -11,7 +11,7 @@
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
 import { createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -19,13 +19,14 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { ConfigError } from '../config-schema/index.ts';
-import { LeafgateError, pkix, type CertMessage, type ErrorBody } from '../protocol/index.ts';
+import { LeafgateError, pkix, type CertMessage } from '../protocol/index.ts';
 import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { BACKDATE_MS, LocalCa, openCa } from '../authority/ca/index.ts';
 import { KeyVaultStandin } from './support/keyvault-standin.ts';
 import { startStack } from './support/stack.ts';
 import { authenticate, bootstrap, csrFor, rid } from './support/mqtt.ts';
 import { OPENSSL } from './support/openssl.ts';
+import { assertRefusalAudited } from './support/refusals.ts';
 
 const PASSPHRASE = 'kv-test-passphrase-0123';
 const KEY = 'leafgate-device-ca';
@@ -217,8 +218,9 @@ test('the root kept offline: start runs on the vault key and the intermediates; 
 test('configuration refusals name the key: unknown keys, a client secret, a vault URL, settings of another store, PostgreSQL', async (t) => {
   const v = await vault(t);
   const data = join(v.dir, 'cfg');
-  const refused = (input: AuthorityConfigInput, message: RegExp, env: NodeJS.ProcessEnv = {}) =>
-    assert.throws(() => resolveAuthorityConfig({ dataDir: data, caPassphrase: PASSPHRASE, ...input }, env), (err: Error) => {
+  // Untyped on purpose: these are the mistakes a hand-written JSON file makes.
+  const refused = (input: Record<string, unknown>, message: RegExp, env: NodeJS.ProcessEnv = {}) =>
+    assert.throws(() => resolveAuthorityConfig({ dataDir: data, caPassphrase: PASSPHRASE, ...input } as AuthorityConfigInput, env), (err: Error) => {
       assert.ok(err instanceof ConfigError, String(err));
       assert.match(err.message, message);
       return true;
@@ -253,4 +255,131 @@ test('configuration refusals name the key: unknown keys, a client secret, a vaul
   assert.ok(err instanceof LeafgateError && /cannot read Key Vault key leafgate-device-ca/.test(err.message), String(err));
   assert.ok(![err.message, ...lines].some((l) => l.includes('Wr0ng-client-secret-value') || l.includes(v.kv.clientSecret)), 'no secret in the error or the log');
   assert.equal((await startFails(v.config(data, { tlsCaFile: join(v.dir, 'absent.pem') }))).message, `cannot read caKeys.keyvault.tlsCaFile ${join(v.dir, 'absent.pem')}: ENOENT`);
+});
+
+test('end to end: an authority on the vault key onboards devices through a real gateway and mqtt.js; the vault signs each certificate once, the CRL after a revocation, and a throttled vault reaches the device as pending (classic) or authority_unavailable with retryAfterMs (compact), then one certificate', async (t) => {
+  const v = await vault(t);
+  const data = join(v.dir, 'authority');
+  await init(v, data);
+  // maxWaitMs well above a sign's round trip on a loaded machine, and below the Retry-After the vault answers below.
+  const stack = await startStack(t, { authority: { dataDir: data, caPassphrase: PASSPHRASE, caKeys: v.caKeys({ maxWaitMs: 2500 }) } });
+  const ca = stack.authority.ca;
+  assert.equal(ca.deviceCa.privateKey, null);
+  assert.match(ca.deviceCa.key.description, /^keyvault:/);
+  const vaultKey = vaultPublicKey(v.kv);
+  const w = mkdtempSync(join(v.dir, 'verify-'));
+
+  // 1. A device onboards (compact flow, LeafDevice over mqtt.js); its certificate is the vault's work.
+  let signs = v.kv.signs;
+  const id = await stack.device('kv-dev-1', 'pki-signature').onboard();
+  assert.equal(v.kv.signs, signs + 1, 'one sign operation for one certificate');
+  const leaf = new X509Certificate(id.certificate);
+  assert.ok(leaf.verify(vaultKey), 'signed by the key in the vault');
+  assert.deepEqual(id.chain.map((p) => p.trim()), [ca.deviceCa.pem.trim(), ca.root.pem.trim()]);
+  const ok = opensslVerify(w, { 'root.pem': ca.root.pem, 'device-ca.pem': ca.deviceCa.pem, 'leaf.pem': id.certificate }, ['-purpose', 'sslclient', '-CAfile', 'root.pem', '-untrusted', 'device-ca.pem', 'leaf.pem']);
+  assert.equal(ok.status, 0, ok.stdout + ok.stderr);
+
+  // 2. A revocation: the device CA's CRL is signed through the vault and lists the serial; openssl refuses the certificate with it.
+  const before = stack.authority.revocation.crl('device-ca');
+  signs = v.kv.signs;
+  await stack.authority.revocation.revokeSerial(id.serial, 'keyCompromise', 'test');
+  const crl = stack.authority.revocation.crl('device-ca');
+  assert.ok(crl.crlNumber > before.crlNumber, 'a new CRL');
+  assert.ok(v.kv.signs > signs, 'signed in the vault');
+  assert.ok(pkix.parseCrl(crl.der, vaultKey).revoked.has(id.serial), 'verified with the vault key, listing the serial');
+  const revoked = opensslVerify(w, { 'crls.pem': crl.pem + stack.authority.revocation.crl('root').pem }, ['-crl_check_all', '-CAfile', 'root.pem', '-untrusted', 'device-ca.pem', '-CRLfile', 'crls.pem', 'leaf.pem']);
+  assert.notEqual(revoked.status, 0);
+  assert.match(revoked.stdout + revoked.stderr, /certificate revoked/);
+
+  // 3. Classic flow, the vault throttles beyond maxWaitMs: the gateway keeps the CSR queued and tells the device
+  // `pending` with the vault's Retry-After, then delivers the one certificate when the vault signs.
+  const cred = stack.credential('kv-dev-2', 'pki-signature');
+  const dev = await bootstrap(t, stack, 'kv-dev-2');
+  const instruction = await authenticate(dev, cred);
+  v.kv.failNext(1, 429, { 'retry-after': '4' });
+  signs = v.kv.signs;
+  const requestId = rid('kv');
+  await dev.send('csr', { requestId, csr: csrFor(instruction) });
+  const first = await dev.nextMessage(['pending', 'cert', 'error'], { requestId, timeoutMs: 60_000 });
+  assert.equal(first.kind, 'pending', JSON.stringify(first.body));
+  assert.ok(first.body.retryAfterMs >= 4000, `retryAfterMs ${first.body.retryAfterMs}: at least the vault's Retry-After`);
+  const cert = await dev.next<CertMessage>('cert', { requestId, timeoutMs: 60_000 });
+  assert.ok(new X509Certificate(cert.certificate).verify(vaultKey));
+  assert.equal(v.kv.throttled, 1);
+  assert.equal(v.kv.earlyRetries, 0, 'nothing reached the vault before its Retry-After');
+  assert.equal(v.kv.signs, signs + 1, 'signed once');
+  assert.equal(dev.messages.filter((m) => m.kind === 'error').length, 0);
+  assert.equal((await stack.authority.store.listCertificates({ subjectId: 'kv-dev-2' })).length, 1, 'one certificate on record');
+
+  // 4. Compact flow (nothing queued at the gateway): the device gets authority_unavailable with retryAfterMs;
+  // the same request re-sent later (its state kept) gets one certificate.
+  const state = new Map<string, string>();
+  const store = { get: (k: string) => state.get(k), set: (k: string, val: string) => void state.set(k, val), delete: (k: string) => void state.delete(k) };
+  v.kv.failNext(1, 429, { 'retry-after': '4' });
+  signs = v.kv.signs;
+  const refused = await stack.device('kv-dev-3', 'pki-signature', { retries: 0, state: store }).onboard().then(() => null, (e: unknown) => e);
+  assert.ok(refused instanceof LeafgateError, String(refused));
+  assert.equal(refused.code, 'authority_unavailable');
+  assert.ok(refused.retryAfterMs! >= 4000, `retryAfterMs ${refused.retryAfterMs}`);
+  const pendingRequest = JSON.parse([...state.values()][0]) as { requestId: string };
+  const again = await stack.device('kv-dev-3', 'pki-signature', { retries: 5, state: store }).onboard();
+  assert.ok(new X509Certificate(again.certificate).verify(vaultKey));
+  const rows = await stack.authority.store.listCertificates({ subjectId: 'kv-dev-3' });
+  assert.equal(rows.length, 1, 'one certificate on record');
+  assert.equal(rows[0].requestId, pendingRequest.requestId, 'the request of the refused attempt, completed');
+  assert.equal(v.kv.signs, signs + 1, 'signed once');
+  assert.equal(v.kv.earlyRetries, 0);
+  // The operator sees why in the audit log.
+  await assertRefusalAudited(stack, 'kv-dev-3', 'authority_unavailable');
+});
+
+/** The CLI in a child process, asynchronously: the stand-in it talks to runs in this process's event loop. */
+function cli(args: string[], env: NodeJS.ProcessEnv): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, ['--import', 'tsx', 'bin/leafgate.ts', 'authority', ...args], {
+      encoding: 'utf8', env: { ...process.env, LEAFGATE_LOG_LEVEL: 'silent', AZURE_CLIENT_SECRET: '', ...env }, timeout: 120_000,
+    }, (err, stdout, stderr) => resolve({ status: err ? (typeof err.code === 'number' ? err.code : null) : 0, stdout, stderr }));
+  });
+}
+
+test('leafgate authority init --keyvault-url ... creates the vault key (--keyvault-key-type) and the hierarchy; the client secret from a file or AZURE_CLIENT_SECRET is never printed; --help names the options', async (t) => {
+  const v = await vault(t);
+  const data = join(v.dir, 'cli');
+  // What a stand-in needs beyond the options (its CA, its name) stays in the config file.
+  const configFile = join(v.dir, 'authority.json');
+  writeFileSync(configFile, JSON.stringify({ caKeys: { store: 'keyvault', keyvault: { tlsCaFile: v.caFile, disableChallengeResourceVerification: true } } }));
+  const env = { LEAFGATE_CA_PASSPHRASE: PASSPHRASE, AZURE_TENANT_ID: v.kv.tenantId, AZURE_CLIENT_ID: v.kv.clientId, AZURE_AUTHORITY_HOST: v.kv.authorityHost };
+  const r = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'cli-key', '--keyvault-key-type', 'ec-384', '--client-secret-file', v.secretFile], env);
+  assert.equal(r.status, 0, r.stderr + r.stdout);
+  assert.match(r.stdout, /CA hierarchy ready/);
+  const key = v.kv.keys.get('cli-key')!;
+  assert.deepEqual([key.length, key[0].kty, key[0].crv], [1, 'EC-HSM', 'P-384']);
+  assert.match(r.stdout, new RegExp(`device-ca\\s+key keyvault:${v.kv.vaultUrl}/keys/cli-key/${key[0].version}`));
+  assert.match(r.stdout, /root\s+key file/);
+  // The caKeys to run with, the key version pinned, the credential by file name only.
+  const line = r.stdout.split('\n').find((l) => l.includes('"caKeys"'))!;
+  const printed = JSON.parse(`{${line.trim()}}`).caKeys;
+  assert.deepEqual(printed, { store: 'keyvault', keyvault: { vaultUrl: v.kv.vaultUrl, keyName: 'cli-key', keyVersion: key[0].version, credential: { kind: 'clientSecret', clientSecretFile: v.secretFile } } });
+  assert.ok(!(r.stdout + r.stderr).includes(v.kv.clientSecret), 'the secret is not printed');
+  const deviceCa = new X509Certificate(readFileSync(join(data, 'ca', 'device-ca.crt.pem')));
+  assert.ok(spkiOf(deviceCa.publicKey).equals(spkiOf(vaultPublicKey(v.kv, 'cli-key'))));
+
+  // Again with the secret in AZURE_CLIENT_SECRET (the default credential then): the key and the certificates stay.
+  const again = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'cli-key'], { ...env, AZURE_CLIENT_SECRET: v.kv.clientSecret });
+  assert.equal(again.status, 0, again.stderr + again.stdout);
+  assert.equal(v.kv.keys.get('cli-key')!.length, 1);
+  assert.equal(readFileSync(join(data, 'ca', 'device-ca.crt.pem'), 'utf8'), deviceCa.toString());
+  assert.ok(!(again.stdout + again.stderr).includes(v.kv.clientSecret));
+
+  // Refusals: two key stores at once; a key type init cannot make (a configuration error, exit 2).
+  const both = await cli(['init', '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--pkcs11-module', '/x.so', '--token-label', 't'], env);
+  assert.notEqual(both.status, 0);
+  assert.match(both.stderr, /two key stores/);
+  const badType = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'k', '--keyvault-key-type', 'ec-521'], env);
+  assert.equal(badType.status, 2, badType.stderr);
+  assert.match(badType.stderr, /caKeys\.keyvault\.keyType: must be one of "ec-256", "ec-384", "rsa-3072"/);
+
+  const help = await cli(['--help'], {});
+  assert.equal(help.status, 0);
+  for (const s of ['--keyvault-url', '--keyvault-key', '--keyvault-key-type', '--client-secret-file', 'AZURE_CLIENT_SECRET', 'LEAFGATE_KEYVAULT_URL', 'Key Vault Crypto User']) assert.ok(help.stdout.includes(s), `--help mentions ${s}`);
 });
