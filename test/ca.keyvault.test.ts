@@ -213,6 +213,10 @@ test('the root kept offline: start runs on the vault key and the intermediates; 
   await assert.rejects(openCa(v.config(data), { logger: silent }), /device-ca\.crt\.pem is missing: run `leafgate authority init` with the same key store first/);
   await assert.rejects(openCa(v.config(join(v.dir, 'empty')), { logger: silent }), /root\.crt\.pem is missing: run `leafgate authority init`/);
   assert.equal(existsSync(join(v.dir, 'empty', 'ca', 'root.key.pem')), false, 'start writes no key');
+  // An intermediate's certificate without its key file is never papered over with a new key, not even by init.
+  renameSync(join(data, 'ca', 'infra-ca.key.pem'), join(v.dir, 'usb', 'infra-ca.key.pem'));
+  await assert.rejects(init(v, data), /infra-ca\.key\.pem is missing \(its certificate .*infra-ca\.crt\.pem is there\): restore the key file/);
+  assert.equal(existsSync(join(data, 'ca', 'infra-ca.key.pem')), false);
 });
 
 test('configuration refusals name the key: unknown keys, a client secret, a vault URL, settings of another store, PostgreSQL', async (t) => {
@@ -231,6 +235,7 @@ test('configuration refusals name the key: unknown keys, a client secret, a vaul
   assert.throws(() => resolveAuthorityConfig({ dataDir: data, caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { ...kv.credential, clientSecret: 'S3cret-in-config' } } } }, {}), (e: Error) => !e.message.includes('S3cret-in-config'));
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, vaultUrl: 'http://v.vault.azure.net' } } }, /caKeys\.keyvault\.vaultUrl \(env LEAFGATE_KEYVAULT_URL\): must be https:\/\/\{vault\}\.vault\.azure\.net/);
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, vaultUrl: undefined } } }, /caKeys\.keyvault\.vaultUrl: must be https:\/\/\{vault\}\.vault\.azure\.net \(env LEAFGATE_KEYVAULT_URL\)/);
+  refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, keyVersion: 'latest' } } }, /caKeys\.keyvault\.keyVersion: must be a key version \(32 hex digits\)/);
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, keyType: 'ec-521' } } }, /caKeys\.keyvault\.keyType: must be one of "ec-256", "ec-384", "rsa-3072"/);
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, maxWaitMs: 0 } } }, /caKeys\.keyvault\.maxWaitMs: must be >= 1/);
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { kind: 'password' } } } }, /caKeys\.keyvault\.credential\.kind: must be one of "managedIdentity", "clientSecret"/);
@@ -238,9 +243,12 @@ test('configuration refusals name the key: unknown keys, a client secret, a vaul
   refused({ caKeys: { store: 'keyvault', vaultUrl: kv.vaultUrl, keyName: KEY } }, /caKeys\.vaultUrl: unknown key for store "keyvault" \(its settings go under caKeys\.keyvault\)/);
   refused({ caKeys: { keyvault: kv } }, /caKeys\.keyvault: is set but caKeys\.store is "file": add "store": "keyvault"/);
   refused({ caKeys: v.caKeys(), database: 'postgres://leafgate@127.0.0.1/test' }, /caKeys\.store: "keyvault" .* not available with a shared PostgreSQL database/);
+  // openCa refuses a cluster store too (configuration refuses it first, above).
+  const shared = { getCaMaterial: async () => [], insertCaMaterialIfAbsent: async () => false };
+  await assert.rejects(openCa(v.config(data), { shared }), /caKeys\.store "keyvault" .* not available with a shared PostgreSQL database yet/);
   // The environment fills in the vault and the key; the default credential follows AZURE_CLIENT_SECRET.
   const fromEnv = resolveAuthorityConfig({ dataDir: data, caKeys: { store: 'keyvault' } }, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/', LEAFGATE_KEYVAULT_KEY: 'k1' });
-  assert.deepEqual(fromEnv.caKeys, { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k1', keyType: 'ec-256', hsm: true, credential: { kind: 'managedIdentity' } } });
+  assert.deepEqual(fromEnv.caKeys, { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k1', keyType: 'ec-256', hsm: true, credential: { kind: 'managedIdentity' }, disableChallengeResourceVerification: false } });
   refused({ caKeys: { store: 'keyvault' } }, /caKeys\.keyvault\.keyName: must be 1-127 letters/, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net', LEAFGATE_KEYVAULT_KEY: 'a/b' });
   refused({ caKeys: { store: 'keyvault' } }, /caKeys\.keyvault\.vaultUrl/, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/path', LEAFGATE_KEYVAULT_KEY: 'k1' });
 

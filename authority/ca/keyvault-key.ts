@@ -465,7 +465,7 @@ export function resolveKeyVaultStoreConfig(input: KeyVaultStoreConfigInput | und
   return stripUndefined({
     vaultUrl: vaultUrl!.replace(/\/$/, ''), keyName: keyName!, keyVersion: input?.keyVersion, keyType, hsm: input?.hsm ?? true, credential,
     signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs,
-    tlsCaFile: input?.tlsCaFile, disableChallengeResourceVerification: input?.disableChallengeResourceVerification,
+    tlsCaFile: input?.tlsCaFile, disableChallengeResourceVerification: input?.disableChallengeResourceVerification ?? false,
   });
 }
 
