@@ -16,7 +16,7 @@ import { resolveKeyVaultStoreConfig, type KeyVaultStoreConfig, type KeyVaultStor
  * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
  * with PostgreSQL), decrypted with caPassphrase. pkcs11: keys in a PKCS#11 token (an HSM),
  * certificates in `<dataDir>/ca`. keyvault: the device CA's key in Azure Key Vault, the other CA
- * keys encrypted files in `<dataDir>/ca` (not with PostgreSQL yet: refused at start).
+ * keys encrypted files in `<dataDir>/ca` (with PostgreSQL: ca_material rows, the device CA's with an empty key).
  */
 export type CaKeysConfig = { store: 'file' } | Pkcs11KeysConfig | KeyVaultKeysConfig;
 /** caKeys.store "keyvault": the device CA key in Key Vault, root/infra-ca/edge-issuer encrypted files in <dataDir>/ca. */
@@ -227,7 +227,7 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
     },
     caKeys: {
       type: 'object', additionalProperties: true,
-      description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM"; {"store": "keyvault", "keyvault": {...}}: the device CA key in Azure Key Vault, the other CA keys encrypted files in <dataDir>/ca (docs/azure.md, "The device CA key in Azure Key Vault").',
+      description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM"; {"store": "keyvault", "keyvault": {...}}: the device CA key in Azure Key Vault, the other CA keys encrypted files in <dataDir>/ca or ca_material rows with PostgreSQL (docs/azure.md, "The device CA key in Azure Key Vault").',
       properties: { store: { enum: ['file', 'pkcs11', 'keyvault'], default: 'file', description: 'file, pkcs11 or keyvault.' }, keyvault: KEYVAULT_SCHEMA },
     },
     hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
@@ -361,10 +361,6 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     configError(source, 'database', (err as Error).message);
   }
   if (!isPostgresUrl(cfg.database) && /^[a-z][a-z0-9+.-]*:\/\//i.test(cfg.database)) configError(source, 'database', 'must be a postgres:// URL or a SQLite file path');
-  // A cluster keeps its CA in ca_material, file keys only so far: a node must not start on a device CA no other node has.
-  if (cfg.caKeys.store === 'keyvault' && isPostgresUrl(cfg.database)) {
-    configError(source, 'caKeys.store', '"keyvault" keeps the CA certificates and the other CA keys in <dataDir>/ca of one node: it is not available with a shared PostgreSQL database (database) yet; run one authority node on SQLite, or the file key store with PostgreSQL');
-  }
   return Object.freeze(cfg);
 }
 

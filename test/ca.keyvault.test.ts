@@ -26,6 +26,7 @@ import { KeyVaultStandin } from './support/keyvault-standin.ts';
 import { startStack } from './support/stack.ts';
 import { authenticate, bootstrap, csrFor, rid } from './support/mqtt.ts';
 import { OPENSSL } from './support/openssl.ts';
+import { pgSchema } from './support/pg.ts';
 import { assertRefusalAudited } from './support/refusals.ts';
 
 const PASSPHRASE = 'kv-test-passphrase-0123';
@@ -219,7 +220,7 @@ test('the root kept offline: start runs on the vault key and the intermediates; 
   assert.equal(existsSync(join(data, 'ca', 'infra-ca.key.pem')), false);
 });
 
-test('configuration refusals name the key: unknown keys, a client secret, a vault URL, settings of another store, PostgreSQL', async (t) => {
+test('configuration refusals name the key: unknown keys, a client secret, a vault URL, settings of another store', async (t) => {
   const v = await vault(t);
   const data = join(v.dir, 'cfg');
   // Untyped on purpose: these are the mistakes a hand-written JSON file makes.
@@ -242,10 +243,6 @@ test('configuration refusals name the key: unknown keys, a client secret, a vaul
   refused({ caKeys: { store: 'keyvault', keyvault: { ...kv, credential: { kind: 'managedIdentity', clientSecretFile: '/x' } } } }, /caKeys\.keyvault\.credential\.clientSecretFile: is for kind clientSecret/);
   refused({ caKeys: { store: 'keyvault', vaultUrl: kv.vaultUrl, keyName: KEY } }, /caKeys\.vaultUrl: unknown key for store "keyvault" \(its settings go under caKeys\.keyvault\)/);
   refused({ caKeys: { keyvault: kv } }, /caKeys\.keyvault: is set but caKeys\.store is "file": add "store": "keyvault"/);
-  refused({ caKeys: v.caKeys(), database: 'postgres://leafgate@127.0.0.1/test' }, /caKeys\.store: "keyvault" .* not available with a shared PostgreSQL database/);
-  // openCa refuses a cluster store too (configuration refuses it first, above).
-  const shared = { getCaMaterial: async () => [], insertCaMaterialIfAbsent: async () => false };
-  await assert.rejects(openCa(v.config(data), { shared }), /caKeys\.store "keyvault" .* not available with a shared PostgreSQL database yet/);
   // The environment fills in the vault and the key; the default credential follows AZURE_CLIENT_SECRET.
   const fromEnv = resolveAuthorityConfig({ dataDir: data, caKeys: { store: 'keyvault' } }, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/', LEAFGATE_KEYVAULT_KEY: 'k1' });
   assert.deepEqual(fromEnv.caKeys, { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k1', keyType: 'ec-256', hsm: true, credential: { kind: 'managedIdentity' }, disableChallengeResourceVerification: false } });
@@ -390,4 +387,55 @@ test('leafgate authority init --keyvault-url ... creates the vault key (--keyvau
   const help = await cli(['--help'], {});
   assert.equal(help.status, 0);
   for (const s of ['--keyvault-url', '--keyvault-key', '--keyvault-key-type', '--client-secret-file', 'AZURE_CLIENT_SECRET', 'LEAFGATE_KEYVAULT_URL', 'Key Vault Crypto User']) assert.ok(help.stdout.includes(s), `--help mentions ${s}`);
+});
+
+test('a cluster on PostgreSQL: the first node adopts its CA files (or makes a set) in ca_material with the device CA row keyless; another node signs through the same vault key; a node with another key, or on file keys, refuses to start', async (t) => {
+  const v = await vault(t);
+  const { url, schema, admin } = await pgSchema(t, 'lgkv');
+  const node = (name: string, extra: Record<string, unknown> = {}) => v.config(join(v.dir, name), extra, { database: url });
+  // One node on SQLite made by init moves to PostgreSQL: its CA (and the vault key) become the cluster's.
+  await init(v, join(v.dir, 'a'));
+  const a = await startAuthority(node('a'), { logger: silent });
+  t.after(() => a.close());
+  assert.equal(a.ca.root.pem, readFileSync(join(v.dir, 'a', 'ca', 'root.crt.pem'), 'utf8'), 'adopted, not made anew');
+  const rows = (await admin.query(`SELECT name, key_pem FROM "${schema}".ca_material ORDER BY name`)).rows as Array<{ name: string; key_pem: string }>;
+  assert.deepEqual(rows.map((r) => [r.name, r.key_pem === '' ? 'no key' : r.key_pem.startsWith('-----BEGIN ENCRYPTED PRIVATE KEY') ? 'encrypted' : 'other']), [
+    ['device-ca', 'no key'], ['edge-issuer', 'encrypted'], ['infra-ca', 'encrypted'], ['root', 'encrypted'],
+  ]);
+
+  // A second node, with an empty data directory: the same CA, the device CA signing through the vault.
+  const b = await startAuthority(node('b'), { logger: silent });
+  t.after(() => b.close());
+  assert.equal(b.ca.deviceCa.pem, a.ca.deviceCa.pem);
+  assert.equal(b.ca.deviceCa.privateKey, null);
+  assert.equal(existsSync(join(v.dir, 'b', 'ca')), false, 'nothing of the CA on the second node\'s disk');
+  const signs = v.kv.signs;
+  assert.ok(new X509Certificate((await b.ca.issue('device', deviceRequest('kv-cluster-1'))).pem).verify(vaultPublicKey(v.kv)));
+  assert.equal(v.kv.signs, signs + 1);
+
+  // A node given another vault key, or none (file keys), refuses with what to do.
+  v.kv.addKey('other', 'EC-HSM', { crv: 'P-256', keyOps: ['sign'] });
+  assert.match((await startFails(node('c', { keyName: 'other' }))).message, /the device-ca key \(keyvault:.*\/keys\/other\/[0-9a-f]{32}\) does not match the device-ca CA stored in the database: configure the key \(and key version\) the cluster's device CA was made for/);
+  const fileNode = resolveAuthorityConfig({ dataDir: join(v.dir, 'd'), caPassphrase: PASSPHRASE, listen: { host: '127.0.0.1', port: 0 }, database: url }, {});
+  assert.match((await startFails(fileNode)).message, /the device-ca CA stored in the database has its key outside the database \(Key Vault\): configure the same caKeys \(store "keyvault"\) on this node/);
+
+  // A new cluster (empty database, empty data directory): the set is made in the database, the device CA for the vault key.
+  const fresh = await pgSchema(t, 'lgkvn');
+  const g = await startAuthority(v.config(join(v.dir, 'g'), {}, { database: fresh.url }), { logger: silent });
+  try {
+    assert.notEqual(g.ca.root.pem, a.ca.root.pem);
+    assert.ok(spkiOf(g.ca.deviceCa.certificate.publicKey).equals(spkiOf(vaultPublicKey(v.kv))));
+    assert.ok(g.ca.deviceCa.certificate.verify(g.ca.root.certificate.publicKey));
+    assert.deepEqual((await fresh.admin.query(`SELECT key_pem FROM "${fresh.schema}".ca_material WHERE name = 'device-ca'`)).rows, [{ key_pem: '' }]);
+    assert.ok(new X509Certificate((await g.ca.issue('device', deviceRequest('kv-cluster-2'))).pem).verify(vaultPublicKey(v.kv)));
+  } finally {
+    await g.close();
+  }
+
+  // A cluster that runs on file keys is not moved to the vault by a node configured so.
+  const files = await pgSchema(t, 'lgkvf');
+  const fileCluster = await startAuthority(resolveAuthorityConfig({ dataDir: join(v.dir, 'e'), caPassphrase: PASSPHRASE, listen: { host: '127.0.0.1', port: 0 }, database: files.url }, {}), { logger: silent });
+  await fileCluster.close();
+  const moved = v.config(join(v.dir, 'f'), {}, { database: files.url });
+  assert.match((await startFails(moved)).message, /the device-ca CA stored in the database has its key in the database \(file keys\): this cluster cannot move its device CA key to keyvault:.* yet; use caKeys\.store "file" on this node/);
 });

@@ -26,12 +26,11 @@ export interface OpenedCa {
   adopted?: boolean;
   /** Keys generated in the token on this call (init). */
   generated?: CaName[];
-  /** Key Vault: the key the device CA signs with (its versioned id), for init's report. */
-  keyVaultKeyId?: string;
 }
 
 /**
- * `shared`: the cluster's store when several nodes share PostgreSQL (file keys only).
+ * `shared`: the cluster's store when several nodes share PostgreSQL (file keys, or file keys
+ * and the device CA's key in Key Vault).
  * `create`: `authority init` -- a missing PKCS#11 or Key Vault key (and a missing file key
  * beside a Key Vault one) is generated and the missing certificates are signed through the
  * keys; at start they must exist.
@@ -60,13 +59,17 @@ export async function openCa(
       }
     }
     case 'keyvault': {
-      if (opts.shared) throw new LeafgateError('internal', 'caKeys.store "keyvault" keeps the CA certificates and the other CA keys in the data directory: it is not available with a shared PostgreSQL database yet');
       const deviceKey = await openKeyVaultCaKey(config.caKeys.keyvault, { create: opts.create, env: opts.env, logger: opts.logger });
       try {
+        if (opts.shared) {
+          // A cluster: the certificates and the other (encrypted) keys in ca_material, the device CA's row with an empty key.
+          const r = await LocalCa.openShared(opts.shared, config.caPassphrase, { ...common, adoptDir: opts.adoptDir ? dir : undefined, deviceKey });
+          return { ca: r.ca, created: r.created, adopted: r.adopted };
+        }
         const file = (name: CaName) => openFileCaKey(dir, name, config.caPassphrase, { create: opts.create });
         const root = file('root');
         const ca = await LocalCa.openWithKeys(dir, { root, 'device-ca': deviceKey, 'infra-ca': file('infra-ca')!, 'edge-issuer': file('edge-issuer')! }, { ...common, create: opts.create });
-        return { ca, keyVaultKeyId: deviceKey.keyId };
+        return { ca };
       } catch (err) {
         await deviceKey.close();
         throw err;
