@@ -141,6 +141,9 @@ test('init creates the device CA key in the vault (EC-HSM P-256, key_ops sign) a
   const gw = await ca.issue('infra', { ...deviceRequest('gw-unit'), profile: { kind: 'gateway', keyType: 'ec' } });
   assert.ok(new X509Certificate(gw.pem).verify(ca.infraCa.certificate.publicKey));
   assert.equal(v.kv.signs, signs + 1);
+  // The file keys beside the vault key take the CA passphrase as the file store does.
+  await assert.rejects(openCa(v.config(data, {}, { caPassphrase: 'another-passphrase-1' }), { logger: silent }), /cannot decrypt .*root\.key\.pem: wrong CA passphrase\?/);
+  await assert.rejects(openCa(v.config(data, {}, { caPassphrase: 'short' }), { logger: silent }), /CA passphrase must have at least 12 characters/);
 });
 
 test('the key types init creates: EC P-384 (ES384) and RSA 3072, software keys with hsm false; an existing key is used as it is', async (t) => {
@@ -262,12 +265,12 @@ test('configuration refusals name the key: unknown keys, a client secret, a vaul
   assert.equal((await startFails(v.config(data, { tlsCaFile: join(v.dir, 'absent.pem') }))).message, `cannot read caKeys.keyvault.tlsCaFile ${join(v.dir, 'absent.pem')}: ENOENT`);
 });
 
-test('end to end: an authority on the vault key onboards devices through a real gateway and mqtt.js; the vault signs each certificate once, the CRL after a revocation, and a throttled vault reaches the device as pending (classic) or authority_unavailable with retryAfterMs (compact), then one certificate', async (t) => {
+test('end to end: an authority on the vault key onboards devices through a real gateway and mqtt.js with certificates the vault signed, signs the CRL after a revocation in the vault, and a throttled vault reaches the device as pending (classic) or authority_unavailable with retryAfterMs (compact), then one certificate', async (t) => {
   const v = await vault(t);
   const data = join(v.dir, 'authority');
   await init(v, data);
   // maxWaitMs well above a sign's round trip on a loaded machine, and below the Retry-After the vault answers below.
-  const stack = await startStack(t, { authority: { dataDir: data, caPassphrase: PASSPHRASE, caKeys: v.caKeys({ maxWaitMs: 2500 }) } });
+  const stack = await startStack(t, { authority: { dataDir: data, caPassphrase: PASSPHRASE, caKeys: v.caKeys({ maxWaitMs: 5000 }) } });
   const ca = stack.authority.ca;
   assert.equal(ca.deviceCa.privateKey, null);
   assert.match(ca.deviceCa.key.description, /^keyvault:/);
@@ -275,9 +278,12 @@ test('end to end: an authority on the vault key onboards devices through a real 
   const w = mkdtempSync(join(v.dir, 'verify-'));
 
   // 1. A device onboards (compact flow, LeafDevice over mqtt.js); its certificate is the vault's work.
+  // (Sign counts here are lower bounds: a call the connector gave up on at maxWaitMs may still have been
+  // signed by the vault. One sign per certificate is checked exactly by the first test; what must hold
+  // end to end is one certificate per request.)
   let signs = v.kv.signs;
   const id = await stack.device('kv-dev-1', 'pki-signature').onboard();
-  assert.equal(v.kv.signs, signs + 1, 'one sign operation for one certificate');
+  assert.ok(v.kv.signs >= signs + 1, 'signed in the vault');
   const leaf = new X509Certificate(id.certificate);
   assert.ok(leaf.verify(vaultKey), 'signed by the key in the vault');
   assert.deepEqual(id.chain.map((p) => p.trim()), [ca.deviceCa.pem.trim(), ca.root.pem.trim()]);
@@ -301,38 +307,39 @@ test('end to end: an authority on the vault key onboards devices through a real 
   const cred = stack.credential('kv-dev-2', 'pki-signature');
   const dev = await bootstrap(t, stack, 'kv-dev-2');
   const instruction = await authenticate(dev, cred);
-  v.kv.failNext(1, 429, { 'retry-after': '4' });
+  v.kv.failNext(1, 429, { 'retry-after': '6' });
   signs = v.kv.signs;
   const requestId = rid('kv');
   await dev.send('csr', { requestId, csr: csrFor(instruction) });
   const first = await dev.nextMessage(['pending', 'cert', 'error'], { requestId, timeoutMs: 60_000 });
   assert.equal(first.kind, 'pending', JSON.stringify(first.body));
-  assert.ok(first.body.retryAfterMs >= 4000, `retryAfterMs ${first.body.retryAfterMs}: at least the vault's Retry-After`);
+  assert.ok(first.body.retryAfterMs >= 6000, `retryAfterMs ${first.body.retryAfterMs}: at least the vault's Retry-After`);
   const cert = await dev.next<CertMessage>('cert', { requestId, timeoutMs: 60_000 });
   assert.ok(new X509Certificate(cert.certificate).verify(vaultKey));
   assert.equal(v.kv.throttled, 1);
   assert.equal(v.kv.earlyRetries, 0, 'nothing reached the vault before its Retry-After');
-  assert.equal(v.kv.signs, signs + 1, 'signed once');
+  assert.ok(v.kv.signs >= signs + 1);
   assert.equal(dev.messages.filter((m) => m.kind === 'error').length, 0);
+  assert.equal(dev.messages.filter((m) => m.kind === 'cert').length, 1, 'one certificate delivered');
   assert.equal((await stack.authority.store.listCertificates({ subjectId: 'kv-dev-2' })).length, 1, 'one certificate on record');
 
   // 4. Compact flow (nothing queued at the gateway): the device gets authority_unavailable with retryAfterMs;
   // the same request re-sent later (its state kept) gets one certificate.
   const state = new Map<string, string>();
   const store = { get: (k: string) => state.get(k), set: (k: string, val: string) => void state.set(k, val), delete: (k: string) => void state.delete(k) };
-  v.kv.failNext(1, 429, { 'retry-after': '4' });
+  v.kv.failNext(1, 429, { 'retry-after': '6' });
   signs = v.kv.signs;
   const refused = await stack.device('kv-dev-3', 'pki-signature', { retries: 0, state: store }).onboard().then(() => null, (e: unknown) => e);
   assert.ok(refused instanceof LeafgateError, String(refused));
   assert.equal(refused.code, 'authority_unavailable');
-  assert.ok(refused.retryAfterMs! >= 4000, `retryAfterMs ${refused.retryAfterMs}`);
+  assert.ok(refused.retryAfterMs! >= 6000, `retryAfterMs ${refused.retryAfterMs}: at least the vault's Retry-After`);
   const pendingRequest = JSON.parse([...state.values()][0]) as { requestId: string };
   const again = await stack.device('kv-dev-3', 'pki-signature', { retries: 5, state: store }).onboard();
   assert.ok(new X509Certificate(again.certificate).verify(vaultKey));
   const rows = await stack.authority.store.listCertificates({ subjectId: 'kv-dev-3' });
   assert.equal(rows.length, 1, 'one certificate on record');
   assert.equal(rows[0].requestId, pendingRequest.requestId, 'the request of the refused attempt, completed');
-  assert.equal(v.kv.signs, signs + 1, 'signed once');
+  assert.ok(v.kv.signs >= signs + 1);
   assert.equal(v.kv.earlyRetries, 0);
   // The operator sees why in the audit log.
   await assertRefusalAudited(stack, 'kv-dev-3', 'authority_unavailable');
