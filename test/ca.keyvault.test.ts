@@ -6,8 +6,10 @@
  * CLI) creates the vault key and the hierarchy; an authority started on it onboards a device
  * through a real gateway and mqtt.js with a certificate the vault signed (openssl verifies the
  * chain), signs its CRL through the vault after a revocation, turns a throttled vault into
- * `pending` then the certificate (issued once); a device CA certificate of another key and the
- * configuration mistakes refuse to start with what to do.
+ * `pending` (classic flow) or `authority_unavailable` with `retryAfterMs` (compact flow), then
+ * one certificate; a device CA certificate of another key and the configuration mistakes refuse
+ * to start with what to do; with PostgreSQL the nodes share the CA in ca_material, the device
+ * CA's row without a key.
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
