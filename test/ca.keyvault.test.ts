@@ -363,13 +363,17 @@ test('leafgate authority init --keyvault-url ... creates the vault key (--keyvau
   const configFile = join(v.dir, 'authority.json');
   writeFileSync(configFile, JSON.stringify({ caKeys: { store: 'keyvault', keyvault: { tlsCaFile: v.caFile, disableChallengeResourceVerification: true } } }));
   const env = { LEAFGATE_CA_PASSPHRASE: PASSPHRASE, AZURE_TENANT_ID: v.kv.tenantId, AZURE_CLIENT_ID: v.kv.clientId, AZURE_AUTHORITY_HOST: v.kv.authorityHost };
-  const r = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'cli-key', '--keyvault-key-type', 'ec-384', '--client-secret-file', v.secretFile], env);
+  const usb = join(v.dir, 'usb');
+  const r = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'cli-key', '--keyvault-key-type', 'ec-384', '--client-secret-file', v.secretFile, '--offline-root', usb], env);
   assert.equal(r.status, 0, r.stderr + r.stdout);
   assert.match(r.stdout, /CA hierarchy ready/);
+  // The root key (a file beside the vault key) moves offline after signing a root CRL.
+  assert.match(r.stdout, /root CRL #\d+ signed/);
+  assert.ok(existsSync(join(usb, 'root.key.pem')) && !existsSync(join(data, 'ca', 'root.key.pem')), 'the root key moved');
   const key = v.kv.keys.get('cli-key')!;
   assert.deepEqual([key.length, key[0].kty, key[0].crv], [1, 'EC-HSM', 'P-384']);
   assert.match(r.stdout, new RegExp(`device-ca\\s+key keyvault:${v.kv.vaultUrl}/keys/cli-key/${key[0].version}`));
-  assert.match(r.stdout, /root\s+key file/);
+  assert.match(r.stdout, /infra-ca\s+key file/);
   // The caKeys to run with, the key version pinned, the credential by file name only.
   const line = r.stdout.split('\n').find((l) => l.includes('"caKeys"'))!;
   const printed = JSON.parse(`{${line.trim()}}`).caKeys;
@@ -378,7 +382,7 @@ test('leafgate authority init --keyvault-url ... creates the vault key (--keyvau
   const deviceCa = new X509Certificate(readFileSync(join(data, 'ca', 'device-ca.crt.pem')));
   assert.ok(spkiOf(deviceCa.publicKey).equals(spkiOf(vaultPublicKey(v.kv, 'cli-key'))));
 
-  // Again with the secret in AZURE_CLIENT_SECRET (the default credential then): the key and the certificates stay.
+  // Again (root offline now) with the secret in AZURE_CLIENT_SECRET (the default credential then): the key and the certificates stay.
   const again = await cli(['init', '--config', configFile, '--data-dir', data, '--keyvault-url', v.kv.vaultUrl, '--keyvault-key', 'cli-key'], { ...env, AZURE_CLIENT_SECRET: v.kv.clientSecret });
   assert.equal(again.status, 0, again.stderr + again.stdout);
   assert.equal(v.kv.keys.get('cli-key')!.length, 1);
