@@ -10,14 +10,18 @@ import { isPostgresUrl } from './store/index.ts';
 import { pgConfig } from './store/sql.ts';
 import { DEFAULT_KEY_LABELS, defaultPkcs11Workers, type Pkcs11KeysConfig } from './ca/pkcs11-ca-key.ts';
 import type { CaName } from './ca/index.ts';
+import { resolveKeyVaultStoreConfig, type KeyVaultStoreConfig, type KeyVaultStoreConfigInput } from './ca/keyvault-key.ts';
 
 /**
  * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
  * with PostgreSQL), decrypted with caPassphrase. pkcs11: keys in a PKCS#11 token (an HSM),
- * certificates in `<dataDir>/ca`. keyvault: Azure Key Vault keys (its own connector).
+ * certificates in `<dataDir>/ca`. keyvault: the device CA's key in Azure Key Vault, the other CA
+ * keys encrypted files in `<dataDir>/ca` (with PostgreSQL: ca_material rows, the device CA's with an empty key).
  */
-export type CaKeysConfig = { store: 'file' } | Pkcs11KeysConfig | ({ store: 'keyvault' } & Record<string, unknown>);
-export type CaKeysConfigInput = { store?: 'file' | 'pkcs11' | 'keyvault'; keyLabels?: Partial<Record<CaName, string>> } & Record<string, unknown>;
+export type CaKeysConfig = { store: 'file' } | Pkcs11KeysConfig | KeyVaultKeysConfig;
+/** caKeys.store "keyvault": the device CA key in Key Vault, root/infra-ca/edge-issuer encrypted files in <dataDir>/ca. */
+export type KeyVaultKeysConfig = { store: 'keyvault'; keyvault: KeyVaultStoreConfig };
+export type CaKeysConfigInput = { store?: 'file' | 'pkcs11' | 'keyvault'; keyLabels?: Partial<Record<CaName, string>>; keyvault?: KeyVaultStoreConfigInput } & Record<string, unknown>;
 
 export interface AuthorityConfig {
   /** CA material (SQLite mode), the admin token and the SQLite file live here. */
@@ -179,6 +183,34 @@ const localEndpoint: Schema = {
   },
 };
 
+/** `caKeys.keyvault` (store "keyvault"): the device CA key in Azure Key Vault; docs/azure.md section 2d. */
+const KEYVAULT_SCHEMA: Schema = {
+  type: 'object', additionalProperties: false, description: 'The device CA key in Azure Key Vault (caKeys.store "keyvault").',
+  properties: {
+    vaultUrl: { type: 'string', pattern: '^https://[^/\\s]+/?$', expected: 'https://{vault}.vault.azure.net', env: 'LEAFGATE_KEYVAULT_URL', description: 'The vault (caKeys.store "keyvault"; required).' },
+    keyName: { type: 'string', pattern: '^[A-Za-z0-9-]{1,127}$', expected: '1-127 letters, digits and dashes', env: 'LEAFGATE_KEYVAULT_KEY', description: 'The device CA key\'s name in the vault (required).' },
+    keyVersion: { type: 'string', pattern: '^[0-9a-f]{32}$', expected: 'a key version (32 hex digits)', description: 'Pin a key version; default: the current version at start (a rotated key then needs a new device CA certificate: authority init).' },
+    keyType: { enum: ['ec-256', 'ec-384', 'rsa-3072'], default: 'ec-256', description: 'The key `authority init` creates when the key does not exist (an existing key of EC P-256/P-384 or RSA 2048-4096 is used as it is).' },
+    hsm: { type: 'boolean', default: true, description: 'init creates an HSM-protected key (EC-HSM/RSA-HSM, Premium vault); false: a software key (Standard vault).' },
+    credential: {
+      type: 'object', additionalProperties: false, required: ['kind'], description: 'How the authority signs in to Microsoft Entra ID.',
+      properties: {
+        kind: { enum: ['managedIdentity', 'clientSecret'], description: 'managedIdentity (on Azure, no secret) or clientSecret (a service principal). Default: clientSecret when AZURE_CLIENT_SECRET is set, else managedIdentity.' },
+        clientId: { type: 'string', minLength: 1, description: 'The service principal\'s application id, or a user-assigned managed identity\'s client id (env AZURE_CLIENT_ID).' },
+        tenantId: { type: 'string', minLength: 1, description: 'clientSecret: the Entra tenant (env AZURE_TENANT_ID).' },
+        clientSecretFile: { type: 'string', minLength: 1, description: 'clientSecret: file holding the client secret (else env AZURE_CLIENT_SECRET); the secret itself is never in the configuration.' },
+        authorityHost: { type: 'string', pattern: '^https://[^\\s]+$', expected: 'an https URL', description: 'clientSecret: the Entra authority host of a sovereign cloud (env AZURE_AUTHORITY_HOST; default login.microsoftonline.com).' },
+        clientSecret: { not: {}, secret: true, expected: 'absent: a client secret is never written in the configuration; use clientSecretFile or AZURE_CLIENT_SECRET', description: 'Refused: use clientSecretFile or AZURE_CLIENT_SECRET.' },
+      },
+    },
+    signsPer10s: int('Sign calls per 10 s the authority allows itself (default 1,000, half of an HSM vault\'s 2,000).', 1, 100_000),
+    maxInFlight: int('Sign calls in flight at once (default 16).', 1, 1024),
+    maxWaitMs: int('Longest a signature may wait (queue, throttling, retries) before the request answers authority_unavailable with retryAfterMs (default 10000).', 1, 600_000),
+    tlsCaFile: { type: 'string', minLength: 1, description: 'PEM file of the CA certificates trusted for the vault and the token endpoint instead of the system\'s (a TLS-inspecting proxy, Azure Stack Hub, tests).' },
+    disableChallengeResourceVerification: { type: 'boolean', default: false, description: 'Only for a vault reached under a name that does not end with its challenge\'s resource domain (a custom private DNS name, tests).' },
+  },
+};
+
 /** What an authority config file may hold (every key optional; unknown keys refused). */
 export const AUTHORITY_CONFIG_SCHEMA: Schema = {
   type: 'object',
@@ -195,8 +227,8 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
     },
     caKeys: {
       type: 'object', additionalProperties: true,
-      description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM".',
-      properties: { store: { enum: ['file', 'pkcs11', 'keyvault'], default: 'file', description: 'file, pkcs11 or keyvault.' } },
+      description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM"; {"store": "keyvault", "keyvault": {...}}: the device CA key in Azure Key Vault, the other CA keys encrypted files in <dataDir>/ca or ca_material rows with PostgreSQL (docs/azure.md, "The device CA key in Azure Key Vault").',
+      properties: { store: { enum: ['file', 'pkcs11', 'keyvault'], default: 'file', description: 'file, pkcs11 or keyvault.' }, keyvault: KEYVAULT_SCHEMA },
     },
     hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
     organization: { type: 'string', minLength: 1, default: 'leafgate', description: 'Organization in CA names.' },
@@ -290,7 +322,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   const cfg: AuthorityConfig = {
     dataDir,
     caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
-    caKeys: resolveCaKeys(input.caKeys),
+    caKeys: resolveCaKeys(input.caKeys, env),
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? (envNumber(env.LEAFGATE_AUTHORITY_PORT) as number) ?? 8443 },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
@@ -412,11 +444,16 @@ export function resolveAzureConfig(input: AuthorityConfigInput, env: NodeJS.Proc
  * `caKeys`: defaults and validation in one place. The PIN is never part of the configuration:
  * only the file or the environment variable it is read from at start.
  */
-export function resolveCaKeys(input: CaKeysConfigInput | undefined): CaKeysConfig {
+export function resolveCaKeys(input: CaKeysConfigInput | undefined, env: NodeJS.ProcessEnv = process.env): CaKeysConfig {
   const store = input?.store ?? 'file';
   const bad = (what: string): never => configError('authority config', 'caKeys', what);
+  if (input?.keyvault !== undefined && store !== 'keyvault') configError('authority config', 'caKeys.keyvault', `is set but caKeys.store is ${JSON.stringify(store)}: add "store": "keyvault" (or remove caKeys.keyvault)`);
   if (store === 'file') return { store };
-  if (store === 'keyvault') return { ...input, store } as CaKeysConfig;
+  if (store === 'keyvault') {
+    // Every other key of caKeys belongs to another store (pkcs11's module, tokenLabel, ...): refused, not ignored.
+    for (const k of Object.keys(input ?? {})) if (k !== 'store' && k !== 'keyvault') configError('authority config', `caKeys.${k}`, 'unknown key for store "keyvault" (its settings go under caKeys.keyvault)');
+    return { store, keyvault: resolveKeyVaultStoreConfig(input?.keyvault as KeyVaultStoreConfigInput | undefined, env) };
+  }
   if (store !== 'pkcs11') bad(`store must be "file", "pkcs11" or "keyvault", not ${JSON.stringify(store)}`);
   const i = input as Partial<Pkcs11KeysConfig> & { pin?: unknown };
   if ('pin' in i) bad('a PIN is never written in the configuration: use pinFile or pinEnv');

@@ -80,12 +80,12 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   try {
     if (store.db instanceof PostgresDriver) {
       // Several nodes on one database share one CA, kept in the database (keys encrypted).
-      const shared = await openCa(config, { shared: store, adoptDir: true });
+      const shared = await openCa(config, { shared: store, adoptDir: true, logger: logger.child({ component: 'ca' }) });
       ca = shared.ca;
       if (shared.created) logger.info({ adopted: shared.adopted }, shared.adopted ? 'CA files of the data directory stored in the database for the cluster' : 'new CA created in the database');
       bus = await PgBus.start(store.db, logger.child({ component: 'cluster' }));
     } else {
-      ca = (await openCa(config)).ca;
+      ca = (await openCa(config, { logger: logger.child({ component: 'ca' }) })).ca;
     }
     // Where each CA key is (file, pkcs11:<token>/<label>): never a secret.
     logger.info({ caKeys: config.caKeys.store, keys: ca.describeKeys() }, 'CA keys opened');

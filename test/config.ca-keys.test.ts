@@ -28,3 +28,10 @@ test('caKeys refusals name the field', () => {
   refused({ ...base, keyType: 'ec-521' }, /keyType must be ec-256, ec-384 or rsa-3072/);
   refused({ ...base, workers: 0 }, /workers must be an integer from 1 to 16/);
 });
+
+test('caKeys.store pkcs11 with a shared PostgreSQL database is refused at start, before the token is opened', async () => {
+  const { openCa } = await import('../authority/ca/index.ts');
+  const shared = { getCaMaterial: async () => [], insertCaMaterialIfAbsent: async () => false };
+  const config = { dataDir: '/nonexistent', caPassphrase: 'x'.repeat(12), organization: 'o', caKeys: resolveCaKeys({ ...base, module: '/nonexistent/module.so' }) };
+  await assert.rejects(openCa(config, { shared }), /caKeys\.store "pkcs11" keeps the CA certificates in the data directory: it is not available with a shared PostgreSQL database yet/);
+});

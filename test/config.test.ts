@@ -43,8 +43,11 @@ test('the defaults documented by the schemas are the defaults applied', () => {
   }
   const hub = 'HostName=h.example;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5';
   const au = resolveAuthorityConfig({ iotHub: { connectionString: hub }, dps: { connectionString: hub } }, {});
+  // The settings of one key store apply only with that store.
+  const kv = resolveAuthorityConfig({ caKeys: { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k' } } }, {});
   for (const [key, value] of defaultsOf(AUTHORITY_CONFIG_SCHEMA)) {
     if (key === 'dataDir') assert.ok(au.dataDir.endsWith('.leafgate/authority'));
+    else if (key.startsWith('caKeys.keyvault.')) assert.deepEqual(at(kv, key), value, `authority ${key}`);
     else assert.deepEqual(at(au, key), value, `authority ${key}`);
   }
 });

@@ -5,7 +5,7 @@
  * authentication, api-version, key_ops, throttling with Retry-After.
  */
 import assert from 'node:assert/strict';
-import { createPublicKey, generateKeyPairSync, randomUUID, verify, X509Certificate } from 'node:crypto';
+import { createPublicKey, randomUUID, verify } from 'node:crypto';
 import https from 'node:https';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -17,11 +17,8 @@ import type { TokenCredential } from '@azure/identity';
 import { CryptographyClient, KeyClient } from '@azure/keyvault-keys';
 import pino from 'pino';
 import { KeyVaultCaKey, keyVaultCredential, ecdsaRawToDer, openKeyVaultCaKey, resolveKeyVaultStoreConfig, type KeyVaultCaKeyOptions } from '../authority/ca/keyvault-key.ts';
-import { CaKeyIssuer, createKeyVaultDeviceCa, openCaKeyIssuer } from '../authority/ca/keyvault-device-ca.ts';
-import { LocalCa } from '../authority/ca/local-ca.ts';
-import { LeafgateError, pkix } from '../protocol/index.ts';
+import { LeafgateError } from '../protocol/index.ts';
 import { KeyVaultStandin } from './support/keyvault-standin.ts';
-import { workdir } from './support/openssl.ts';
 import { until, within } from './support/wait.ts';
 
 // Everything the SDKs log goes through here (and into the captured lines of the secret test).
@@ -240,46 +237,6 @@ test('a signature that does not verify with the CA key is never handed out', asy
   await assert.rejects(key.sign('sha256', tbs()), (e: LeafgateError) => e.code === 'authority_unavailable' && /does not verify/.test(e.message));
 });
 
-test('the device CA with its key in Key Vault: made by the root, issues a device certificate that openssl verifies -x509_strict', async (t) => {
-  const kv = await standin(t);
-  const w = workdir(t, 'leafgate-kv-ca-');
-  const local = LocalCa.open(join(w.dir, 'ca'), 'correct horse battery staple');
-  const key = await KeyVaultCaKey.open(options(kv));
-  t.after(() => key.close());
-  const deviceCa = createKeyVaultDeviceCa({ root: local.root, caKey: key, organization: 'leafgate-test', crlUrl: local.crlUrl('root') });
-  assert.ok(deviceCa.certificate.publicKey.export({ type: 'spki', format: 'der' }).equals(key.publicKey.export({ type: 'spki', format: 'der' })));
-  // Reloading the certificate checks it is for this key and under this root.
-  openCaKeyIssuer('device-ca', deviceCa.pem, key, local.root);
-  const other = await KeyVaultCaKey.open(options(kv, { keyName: 'other' }));
-  t.after(() => other.close());
-  assert.throws(() => openCaKeyIssuer('device-ca', deviceCa.pem, other, local.root), /is not for keyvault:/);
-
-  const issuer = new CaKeyIssuer(deviceCa, local.root.pem, 'https://authority.example/v1/crl/device-ca.crl');
-  const device = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-  const now = new Date();
-  const cert = await issuer.issue({
-    subjectDer: pkix.encodeName('kv-device-1'),
-    spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }),
-    profile: { kind: 'device', keyType: 'ec' },
-    notBefore: new Date(now.getTime() - 60_000),
-    notAfter: new Date(now.getTime() + 30 * 86400_000),
-  });
-  assert.ok(new X509Certificate(cert.pem).verify(key.publicKey), 'signed by the Key Vault key');
-  assert.deepEqual(cert.chain, [deviceCa.pem, local.root.pem]);
-  w.write('root.pem', local.root.pem);
-  w.write('device-ca.pem', deviceCa.pem);
-  w.write('leaf.pem', cert.pem);
-  const out = w.tryOpenssl(['verify', '-x509_strict', '-purpose', 'sslclient', '-CAfile', 'root.pem', '-untrusted', 'device-ca.pem', 'leaf.pem']);
-  assert.equal(out.status, 0, out.stderr + out.stdout);
-  assert.match(out.stdout, /leaf\.pem: OK/);
-  // A leaf signed by another key under the same name does not verify.
-  w.write('other-ca.pem', createKeyVaultDeviceCa({ root: local.root, caKey: other }).pem);
-  const bad = w.tryOpenssl(['verify', '-x509_strict', '-CAfile', 'root.pem', '-untrusted', 'other-ca.pem', 'leaf.pem']);
-  assert.notEqual(bad.status, 0);
-  // Only device certificates.
-  await assert.rejects(issuer.issue({ subjectDer: pkix.encodeName('x'), spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }), profile: { kind: 'server', keyType: 'ec' }, notBefore: now, notAfter: now }), /device certificates only/);
-});
-
 test('the client secret is read from a file and appears in no log line, no error message, no SDK log', async (t) => {
   const kv = await standin(t);
   const lines: string[] = [];
@@ -406,27 +363,6 @@ test('keyVaultCredential: the service principal needs tenant, client id and a se
   assert.ok(keyVaultCredential({ kind: 'managedIdentity' }, { env }));
 });
 
-test('the Key Vault device CA: only under the current root, only with the root key online; a device certificate never outlives it', async (t) => {
-  const kv = await standin(t);
-  const w = workdir(t, 'leafgate-kv-ca-');
-  const local = LocalCa.open(join(w.dir, 'a'), 'correct horse battery staple');
-  const otherRoot = LocalCa.open(join(w.dir, 'b'), 'correct horse battery staple').root;
-  const key = await KeyVaultCaKey.open(options(kv));
-  t.after(() => key.close());
-  assert.throws(() => createKeyVaultDeviceCa({ root: { ...local.root, privateKey: null }, caKey: key }), /run this where root.key.pem is/);
-  const ca = createKeyVaultDeviceCa({ root: local.root, caKey: key, years: 1 });
-  assert.throws(() => openCaKeyIssuer('device-ca', ca.pem, key, otherRoot), /not issued by the current root/);
-  const device = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-  const cert = await new CaKeyIssuer(ca, local.root.pem).issue({
-    subjectDer: pkix.encodeName('kv-device-2'),
-    spkiDer: device.publicKey.export({ type: 'spki', format: 'der' }),
-    profile: { kind: 'device', keyType: 'ec' },
-    notBefore: new Date(),
-    notAfter: new Date(Date.now() + 5 * 365 * 86400_000),
-  });
-  assert.equal(new X509Certificate(cert.pem).validTo, ca.certificate.validTo);
-});
-
 test('a call that Key Vault never answers ends with the wait budget, and so does the one queued behind it', async (t) => {
   const kv = await standin(t);
   const key = await KeyVaultCaKey.open(options(kv, { maxInFlight: 1, maxWaitMs: 1500 }));
@@ -468,15 +404,18 @@ test('caKeys.keyvault: validated, secrets never in it; openKeyVaultCaKey signs i
   assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'k', credential: { kind: 'password' } as never }, env), /credential.kind/);
   assert.throws(() => resolveKeyVaultStoreConfig({ vaultUrl: 'https://v.vault.azure.net', keyName: 'k', signsPer10s: 0 }, env), /signsPer10s/);
   const d = resolveKeyVaultStoreConfig(undefined, { LEAFGATE_KEYVAULT_URL: 'https://v.vault.azure.net/', LEAFGATE_KEYVAULT_KEY: 'leafgate-device-ca' });
-  assert.deepEqual(d.create, { kty: 'EC-HSM', curve: 'P-256' });
+  assert.deepEqual([d.keyType, d.hsm], ['ec-256', true]);
   assert.deepEqual(d.credential, { kind: 'managedIdentity' });
   assert.equal(d.vaultUrl, 'https://v.vault.azure.net');
 
   const kv = await standin(t);
   const spEnv = { AZURE_TENANT_ID: kv.tenantId, AZURE_CLIENT_ID: kv.clientId, AZURE_CLIENT_SECRET: kv.clientSecret, AZURE_AUTHORITY_HOST: kv.authorityHost };
-  const cfg = resolveKeyVaultStoreConfig({ vaultUrl: kv.vaultUrl, keyName: 'from-env', create: { kty: 'EC', curve: 'P-384' }, signsPer10s: 50 }, spEnv);
+  const cfg = resolveKeyVaultStoreConfig({ vaultUrl: kv.vaultUrl, keyName: 'from-env', keyType: 'ec-384', hsm: false, signsPer10s: 50 }, spEnv);
   assert.deepEqual(cfg.credential, { kind: 'clientSecret' });
-  const key = await openKeyVaultCaKey(cfg, { env: spEnv, clientOptions: { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true } });
+  // At start a missing key is not created: only init (create) makes it.
+  await assert.rejects(openKeyVaultCaKey(cfg, { env: spEnv, clientOptions: { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true } }), /404/);
+  assert.equal(kv.keys.has('from-env'), false);
+  const key = await openKeyVaultCaKey(cfg, { create: true, env: spEnv, clientOptions: { tlsOptions: { ca: kv.ca }, disableChallengeResourceVerification: true } });
   t.after(() => key.close());
   assert.equal(key.curve, 'P-384');
   assert.ok(verify('sha384', tbs(), key.publicKey, await key.sign('sha384', tbs())));

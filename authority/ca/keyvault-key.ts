@@ -31,6 +31,7 @@ import { readFileSync } from 'node:fs';
 import { ClientSecretCredential, ManagedIdentityCredential, type TokenCredential } from '@azure/identity';
 import { CryptographyClient, KeyClient, type KeyClientOptions, type KeyVaultKey, type SignatureAlgorithm } from '@azure/keyvault-keys';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
+import { configError } from '../../config-schema/index.ts';
 import type { CaKey } from './ca-key.ts';
 
 /** The key to create when it does not exist yet (needs the Key Vault Crypto Officer role). */
@@ -405,59 +406,116 @@ function openError(what: string, err: unknown): LeafgateError {
 
 // ---- configuration ----------------------------------------------------------------------------
 
+/** The key `authority init` creates when it is missing: EC P-256 (default), EC P-384 or RSA 3072, as for PKCS#11. */
+export type KeyVaultKeyType = 'ec-256' | 'ec-384' | 'rsa-3072';
+export const KEYVAULT_KEY_TYPES: readonly KeyVaultKeyType[] = ['ec-256', 'ec-384', 'rsa-3072'];
+
 /**
  * `caKeys.keyvault` in the authority configuration (the CA key store `keyvault`): where the
- * key is, how to sign in, how fast to go. No secret is ever part of it: the client secret is
- * read from `credential.clientSecretFile` or AZURE_CLIENT_SECRET.
+ * device CA's key is, how to sign in, how fast to go. No secret is ever part of it: the client
+ * secret is read from `credential.clientSecretFile` or AZURE_CLIENT_SECRET. The schema (with
+ * its defaults and descriptions) is in authority/config.ts.
  */
 export interface KeyVaultStoreConfig {
   vaultUrl: string;
   keyName: string;
   keyVersion?: string;
-  /** Create the key when it does not exist (default EC-HSM P-256); false: it must exist. */
-  create?: KeyVaultKeySpec | false;
+  /** What `authority init` creates when the key does not exist (default ec-256); start never creates. */
+  keyType: KeyVaultKeyType;
+  /** An HSM-protected key (EC-HSM / RSA-HSM, Premium vault; default) or a software one (Standard vault). */
+  hsm: boolean;
   credential: KeyVaultCredentialConfig;
   /** Sign calls per 10 s (default 1,000); see the limits at the top of this file. */
   signsPer10s?: number;
   maxInFlight?: number;
   maxWaitMs?: number;
+  /** PEM file of the CAs trusted for the vault and the token endpoint, instead of the system's. */
+  tlsCaFile?: string;
+  /** Skips the SDK's check that the challenge's resource matches the vault's domain (a vault under another name). */
+  disableChallengeResourceVerification?: boolean;
 }
 
-/** Validates `caKeys.keyvault`, with LEAFGATE_KEYVAULT_URL / LEAFGATE_KEYVAULT_KEY as fallbacks. */
-export function resolveKeyVaultStoreConfig(input: Partial<KeyVaultStoreConfig> | undefined, env: NodeJS.ProcessEnv = process.env): KeyVaultStoreConfig {
-  const vaultUrl = input?.vaultUrl ?? env.LEAFGATE_KEYVAULT_URL;
-  const keyName = input?.keyName ?? env.LEAFGATE_KEYVAULT_KEY;
-  if (!vaultUrl || !/^https:\/\/[^/]+\/?$/.test(vaultUrl)) throw new LeafgateError('internal', 'caKeys.keyvault.vaultUrl must be https://{vault}.vault.azure.net (LEAFGATE_KEYVAULT_URL)');
-  if (!keyName || !/^[A-Za-z0-9-]{1,127}$/.test(keyName)) throw new LeafgateError('internal', 'caKeys.keyvault.keyName must be 1-127 letters, digits and dashes (LEAFGATE_KEYVAULT_KEY)');
-  if (input && 'clientSecret' in (input.credential ?? {})) {
-    throw new LeafgateError('internal', 'caKeys.keyvault.credential: a client secret is never put in the configuration; use clientSecretFile or AZURE_CLIENT_SECRET');
+export type KeyVaultStoreConfigInput = Partial<Omit<KeyVaultStoreConfig, 'credential'>> & { credential?: Partial<KeyVaultCredentialConfig> & { kind?: string; clientSecret?: unknown } };
+
+const KV = 'caKeys.keyvault';
+const bad = (key: string, why: string): never => configError('authority config', key, why);
+
+/** Validates `caKeys.keyvault` and fills in its defaults, with LEAFGATE_KEYVAULT_URL / LEAFGATE_KEYVAULT_KEY as fallbacks. */
+export function resolveKeyVaultStoreConfig(input: KeyVaultStoreConfigInput | undefined, env: NodeJS.ProcessEnv = process.env): KeyVaultStoreConfig {
+  const vaultUrl = input?.vaultUrl ?? (env.LEAFGATE_KEYVAULT_URL || undefined);
+  const keyName = input?.keyName ?? (env.LEAFGATE_KEYVAULT_KEY || undefined);
+  if (!vaultUrl || !/^https:\/\/[^/\s]+\/?$/.test(vaultUrl)) bad(`${KV}.vaultUrl`, `must be https://{vault}.vault.azure.net (env LEAFGATE_KEYVAULT_URL)${vaultUrl ? ` (got ${JSON.stringify(vaultUrl)})` : ''}`);
+  if (!keyName || !/^[A-Za-z0-9-]{1,127}$/.test(keyName)) bad(`${KV}.keyName`, 'must be 1-127 letters, digits and dashes (env LEAFGATE_KEYVAULT_KEY)');
+  if (input?.keyVersion !== undefined && !/^[0-9a-f]{32}$/.test(input.keyVersion)) bad(`${KV}.keyVersion`, 'must be a key version: 32 hex digits');
+  if (input?.credential && 'clientSecret' in input.credential) {
+    bad(`${KV}.credential.clientSecret`, 'a client secret is never put in the configuration; use clientSecretFile or AZURE_CLIENT_SECRET');
   }
   // Default: a service principal when AZURE_CLIENT_SECRET is set, else the managed identity
   // (a user-assigned one by AZURE_CLIENT_ID).
-  const credential = input?.credential ?? (env.AZURE_CLIENT_SECRET ? { kind: 'clientSecret' as const } : { kind: 'managedIdentity' as const });
-  if (credential.kind !== 'managedIdentity' && credential.kind !== 'clientSecret') throw new LeafgateError('internal', 'caKeys.keyvault.credential.kind must be managedIdentity or clientSecret');
-  const create = input?.create === undefined ? ({ kty: 'EC-HSM', curve: 'P-256' } as const) : input.create;
-  for (const [k, v] of Object.entries({ signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs })) {
-    if (v !== undefined && !(Number.isInteger(v) && v >= 1)) throw new LeafgateError('internal', `caKeys.keyvault.${k} must be a positive integer`);
+  const credential = { ...(input?.credential ?? (env.AZURE_CLIENT_SECRET ? { kind: 'clientSecret' } : { kind: 'managedIdentity' })) } as KeyVaultCredentialConfig;
+  if (credential.kind !== 'managedIdentity' && credential.kind !== 'clientSecret') bad(`${KV}.credential.kind`, 'must be managedIdentity or clientSecret');
+  if (credential.kind === 'managedIdentity') {
+    for (const k of ['tenantId', 'clientSecretFile', 'authorityHost']) if (k in credential) bad(`${KV}.credential.${k}`, 'is for kind clientSecret (a service principal), not managedIdentity');
   }
-  return { vaultUrl: vaultUrl.replace(/\/$/, ''), keyName, keyVersion: input?.keyVersion, create, credential, signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs };
+  const keyType = input?.keyType ?? 'ec-256';
+  if (!KEYVAULT_KEY_TYPES.includes(keyType)) bad(`${KV}.keyType`, `must be ${KEYVAULT_KEY_TYPES.join(', ')}`);
+  for (const [k, v] of Object.entries({ signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs })) {
+    if (v !== undefined && !(Number.isInteger(v) && v >= 1)) bad(`${KV}.${k}`, 'must be a positive integer');
+  }
+  return stripUndefined({
+    vaultUrl: vaultUrl!.replace(/\/$/, ''), keyName: keyName!, keyVersion: input?.keyVersion, keyType, hsm: input?.hsm ?? true, credential,
+    signsPer10s: input?.signsPer10s, maxInFlight: input?.maxInFlight, maxWaitMs: input?.maxWaitMs,
+    tlsCaFile: input?.tlsCaFile, disableChallengeResourceVerification: input?.disableChallengeResourceVerification ?? false,
+  });
 }
 
-/** The authority's way in: the CA key from `caKeys.keyvault` (resolved), its credential built here. */
+/** The Key Vault key a key type and `hsm` stand for. */
+export function keyVaultKeySpec(keyType: KeyVaultKeyType, hsm: boolean): KeyVaultKeySpec {
+  if (keyType === 'rsa-3072') return { kty: hsm ? 'RSA-HSM' : 'RSA', size: 3072 };
+  return { kty: hsm ? 'EC-HSM' : 'EC', curve: keyType === 'ec-384' ? 'P-384' : 'P-256' };
+}
+
+/**
+ * The authority's way in: the CA key from `caKeys.keyvault` (resolved), its credential built
+ * here. `create` (`authority init`): a missing key is created as `keyType`/`hsm` say; at start
+ * it must exist.
+ */
 export function openKeyVaultCaKey(
   cfg: KeyVaultStoreConfig,
-  opts: { env?: NodeJS.ProcessEnv; logger?: KeyVaultCaKeyOptions['logger']; clientOptions?: KeyVaultCaKeyOptions['clientOptions'] } = {},
+  opts: { create?: boolean; env?: NodeJS.ProcessEnv; logger?: KeyVaultCaKeyOptions['logger']; clientOptions?: KeyVaultCaKeyOptions['clientOptions'] } = {},
 ): Promise<KeyVaultCaKey> {
+  let clientOptions = opts.clientOptions;
+  if (!clientOptions && (cfg.tlsCaFile || cfg.disableChallengeResourceVerification)) {
+    let ca: string | undefined;
+    if (cfg.tlsCaFile) {
+      try {
+        ca = readFileSync(cfg.tlsCaFile, 'utf8');
+      } catch (err) {
+        throw new LeafgateError('internal', `cannot read ${KV}.tlsCaFile ${cfg.tlsCaFile}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+      }
+    }
+    clientOptions = { ...(ca ? { tlsOptions: { ca } } : {}), ...(cfg.disableChallengeResourceVerification ? { disableChallengeResourceVerification: true } : {}) };
+  }
+  let credential: TokenCredential;
+  try {
+    credential = keyVaultCredential(cfg.credential, { env: opts.env, tlsOptions: clientOptions?.tlsOptions });
+  } catch (err) {
+    return Promise.reject(err);
+  }
   return KeyVaultCaKey.open({
     vaultUrl: cfg.vaultUrl,
     keyName: cfg.keyName,
     keyVersion: cfg.keyVersion,
-    create: cfg.create || undefined,
-    credential: keyVaultCredential(cfg.credential, { env: opts.env, tlsOptions: opts.clientOptions?.tlsOptions }),
+    create: opts.create ? keyVaultKeySpec(cfg.keyType, cfg.hsm) : undefined,
+    credential,
     pace: cfg.signsPer10s ? { requests: cfg.signsPer10s, windowMs: 10_000 } : undefined,
     maxInFlight: cfg.maxInFlight,
     maxWaitMs: cfg.maxWaitMs,
-    clientOptions: opts.clientOptions,
+    clientOptions,
     logger: opts.logger,
   });
+}
+
+function stripUndefined<T extends object>(o: T): T {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
 }

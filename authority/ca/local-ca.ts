@@ -156,26 +156,40 @@ export class LocalCa implements CaConnector {
    * else a new set -- with insert-if-absent; a node that loses the race loads the winner's.
    * Keys are stored encrypted exactly as in the files, so every node needs the same passphrase.
    * A root row with an empty key is a root kept offline.
+   *
+   * `deviceKey`: the device CA's key lives elsewhere (Key Vault): its row holds the certificate
+   * for that key and an empty key, a new set gets a device CA certificate signed for it, and
+   * the CA files adopted are those the same key store left (LocalCa.openWithKeys's layout).
+   * Every node must then be given the same key; a device CA row with a key (a file-key
+   * cluster) is refused, and so is an empty one without `deviceKey`.
    */
   static async openShared(
     store: CaMaterialStore,
     passphrase: string,
-    opts: { organization?: string; now?: Date; adoptDir?: string; crlBaseUrl?: string } = {},
+    opts: { organization?: string; now?: Date; adoptDir?: string; crlBaseUrl?: string; deviceKey?: CaKey } = {},
   ): Promise<{ ca: LocalCa; created: boolean; adopted: boolean }> {
     checkPassphrase(passphrase);
     const org = opts.organization ?? 'leafgate';
     const now = opts.now ?? new Date();
+    const deviceKey = opts.deviceKey;
     let rows = await store.getCaMaterial();
     let created = false;
     let adopted = false;
     if (rows.length === 0) {
       let files: CaFileSet | null = null;
-      if (opts.adoptDir) {
+      if (opts.adoptDir && deviceKey) {
+        // A complete set of this key store's files (made by init) is checked as a start would, then offered.
+        files = readCaFiles(opts.adoptDir, ['device-ca']);
+        if (files) {
+          const file = (name: CaName) => openFileCaKey(opts.adoptDir!, name, passphrase);
+          await LocalCa.openWithKeys(opts.adoptDir, { root: file('root'), 'device-ca': deviceKey, 'infra-ca': file('infra-ca')!, 'edge-issuer': file('edge-issuer')! }, { organization: org, now, crlBaseUrl: opts.crlBaseUrl });
+        }
+      } else if (opts.adoptDir) {
         // Opened (and completed) first: a set this passphrase cannot open must not become the cluster's.
         LocalCa.open(opts.adoptDir, passphrase, { organization: org, now, crlBaseUrl: opts.crlBaseUrl });
         files = readCaFiles(opts.adoptDir);
       }
-      const offer = files ?? generateSet(passphrase, org, now, opts.crlBaseUrl);
+      const offer = files ?? (await generateSet(passphrase, org, now, opts.crlBaseUrl, deviceKey));
       created = await store.insertCaMaterialIfAbsent(offer.map((r) => ({ ...r, createdAt: now.getTime() })));
       adopted = created && files !== null;
       rows = await store.getCaMaterial();
@@ -190,12 +204,25 @@ export class LocalCa implements CaConnector {
     const root = rootFromPem(row('root').certPem, row('root').keyPem || null, passphrase, where('root'));
     // A cluster made before the edge issuer existed gets it now (the root key must be online).
     const missing = INTERMEDIATES.filter((i) => !by.has(i.name));
+    if (missing.some((i) => i.name === 'device-ca')) throw new LeafgateError('internal', 'the database holds an incomplete CA (no device-ca): restore the ca_material table from a backup');
     if (missing.length) {
       const made = missing.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(opts.crlBaseUrl, 'root')));
       await store.insertCaMaterialIfAbsent(made.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey!, passphrase), createdAt: now.getTime() })));
       by = new Map((await store.getCaMaterial()).map((r) => [r.name, r]));
     }
-    const [deviceCa, infraCa, edgeIssuer] = INTERMEDIATES.map((i) => fromPem(i.name, row(i.name).certPem, row(i.name).keyPem, passphrase, root, where(i.name)));
+    const [deviceCa, infraCa, edgeIssuer] = INTERMEDIATES.map((i) => {
+      const r = row(i.name);
+      if (i.name !== 'device-ca' || (!deviceKey && r.keyPem)) return fromPem(i.name, r.certPem, r.keyPem, passphrase, root, where(i.name));
+      // An empty key: the device CA's key is elsewhere, and must be the one this node was given.
+      if (!deviceKey) throw new LeafgateError('internal', `${where('device-ca')} has its key outside the database (Key Vault): configure the same caKeys (store "keyvault") on this node`);
+      if (r.keyPem) throw new LeafgateError('internal', `${where('device-ca')} has its key in the database (file keys): this cluster cannot move its device CA key to ${deviceKey.description} yet; use caKeys.store "file" on this node`);
+      const certificate = parseCert(r.certPem, where('device-ca'));
+      if (!sameKey(certificate.publicKey, deviceKey.publicKey)) {
+        throw new LeafgateError('internal', `the device-ca key (${deviceKey.description}) does not match ${where('device-ca')}: configure the key (and key version) the cluster's device CA was made for`);
+      }
+      checkIssuedBy(certificate, root, where('device-ca'));
+      return { ...describe('device-ca', certificate, r.certPem), key: deviceKey, privateKey: null };
+    });
     return { ca: new LocalCa(root, deviceCa, infraCa, edgeIssuer, opts.crlBaseUrl), created, adopted };
   }
 
@@ -221,15 +248,18 @@ export class LocalCa implements CaConnector {
       if (existsSync(certPath)) {
         const pem = readFileSync(certPath, 'utf8');
         const certificate = parseCert(pem, certPath);
-        if (key && !sameKey(certificate.publicKey, key.publicKey)) throw new LeafgateError('internal', `the ${name} key (${key.description}) does not match ${certPath}`);
+        if (key && !sameKey(certificate.publicKey, key.publicKey)) {
+          throw new LeafgateError('internal', `the ${name} key (${key.description}) does not match ${certPath}: configure the key (and key version) that certificate was made for, or move ${certPath} away and run \`leafgate authority init\` to sign a new ${name} certificate for this key`);
+        }
         checkIssuedBy(certificate, issuer, certPath);
-        return { ...describe(name, certificate, pem), key, privateKey: null };
+        // A key held in this process keeps the issuance fast path (its KeyObject); any other signs through its CaKey.
+        return { ...describe(name, certificate, pem), key, privateKey: key instanceof FileCaKey ? key.keyObject : null };
       }
       if (!opts.create) throw new LeafgateError('internal', `${certPath} is missing: run \`leafgate authority init\` with the same key store first`);
       if (!key) throw new LeafgateError('internal', `the ${name} certificate is missing and its key is offline`);
       const ca = await createCaWithKey(name, key, issuer, cn, profile, now, years, crlUrl);
       writeFileSync(certPath, ca.pem);
-      return ca;
+      return key instanceof FileCaKey ? { ...ca, privateKey: key.keyObject } : ca;
     };
     const root = (await load('root', keys.root, null, `${org} Root CA`, { kind: 'root' }, 20, undefined)) as RootCa;
     const rootUrl = crlUrlOf(opts.crlBaseUrl, 'root');
@@ -355,18 +385,28 @@ export interface CaMaterialStore {
 
 type CaFileSet = Array<{ name: CaName; certPem: string; keyPem: string }>;
 
-/** The PEM files of a complete file CA in `dir`, as they are (keys stay encrypted; an offline root's key is ''); null if incomplete. */
-function readCaFiles(dir: string): CaFileSet | null {
-  const paths = CA_NAMES.map((name) => ({ name, cert: join(dir, `${name}.crt.pem`), key: join(dir, `${name}.key.pem`) }));
-  if (!paths.every((p) => existsSync(p.cert) && (p.name === 'root' || existsSync(p.key)))) return null;
-  return paths.map((p) => ({ name: p.name, certPem: readFileSync(p.cert, 'utf8'), keyPem: existsSync(p.key) ? readFileSync(p.key, 'utf8') : '' }));
+/**
+ * The PEM files of a complete file CA in `dir`, as they are (keys stay encrypted; an offline
+ * root's key is '', and so is the key of a CA in `keysElsewhere`); null if incomplete.
+ */
+function readCaFiles(dir: string, keysElsewhere: CaName[] = []): CaFileSet | null {
+  const paths = CA_NAMES.map((name) => ({ name, cert: join(dir, `${name}.crt.pem`), key: join(dir, `${name}.key.pem`), elsewhere: keysElsewhere.includes(name) }));
+  if (!paths.every((p) => existsSync(p.cert) && (p.name === 'root' || p.elsewhere || existsSync(p.key)))) return null;
+  return paths.map((p) => ({ name: p.name, certPem: readFileSync(p.cert, 'utf8'), keyPem: !p.elsewhere && existsSync(p.key) ? readFileSync(p.key, 'utf8') : '' }));
 }
 
-/** A new root and its intermediates, in memory, keys encrypted as the files would hold them. */
-function generateSet(passphrase: string, org: string, now: Date, crlBaseUrl?: string): CaFileSet {
+/**
+ * A new root and its intermediates, in memory, keys encrypted as the files would hold them;
+ * with `deviceKey`, the device CA is made for that key (signed by the new root) and its row's key is ''.
+ */
+async function generateSet(passphrase: string, org: string, now: Date, crlBaseUrl?: string, deviceKey?: CaKey): Promise<CaFileSet> {
   const root = createCa('root', null, `${org} Root CA`, { kind: 'root' }, now, 20, undefined);
-  const cas = [root, ...INTERMEDIATES.map((i) => createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, crlUrlOf(crlBaseUrl, 'root')))];
-  return cas.map((c) => ({ name: c.name, certPem: c.pem, keyPem: encryptPkcs8Scrypt(c.privateKey!, passphrase) }));
+  const rootUrl = crlUrlOf(crlBaseUrl, 'root');
+  const cas: IssuingCa[] = [root];
+  for (const i of INTERMEDIATES) {
+    cas.push(i.name === 'device-ca' && deviceKey ? await createCaWithKey(i.name, deviceKey, root, `${org} ${i.cn}`, i.profile, now, 10, rootUrl) : createCa(i.name, root, `${org} ${i.cn}`, i.profile, now, 10, rootUrl));
+  }
+  return cas.map((c) => ({ name: c.name, certPem: c.pem, keyPem: c.privateKey ? encryptPkcs8Scrypt(c.privateKey, passphrase) : '' }));
 }
 
 function parseCert(pem: string, where: string): X509Certificate {
@@ -461,6 +501,32 @@ async function createCaWithKey(name: CaName, key: CaKey, issuer: RootCa | null, 
   // What the token signed is checked once here: a signer that answers garbage never makes a CA.
   if (!certificate.verify(issuer ? issuer.certificate.publicKey : key.publicKey)) throw new LeafgateError('internal', `the ${name} certificate signed through ${(issuer?.key ?? key).description} does not verify`);
   return { ...describe(name, certificate, pem), privateKey: null, key };
+}
+
+/**
+ * The encrypted file key of one CA, for LocalCa.openWithKeys when the other CAs' keys live
+ * elsewhere (the device CA's in Key Vault): `<dir>/<name>.key.pem` decrypted as LocalCa.open
+ * does. A root whose certificate is there without its key is kept offline (null). With
+ * `create` (`authority init`), a key that is missing along with its certificate is generated
+ * (EC P-256) and written encrypted, before openWithKeys writes the certificate -- the order
+ * LocalCa.open keeps: a crash between the two leaves a key without a certificate, never the
+ * reverse. Without `create` a missing key stops the start with what to do.
+ */
+export function openFileCaKey(dir: string, name: CaName, passphrase: string, opts: { create?: boolean } = {}): FileCaKey | null {
+  checkPassphrase(passphrase);
+  const keyPath = join(dir, `${name}.key.pem`);
+  const certPath = join(dir, `${name}.crt.pem`);
+  if (existsSync(keyPath)) return new FileCaKey(decryptKey(readFileSync(keyPath, 'utf8'), passphrase, keyPath));
+  if (existsSync(certPath)) {
+    if (name === 'root') return null;
+    throw new LeafgateError('internal', `${keyPath} is missing (its certificate ${certPath} is there): restore the key file, or move the certificate away and run \`leafgate authority init\` to make a new ${name}`);
+  }
+  if (!opts.create) throw new LeafgateError('internal', `${certPath} is missing: run \`leafgate authority init\` with the same key store first`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  writeFileSync(keyPath, encryptPkcs8Scrypt(privateKey, passphrase), { mode: 0o600 });
+  chmodSync(keyPath, 0o600);
+  return new FileCaKey(privateKey);
 }
 
 function sameKey(a: KeyObject, b: KeyObject): boolean {

@@ -1,20 +1,22 @@
 /**
  * Opens the authority's CA with its keys where configuration says they are (`caKeys.store`):
  * file keys (encrypted PKCS#8 in the data directory, or ca_material rows with PostgreSQL),
- * or a PKCS#11 token. The one place that picks a key store, for `authority start` and the
- * CLI's offline commands alike.
+ * a PKCS#11 token, or Azure Key Vault for the device CA's key (the root, the infrastructure
+ * CA and the edge issuer keep encrypted file keys; the root may be offline). The one place
+ * that picks a key store, for `authority start` and the CLI's offline commands alike.
  */
 import { join } from 'node:path';
 import { LeafgateError } from '../../protocol/index.ts';
-import { LocalCa, type CaMaterialStore, type CaName } from './local-ca.ts';
+import { LocalCa, openFileCaKey, type CaMaterialStore, type CaName } from './local-ca.ts';
 import { openPkcs11CaKeys, type Pkcs11KeysConfig } from './pkcs11-ca-key.ts';
+import { openKeyVaultCaKey, type KeyVaultCaKeyOptions, type KeyVaultStoreConfig } from './keyvault-key.ts';
 
 export interface CaOpenConfig {
   dataDir: string;
   caPassphrase: string;
   organization: string;
   crlBaseUrl?: string;
-  caKeys: { store: 'file' } | Pkcs11KeysConfig | ({ store: 'keyvault' } & Record<string, unknown>);
+  caKeys: { store: 'file' } | Pkcs11KeysConfig | { store: 'keyvault'; keyvault: KeyVaultStoreConfig };
 }
 
 export interface OpenedCa {
@@ -27,11 +29,16 @@ export interface OpenedCa {
 }
 
 /**
- * `shared`: the cluster's store when several nodes share PostgreSQL (file keys only).
- * `create`: `authority init` -- a missing PKCS#11 key is generated in the token and the
- * missing certificates are signed through the token; at start they must exist.
+ * `shared`: the cluster's store when several nodes share PostgreSQL (file keys, or file keys
+ * and the device CA's key in Key Vault).
+ * `create`: `authority init` -- a missing PKCS#11 or Key Vault key (and a missing file key
+ * beside a Key Vault one) is generated and the missing certificates are signed through the
+ * keys; at start they must exist.
  */
-export async function openCa(config: CaOpenConfig, opts: { shared?: CaMaterialStore; create?: boolean; adoptDir?: boolean; env?: NodeJS.ProcessEnv } = {}): Promise<OpenedCa> {
+export async function openCa(
+  config: CaOpenConfig,
+  opts: { shared?: CaMaterialStore; create?: boolean; adoptDir?: boolean; env?: NodeJS.ProcessEnv; logger?: KeyVaultCaKeyOptions['logger'] } = {},
+): Promise<OpenedCa> {
   const dir = join(config.dataDir, 'ca');
   const common = { organization: config.organization, crlBaseUrl: config.crlBaseUrl };
   switch (config.caKeys.store) {
@@ -51,7 +58,24 @@ export async function openCa(config: CaOpenConfig, opts: { shared?: CaMaterialSt
         throw err;
       }
     }
+    case 'keyvault': {
+      const deviceKey = await openKeyVaultCaKey(config.caKeys.keyvault, { create: opts.create, env: opts.env, logger: opts.logger });
+      try {
+        if (opts.shared) {
+          // A cluster: the certificates and the other (encrypted) keys in ca_material, the device CA's row with an empty key.
+          const r = await LocalCa.openShared(opts.shared, config.caPassphrase, { ...common, adoptDir: opts.adoptDir ? dir : undefined, deviceKey });
+          return { ca: r.ca, created: r.created, adopted: r.adopted };
+        }
+        const file = (name: CaName) => openFileCaKey(dir, name, config.caPassphrase, { create: opts.create });
+        const root = file('root');
+        const ca = await LocalCa.openWithKeys(dir, { root, 'device-ca': deviceKey, 'infra-ca': file('infra-ca')!, 'edge-issuer': file('edge-issuer')! }, { ...common, create: opts.create });
+        return { ca };
+      } catch (err) {
+        await deviceKey.close();
+        throw err;
+      }
+    }
     default:
-      throw new LeafgateError('internal', `caKeys.store "${config.caKeys.store}" has no connector in this build`);
+      throw new LeafgateError('internal', `caKeys.store "${(config.caKeys as { store: string }).store}" has no connector in this build`);
   }
 }
