@@ -244,7 +244,8 @@ async function caCommand(command: 'init' | 'root-crl' | 'migrate', v: Record<str
   const store = await openStore(config.database);
   let ca: LocalCa | undefined;
   try {
-    ca = await openCa(config, store, true);
+    // root-crl only signs: it never makes a missing key (in a token or a vault) or certificate.
+    ca = await openCa(config, store, command !== 'root-crl');
     const days = intOption(v['crl-days'], 'crl-days', 1, 3650) ?? 180;
     const signRootCrl = async () => {
       const revocation = new Revocation({ store, ca: ca!, events: new AuthorityEvents(), crlValidityHours: days * 24 });
