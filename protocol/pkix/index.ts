@@ -8,4 +8,4 @@ export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
 export { encodeCertificate, encodeCertificateAsync, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, CertificateTemplate, type CertificateProfile, type CertificateInput, type CertificateIssuer, type AsyncSigner, type TemplateFields } from './certificate.ts';
 export { encodeCrl, encodeCrlAsync, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';
 export { ecVerifyPool, type EcVerifyPool } from './verify-pool.ts';
-export { encodeCertsOnly, certsOnlyBase64 } from './pkcs7.ts';
+export { encodeCertsOnly, certsOnlyBase64, decodeCertsOnly } from './pkcs7.ts';
