@@ -5,7 +5,7 @@ export { NotAcceptedError } from './der.ts';
 export { CSR_SUBJECT_STRING_TAGS, buildCsr, parseCsr, parseCsrDer, parseCsrAsync, parseCsrDerAsync, encodeName, decodeName, certificateSubject, encodeSan, type ParsedCsr, type SubjectAltNames, type CsrBuildOptions } from './csr.ts';
 export { canonicalKey, keyDescription, signatureAlgorithmFor, keySpecLabel, readSpki, importSpki, importSpkiFast, spkiDerOfKey, type CanonicalKey, type KeyDescription, type SpkiKey } from './keys.ts';
 export { verifyChain, parseCertificates, type ChainCheck } from './chain.ts';
-export { encodeCertificate, encodeCertificateAsync, keyIdentifier, newSerial, subjectDerOf, spkiDerOf, CertificateTemplate, type CertificateProfile, type CertificateInput, type CertificateIssuer, type AsyncSigner, type TemplateFields } from './certificate.ts';
+export { encodeCertificate, encodeCertificateAsync, keyIdentifier, newSerial, subjectDerOf, issuerDerOf, spkiDerOf, CertificateTemplate, type CertificateProfile, type CertificateInput, type CertificateIssuer, type AsyncSigner, type TemplateFields } from './certificate.ts';
 export { encodeCrl, encodeCrlAsync, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';
 export { ecVerifyPool, type EcVerifyPool } from './verify-pool.ts';
 export { encodeCertsOnly, certsOnlyBase64, decodeCertsOnly } from './pkcs7.ts';
