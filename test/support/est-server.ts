@@ -36,6 +36,10 @@ export type EstMode =
   | { kind: 'refuse'; status: number; text: string }
   | { kind: 'pending'; retryAfterSeconds: number }
   | { kind: 'garbage' }
+  /** Answers exactly this (a 200 with another content type, base64 that is not PKCS#7, ...). */
+  | { kind: 'raw'; status: number; contentType: string; body: string }
+  /** Signs with these extensions (an openssl extfile) instead of the device profile. */
+  | { kind: 'extensions'; ext: string }
   /** Signs a CSR of a key the server makes itself: a certificate for another key. */
   | { kind: 'other-key' }
   /** Signs with a CA of the same name that is not in the chain leafgate was given. */
@@ -122,6 +126,8 @@ export class TestEstServer {
    * answer: "the CA issued, the answer was lost".
    */
   dropNextAnswer = false;
+  /** Lifetime of the certificates it signs from now on (days). */
+  days: number;
   private server: Server;
   private readonly sockets = new Set<Socket>();
   private port = 0;
@@ -137,6 +143,7 @@ export class TestEstServer {
     this.strangerKeyFile = join(dir, 'stranger.key');
     this.username = opts.username;
     this.password = opts.password;
+    this.days = opts.days;
     this.passwordFile = join(dir, 'est-password');
     writeFileSync(this.passwordFile, opts.password + '\n', { mode: 0o600 });
     this.server = this.makeServer();
@@ -274,6 +281,12 @@ export class TestEstServer {
     const mode = this.mode;
     if (mode.kind === 'refuse') return text(mode.status, mode.text);
     if (mode.kind === 'pending') return text(202, 'request is pending manual approval', { 'retry-after': String(mode.retryAfterSeconds) });
+    if (mode.kind === 'raw') {
+      log.status = mode.status;
+      res.writeHead(mode.status, { 'content-type': mode.contentType });
+      res.end(mode.body);
+      return;
+    }
     if (mode.kind === 'garbage') {
       log.status = 200;
       res.writeHead(200, { 'content-type': 'application/pkcs7-mime; smime-type=certs-only', 'content-transfer-encoding': 'base64' });
@@ -295,8 +308,13 @@ export class TestEstServer {
         csrFile = 'other.der';
       }
       const ca = mode.kind === 'rogue-ca' ? 'rogue' : 'issuing';
-      const args = ['x509', '-req', '-inform', 'DER', '-in', csrFile, '-CA', join(this.dir, `${ca}.pem`), '-CAkey', join(this.dir, `${ca}.key`), '-days', String(this.opts.days),
-        '-copy_extensions', 'copy', '-extfile', join(this.dir, 'device.ext'), '-out', 'cert.pem'];
+      let ext = join(this.dir, 'device.ext');
+      if (mode.kind === 'extensions') {
+        ext = join(work, 'custom.ext');
+        writeFileSync(ext, mode.ext);
+      }
+      const args = ['x509', '-req', '-inform', 'DER', '-in', csrFile, '-CA', join(this.dir, `${ca}.pem`), '-CAkey', join(this.dir, `${ca}.key`), '-days', String(this.days),
+        '-copy_extensions', 'copy', '-extfile', ext, '-out', 'cert.pem'];
       if (mode.kind === 'subject') args.push('-subj', mode.subject);
       await openssl(work, args);
       const serial = (await openssl(work, ['x509', '-in', 'cert.pem', '-noout', '-serial'])).replace(/^serial=/, '').trim().toUpperCase();
