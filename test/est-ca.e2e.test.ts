@@ -8,17 +8,17 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { X509Certificate, createPublicKey, sign } from 'node:crypto';
+import { X509Certificate, createPublicKey } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
-import { pkix, renewalSigningInput, upTopic, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
+import { pkix, upTopic, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
 import { generateKeyForInstruction } from '../device/index.ts';
 import type { AuthorityConfigInput } from '../authority/index.ts';
 import { TestEstServer, type EstServerOptions } from './support/est-server.ts';
 import { startStack, type Stack } from './support/stack.ts';
-import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until, type Identity } from './support/plugins-helpers.ts';
+import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 
 /** Sized for a machine 4x slower than a developer's. */
 const MS = 40_000;
@@ -85,4 +85,169 @@ test('onboarding through an external CA over EST (client certificate): simpleenr
   // Gateway infrastructure stays on leafgate's own CA.
   const gw = await stack.authority.store.listCertificates({ subjectId: stack.gatewayId, kind: 'gateway' });
   assert.equal(gw[0]?.issuer, 'infra-ca');
+});
+
+/** A bootstrap session that authenticated and holds a fresh key and CSR for its instruction. */
+async function readyToSend(stack: Stack, deviceId: string) {
+  const s = await BootstrapSession.open(stack, deviceId);
+  const instruction = await s.authenticate();
+  assert.equal(instruction.kind, 'instruction', JSON.stringify(instruction.body));
+  const ins = instruction.body as unknown as InstructionMessage;
+  const pair = await generateKeyForInstruction(ins);
+  const csr = pkix.buildCsr({ commonName: ins.subject.commonName, sans: ins.sans, privateKey: pair.privateKey, publicKey: pair.publicKey });
+  return { s, csr, privateKey: pair.privateKey };
+}
+
+async function deviceCerts(stack: Stack, deviceId: string) {
+  return stack.authority.store.listCertificates({ subjectId: deviceId, kind: 'device' });
+}
+
+test('EST server unreachable: the CSR waits in the gateway\'s durable queue (device gets pending), and completes with exactly one certificate when the server is back on the same port', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await estStack(t, est);
+  const { s, csr, privateKey } = await readyToSend(stack, 'est-outage-1');
+  t.after(() => s.close());
+  await est.stop();
+  const requestId = 'outage-csr-1';
+  const mark = s.inbox.messages.length;
+  const answer = s.inbox.answer(requestId, mark, MS * 3);
+  await s.client.publishAsync(upTopic('est-outage-1', 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
+  const pending = await s.inbox.wait((m) => m.kind === 'pending' && m.body.requestId === requestId, MS, 'pending');
+  assert.ok(Number(pending.body.retryAfterMs) >= 1000);
+  // While it is down, the authority refused nothing final and stored nothing.
+  assert.equal((await deviceCerts(stack, 'est-outage-1')).length, 0);
+  await est.restart();
+  const cert = await answer;
+  assert.equal(cert.kind, 'cert', JSON.stringify(cert.body));
+  const body = cert.body as unknown as CertMessage;
+  assert.ok(new X509Certificate(body.certificate).publicKey.equals(createPublicKey(privateKey)));
+  // Exactly one certificate: one at the CA, one on record, the one delivered.
+  assert.equal(est.issued.length, 1);
+  assert.deepEqual((await deviceCerts(stack, 'est-outage-1')).map((c) => c.serial), [est.issued[0]]);
+  assert.equal(body.serial, est.issued[0]);
+  // The same request again: the stored answer, no second call to the CA.
+  const calls = est.enrollments().length;
+  const again = await s.request('csr', { requestId, csr }, MS);
+  assert.equal((again.body as unknown as CertMessage).serial, body.serial);
+  assert.equal(est.enrollments().length, calls);
+});
+
+test('EST 202 + Retry-After (manual approval): the device gets pending with the CA\'s delay, then its certificate once the CA approves; an answer lost after the CA signed yields one delivered certificate and an audit line for the orphan', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await estStack(t, est);
+  const { s, csr } = await readyToSend(stack, 'est-approval-1');
+  t.after(() => s.close());
+  est.mode = { kind: 'pending', retryAfterSeconds: 2 };
+  const requestId = 'approval-csr-1';
+  const answer = s.inbox.answer(requestId, s.inbox.messages.length, MS * 3);
+  await s.client.publishAsync(upTopic('est-approval-1', 'csr'), JSON.stringify({ requestId, csr }), { qos: 1 });
+  const pending = await s.inbox.wait((m) => m.kind === 'pending' && m.body.requestId === requestId, MS, 'pending');
+  assert.ok(Number(pending.body.retryAfterMs) >= 2000, `the CA's Retry-After reaches the device (${pending.body.retryAfterMs})`);
+  await until(() => est.enrollments().some((r) => r.status === 202), MS, 'the CA to hold the request');
+  const audit = await stack.authority.store.listAudit({ deviceId: 'est-approval-1', limit: 50 });
+  assert.ok(audit.some((a) => a.code === 'authority_unavailable' && a.detail?.est === 'pending'));
+  // Approved: the same request, sent again from the queue, is signed.
+  est.mode = { kind: 'issue' };
+  const cert = await answer;
+  assert.equal(cert.kind, 'cert', JSON.stringify(cert.body));
+  assert.equal(est.issued.length, 1);
+
+  // Lost answer: the CA signs, the connection drops before the answer. The retry gets a second
+  // certificate at the CA; leafgate stores and delivers only the one whose answer arrived.
+  const second = await readyToSend(stack, 'est-lost-1');
+  t.after(() => second.s.close());
+  est.dropNextAnswer = true;
+  const lostId = 'lost-csr-1';
+  const lostAnswer = second.s.inbox.answer(lostId, second.s.inbox.messages.length, MS * 3);
+  await second.s.client.publishAsync(upTopic('est-lost-1', 'csr'), JSON.stringify({ requestId: lostId, csr: second.csr }), { qos: 1 });
+  const got = await lostAnswer;
+  assert.equal(got.kind, 'cert', JSON.stringify(got.body));
+  const orphan = est.issued[1];
+  const kept = est.issued[2];
+  assert.equal(est.issued.length, 3);
+  assert.equal((got.body as unknown as CertMessage).serial, kept);
+  assert.deepEqual((await deviceCerts(stack, 'est-lost-1')).map((c) => c.serial), [kept]);
+  const lostAudit = await stack.authority.store.listAudit({ deviceId: 'est-lost-1', limit: 50 });
+  assert.ok(lostAudit.some((a) => a.requestId === lostId && a.detail?.est === 'answer_lost' && a.detail?.sent === true), 'the lost answer is on record for the operator');
+  assert.notEqual(orphan, kept);
+});
+
+test('EST refusals reach the device as ca_refused with its requestId, and bad answers (garbage, another key, a CA outside the chain) store nothing', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await estStack(t, est, 'basic');
+  const modes: Array<{ mode: import('./support/est-server.ts').EstMode; message: RegExp }> = [
+    { mode: { kind: 'refuse', status: 403, text: 'subject not allowed by template' }, message: /HTTP 403: subject not allowed by template/ },
+    { mode: { kind: 'garbage' }, message: /not base64/ },
+    { mode: { kind: 'other-key' }, message: /for the key of the device's CSR/ },
+    { mode: { kind: 'rogue-ca' }, message: /not issued by the configured issuing CA/ },
+  ];
+  for (const [i, { mode, message }] of modes.entries()) {
+    const id = `est-refused-${i}`;
+    const { s, csr } = await readyToSend(stack, id);
+    try {
+      est.mode = mode;
+      const a = await s.request('csr', { requestId: `refused-${i}`, csr }, MS);
+      assert.equal(a.kind, 'error', JSON.stringify(a.body));
+      assert.equal(a.body.code, 'ca_refused');
+      assert.equal(a.body.requestId, `refused-${i}`);
+      assert.match(String(a.body.message), message);
+      assert.equal((await deviceCerts(stack, id)).length, 0, 'nothing stored');
+      const audit = await stack.authority.store.listAudit({ deviceId: id, limit: 50 });
+      assert.ok(audit.some((r) => r.outcome === 'refused' && r.code === 'ca_refused'));
+    } finally {
+      await s.close();
+    }
+  }
+  assert.ok(est.enrollments().every((r) => r.auth.basic === est.username && !r.auth.cert), 'HTTP Basic only');
+});
+
+test('revocation of an externally issued certificate: the live session is closed, a reconnect is refused, the device CA\'s CRL lists it with its issuer, and the operator is told to revoke it at the external CA', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await estStack(t, est);
+  const identity = await onboardDevice(stack, 'est-revoked-1');
+  const client = await connectOk(stack, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  const inbox = new Inbox(client);
+  await subscribeGranted(client, 'lg/v1/est-revoked-1/down/#');
+  const gone = closed(client, MS);
+  const answer = await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  assert.equal(answer.issuer, 'external-ca');
+  assert.equal(answer.externalCa?.revokedThere, false);
+  assert.match(answer.externalCa?.action ?? '', /EST has no revocation call[\s\S]*Revoke it at that CA too/);
+  assert.match(answer.externalCa?.issuer ?? '', /Enterprise Device Issuing CA/);
+  await gone;
+  assert.ok(inbox.messages.some((m) => m.kind === 'revoked'), 'down/revoked before the close');
+  const again = await tryConnect(stack, operationalOptions(identity));
+  assert.equal(again.code, 5);
+  // The CRL the gateway enforces: the device CA's, with an indirect entry naming the external CA.
+  const crl = stack.authority.revocation.crl('device-ca');
+  const parsed = pkix.parseCrl(crl.der, stack.authority.ca.deviceCa.certificate.publicKey);
+  const entry = parsed.revoked.get(identity.serial);
+  assert.ok(entry?.certificateIssuerDer?.equals(pkix.subjectDerOf(pkix.parseCertificates(est.chainPem)[0].raw)));
+  assert.equal(stack.gateway.revocations?.isRevoked(identity.serial) ?? true, true);
+  // Another device of the same CA is not affected.
+  const other = await onboardDevice(stack, 'est-revoked-2');
+  const ok = await connectOk(stack, operationalOptions(other));
+  await closeQuietly(ok);
+});
+
+test('renewal of an externally issued certificate goes to simplereenroll (device SDK, proof by the current key), the old one is superseded', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t, { days: 1 });
+  // openssl does not backdate notBefore as leafgate's CA does: with 1e-6 of a day the window opens ~0.1 s after issuance.
+  const stack = await startStack(t, { authority: { deviceIssuer: issuerConfig(est) }, policy: { renewAfterFraction: 1e-6, validityDays: 1 } });
+  const device = stack.device('est-renew-1', 'pki-signature');
+  const first = await device.onboard();
+  const client = await device.connectOperational(first);
+  t.after(() => client.endAsync(true));
+  const renewed = new Promise<import('../device/index.ts').DeviceIdentity>((resolve, reject) => void device.enableRenewal(client, resolve, reject));
+  await until(async () => (await stack.authority.renewals.announce()) > 0, MS, 'the renewal to be due');
+  const next = await renewed;
+  assert.notEqual(next.serial, first.serial);
+  assert.deepEqual(est.enrollments().map((r) => r.operation), ['simpleenroll', 'simplereenroll']);
+  assert.equal(next.serial, est.issued[1]);
+  const rows = await stack.authority.store.listCertificates({ subjectId: 'est-renew-1' });
+  assert.deepEqual(Object.fromEntries(rows.map((r) => [r.serial, `${r.status}/${r.issuer}`])), { [first.serial]: 'superseded/external-ca', [next.serial]: 'active/external-ca' });
+  await client.endAsync();
+  const again = await device.connectOperational(next);
+  await again.endAsync();
 });
