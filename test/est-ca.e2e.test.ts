@@ -9,15 +9,16 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { X509Certificate, createPublicKey } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request as httpsRequest } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { pkix, upTopic, type CertMessage, type InstructionMessage } from '../protocol/index.ts';
 import { generateKeyForInstruction } from '../device/index.ts';
-import type { AuthorityConfigInput } from '../authority/index.ts';
+import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { TestEstServer, type EstServerOptions } from './support/est-server.ts';
-import { startStack, type Stack } from './support/stack.ts';
+import { logger, startStack, type Stack } from './support/stack.ts';
 import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 
 /** Sized for a machine 4x slower than a developer's. */
@@ -250,4 +251,91 @@ test('renewal of an externally issued certificate goes to simplereenroll (device
   await client.endAsync();
   const again = await device.connectOperational(next);
   await again.endAsync();
+});
+
+test('a gateway enrolled before the authority used an external CA learns its chain when its event stream reconnects, and accepts its devices; the admin API\'s revoke answer tells the operator about the external CA', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await startStack(t);
+  // The gateway enrolled with leafgate's own device CA only.
+  const before = await onboardDevice(stack, 'local-dev-1');
+  assert.equal((await stack.authority.store.getCertificate(before.serial))?.issuer, 'device-ca');
+  // The operator turns deviceIssuer on: the authority restarts on the same data and port.
+  const port = Number(new URL(stack.authority.url).port);
+  await stack.stopAuthority();
+  const authority = await startAuthority(resolveAuthorityConfig({
+    dataDir: join(stack.dir, 'authority'), caPassphrase: 'test-passphrase-0123456789', listen: { host: '127.0.0.1', port },
+    deviceIssuer: issuerConfig(est),
+    policies: { default: { pkiSignature: { manufacturerCAs: [stack.manufacturer.pem], deviceIdFrom: 'CN' } } },
+  }, {}), { logger });
+  t.after(() => authority.close());
+  stack.authority = authority;
+  await until(() => {
+    try {
+      return pkix.parseCertificates(readFileSync(join(stack.dir, 'gateway', 'external-device-chain.pem'), 'utf8')).length === 2;
+    } catch {
+      return false;
+    }
+  }, MS, 'the gateway to store the external chain');
+  const identity = await onboardDevice(stack, 'est-late-1');
+  assert.equal((await authority.store.getCertificate(identity.serial))?.issuer, 'external-ca');
+  // The chain file is written before the listener's TLS context is replaced: wait for the connect.
+  let accepted: import('mqtt').MqttClient | undefined;
+  await until(async () => {
+    const r = await tryConnect(stack, operationalOptions(identity));
+    accepted = r.client;
+    return r.code === 0;
+  }, MS, 'the listener to accept the external CA\'s device');
+  await closeQuietly(accepted);
+  // Devices of leafgate's own CA keep working.
+  await closeQuietly(await connectOk(stack, operationalOptions(before)));
+  // The admin API's answer carries what the operator must do at the external CA.
+  const token = readFileSync(join(stack.dir, 'authority', 'admin-token'), 'utf8').trim();
+  const res = await fetchJson(authority.url, '/admin/v1/revoke', token, stack.rootPem, { serial: identity.serial, reason: 'keyCompromise' });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.equal(res.body[0].issuer, 'external-ca');
+  assert.match(res.body[0].externalCa.action, /EST has no revocation call/);
+  assert.equal((await tryConnect(stack, operationalOptions(identity))).code, 5);
+  // A local one revoked the same way has no such field.
+  const local = await fetchJson(authority.url, '/admin/v1/revoke', token, stack.rootPem, { serial: before.serial, reason: 'superseded' });
+  assert.equal(local.body[0].externalCa, undefined);
+});
+
+function fetchJson(base: string, path: string, token: string, ca: string, body: unknown): Promise<{ status: number; body: any }> {
+  const payload = Buffer.from(JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(new URL(path, base), {
+      method: 'POST', agent: false, ca,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'content-length': payload.length },
+    }, (res: import('node:http').IncomingMessage) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode!, body: JSON.parse(Buffer.concat(chunks).toString() || 'null') }));
+    });
+    req.on('error', reject);
+    req.end(payload);
+  });
+}
+
+test('with two hierarchies among the broker\'s anchors a name is not enough: a CA of the enterprise root named like leafgate\'s device CA cannot mint a device identity (CONNACK 5)', { timeout: 120_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await estStack(t, est);
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-est-imposter-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const openssl = (args: string[]) => {
+    const r = spawnSync('openssl', args, { cwd: dir, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`openssl ${args.join(' ')}: ${r.stderr}`);
+  };
+  const deviceCaSubject = '/' + stack.authority.ca.deviceCa.certificate.subject.split('\n').join('/');
+  writeFileSync(join(dir, 'ca.ext'), 'basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n');
+  writeFileSync(join(dir, 'leaf.ext'), 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n');
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  // The enterprise root (an anchor of the broker) certifies a CA bearing leafgate's device CA name.
+  openssl(['req', '-new', ...ec, '-keyout', 'fake.key', '-subj', deviceCaSubject, '-out', 'fake.csr']);
+  openssl(['x509', '-req', '-in', 'fake.csr', '-CA', join(est.dir, 'root.pem'), '-CAkey', join(est.dir, 'root.key'), '-days', '30', '-extfile', 'ca.ext', '-out', 'fake.pem']);
+  openssl(['req', '-new', ...ec, '-keyout', 'leaf.key', '-subj', '/CN=est-imposter-1', '-out', 'leaf.csr']);
+  openssl(['x509', '-req', '-in', 'leaf.csr', '-CA', 'fake.pem', '-CAkey', 'fake.key', '-days', '30', '-extfile', 'leaf.ext', '-out', 'leaf.pem']);
+  const r = await tryConnect(stack, { clientId: 'est-imposter-1', key: readFileSync(join(dir, 'leaf.key'), 'utf8'), cert: readFileSync(join(dir, 'leaf.pem'), 'utf8') + readFileSync(join(dir, 'fake.pem'), 'utf8') });
+  await closeQuietly(r.client);
+  // OpenSSL accepted the chain (a CONNACK came back): the refusal is the broker's signature check.
+  assert.equal(r.code, 5);
 });
