@@ -119,6 +119,8 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         const est = new EstCa(config.deviceIssuer, ca, { logger: logger.child({ component: 'est-ca' }), now: opts.now });
         started.push(() => est.close());
         issuing = est;
+        // Compared once with the server's /cacerts, without holding up the start.
+        void est.checkCaCerts().catch(() => undefined);
         logger.info({ deviceIssuer: est.describe(), issuingCa: est.chain[0].subject.replace(/\n/g, ', ') }, 'device certificates are signed by the external CA over EST');
       } catch (err) {
         logger.error({ err: (err as Error).message }, 'cannot set up the external device CA (deviceIssuer)');

@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import test, { type TestContext } from 'node:test';
@@ -96,7 +96,7 @@ test('EST connector: HTTP Basic with a CA label; the password comes from a file 
   const est = await server(t, { auth: 'basic', label: 'devices' });
   const lines: string[] = [];
   const logger = pino({ level: 'trace' }, new Writable({ write(chunk, _e, cb) { lines.push(String(chunk)); cb(); } }));
-  const password = (await import('node:fs')).readFileSync(est.passwordFile, 'utf8').trim();
+  const password = readFileSync(est.passwordFile, 'utf8').trim();
   const ca = connector(t, est, { clientCertFile: undefined, clientKeyFile: undefined, username: est.username, passwordFile: est.passwordFile, label: 'devices' }, { logger });
   await ca.issue('device', request());
   assert.equal(est.requests[0].path, '/.well-known/est/devices/simpleenroll');
@@ -224,4 +224,18 @@ test('EST connector: a chain file in the wrong order, an end-entity in it, or a 
   assert.throws(() => resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, url: 'http://ca.example', username: 'u' } }, {}), /url/);
   const ok = resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, username: 'u', passwordFile: est.passwordFile } }, {});
   assert.deepEqual({ timeoutMs: ok.deviceIssuer?.timeoutMs, retryAfterSeconds: ok.deviceIssuer?.retryAfterSeconds }, { timeoutMs: 30_000, retryAfterSeconds: 30 });
+});
+
+test('EST connector: at start the configured chain is compared with the server\'s /cacerts (RFC 7030 4.1): match, mismatch (an error line), unreachable (a warning)', { timeout: 60_000 }, async (t) => {
+  const est = await server(t);
+  const lines: string[] = [];
+  const logger = pino({ level: 'info' }, new Writable({ write(chunk, _e, cb) { lines.push(String(chunk)); cb(); } }));
+  assert.equal(await connector(t, est, {}, { logger }).checkCaCerts(), 'match');
+  assert.equal(est.requests.at(-1)?.path, '/.well-known/est/cacerts');
+  const other = join(est.dir, 'other-chain.pem');
+  writeFileSync(other, readFileSync(join(est.dir, 'rogue.pem'), 'utf8') + readFileSync(join(est.dir, 'rogue-root.pem'), 'utf8'));
+  assert.equal(await connector(t, est, { caChainFile: other }, { logger }).checkCaCerts(), 'mismatch');
+  assert.ok(lines.some((l) => /do not include the issuing CA/.test(l)));
+  await est.stop();
+  assert.equal(await connector(t, est, {}, { logger }).checkCaCerts(), 'unreachable');
 });

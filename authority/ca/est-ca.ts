@@ -180,16 +180,57 @@ export class EstCa implements CaConnector {
     return this.checkIssued(certs, req);
   }
 
-  /** POST base64 PKCS#10; resolves with whatever HTTP answer arrives, rejects with EstTransportError. */
+  /**
+   * RFC 7030 4.1: the CA certificates the EST server distributes, compared with caChainFile.
+   * Called once at start, without holding it up: a server that is down is only logged, a
+   * server whose CA set lacks the configured issuing CA is an error line (every certificate it
+   * signs would then be refused).
+   */
+  async checkCaCerts(): Promise<'match' | 'mismatch' | 'unreachable'> {
+    let answer: EstAnswer;
+    try {
+      answer = await this.send('GET', 'cacerts');
+    } catch (err) {
+      this.opts.logger?.warn({ url: this.base, err: (err as Error).message }, 'EST /cacerts cannot be read at start: the configured chain is not compared with the server\'s');
+      return 'unreachable';
+    }
+    let served: X509Certificate[] = [];
+    try {
+      if (answer.status !== 200) throw new Error(`HTTP ${answer.status}`);
+      served = pkix.decodeCertsOnly(Buffer.from(answer.body.toString('ascii').replace(/\s+/g, ''), 'base64')).map((d) => new X509Certificate(d));
+    } catch (err) {
+      this.opts.logger?.warn({ url: this.base, err: (err as Error).message }, 'EST /cacerts answer is not usable: the configured chain is not compared with the server\'s');
+      return 'unreachable';
+    }
+    if (served.some((c) => c.raw.equals(this.chain[0].raw))) return 'match';
+    this.opts.logger?.error({ url: this.base, configured: this.chain[0].subject.replace(/\n/g, ', '), served: served.map((c) => c.subject.replace(/\n/g, ', ')) }, 'the EST server\'s CA certificates (/cacerts) do not include the issuing CA of deviceIssuer.caChainFile: its certificates will be refused');
+    return 'mismatch';
+  }
+
   private post(operation: string, csrDer: Buffer): Promise<EstAnswer> {
-    const body = Buffer.from(csrDer.toString('base64').replace(/(.{64})/g, '$1\r\n'), 'ascii');
+    return this.send('POST', operation, csrDer).catch((err: unknown) => {
+      if (!(err instanceof EstTransportError)) throw err;
+      const retryAfterMs = this.config.retryAfterSeconds * 1000;
+      // Sent in full and no answer: the CA may have issued a certificate leafgate never got.
+      const detail = { est: err.sent ? 'answer_lost' : 'unreachable', operation, sent: err.sent };
+      if (err.tls) this.opts.logger?.error({ url: this.base, err: err.message }, 'the EST server\'s TLS certificate is not trusted (deviceIssuer.serverCaFile), or it refused leafgate\'s client certificate: device requests wait until this is fixed');
+      else if (err.sent) this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST request sent but no answer arrived: the external CA may have issued a certificate that leafgate never received (it retries; revoke any orphan at the CA)');
+      else this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST server unreachable: device requests stay queued');
+      throw new LeafgateError('authority_unavailable', `the external CA (EST) cannot be reached: ${err.message}`, { retryAfterMs, detail, cause: err });
+    });
+  }
+
+  /** One EST call: POST base64 PKCS#10, or GET; resolves with whatever HTTP answer arrives, rejects with EstTransportError. */
+  private send(method: 'GET' | 'POST', operation: string, csrDer?: Buffer): Promise<EstAnswer> {
+    const body = csrDer ? Buffer.from(csrDer.toString('base64').replace(/(.{64})/g, '$1\r\n'), 'ascii') : Buffer.alloc(0);
     const url = new URL(`${this.base}/${operation}`);
     return new Promise<EstAnswer>((resolve, reject) => {
       let sent = false;
       const req = request(url, {
-        method: 'POST', agent: this.agent, timeout: this.config.timeoutMs,
+        method, agent: this.agent, timeout: this.config.timeoutMs,
         headers: {
-          'content-type': 'application/pkcs10', 'content-transfer-encoding': 'base64', 'content-length': String(body.length), accept: 'application/pkcs7-mime',
+          ...(method === 'POST' ? { 'content-type': 'application/pkcs10', 'content-transfer-encoding': 'base64', 'content-length': String(body.length) } : {}),
+          accept: 'application/pkcs7-mime',
           ...(this.authorization ? { authorization: this.authorization } : {}),
         },
       }, (res) => {
@@ -213,16 +254,7 @@ export class EstCa implements CaConnector {
         const tls = /CERT|SSL|TLS|ALTNAME|SELF_SIGNED|UNABLE_TO/i.test(`${err.code ?? ''} ${err.message}`);
         reject(new EstTransportError(`${err.code ? `${err.code}: ` : ''}${err.message}`, sent, tls));
       });
-      req.end(body);
-    }).catch((err: unknown) => {
-      if (!(err instanceof EstTransportError)) throw err;
-      const retryAfterMs = this.config.retryAfterSeconds * 1000;
-      // Sent in full and no answer: the CA may have issued a certificate leafgate never got.
-      const detail = { est: err.sent ? 'answer_lost' : 'unreachable', operation, sent: err.sent };
-      if (err.tls) this.opts.logger?.error({ url: this.base, err: err.message }, 'the EST server\'s TLS certificate is not trusted (deviceIssuer.serverCaFile), or it refused leafgate\'s client certificate: device requests wait until this is fixed');
-      else if (err.sent) this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST request sent but no answer arrived: the external CA may have issued a certificate that leafgate never received (it retries; revoke any orphan at the CA)');
-      else this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST server unreachable: device requests stay queued');
-      throw new LeafgateError('authority_unavailable', `the external CA (EST) cannot be reached: ${err.message}`, { retryAfterMs, detail, cause: err });
+      req.end(method === 'POST' ? body : undefined);
     });
   }
 
