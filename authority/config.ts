@@ -349,6 +349,8 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   // Again with the environment applied (policies were checked above): a bad variable is named like a bad key.
   checkConfig(AUTHORITY_CONFIG_SCHEMA, { ...cfg, policies: {}, iotHub: stripUndefined(cfg.iotHub), dps: stripUndefined(cfg.dps), crlBaseUrl: cfg.crlBaseUrl, adminToken: cfg.adminToken }, 'authority config (with the environment)');
   const source = 'authority config';
+  // A DPS enrollment group is made on leafgate's device CA: certificates of an external CA would never match it.
+  if (cfg.deviceIssuer && cfg.dps?.mode === 'group') configError(source, 'dps.mode', 'must be "individual" with deviceIssuer: the enrollment group would name leafgate\'s device CA, not the external CA that signs the devices');
   if (!cfg.policies[cfg.defaultGroup]) configError(source, 'defaultGroup', `must name a group of policies (${Object.keys(cfg.policies).join(', ')}), got ${JSON.stringify(cfg.defaultGroup)}`);
   try {
     if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting

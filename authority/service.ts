@@ -119,6 +119,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         const est = new EstCa(config.deviceIssuer, ca, { logger: logger.child({ component: 'est-ca' }), now: opts.now });
         started.push(() => est.close());
         issuing = est;
+        if (config.iotHub?.authentication === 'certificateAuthority') logger.warn('iotHub.authentication is certificateAuthority: the hub must trust the external CA that signs the devices (upload and verify it in IoT Hub), not leafgate\'s device CA');
         // Compared once with the server's /cacerts, without holding up the start.
         void est.checkCaCerts().catch(() => undefined);
         logger.info({ deviceIssuer: est.describe(), issuingCa: est.chain[0].subject.replace(/\n/g, ', ') }, 'device certificates are signed by the external CA over EST');

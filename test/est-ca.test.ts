@@ -222,6 +222,8 @@ test('EST connector: a chain file in the wrong order, an end-entity in it, or a 
   assert.throws(() => resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, clientKeyFile: est.clientKeyFile } }, {}), /clientCertFile and clientKeyFile go together/);
   assert.throws(() => resolveAuthorityConfig({ ...base, deviceIssuer: di }, {}), /needs a TLS client certificate/);
   assert.throws(() => resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, url: 'http://ca.example', username: 'u' } }, {}), /url/);
+  const hub = 'HostName=h.example;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5';
+  assert.throws(() => resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, username: 'u', passwordFile: est.passwordFile }, dps: { connectionString: hub, mode: 'group' } }, {}), /dps\.mode.*individual/);
   const ok = resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, username: 'u', passwordFile: est.passwordFile } }, {});
   assert.deepEqual({ timeoutMs: ok.deviceIssuer?.timeoutMs, retryAfterSeconds: ok.deviceIssuer?.retryAfterSeconds }, { timeoutMs: 30_000, retryAfterSeconds: 30 });
 });
