@@ -268,6 +268,17 @@ export class DeviceOnboarding {
     };
   }
 
+  /**
+   * The active-certificate cap, counted before asking a CA whose certificates cannot be thrown
+   * away (EST): a refused commit would leave a real certificate at the external CA. The count
+   * inside the issuance commit still decides between concurrent requests.
+   */
+  private async checkCapBeforeExternalIssuance(deviceId: string, policy: DevicePolicy, now: number): Promise<void> {
+    if (!this.ca.external) return;
+    const active = await this.store.countActiveCertificates(deviceId, now);
+    if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
+  }
+
   /** After a lost insert race the stored answer is the only one that exists. */
   private async winnerOf(deviceId: string, requestId: string, kind: Kind, hash: string): Promise<CertMessage> {
     const winner = await this.storedAnswer(deviceId, requestId, kind, hash);
@@ -363,6 +374,7 @@ export class DeviceOnboarding {
     const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
     checkCsrAgainstInstruction(csr, instruction, policy);
+    await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
 
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
     // A device onboarded again through another gateway moves to it with this certificate:
@@ -432,6 +444,7 @@ export class DeviceOnboarding {
       const offered = challenge.context.instruction as OfferedInstruction;
       const instruction: InstructionMessage = { ...offered, requestId: msg.requestId, csrDeadline: new Date(challenge.expiresAt).toISOString() };
       checkCsrAgainstInstruction(csr, instruction, policy);
+      await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
       const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
       const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
       const { devicePatch, consumeCode } = resolved.onVerified;

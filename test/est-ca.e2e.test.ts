@@ -339,3 +339,18 @@ test('with two hierarchies among the broker\'s anchors a name is not enough: a C
   // OpenSSL accepted the chain (a CONNACK came back): the refusal is the broker's signature check.
   assert.equal(r.code, 5);
 });
+
+test('the active-certificate cap is checked before the CSR goes to the external CA: a refused request leaves no certificate at the CA', { timeout: 120_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await startStack(t, { authority: { deviceIssuer: issuerConfig(est) }, policy: { maxActiveCerts: 1 } });
+  await onboardDevice(stack, 'est-cap-1');
+  assert.equal(est.issued.length, 1);
+  const { s, csr } = await readyToSend(stack, 'est-cap-1');
+  t.after(() => s.close());
+  const a = await s.request('csr', { requestId: 'cap-2', csr }, MS);
+  assert.equal(a.kind, 'error', JSON.stringify(a.body));
+  assert.equal(a.body.code, 'policy_violation');
+  assert.match(String(a.body.message), /already holds 1 active certificates/);
+  assert.equal(est.issued.length, 1, 'the external CA was not asked');
+  assert.equal(est.enrollments().length, 1);
+});

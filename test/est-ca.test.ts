@@ -241,3 +241,13 @@ test('EST connector: at start the configured chain is compared with the server\'
   await est.stop();
   assert.equal(await connector(t, est, {}, { logger }).checkCaCerts(), 'unreachable');
 });
+
+test('EST connector: a failure while checking an answer is ca_refused, never internal (the gateway retries internal, and every retry would be another certificate at the CA)', { timeout: 60_000 }, async (t) => {
+  const est = await server(t);
+  const ca = connector(t, est);
+  // The CSR goes out (the CA signs it); the key leafgate compares with cannot be read.
+  const e = await refusal(ca.issue('device', { ...request(), spkiDer: Buffer.from('not a key') }));
+  assert.equal(e.code, 'ca_refused');
+  assert.match(e.message, /could not be checked/);
+  assert.equal(est.issued.length, 1);
+});

@@ -108,6 +108,7 @@ class EstTransportError extends Error {
 
 export class EstCa implements CaConnector {
   readonly name = 'est';
+  readonly external = true;
   /** The configured chain, issuing CA first. */
   readonly chain: X509Certificate[];
   readonly chainPem: string[];
@@ -177,7 +178,14 @@ export class EstCa implements CaConnector {
     const operation = req.renewal ? 'simplereenroll' : 'simpleenroll';
     const answer = await this.post(operation, req.csrDer);
     const certs = this.interpret(operation, answer);
-    return this.checkIssued(certs, req);
+    try {
+      return this.checkIssued(certs, req);
+    } catch (err) {
+      if (err instanceof LeafgateError) throw err;
+      // Never `internal` here: the gateway retries that, and every retry would be another certificate at the CA.
+      this.opts.logger?.error({ url: this.base, err: (err as Error).message }, 'certificate from the external CA could not be checked: refused; revoke it at the external CA');
+      throw new LeafgateError('ca_refused', `the external CA's certificate could not be checked: ${(err as Error).message}`, { detail: { est: 'certificate_refused' } });
+    }
   }
 
   /**

@@ -111,6 +111,12 @@ export interface CaBundle {
 export interface CaConnector {
   readonly name: string;
   /**
+   * True when a certificate, once asked for, exists outside leafgate and cannot be thrown away
+   * (an external CA over EST): checks that the built-in CA runs after signing, inside the
+   * issuance commit (the active-certificate cap), then also run before asking.
+   */
+  readonly external?: boolean;
+  /**
    * Signs a certificate without blocking the caller's thread on the signature: file keys on
    * the worker pool, an HSM or a remote key through its CaKey. Asynchronous only.
    */
