@@ -11,6 +11,7 @@ import { pgConfig } from './store/sql.ts';
 import { DEFAULT_KEY_LABELS, defaultPkcs11Workers, type Pkcs11KeysConfig } from './ca/pkcs11-ca-key.ts';
 import type { CaName } from './ca/index.ts';
 import { resolveKeyVaultStoreConfig, type KeyVaultStoreConfig, type KeyVaultStoreConfigInput } from './ca/keyvault-key.ts';
+import type { EstCaConfig } from './ca/est-ca.ts';
 
 /**
  * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
@@ -30,6 +31,12 @@ export interface AuthorityConfig {
   caPassphrase: string;
   /** Where the CA keys live: file (default), pkcs11 (an HSM), keyvault. */
   caKeys: CaKeysConfig;
+  /**
+   * Who signs device certificates: absent, leafgate's own device CA; `{type: "est", ...}`, an
+   * external (enterprise) CA over EST (RFC 7030) with leafgate as its registration authority
+   * (authority/ca/est-ca.ts; README "External CA over EST").
+   */
+  deviceIssuer?: EstCaConfig;
   listen: { host: string; port: number };
   /** Names (DNS or IP) in the authority's TLS certificate. */
   hostnames: string[];
@@ -152,8 +159,9 @@ export const DPS_OPS_PER_MINUTE_PER_UNIT = 1000;
 
 type SyncRetryInput = Partial<SyncRetryConfig>;
 
-export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys' | 'dashboard'>> & {
+export type AuthorityConfigInput = Partial<Omit<AuthorityConfig, 'policies' | 'listen' | 'gatewaySubCa' | 'iotHub' | 'dps' | 'caKeys' | 'dashboard' | 'deviceIssuer'>> & {
   caKeys?: CaKeysConfigInput;
+  deviceIssuer?: Partial<Omit<EstCaConfig, 'type'>> & { type: 'est' };
   dashboard?: Partial<DashboardConfig>;
   /** Older name of `database` (a SQLite file). */
   databaseFile?: string;
@@ -229,6 +237,24 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
       type: 'object', additionalProperties: true,
       description: 'Where the CA keys live: {"store": "file"} (default: encrypted PKCS#8 in <dataDir>/ca, or ca_material rows with PostgreSQL); {"store": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "...", "pinFile": "/run/secrets/hsm-pin"} (or pinEnv, default LEAFGATE_PKCS11_PIN; never a PIN here), optional keyLabels (root, device-ca, infra-ca, edge-issuer; default leafgate-<name>), keyType for init (ec-256, ec-384, rsa-3072), workers (signing threads, one token session each); see "CA keys in an HSM"; {"store": "keyvault", "keyvault": {...}}: the device CA key in Azure Key Vault, the other CA keys encrypted files in <dataDir>/ca or ca_material rows with PostgreSQL (docs/azure.md, "The device CA key in Azure Key Vault").',
       properties: { store: { enum: ['file', 'pkcs11', 'keyvault'], default: 'file', description: 'file, pkcs11 or keyvault.' }, keyvault: KEYVAULT_SCHEMA },
+    },
+    deviceIssuer: {
+      type: 'object', additionalProperties: false, required: ['type', 'url', 'serverCaFile', 'caChainFile'],
+      description: 'Who signs device certificates. Absent: leafgate\'s own device CA. {"type": "est", ...}: an external (enterprise) CA over EST (RFC 7030), leafgate acting as its registration authority; gateway certificates and Sub-CAs stay on leafgate\'s CA. See "External CA over EST".',
+      properties: {
+        type: { enum: ['est'], description: 'est: RFC 7030 simpleenroll / simplereenroll.' },
+        url: { type: 'string', pattern: '^https://[^\\s/?#]+/?$', expected: 'an https URL of the EST server (scheme, host, port)', description: 'The EST server; /.well-known/est[/label]/... is appended.' },
+        label: { type: 'string', pattern: '^[A-Za-z0-9._~-]{1,64}$', expected: 'an EST CA label (RFC 7030 3.2.2)', description: 'The CA label: /.well-known/est/{label}/simpleenroll.' },
+        serverCaFile: { type: 'string', minLength: 1, description: 'PEM trust anchor(s) of the EST server\'s TLS certificate.' },
+        caChainFile: { type: 'string', minLength: 1, description: 'PEM chain of the CA that signs device certificates: issuing CA first, root last. Returned certificates must chain to it; gateways and devices get it.' },
+        clientCertFile: { type: 'string', minLength: 1, description: 'TLS client certificate (PEM) leafgate authenticates with (with clientKeyFile).' },
+        clientKeyFile: { type: 'string', minLength: 1, description: 'Its private key (PEM, unencrypted; keep it mode 0600).' },
+        username: { type: 'string', minLength: 1, pattern: '^[^:]*$', expected: 'a user name without a colon', description: 'HTTP Basic user name (the password comes from passwordFile or passwordEnv, never from here).' },
+        passwordFile: { type: 'string', minLength: 1, description: 'File whose first line is the HTTP Basic password.' },
+        passwordEnv: { type: 'string', pattern: '^[A-Za-z_][A-Za-z0-9_]*$', expected: 'an environment variable name', description: 'Environment variable holding the HTTP Basic password (default LEAFGATE_EST_PASSWORD).' },
+        timeoutMs: int('Longest wait for one EST answer (ms); then the request is retried from the gateway\'s queue.', 100, 600_000, 30_000),
+        retryAfterSeconds: int('Retry hint given while the EST server is unreachable or refuses leafgate\'s credentials (seconds).', 1, 86_400, 30),
+      },
     },
     hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
     organization: { type: 'string', minLength: 1, default: 'leafgate', description: 'Organization in CA names.' },
@@ -323,6 +349,7 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
     dataDir,
     caPassphrase: input.caPassphrase ?? env.LEAFGATE_CA_PASSPHRASE ?? '',
     caKeys: resolveCaKeys(input.caKeys, env),
+    ...(input.deviceIssuer ? { deviceIssuer: resolveDeviceIssuer(input.deviceIssuer) } : {}),
     listen: { host: input.listen?.host ?? env.LEAFGATE_AUTHORITY_HOST ?? '0.0.0.0', port: input.listen?.port ?? (envNumber(env.LEAFGATE_AUTHORITY_PORT) as number) ?? 8443 },
     hostnames: input.hostnames ?? ['localhost', '127.0.0.1', '::1'],
     organization: input.organization ?? 'leafgate',
@@ -354,6 +381,8 @@ export function resolveAuthorityConfig(input: AuthorityConfigInput, env: NodeJS.
   // Again with the environment applied (policies were checked above): a bad variable is named like a bad key.
   checkConfig(AUTHORITY_CONFIG_SCHEMA, { ...cfg, policies: {}, iotHub: stripUndefined(cfg.iotHub), dps: stripUndefined(cfg.dps), crlBaseUrl: cfg.crlBaseUrl, adminToken: cfg.adminToken }, 'authority config (with the environment)');
   const source = 'authority config';
+  // A DPS enrollment group is made on leafgate's device CA: certificates of an external CA would never match it.
+  if (cfg.deviceIssuer && cfg.dps?.mode === 'group') configError(source, 'dps.mode', 'must be "individual" with deviceIssuer: the enrollment group would name leafgate\'s device CA, not the external CA that signs the devices');
   if (!cfg.policies[cfg.defaultGroup]) configError(source, 'defaultGroup', `must name a group of policies (${Object.keys(cfg.policies).join(', ')}), got ${JSON.stringify(cfg.defaultGroup)}`);
   try {
     if (isPostgresUrl(cfg.database)) pgConfig(cfg.database); // validates it (scheme, schema name) without connecting
@@ -473,6 +502,20 @@ export function resolveCaKeys(input: CaKeysConfigInput | undefined, env: NodeJS.
     store, module: str(i.module, 'module', true)!, tokenLabel: str(i.tokenLabel, 'tokenLabel', true)!, pinFile: str(i.pinFile, 'pinFile', false),
     pinEnv: str(i.pinEnv, 'pinEnv', false), keyLabels, keyType, workers,
   };
+}
+
+/** `deviceIssuer`: defaults and the rules the schema cannot say. Files are read at start (EstCa). */
+export function resolveDeviceIssuer(input: NonNullable<AuthorityConfigInput['deviceIssuer']>): EstCaConfig {
+  const bad = (what: string): never => configError('authority config', 'deviceIssuer', what);
+  if ((input.clientCertFile === undefined) !== (input.clientKeyFile === undefined)) bad('clientCertFile and clientKeyFile go together');
+  if (input.username === undefined && input.clientCertFile === undefined) bad('needs a TLS client certificate (clientCertFile, clientKeyFile) or HTTP Basic (username with passwordFile or passwordEnv)');
+  if (input.username === undefined && (input.passwordFile !== undefined || input.passwordEnv !== undefined)) bad('passwordFile and passwordEnv need a username');
+  if (input.passwordFile !== undefined && input.passwordEnv !== undefined) bad('passwordFile or passwordEnv, not both');
+  return stripUndefined({
+    type: 'est', url: input.url!, label: input.label, serverCaFile: input.serverCaFile!, caChainFile: input.caChainFile!,
+    clientCertFile: input.clientCertFile, clientKeyFile: input.clientKeyFile, username: input.username, passwordFile: input.passwordFile, passwordEnv: input.passwordEnv,
+    timeoutMs: input.timeoutMs ?? 30_000, retryAfterSeconds: input.retryAfterSeconds ?? 30,
+  })!;
 }
 
 function stripUndefined<T extends object>(o: T | undefined): T | undefined {

@@ -252,18 +252,31 @@ export class DeviceOnboarding {
    * row to store. What is signed is what was checked: the canonical key (csr.spkiDer, re-encoded
    * by the parser), a subject built from the instruction's CN, the SANs the instruction allowed.
    */
-  private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, instruction: InstructionMessage, now: number): Promise<{ answer: CertMessage; row: CertificateRow }> {
+  private async sign(deviceId: string, requestId: string, csr: pkix.ParsedCsr, instruction: InstructionMessage, now: number, renewal = false): Promise<{ answer: CertMessage; row: CertificateRow }> {
     const issued = await this.ca.issue('device', {
       subjectDer: pkix.encodeName(instruction.subject.commonName), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: csr.key.keyType }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
       notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + instruction.validityDays * 86_400_000),
+      // For a connector that forwards the device's own request to another CA (EST).
+      csrDer: csr.der, renewal,
     });
     return {
       answer: { requestId, certificate: issued.pem, chain: issued.chain, serial: issued.serial, notBefore: issued.notBefore.toISOString(), notAfter: issued.notAfter.toISOString() },
       row: {
-        serial: issued.serial, subjectId: deviceId, kind: 'device', fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
+        serial: issued.serial, subjectId: deviceId, kind: 'device', issuer: issued.issuer, fingerprint: issued.fingerprint256, notBefore: issued.notBefore.getTime(), notAfter: issued.notAfter.getTime(),
         status: 'active', requestId, pem: issued.pem, revokedAt: null, revocationReason: null, createdAt: now,
       },
     };
+  }
+
+  /**
+   * The active-certificate cap, counted before asking a CA whose certificates cannot be thrown
+   * away (EST): a refused commit would leave a real certificate at the external CA. The count
+   * inside the issuance commit still decides between concurrent requests.
+   */
+  private async checkCapBeforeExternalIssuance(deviceId: string, policy: DevicePolicy, now: number): Promise<void> {
+    if (!this.ca.external) return;
+    const active = await this.store.countActiveCertificates(deviceId, now);
+    if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
   }
 
   /** After a lost insert race the stored answer is the only one that exists. */
@@ -308,7 +321,7 @@ export class DeviceOnboarding {
     // sides are canonical, so the same key in another encoding (a compressed point) is caught.
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
-    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now, true);
     const recorded = await this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
@@ -361,6 +374,7 @@ export class DeviceOnboarding {
     const csr = await this.parseCsr(msg.csr);
     const instruction = session.instruction as unknown as InstructionMessage;
     checkCsrAgainstInstruction(csr, instruction, policy);
+    await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
 
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
     // A device onboarded again through another gateway moves to it with this certificate:
@@ -430,6 +444,7 @@ export class DeviceOnboarding {
       const offered = challenge.context.instruction as OfferedInstruction;
       const instruction: InstructionMessage = { ...offered, requestId: msg.requestId, csrDeadline: new Date(challenge.expiresAt).toISOString() };
       checkCsrAgainstInstruction(csr, instruction, policy);
+      await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
       const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
       const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
       const { devicePatch, consumeCode } = resolved.onVerified;

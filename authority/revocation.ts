@@ -9,12 +9,13 @@
  * reload the stored CRL and push it to their own gateways.
  */
 import { LeafgateError, pkix } from '../protocol/index.ts';
-import { CA_NAMES, type CaName, type LocalCa } from './ca/index.ts';
+import { CA_NAMES, EXTERNAL_CA, type CaName, type IssuerName, type LocalCa } from './ca/index.ts';
 import type { AuthorityStore } from './store/index.ts';
 import type { AuthorityEvents } from './events.ts';
 import type { ClusterBus } from './cluster.ts';
 import type { Logger } from 'pino';
-import type { CrlRow } from './store/index.ts';
+import type { CertificateRow, CrlRow } from './store/index.ts';
+import { X509Certificate } from 'node:crypto';
 
 function snapshot(row: CrlRow): CrlSnapshot {
   return { der: row.der, pem: pkix.crlToPem(row.der), crlNumber: row.crlNumber, thisUpdate: new Date(row.thisUpdate), nextUpdate: new Date(row.nextUpdate) };
@@ -140,7 +141,11 @@ export class Revocation {
     };
     for (let attempt = 0; attempt < 5; attempt++) {
       const prev = await this.deps.store.getCrl(name);
-      const revoked = await this.deps.store.listRevoked(name);
+      const revoked: Array<CertificateRow & { certificateIssuerDer?: Buffer }> = await this.deps.store.listRevoked(name);
+      // The device CA's CRL also carries the revoked certificates of the external device CA
+      // (EST), as indirect entries naming their issuer (RFC 5280 5.3.3): leafgate holds no key
+      // of that CA, and its gateways read one CRL, signed by a key they already trust.
+      if (name === 'device-ca') for (const c of await this.deps.store.listRevoked(EXTERNAL_CA)) revoked.push({ ...c, certificateIssuerDer: issuerDerOfPem(c.pem) });
       const now = this.now();
       const crlNumber = (prev?.crlNumber ?? 0n) + 1n;
       const thisUpdate = new Date(now);
@@ -148,7 +153,7 @@ export class Revocation {
       // Signed through the CA's key wherever it lives (file, PKCS#11 token, Key Vault).
       const der = await pkix.encodeCrlAsync({
         issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: key, crlNumber, thisUpdate, nextUpdate,
-        entries: revoked.map((c) => ({ serial: c.serial, revokedAt: new Date(c.revokedAt ?? now), reason: c.revocationReason ?? 0 })),
+        entries: revoked.map((c) => ({ serial: c.serial, revokedAt: new Date(c.revokedAt ?? now), reason: c.revocationReason ?? 0, ...(c.certificateIssuerDer ? { certificateIssuerDer: c.certificateIssuerDer } : {}) })),
       });
       if (await this.deps.store.saveCrl({ issuer: name, crlNumber, thisUpdate: now, nextUpdate: nextUpdate.getTime(), der })) {
         const crl = { der, pem: pkix.crlToPem(der), crlNumber, thisUpdate, nextUpdate };
@@ -168,8 +173,13 @@ export class Revocation {
     return this.current.get(name)!;
   }
 
-  /** Revokes one certificate by serial; its CA's CRL is reissued (and pushed) before this returns. */
-  async revokeSerial(serial: string, reason: pkix.RevocationReason, actor: string): Promise<{ serial: string; subjectId: string; kind: string; crlNumber: string; issuer: CaName }> {
+  /**
+   * Revokes one certificate by serial; its CA's CRL is reissued (and pushed) before this returns.
+   * A certificate of the external CA (EST) goes into the device CA's CRL, which the gateways
+   * enforce; EST has no revocation call, so the answer (`externalCa`) and a log line tell the
+   * operator to revoke it at the external CA too.
+   */
+  async revokeSerial(serial: string, reason: pkix.RevocationReason, actor: string): Promise<RevokedAnswer> {
     const code = pkix.REVOCATION_REASONS[reason];
     if (code === undefined) throw new LeafgateError('bad_request', `unknown revocation reason ${reason}`);
     const normalized = serial.replace(/:/g, '').toUpperCase();
@@ -177,21 +187,53 @@ export class Revocation {
     const existing = await this.deps.store.getCertificate(normalized);
     if (!existing) throw new LeafgateError('not_found', `no certificate with serial ${normalized}`);
     const issuer = existing.issuer!;
+    // The CRL that lists it: its CA's, or for the external CA's certificates the device CA's.
+    const crlCa: CaName = issuer === EXTERNAL_CA ? 'device-ca' : issuer;
     // Refused before anything is marked: a revocation no CRL can carry would be a silent one.
-    if (!this.signable(issuer)) throw new LeafgateError('bad_request', `certificate ${normalized} was signed by the ${issuer}, whose key is offline: revoke it where the root key is`);
+    if (!this.signable(crlCa)) throw new LeafgateError('bad_request', `certificate ${normalized} was signed by the ${issuer}, whose key is offline: revoke it where the root key is`);
+    const external = issuer === EXTERNAL_CA ? externalNotice(existing.pem) : undefined;
     const row = await this.deps.store.revokeCertificate(normalized, code, now, {
       at: now, action: 'revoke', outcome: 'ok', serial: normalized, deviceId: existing.kind === 'device' ? existing.subjectId : null,
       gatewayId: existing.kind === 'gateway' || existing.kind === 'subca' || existing.kind === 'edge-identity' ? existing.subjectId : null, detail: { reason, actor, kind: existing.kind, issuer },
     });
     if (!row) {
       // Revoking twice is not an error: the answer is the same.
-      if (existing.status === 'revoked') return { serial: normalized, subjectId: existing.subjectId, kind: existing.kind, issuer, crlNumber: this.crl(issuer).crlNumber.toString() };
+      if (existing.status === 'revoked') return { serial: normalized, subjectId: existing.subjectId, kind: existing.kind, issuer, crlNumber: this.crl(crlCa).crlNumber.toString(), ...(external ? { externalCa: external } : {}) };
       throw new LeafgateError('bad_request', `certificate ${normalized} is ${existing.status}`);
     }
     this.deps.onRevoked?.(reason);
     this.deps.logger?.info({ serial: normalized, subjectId: row.subjectId, kind: row.kind, reason, actor }, 'certificate revoked');
-    const crl = await this.reissue([normalized], issuer);
+    if (external) this.deps.logger?.warn({ serial: normalized, subjectId: row.subjectId, externalIssuer: external.issuer }, 'certificate of the external CA revoked in leafgate (its gateways refuse it): EST has no revocation call, revoke it at the external CA too');
+    const crl = await this.reissue([normalized], crlCa);
     if (row.kind === 'gateway' || row.kind === 'subca') this.deps.events.emit('gateway-revoked', { gatewayId: row.subjectId, serial: normalized });
-    return { serial: normalized, subjectId: row.subjectId, kind: row.kind, issuer, crlNumber: crl.crlNumber.toString() };
+    return { serial: normalized, subjectId: row.subjectId, kind: row.kind, issuer, crlNumber: crl.crlNumber.toString(), ...(external ? { externalCa: external } : {}) };
   }
+}
+
+export interface RevokedAnswer {
+  serial: string;
+  subjectId: string;
+  kind: string;
+  crlNumber: string;
+  issuer: IssuerName;
+  /** Only for a certificate of the external CA (EST): what the operator must still do there. */
+  externalCa?: { revokedThere: false; issuer: string; action: string };
+}
+
+/** The issuer Name (DER) of a certificate on record. */
+function issuerDerOfPem(pem: string): Buffer {
+  return pkix.issuerDerOf(pkix.fromPem(pem, 'CERTIFICATE'));
+}
+
+function externalNotice(pem: string): NonNullable<RevokedAnswer['externalCa']> {
+  let issuer = 'the external CA';
+  try {
+    issuer = new X509Certificate(pem).issuer.replace(/\n/g, ', ');
+  } catch {
+    // the stored PEM is ours; the generic wording is enough if it cannot be read
+  }
+  return {
+    revokedThere: false, issuer,
+    action: `EST has no revocation call: leafgate's gateways now refuse this certificate, but it stays valid for anyone else who trusts ${issuer}. Revoke it at that CA too (by serial).`,
+  };
 }

@@ -9,7 +9,7 @@ import { isIP } from 'node:net';
 import pino, { type Logger } from 'pino';
 import { AUTHORITY_URI, pkix } from '../protocol/index.ts';
 import { buildAuthorityApi } from './api/server.ts';
-import { BACKDATE_MS, CA_NAMES, openCa, type LocalCa } from './ca/index.ts';
+import { BACKDATE_MS, CA_NAMES, EstCa, openCa, type CaConnector, type LocalCa } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { GatewayEnrollment } from './gateways.ts';
 import { hashEnrollmentCode } from './auth-methods/index.ts';
@@ -55,6 +55,8 @@ export interface RunningAuthority {
   /** The IoT Hub connector when configured. */
   hub?: IotHubConnector;
   dps?: DpsConnector;
+  /** What signs device certificates: `ca`, or the external CA over EST (deviceIssuer). */
+  deviceIssuer: CaConnector;
   /** SHA-256 fingerprint of the root, for gateways to pin at enrollment. */
   rootFingerprint: string;
   /** The operator dashboard's URL (https://.../dashboard) when it is enabled. */
@@ -110,6 +112,22 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
   // What was started so far, stopped in reverse if a later step fails (e.g. the port is taken).
   const started: Array<() => unknown> = [() => caOpened.close(), () => store.close(), () => bus.close()];
   try {
+    // Device certificates from an external CA over EST when configured; the rest stays on ours.
+    let issuing: CaConnector = ca;
+    if (config.deviceIssuer) {
+      try {
+        const est = new EstCa(config.deviceIssuer, ca, { logger: logger.child({ component: 'est-ca' }), now: opts.now });
+        started.push(() => est.close());
+        issuing = est;
+        if (config.iotHub?.authentication === 'certificateAuthority') logger.warn('iotHub.authentication is certificateAuthority: the hub must trust the external CA that signs the devices (upload and verify it in IoT Hub), not leafgate\'s device CA');
+        // Compared once with the server's /cacerts, without holding up the start.
+        void est.checkCaCerts().catch(() => undefined);
+        logger.info({ deviceIssuer: est.describe(), issuingCa: est.chain[0].subject.replace(/\n/g, ', ') }, 'device certificates are signed by the external CA over EST');
+      } catch (err) {
+        logger.error({ err: (err as Error).message }, 'cannot set up the external device CA (deviceIssuer)');
+        throw err;
+      }
+    }
     // Late-bound: the metrics read parts made below.
     const parts: { renewals?: RenewalScheduler; revocation?: Revocation; hub?: IotHubConnector; dps?: DpsConnector } = {};
     const metrics = new AuthorityMetrics({
@@ -123,7 +141,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       caExpiry: () => CA_NAMES.map((name) => ({ ca: name, notAfter: ca.get(name).notAfter })),
     });
     const onboarding = new DeviceOnboarding({
-      store, ca, config, now: opts.now,
+      store, ca: issuing, config, now: opts.now,
       onOutcome(action, outcome, who) {
         metrics.requests.inc({ action, outcome });
         // Each onboarding outcome (a certificate issued or renewed, or refused) is an operator's line.
@@ -131,7 +149,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         if (action === 'renew') metrics.renewals.inc({ outcome: outcome === 'ok' ? 'renewed' : 'failed' });
       },
     });
-    const enrollment = new GatewayEnrollment({ store, ca, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, authorityNames: config.hostnames, now: opts.now });
+    const enrollment = new GatewayEnrollment({ store, ca: issuing, certDays: config.gatewayCertDays, subCa: config.gatewaySubCa, authorityNames: config.hostnames, now: opts.now });
     const events = new AuthorityEvents();
     const revocation = new Revocation({
       store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now, bus, logger: logger.child({ component: 'revocation' }), refreshMs: opts.crlRefreshMs,
@@ -204,7 +222,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       revocation,
       events,
       renewals,
-      ca,
+      ca: issuing,
       store,
       logger,
       policies: config.policies,
@@ -250,6 +268,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
       renewals,
       hub,
       dps,
+      deviceIssuer: issuing,
       rootFingerprint: new X509Certificate(bundle.root).fingerprint256,
       dashboardUrl,
       createEnrollmentCode,
@@ -261,6 +280,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         await bus.close();
         await ownDashboard?.app.close();
         await app.close();
+        if (issuing !== caOpened) await issuing.close();
         await store.close();
         await caOpened.close();
       },

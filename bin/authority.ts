@@ -86,12 +86,18 @@ Key Vault Crypto Officer role, or uses an existing one; start needs Key Vault Cr
 and the other CA keys encrypted in <data-dir>/ca (the root may be offline), or in the
 database with PostgreSQL (every node given the same key). Admin commands authenticate with LEAFGATE_ADMIN_TOKEN or <data-dir>/admin-token.
 
+Device certificates from an enterprise CA (config deviceIssuer, type "est"): leafgate checks
+each CSR against its policy, then forwards it over EST (RFC 7030) with a TLS client
+certificate and/or HTTP Basic (password from deviceIssuer.passwordFile or
+LEAFGATE_EST_PASSWORD, never the command line); gateway certificates stay on leafgate's CA.
+EST has no revocation call: revoke says, for such a certificate, to revoke it at that CA.
+
 Environment: LEAFGATE_CA_PASSPHRASE, LEAFGATE_ADMIN_TOKEN, LEAFGATE_AUTHORITY_DATA,
   LEAFGATE_AUTHORITY_HOST, LEAFGATE_AUTHORITY_PORT, LEAFGATE_DATABASE_URL,
   LEAFGATE_CRL_BASE_URL, LEAFGATE_IOTHUB_CONNECTION_STRING, LEAFGATE_DPS_CONNECTION_STRING,
   LEAFGATE_VERIFY_WORKERS, LEAFGATE_LOG_LEVEL, LEAFGATE_DRAIN_TIMEOUT_MS,
   LEAFGATE_PKCS11_PIN, LEAFGATE_KEYVAULT_URL, LEAFGATE_KEYVAULT_KEY, AZURE_TENANT_ID,
-  AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_AUTHORITY_HOST; a key of
+  AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_AUTHORITY_HOST, LEAFGATE_EST_PASSWORD; a key of
   --config wins over its variable.
 `;
 
@@ -383,6 +389,11 @@ async function adminCommand(command: string, v: Record<string, any>, config: Ret
     case 'revoke': {
       if (!v.serial && !v.device && !v.gateway) throw new UsageError('revoke needs --serial HEX, --device ID or --gateway ID');
       rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, gateway: v.gateway, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
+      // Certificates of an external CA (EST): leafgate's gateways refuse them now, the CA does not know.
+      for (const r of rows as Array<{ serial: string; externalCa?: { action: string } }>) {
+        if (r.externalCa) process.stderr.write(`certificate ${r.serial}: ${r.externalCa.action}\n`);
+      }
+      if (!v.json) rows = (rows as Array<Record<string, unknown>>).map(({ externalCa, ...r }) => (externalCa ? { ...r, revokeAtExternalCa: 'yes' } : r));
       break;
     }
   }

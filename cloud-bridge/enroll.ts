@@ -5,7 +5,7 @@
  * is generated here and never leaves the gateway.
  */
 import { X509Certificate, generateKeyPairSync } from 'node:crypto';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { join } from 'node:path';
 import { LeafgateError, pkix } from '../protocol/index.ts';
@@ -28,6 +28,8 @@ export interface GatewayIdentityFiles {
   root: string;
   deviceCa: string;
   infraCa: string;
+  /** The external CA that signs device certificates (EST), issuing CA first; absent when the authority's device CA does. */
+  externalDeviceChain: string;
   meta: string;
 }
 
@@ -38,6 +40,7 @@ export function identityFiles(dataDir: string): GatewayIdentityFiles {
     root: join(dataDir, 'root-ca.pem'),
     deviceCa: join(dataDir, 'device-ca.pem'),
     infraCa: join(dataDir, 'infra-ca.pem'),
+    externalDeviceChain: join(dataDir, 'external-device-chain.pem'),
     meta: join(dataDir, 'gateway.json'),
   };
 }
@@ -70,7 +73,7 @@ export async function enrollGateway(opts: EnrollOptions): Promise<{ certificate:
     publicKey,
   });
   const client = new AuthorityClient({ baseUrl: opts.authorityUrl, ca: bundle.root, authorityIssuer: bundle.infraCa });
-  let res: { certificate: string; chain: string[]; bundle: typeof bundle; notAfter: string };
+  let res: { certificate: string; chain: string[]; bundle: typeof bundle & { externalDeviceChain?: string[] }; notAfter: string };
   try {
     res = await client.post('/v1/gateways/enroll', { token: opts.token, csr });
   } finally {
@@ -84,6 +87,30 @@ export async function enrollGateway(opts: EnrollOptions): Promise<{ certificate:
   writeFileSync(files.root, bundle.root);
   writeFileSync(files.deviceCa, bundle.deviceCa);
   writeFileSync(files.infraCa, bundle.infraCa);
+  // From the enrollment answer, which came over TLS verified against the pinned root (the
+  // unverified /v1/ca answer is not trusted for it: nothing there can be checked against the pin).
+  writeExternalDeviceChain(files, res.bundle?.externalDeviceChain);
   writeFileSync(files.meta, JSON.stringify({ gatewayId: opts.gatewayId, authorityUrl: opts.authorityUrl, enrolledAt: new Date().toISOString(), notAfter: res.notAfter }, null, 2));
   return { certificate: res.certificate, notAfter: res.notAfter };
+}
+
+/**
+ * Keeps `external-device-chain.pem` equal to the authority's external device CA chain (EST):
+ * written when there is one, removed when there is none. Returns whether the file changed.
+ * Each PEM must parse as a CA certificate, or nothing is written.
+ */
+export function writeExternalDeviceChain(files: Pick<GatewayIdentityFiles, 'externalDeviceChain'>, chain: unknown): boolean {
+  const pems = Array.isArray(chain) ? chain : [];
+  const text = pems.length ? pems.map((p) => {
+    const c = typeof p === 'string' ? new X509Certificate(p) : null;
+    if (!c?.ca) throw new LeafgateError('internal', 'the authority\'s external device CA chain holds a certificate that is not a CA');
+    return c.toString();
+  }).join('') : '';
+  const before = existsSync(files.externalDeviceChain) ? readFileSync(files.externalDeviceChain, 'utf8') : '';
+  if (before === text) return false;
+  if (text) {
+    writeFileSync(`${files.externalDeviceChain}.tmp`, text);
+    renameSync(`${files.externalDeviceChain}.tmp`, files.externalDeviceChain);
+  } else rmSync(files.externalDeviceChain, { force: true });
+  return true;
 }

@@ -1,6 +1,6 @@
 /** Gateway <-> authority: mTLS client, enrollment, the onboarding relay, outbox, CRL cache, events. */
 export { AuthorityClient, AUTHORITY_RETRY_MS, type AuthorityClientOptions } from './authority-client.ts';
-export { enrollGateway, identityFiles, type EnrollOptions, type GatewayIdentityFiles } from './enroll.ts';
+export { enrollGateway, identityFiles, writeExternalDeviceChain, type EnrollOptions, type GatewayIdentityFiles } from './enroll.ts';
 export { OnboardingRelay, type RelayOptions } from './relay.ts';
 export { Outbox, type OutboxEntry, type OutboxKind, type OutboxState } from './outbox.ts';
 export { OutboxWorker, type OutboxWorkerOptions } from './outbox-worker.ts';

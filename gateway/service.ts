@@ -9,9 +9,9 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { downTopic, refusalKindFor, type DownKind } from '../protocol/index.ts';
+import { downTopic, pkix, refusalKindFor, type DownKind } from '../protocol/index.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
-import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, type DueRenewal } from '../cloud-bridge/index.ts';
+import { AuthorityClient, AuthorityEventStream, OnboardingRelay, Outbox, OutboxWorker, RenewalTracker, RevocationCache, GatewayIdentity, AuthorityGate, edgeCaFiles, completeIdentitySwap, identityFiles, writeExternalDeviceChain, type DueRenewal } from '../cloud-bridge/index.ts';
 import { RefusalSampler, SessionRegistry, type DeviceSession, authenticationPlugin, authorizationPlugin, composePlugins, parsedTopicOf, payloadLimitPlugin, rateLimitPlugin, type LimiterFactory } from '../plugins/index.ts';
 import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
@@ -84,6 +84,23 @@ interface IdentityFiles {
   deviceCaPem: string;
   deviceCa: X509Certificate;
   infraCaPem: string;
+  /**
+   * The external CA that signs device certificates (EST), issuing CA first, root last, when the
+   * authority uses one (`deviceIssuer`): its certificates are device identities like the device
+   * CA's. Updated when the authority announces another one (refreshDeviceIssuers).
+   */
+  externalDeviceChainPem: string[];
+  externalDeviceCa: X509Certificate | undefined;
+}
+
+/** The CAs a device client certificate may chain to on the broker's listener. */
+function deviceClientCas(id: IdentityFiles): string[] {
+  return [id.deviceCaPem, id.rootPem, ...id.externalDeviceChainPem];
+}
+
+function readExternalChain(file: string): string[] {
+  if (!existsSync(file)) return [];
+  return pkix.parseCertificates(readFileSync(file, 'utf8')).map((c) => c.toString());
 }
 
 function readIdentity(config: Readonly<GatewayConfig>): IdentityFiles {
@@ -93,8 +110,10 @@ function readIdentity(config: Readonly<GatewayConfig>): IdentityFiles {
   try {
     const meta = JSON.parse(readFileSync(files.meta, 'utf8')) as IdentityFiles['meta'];
     const deviceCaPem = readFileSync(files.deviceCa, 'utf8');
+    const externalDeviceChainPem = readExternalChain(files.externalDeviceChain);
     return {
       meta, files, deviceCaPem, deviceCa: new X509Certificate(deviceCaPem),
+      externalDeviceChainPem, externalDeviceCa: externalDeviceChainPem.length ? new X509Certificate(externalDeviceChainPem[0]) : undefined,
       key: readFileSync(files.key, 'utf8'), cert: readFileSync(files.cert, 'utf8'), rootPem: readFileSync(files.root, 'utf8'), infraCaPem: readFileSync(files.infraCa, 'utf8'),
     };
   } catch (err) {
@@ -318,7 +337,7 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
   const hooks = composePlugins(
     [
       authenticationPlugin({
-        sessions, deviceCa: () => id.deviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
+        sessions, deviceCa: () => id.deviceCa, externalDeviceCa: () => id.externalDeviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
         isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
         remoteHolder: cluster ? (deviceId) => cluster.remoteHolder(deviceId) : undefined,
         revocationUsable: () => config.staleCrlPolicy === 'keep' || !revocations.isStale(),
@@ -358,7 +377,7 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
   const broker = await startBroker({
     host: config.listen.host,
     port: config.listen.port,
-    tls: { key: id.key, cert: id.cert, ca: [id.deviceCaPem, id.rootPem] },
+    tls: { key: id.key, cert: id.cert, ca: deviceClientCas(id) },
     hooks,
     logger: log,
     maxPacketBytes: config.maxPacketBytes,
@@ -409,7 +428,9 @@ function buildIdentity(s: Shared, bridge: Bridge, broker: RunningBroker) {
     checkMs: config.identityCheckMs,
     onRotated(newKey, newCert) {
       // New handshakes use the new certificate; live device sessions are not touched.
-      broker.setTls({ key: newKey, cert: newCert, ca: [id.deviceCaPem, id.rootPem] });
+      id.key = newKey;
+      id.cert = newCert;
+      broker.setTls({ key: newKey, cert: newCert, ca: deviceClientCas(id) });
       authority.setIdentity(newKey, newCert);
       updateExpiry();
     },
@@ -427,6 +448,25 @@ function buildIdentity(s: Shared, bridge: Bridge, broker: RunningBroker) {
     }
   };
   updateExpiry();
+  // The external device CA (EST) the authority announces: device certificates from it are
+  // accepted on the listener. Read at every (re)connection of the event stream, over the mTLS
+  // link (the authority's identity verified), so that turning deviceIssuer on or off at the
+  // authority reaches gateways enrolled before.
+  const refreshDeviceIssuers = async () => {
+    try {
+      const bundle = await authority.get<{ externalDeviceChain?: string[] }>('/v1/ca');
+      if (!writeExternalDeviceChain(id.files, bundle.externalDeviceChain)) return;
+      id.externalDeviceChainPem = readExternalChain(id.files.externalDeviceChain);
+      id.externalDeviceCa = id.externalDeviceChainPem.length ? new X509Certificate(id.externalDeviceChainPem[0]) : undefined;
+      broker.setTls({ key: id.key, cert: id.cert, ca: deviceClientCas(id) });
+      log.info({ externalDeviceCa: id.externalDeviceCa?.subject.replace(/\n/g, ', ') ?? null }, 'device certificate issuers updated from the authority');
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'cannot read the authority\'s CA bundle; device certificate issuers unchanged');
+    }
+  };
+  bridge.events.on('event', (name) => {
+    if (name === 'hello') void refreshDeviceIssuers();
+  });
   // Time-based alarms: a CRL going stale while nothing arrives, a clock that drifted.
   const watch = setInterval(() => {
     bridge.updateCrlMetrics();

@@ -6,7 +6,7 @@
  */
 import type { Client } from 'aedes';
 import type { TLSSocket } from 'node:tls';
-import type { X509Certificate } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import type { Logger } from 'pino';
 import { isValidDeviceId } from '../protocol/index.ts';
 import type { SessionRegistry } from './sessions.ts';
@@ -16,6 +16,12 @@ export interface AuthenticationOptions {
   sessions: SessionRegistry;
   /** The device CA: only certificates it issued are device identities. */
   deviceCa: () => X509Certificate;
+  /**
+   * The external CA that signs device certificates when the authority uses one (EST): its
+   * certificates are device identities too. The authority keeps that CA to device
+   * certificates (docs/security.md, "External CA over EST").
+   */
+  externalDeviceCa?: () => X509Certificate | undefined;
   /** A bootstrap session is closed when onboarding has not finished in this time. */
   bootstrapTimeoutMs: number;
   /** Serial (upper-case hex) -> revoked? Filled from the authority's CRL. */
@@ -46,6 +52,12 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
     if (caName?.ca !== ca) caName = { ca, key: nameKey(ca.toLegacyObject().subject) };
     return caName.key;
   };
+  let externalName: { ca: X509Certificate | undefined; key: string | undefined } = { ca: undefined, key: undefined };
+  const externalCaName = (): string | undefined => {
+    const ca = opts.externalDeviceCa?.();
+    if (externalName.ca !== ca) externalName = { ca, key: ca ? nameKey(ca.toLegacyObject().subject) : undefined };
+    return externalName.key;
+  };
   return {
     name: 'authentication',
 
@@ -71,7 +83,17 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
         // OpenSSL verified the signatures up to an anchor of the broker (device CA or root). An
         // issuer name equal to the device CA's subject then means the device CA signed it:
         // another CA of that name would have to be certified by the root itself.
-        if (nameKey(peer.issuer) !== deviceCaName()) throw new ConnectRefusal(5, 'client certificate is not from the device CA');
+        // The same holds for the external device CA (EST): its subject among the broker's anchors.
+        const issuerKey = nameKey(peer.issuer);
+        const external = externalCaName();
+        if (issuerKey !== deviceCaName() && issuerKey !== external) throw new ConnectRefusal(5, 'client certificate is not from the device CA');
+        // With two hierarchies among the anchors, a name is not enough: the enterprise root could
+        // certify a CA named like leafgate's device CA (or the reverse). The certificate must
+        // verify with the key of the CA its issuer names.
+        if (external !== undefined) {
+          const signer = issuerKey === external ? opts.externalDeviceCa!()! : opts.deviceCa();
+          if (!new X509Certificate(peer.raw).verify(signer.publicKey)) throw new ConnectRefusal(5, 'client certificate is not signed by the device CA it names');
+        }
         if (peer.subject?.CN !== deviceId) throw new ConnectRefusal(2, 'client id must equal the certificate CN');
         const serial = peer.serialNumber.toUpperCase();
         if (opts.isRevoked?.(serial)) throw new ConnectRefusal(5, 'certificate is revoked');

@@ -24,6 +24,7 @@ export const ERROR_CATALOGUE = {
   unknown_device: { status: 404, text: 'device is not known' },
   device_disabled: { status: 403, text: 'device is revoked or disabled' },
   revoked: { status: 403, text: 'certificate is revoked' },
+  ca_refused: { status: 502, text: 'the external CA refused the request, or answered with a certificate leafgate refuses' },
   rate_limited: { status: 429, text: 'too many requests' },
   authority_unavailable: { status: 503, text: 'authority cannot be reached' },
   gateway_unavailable: { status: 503, text: 'gateway storage is unavailable; retry later' },

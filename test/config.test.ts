@@ -42,7 +42,10 @@ test('the defaults documented by the schemas are the defaults applied', () => {
     else assert.deepEqual(at(gw, key), value, `gateway ${key}`);
   }
   const hub = 'HostName=h.example;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5';
-  const au = resolveAuthorityConfig({ iotHub: { connectionString: hub }, dps: { connectionString: hub } }, {});
+  const au = resolveAuthorityConfig({
+    iotHub: { connectionString: hub }, dps: { connectionString: hub },
+    deviceIssuer: { type: 'est', url: 'https://est.example', serverCaFile: 'est-ca.pem', caChainFile: 'chain.pem', username: 'ra', passwordEnv: 'EST_PW' },
+  }, {});
   // The settings of one key store apply only with that store.
   const kv = resolveAuthorityConfig({ caKeys: { store: 'keyvault', keyvault: { vaultUrl: 'https://v.vault.azure.net', keyName: 'k' } } }, {});
   for (const [key, value] of defaultsOf(AUTHORITY_CONFIG_SCHEMA)) {

@@ -105,3 +105,27 @@ test('parseCrl: a CRL signed with an empty signature BIT STRING is refused', () 
   // The openssl binary is there (the other checks above rely on it).
   assert.match(execFileSync('openssl', ['version'], { encoding: 'utf8' }), /OpenSSL/);
 });
+
+test('indirect CRL (RFC 5280 5.3.3): entries of another issuer carry a critical certificateIssuer, the CRL an indirect issuingDistributionPoint; openssl reads both, parseCrl keeps every serial', (t) => {
+  const ca = makeCa('ec');
+  const external = pkix.encodeName('Enterprise Issuing CA');
+  const now = Date.now();
+  const derCrl = pkix.encodeCrl({
+    issuerDer: ca.name, issuerKeyId: ca.keyId, issuerKey: ca.privateKey, crlNumber: 7n, thisUpdate: new Date(now - 60_000), nextUpdate: new Date(now + 3600_000),
+    // Given out of order: the external entry first; the encoder puts the CRL issuer's own first.
+    entries: [{ serial: 'EE01', revokedAt: new Date(now - 60_000), reason: 0, certificateIssuerDer: external }, { serial: '0A0B', revokedAt: new Date(now - 60_000), reason: 1 }],
+  });
+  const parsed = pkix.parseCrl(derCrl, ca.publicKey);
+  assert.equal(parsed.revoked.get('0A0B')?.certificateIssuerDer, undefined);
+  assert.ok(parsed.revoked.get('EE01')?.certificateIssuerDer?.equals(external));
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-crl-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(join(dir, 'c.der'), derCrl);
+  writeFileSync(join(dir, 'ca.pem'), ca.pem);
+  const text = execFileSync('openssl', ['crl', '-inform', 'DER', '-in', 'c.der', '-noout', '-text', '-CAfile', 'ca.pem'], { cwd: dir, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
+  assert.match(text, /Issuing Distribution Point: critical\s+Indirect CRL/);
+  assert.match(text, /Serial Number: EE01[\s\S]*Certificate Issuer: critical\s+DirName:\/CN=Enterprise Issuing CA/);
+  assert.ok(text.indexOf('0A0B') < text.indexOf('EE01'), 'the CRL issuer\'s own entries come first');
+  // A plain CRL has no issuingDistributionPoint.
+  assert.doesNotMatch(execFileSync('openssl', ['crl', '-inform', 'DER', '-noout', '-text'], { input: crl(ca, ca.privateKey, 1n, ['01']), encoding: 'utf8' }), /Issuing Distribution Point/);
+});

@@ -60,11 +60,28 @@ export interface IssueRequest {
   sans?: { dns?: string[]; uri?: string[]; ip?: string[] };
   notBefore: Date;
   notAfter: Date;
+  /**
+   * The device's own PKCS#10 request (DER), after leafgate's policy checked it: a connector
+   * that forwards the request to another CA (EST) sends this, whose self-signature is the
+   * device's proof of possession of its key. The built-in CA signs from the fields above.
+   */
+  csrDer?: Buffer;
+  /** A renewal of a certificate the device holds (EST simplereenroll), not a first issuance. */
+  renewal?: boolean;
 }
+
+/**
+ * The issuer recorded for a certificate that an external CA signed (EST, authority/ca/est-ca.ts):
+ * leafgate holds no key of that CA, so its own device CA lists those certificates, once
+ * revoked, in its CRL as indirect entries (RFC 5280 5.3.3; authority/revocation.ts).
+ */
+export const EXTERNAL_CA = 'external-ca' as const;
+/** Who signed a certificate on record: a CA of the built-in hierarchy, or the external CA. */
+export type IssuerName = CaName | typeof EXTERNAL_CA;
 
 export interface IssuedCertificate {
   /** The CA that signed it (its CRL lists it once revoked). */
-  issuer: CaName;
+  issuer: IssuerName;
   pem: string;
   der: Buffer;
   /** Upper-case hex, as OpenSSL prints it. */
@@ -82,11 +99,23 @@ export interface CaBundle {
   deviceCa: string;
   infraCa: string;
   edgeIssuer: string;
+  /**
+   * The external CA that signs device certificates (EST), issuing CA first, its root last:
+   * gateways accept device client certificates from it as from the device CA. Absent when
+   * leafgate's own device CA signs them.
+   */
+  externalDeviceChain?: string[];
 }
 
 /** CA connector contract: what every CA backend (built-in, HSM, external) provides. */
 export interface CaConnector {
   readonly name: string;
+  /**
+   * True when a certificate, once asked for, exists outside leafgate and cannot be thrown away
+   * (an external CA over EST): checks that the built-in CA runs after signing, inside the
+   * issuance commit (the active-certificate cap), then also run before asking.
+   */
+  readonly external?: boolean;
   /**
    * Signs a certificate without blocking the caller's thread on the signature: file keys on
    * the worker pool, an HSM or a remote key through its CaKey. Asynchronous only.

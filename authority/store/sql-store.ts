@@ -19,7 +19,7 @@ import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable,
 import { ISSUER_OF_KIND } from './types.ts';
 import type {
   DashboardSessionRow,
-  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, PendingCertificateRow, RegistryTarget, RequestRow, SyncFailureRow,
+  AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, IssuerName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, PendingCertificateRow, RegistryTarget, RequestRow, SyncFailureRow,
 } from './types.ts';
 
 const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'migrations');
@@ -432,7 +432,7 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
-  async listRevoked(issuer: CaName): Promise<CertificateRow[]> {
+  async listRevoked(issuer: IssuerName): Promise<CertificateRow[]> {
     const rows = await this.db.query("SELECT * FROM certificates WHERE status = 'revoked' AND issuer = ? ORDER BY revoked_at, serial", [issuer]);
     return rows.map(toCert);
   }

@@ -1,7 +1,7 @@
 /** Rows and the store contract. Both engines (SQLite, PostgreSQL) pass one suite: test/store.test.ts. */
 import type { AuthMethod } from '../../protocol/index.ts';
-import type { CaName } from '../ca/index.ts';
-export type { CaName };
+import type { CaName, IssuerName } from '../ca/index.ts';
+export type { CaName, IssuerName };
 
 /** Which CA signs a certificate of each kind today. */
 export const ISSUER_OF_KIND: Readonly<Record<CertificateRow['kind'], CaName>> = { device: 'device-ca', gateway: 'infra-ca', server: 'infra-ca', subca: 'edge-issuer', ca: 'root', 'edge-identity': 'infra-ca' };
@@ -61,8 +61,8 @@ export interface CertificateRow {
   /** ca: an intermediate of the hierarchy (the root signed it; the root CRL lists it once revoked). */
   /** edge-identity: a gateway's IoT Edge device identity (EST `identity`), apart from its leafgate certificate. */
   kind: 'device' | 'gateway' | 'server' | 'subca' | 'ca' | 'edge-identity';
-  /** The CA that signed it; by default the one that signs its kind (see ISSUER_OF_KIND). */
-  issuer?: CaName;
+  /** The CA that signed it; by default the one that signs its kind (see ISSUER_OF_KIND); `external-ca`: the EST connector's CA. */
+  issuer?: IssuerName;
   fingerprint: string;
   notBefore: number;
   notAfter: number;
@@ -246,7 +246,7 @@ export interface AuthorityStore {
   /** Marks an active certificate revoked (with the audit row); null when unknown or not active. */
   revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null>;
   /** Revoked certificates signed by one CA, for its CRL. */
-  listRevoked(issuer: CaName): Promise<CertificateRow[]>;
+  listRevoked(issuer: IssuerName): Promise<CertificateRow[]>;
   getCertificate(serial: string): Promise<CertificateRow | null>;
   getCrl(issuer: string): Promise<CrlRow | null>;
   /** Stores the CRL only if its number is higher than the stored one (several nodes may race). */

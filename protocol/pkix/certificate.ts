@@ -364,6 +364,14 @@ export function subjectDerOf(certDer: Buffer): Buffer {
   return fields[offset + 4].raw;
 }
 
+/** Issuer Name DER of a certificate (as its CRL names it). */
+export function issuerDerOf(certDer: Buffer): Buffer {
+  const [tbs] = der.children(der.parseDer(certDer));
+  const fields = der.children(tbs);
+  const offset = fields[0].tag === 0xa0 ? 1 : 0;
+  return fields[offset + 2].raw;
+}
+
 /** SubjectPublicKeyInfo DER of a certificate. */
 export function spkiDerOf(certDer: Buffer): Buffer {
   const [tbs] = der.children(der.parseDer(certDer));

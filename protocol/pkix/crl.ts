@@ -29,6 +29,12 @@ export interface CrlEntry {
   serial: string;
   revokedAt: Date;
   reason: number;
+  /**
+   * The certificate's issuer (DER Name) when it is not the CRL's issuer: an entry of an
+   * indirect CRL (RFC 5280 5.3.3, certificateIssuer). leafgate's device CA lists in its CRL the
+   * revoked certificates of an external device CA (EST), which leafgate cannot sign a CRL for.
+   */
+  certificateIssuerDer?: Buffer;
 }
 
 export interface CrlInput {
@@ -43,6 +49,7 @@ export interface CrlInput {
 }
 
 const ext = (oid: string, value: Buffer) => der.seq(der.oid(oid), der.octetString(value));
+const criticalExt = (oid: string, value: Buffer) => der.seq(der.oid(oid), der.bool(true), der.octetString(value));
 
 const isKeyObject = (k: KeyObject | AsyncSigner): k is KeyObject => typeof (k as AsyncSigner).sign !== 'function';
 
@@ -65,17 +72,27 @@ export async function encodeCrlAsync(input: CrlInput): Promise<Buffer> {
 function crlTbs(input: CrlInput, key: KeyObject): { algorithm: Buffer; hash: string; tbs: Buffer } {
   const { algorithm, hash } = signatureAlgorithmFor(key);
   const fields: Buffer[] = [der.integer(1), algorithm, input.issuerDer, der.time(input.thisUpdate), der.time(input.nextUpdate)];
-  if (input.entries.length) {
-    fields.push(der.seq(...input.entries.map((e) => {
+  // RFC 5280 5.3.3: a certificateIssuer applies to its entry and every later one, so the
+  // CRL issuer's own entries come first and each other issuer's entry names its issuer.
+  const entries = [...input.entries.filter((e) => !e.certificateIssuerDer), ...input.entries.filter((e) => e.certificateIssuerDer)];
+  const indirect = entries.some((e) => e.certificateIssuerDer);
+  if (entries.length) {
+    fields.push(der.seq(...entries.map((e) => {
       const parts = [der.integer(Buffer.from(e.serial.length % 2 ? '0' + e.serial : e.serial, 'hex')), der.time(e.revokedAt)];
+      const exts: Buffer[] = [];
       // reasonCode is omitted for unspecified (RFC 5280 5.3.1 SHOULD).
-      if (e.reason !== 0) parts.push(der.seq(ext(OID.cRLReason, der.enumerated(e.reason))));
+      if (e.reason !== 0) exts.push(ext(OID.cRLReason, der.enumerated(e.reason)));
+      // certificateIssuer ::= GeneralNames, directoryName [4]; the extension MUST be critical (5.3.3).
+      if (e.certificateIssuerDer) exts.push(criticalExt(OID.certificateIssuer, der.seq(der.contextTag(4, e.certificateIssuerDer))));
+      if (exts.length) parts.push(der.seq(...exts));
       return der.seq(...parts);
     })));
   }
   fields.push(der.contextTag(0, der.seq(
     ext(OID.authorityKeyIdentifier, der.seq(der.tlv(0x80, input.issuerKeyId))),
     ext(OID.cRLNumber, der.integer(input.crlNumber)),
+    // issuingDistributionPoint { indirectCRL [4] TRUE }, critical (RFC 5280 5.2.5).
+    ...(indirect ? [criticalExt(OID.issuingDistributionPoint, der.seq(der.tlv(0x84, Buffer.from([0xff]))))] : []),
   )));
   return { algorithm, hash, tbs: der.seq(...fields) };
 }
@@ -89,7 +106,11 @@ export interface ParsedCrl {
   crlNumber: bigint;
   thisUpdate: Date;
   nextUpdate: Date | undefined;
-  /** serial (upper-case hex) -> entry */
+  /**
+   * serial (upper-case hex) -> entry, whatever the entry's issuer (an indirect CRL's entries
+   * carry certificateIssuerDer): a reader that looks a serial up refuses on a match across
+   * issuers, so that a collision of serials can only refuse too much, never too little.
+   */
   revoked: Map<string, CrlEntry>;
 }
 
@@ -119,6 +140,8 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
   if (f[i] && (f[i].tag === der.TAG.UTC_TIME || f[i].tag === der.TAG.GENERALIZED_TIME)) nextUpdate = der.decodeTime(f[i++]);
   const revoked = new Map<string, CrlEntry>();
   if (f[i]?.tag === der.TAG.SEQUENCE) {
+    // RFC 5280 5.3.3: an entry's issuer is the last certificateIssuer seen, else the CRL's.
+    let certificateIssuerDer: Buffer | undefined;
     for (const entry of der.children(f[i++])) {
       const [serialNode, dateNode, extsNode] = der.children(entry);
       const serial = der.expectTag(serialNode, der.TAG.INTEGER, 'serial').value.toString('hex').replace(/^(00)+(?=.)/, '').toUpperCase();
@@ -126,9 +149,18 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
       if (extsNode) {
         for (const e of extensionsOf(extsNode)) {
           if (e.oid === OID.cRLReason) reason = der.parseDer(e.value, e.depth).value[0] ?? 0;
+          if (e.oid === OID.certificateIssuer) {
+            const names = der.children(der.expectTag(der.parseDer(e.value, e.depth), der.TAG.SEQUENCE, 'certificateIssuer'));
+            const dir = names.find((n) => n.tag === 0xa4);
+            if (!dir) throw new der.DerError('certificateIssuer names no directoryName');
+            certificateIssuerDer = der.expectTag(der.children(dir)[0], der.TAG.SEQUENCE, 'certificateIssuer Name').raw;
+          }
         }
       }
-      revoked.set(serial, { serial, revokedAt: der.decodeTime(dateNode), reason });
+      const e: CrlEntry = { serial, revokedAt: der.decodeTime(dateNode), reason };
+      if (certificateIssuerDer && !certificateIssuerDer.equals(issuerDer)) e.certificateIssuerDer = certificateIssuerDer;
+      // An earlier entry of the same serial (another issuer) stays: both refuse that serial.
+      if (!revoked.has(serial)) revoked.set(serial, e);
     }
   }
   let crlNumber = 0n;

@@ -24,6 +24,8 @@ export const OID = {
   basicConstraints: '2.5.29.19',
   cRLNumber: '2.5.29.20',
   cRLReason: '2.5.29.21',
+  issuingDistributionPoint: '2.5.29.28',
+  certificateIssuer: '2.5.29.29',
   nameConstraints: '2.5.29.30',
   cRLDistributionPoints: '2.5.29.31',
   authorityKeyIdentifier: '2.5.29.35',

@@ -39,3 +39,31 @@ export function encodeCertsOnly(certs: Array<string | Buffer>): Buffer {
 export function certsOnlyBase64(certs: Array<string | Buffer>): string {
   return encodeCertsOnly(certs).toString('base64').replace(/(.{64})/g, '$1\n').replace(/\n?$/, '\n');
 }
+
+/**
+ * The certificates of a certs-only SignedData (an EST server's answer, RFC 7030 4.2.3), in
+ * the order the server wrote them. DER only (what `openssl crl2pkcs7` and the EST servers
+ * we know write); an indefinite-length BER encoding is refused, as is a SignedData that
+ * carries content or signers (then it is not a Simple PKI Response). The certificates are
+ * returned as DER to be parsed by the caller (X509Certificate): nothing here trusts them.
+ */
+export function decodeCertsOnly(input: Buffer): Buffer[] {
+  const top = der.children(der.expectTag(der.parseDer(input), der.TAG.SEQUENCE, 'ContentInfo'));
+  if (top.length !== 2 || der.decodeOid(top[0]) !== OID_SIGNED_DATA) throw new der.DerError('ContentInfo is not id-signedData');
+  const wrapped = der.children(der.expectTag(top[1], 0xa0, 'ContentInfo content'));
+  if (wrapped.length !== 1) throw new der.DerError('ContentInfo content must hold one SignedData');
+  const fields = der.children(der.expectTag(wrapped[0], der.TAG.SEQUENCE, 'SignedData'));
+  let i = 0;
+  der.expectTag(fields[i++], der.TAG.INTEGER, 'SignedData version');
+  der.expectTag(fields[i++], der.TAG.SET, 'digestAlgorithms');
+  const encap = der.children(der.expectTag(fields[i++], der.TAG.SEQUENCE, 'encapContentInfo'));
+  if (encap.length !== 1 || der.decodeOid(encap[0]) !== OID_DATA) throw new der.DerError('certs-only: encapContentInfo must be id-data without content');
+  const certs: Buffer[] = [];
+  if (fields[i]?.tag === 0xa0) certs.push(...der.children(fields[i++]).map((c) => der.expectTag(c, der.TAG.SEQUENCE, 'Certificate').raw));
+  if (fields[i]?.tag === 0xa1) i++; // crls [1]: not used by EST enrollment answers, ignored
+  const signers = der.expectTag(fields[i++], der.TAG.SET, 'signerInfos');
+  if (signers.value.length !== 0) throw new der.DerError('certs-only: signerInfos must be empty');
+  if (i !== fields.length) throw new der.DerError('SignedData has trailing fields');
+  if (!certs.length) throw new der.DerError('certs-only: no certificate');
+  return certs;
+}

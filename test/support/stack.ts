@@ -44,21 +44,34 @@ export interface Stack {
  */
 async function verifyEverythingIssued(authority: RunningAuthority, dir: string): Promise<void> {
   // A test that dropped its database (a PostgreSQL schema removed by its own clean-up) has nothing left to check.
-  const certs = await authority.store.listCertificates({ limit: 1_000_000 }).catch(() => []);
-  if (!certs.length) return;
+  const all = await authority.store.listCertificates({ limit: 1_000_000 }).catch(() => []);
+  if (!all.length) return;
   const out = join(dir, 'issued-check');
   mkdirSync(out, { recursive: true });
   const ca = authority.ca;
-  writeFileSync(join(out, 'root.pem'), ca.root.pem);
-  writeFileSync(join(out, 'intermediates.pem'), ca.deviceCa.pem + ca.infraCa.pem + ca.edgeIssuer.pem);
-  const files = certs.map((c, i) => {
-    writeFileSync(join(out, `${i}.pem`), c.pem);
-    return `${i}.pem`;
-  });
-  const r = spawnSync('openssl', ['verify', '-x509_strict', '-no_check_time', '-CAfile', 'root.pem', '-untrusted', 'intermediates.pem', ...files], { cwd: out, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
-  if (r.status !== 0) {
-    const failed = (r.stdout + r.stderr).split('\n').filter((l) => l && !/: OK$/.test(l)).slice(0, 10).join('\n');
-    throw new Error(`a certificate the authority issued fails openssl verify -x509_strict:\n${failed}`);
+  // Certificates of an external device CA (EST) are checked against that CA's chain.
+  const external = authority.deviceIssuer.bundle().externalDeviceChain;
+  const groups: Array<{ certs: typeof all; root: string; intermediates: string }> = [
+    { certs: all.filter((c) => c.issuer !== 'external-ca'), root: ca.root.pem, intermediates: ca.deviceCa.pem + ca.infraCa.pem + ca.edgeIssuer.pem },
+  ];
+  const externalCerts = all.filter((c) => c.issuer === 'external-ca');
+  if (externalCerts.length) {
+    if (!external) throw new Error('certificates of an external CA are on record but no external chain is configured');
+    groups.push({ certs: externalCerts, root: external.at(-1)!, intermediates: external.slice(0, -1).join('') });
+  }
+  for (const [g, group] of groups.entries()) {
+    if (!group.certs.length) continue;
+    writeFileSync(join(out, `root-${g}.pem`), group.root);
+    writeFileSync(join(out, `intermediates-${g}.pem`), group.intermediates);
+    const files = group.certs.map((c, i) => {
+      writeFileSync(join(out, `${g}-${i}.pem`), c.pem);
+      return `${g}-${i}.pem`;
+    });
+    const r = spawnSync('openssl', ['verify', '-x509_strict', '-no_check_time', '-CAfile', `root-${g}.pem`, '-untrusted', `intermediates-${g}.pem`, ...files], { cwd: out, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+    if (r.status !== 0) {
+      const failed = (r.stdout + r.stderr).split('\n').filter((l) => l && !/: OK$/.test(l)).slice(0, 10).join('\n');
+      throw new Error(`a certificate the authority issued fails openssl verify -x509_strict:\n${failed}`);
+    }
   }
 }
 

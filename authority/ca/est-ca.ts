@@ -1,0 +1,399 @@
+/**
+ * An external (enterprise) CA over EST (RFC 7030), leafgate acting as its registration
+ * authority: device certificates are signed there, everything else (gateway identities, the
+ * authority's TLS certificate, gateway Sub-CAs) stays on leafgate's own CA (`local`).
+ *
+ * For a device certificate, after leafgate's policy checked the device's CSR, the CSR itself
+ * (the device's bytes: its self-signature is the device's proof of possession) is posted to
+ *
+ *   {url}/.well-known/est[/{label}]/simpleenroll     first issuance   (RFC 7030 4.2.1)
+ *   {url}/.well-known/est[/{label}]/simplereenroll   renewal          (RFC 7030 4.2.2)
+ *
+ * as `application/pkcs10`, base64 (RFC 7030 4.2.1; RFC 8951 3: the body is base64 whatever
+ * Content-Transfer-Encoding says), over TLS verified against `serverCaFile`, authenticated by
+ * a TLS client certificate and/or HTTP Basic (RFC 7030 3.2.3; the password comes from a file
+ * or the environment, never the configuration, the command line or a log line). The answer
+ * (RFC 7030 4.2.3) is handled as a short list of named steps:
+ *
+ *   200 application/pkcs7-mime certs-only, base64 -> decode -> the certificate for the CSR's
+ *       key -> issued by the configured issuing CA, chaining to the configured root ->
+ *       an end-entity certificate for client authentication -> the subject and SANs leafgate's
+ *       policy allowed -> a sane validity. Any step failing: `ca_refused`, nothing stored.
+ *   202 + Retry-After (manual approval pending)  -> `authority_unavailable` with retryAfterMs:
+ *       the gateway keeps the request queued and sends it again (RFC 7030 4.2.3: the client
+ *       repeats the same request).
+ *   4xx (but 401, 408, 429) and 500/501 with a text -> `ca_refused` (final).
+ *   401, 408, 429, 502-504, no connection, a timeout -> `authority_unavailable` (queued, retried).
+ *
+ * EST has no idempotency key: when the CA issued but its answer was lost (a reset or timeout
+ * after the request was sent), the retry gets a second certificate for the same key. leafgate
+ * stores and delivers only the one whose answer arrived; the error of the lost attempt says
+ * `sent: true` in the audit log so the operator can find and revoke the orphan at the CA
+ * (README "External CA over EST").
+ */
+import { X509Certificate, createPublicKey } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { Agent, request } from 'node:https';
+import type { Logger } from 'pino';
+import { LeafgateError, pkix } from '../../protocol/index.ts';
+import { CLOCK_SKEW_TOLERANCE_MS, EXTERNAL_CA, fingerprint, type CaBundle, type CaConnector, type IssueRequest, type IssuedCertificate, type IssuerRole } from './local-ca.ts';
+
+export interface EstCaConfig {
+  type: 'est';
+  /** The EST server: https://host[:port] (the well-known path is appended). */
+  url: string;
+  /** The CA label (RFC 7030 3.2.2): `/.well-known/est/{label}/...`. */
+  label?: string;
+  /** PEM trust anchor(s) of the EST server's TLS certificate. */
+  serverCaFile: string;
+  /** PEM: the issuing CA that signs device certificates first, then up to its root. */
+  caChainFile: string;
+  clientCertFile?: string;
+  clientKeyFile?: string;
+  username?: string;
+  passwordFile?: string;
+  /** Environment variable holding the Basic password (default LEAFGATE_EST_PASSWORD when username is set and no passwordFile). */
+  passwordEnv?: string;
+  timeoutMs: number;
+  /** retryAfterMs answered while the EST server cannot be reached. */
+  retryAfterSeconds: number;
+}
+
+export const DEFAULT_EST_PASSWORD_ENV = 'LEAFGATE_EST_PASSWORD';
+/** An answer larger than this is not an enrollment answer. */
+const MAX_ANSWER_BYTES = 256 * 1024;
+/** Attributes an enterprise template may add next to the CN (O, OU, C, L, ST, DC); anything else is refused. */
+const TOLERATED_SUBJECT_ATTRIBUTES = new Set(['2.5.4.10', '2.5.4.11', '2.5.4.6', '2.5.4.7', '2.5.4.8', '0.9.2342.19200300.100.1.25']);
+/** How much longer than the policy's validity the CA's template may make a certificate. */
+const VALIDITY_TOLERANCE_MS = 86_400_000;
+
+/** The Basic password: the file's first line, or the environment variable. Never the configuration. */
+export function readEstPassword(config: Pick<EstCaConfig, 'username' | 'passwordFile' | 'passwordEnv'>, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  if (config.username === undefined) return undefined;
+  if (config.passwordFile) {
+    try {
+      return readFileSync(config.passwordFile, 'utf8').split(/\r?\n/)[0];
+    } catch (err) {
+      throw new LeafgateError('internal', `deviceIssuer.passwordFile ${config.passwordFile} cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+  }
+  const name = config.passwordEnv ?? DEFAULT_EST_PASSWORD_ENV;
+  const v = env[name];
+  if (!v) throw new LeafgateError('internal', `deviceIssuer.username is set but no password: set ${name} or deviceIssuer.passwordFile`);
+  return v;
+}
+
+function readPemFile(path: string, what: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new LeafgateError('internal', `deviceIssuer.${what} ${path} cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}
+
+/** A raw EST answer. */
+interface EstAnswer {
+  status: number;
+  contentType: string;
+  retryAfter: string | undefined;
+  body: Buffer;
+}
+
+/** Why a call did not get an answer, and whether the request had been sent in full. */
+class EstTransportError extends Error {
+  constructor(message: string, readonly sent: boolean, readonly tls: boolean) {
+    super(message);
+  }
+}
+
+export class EstCa implements CaConnector {
+  readonly name = 'est';
+  readonly external = true;
+  /** The configured chain, issuing CA first. */
+  readonly chain: X509Certificate[];
+  readonly chainPem: string[];
+  private readonly agent: Agent;
+  private readonly authorization: string | undefined;
+  private readonly base: string;
+
+  /**
+   * `local` signs everything but device certificates and provides the trust bundle.
+   * Reads the files and the password now, so a misconfiguration stops the start.
+   */
+  constructor(
+    private readonly config: EstCaConfig,
+    private readonly local: CaConnector,
+    private readonly opts: { env?: NodeJS.ProcessEnv; logger?: Logger; now?: () => number } = {},
+  ) {
+    const chainText = readPemFile(config.caChainFile, 'caChainFile');
+    this.chain = pkix.parseCertificates(chainText);
+    if (!this.chain.length) throw new LeafgateError('internal', `deviceIssuer.caChainFile ${config.caChainFile} holds no certificate`);
+    this.checkConfiguredChain();
+    this.chainPem = this.chain.map((c) => c.toString());
+    const serverCa = readPemFile(config.serverCaFile, 'serverCaFile');
+    if ((config.clientCertFile === undefined) !== (config.clientKeyFile === undefined)) throw new LeafgateError('internal', 'deviceIssuer.clientCertFile and clientKeyFile go together');
+    const password = readEstPassword(config, opts.env);
+    if (config.username === undefined && config.clientCertFile === undefined) throw new LeafgateError('internal', 'deviceIssuer needs a client certificate (clientCertFile, clientKeyFile) or HTTP Basic (username + passwordFile or passwordEnv)');
+    this.authorization = password !== undefined ? `Basic ${Buffer.from(`${config.username}:${password}`, 'utf8').toString('base64')}` : undefined;
+    // One TLS connection per request: a connection the EST server closed meanwhile never turns a request into an "answer lost".
+    this.agent = new Agent({
+      keepAlive: false, ca: serverCa, minVersion: 'TLSv1.2',
+      ...(config.clientCertFile ? { cert: readPemFile(config.clientCertFile, 'clientCertFile'), key: readPemFile(config.clientKeyFile!, 'clientKeyFile') } : {}),
+    });
+    this.base = `${config.url.replace(/\/+$/, '')}/.well-known/est${config.label ? `/${config.label}` : ''}`;
+  }
+
+  private now(): number {
+    return this.opts.now?.() ?? Date.now();
+  }
+
+  /** The configured chain must be a chain: each certificate a CA issued by the next, the last self-signed. */
+  private checkConfiguredChain(): void {
+    const where = `deviceIssuer.caChainFile ${this.config.caChainFile}`;
+    this.chain.forEach((c, i) => {
+      if (!c.ca) throw new LeafgateError('internal', `${where}: ${c.subject.replace(/\n/g, ', ')} is not a CA certificate`);
+      const parent = this.chain[i + 1] ?? c;
+      if (!(c.checkIssued(parent) && c.verify(parent.publicKey))) {
+        throw new LeafgateError('internal', `${where}: ${c.subject.replace(/\n/g, ', ')} is not issued by ${i + 1 < this.chain.length ? 'the next certificate' : 'itself (the last one must be the root)'}: list the issuing CA first and the root last`);
+      }
+    });
+  }
+
+  /** Where EST calls go, for logs and `--help` (no secret). */
+  describe(): string {
+    return `${this.base} (${[this.config.clientCertFile ? 'client certificate' : '', this.authorization ? 'HTTP Basic' : ''].filter(Boolean).join(' + ')})`;
+  }
+
+  bundle(): CaBundle {
+    return { ...this.local.bundle(), externalDeviceChain: this.chainPem };
+  }
+
+  async close(): Promise<void> {
+    this.agent.destroy();
+  }
+
+  async issue(issuer: IssuerRole, req: IssueRequest): Promise<IssuedCertificate> {
+    if (issuer !== 'device') return this.local.issue(issuer, req);
+    if (!req.csrDer) throw new LeafgateError('internal', 'the EST connector forwards the device\'s CSR, and none was given');
+    const operation = req.renewal ? 'simplereenroll' : 'simpleenroll';
+    const answer = await this.post(operation, req.csrDer);
+    const certs = this.interpret(operation, answer);
+    try {
+      return this.checkIssued(certs, req);
+    } catch (err) {
+      if (err instanceof LeafgateError) throw err;
+      // Never `internal` here: the gateway retries that, and every retry would be another certificate at the CA.
+      this.opts.logger?.error({ url: this.base, err: (err as Error).message }, 'certificate from the external CA could not be checked: refused; revoke it at the external CA');
+      throw new LeafgateError('ca_refused', `the external CA's certificate could not be checked: ${(err as Error).message}`, { detail: { est: 'certificate_refused' } });
+    }
+  }
+
+  /**
+   * RFC 7030 4.1: the CA certificates the EST server distributes, compared with caChainFile.
+   * Called once at start, without holding it up: a server that is down is only logged, a
+   * server whose CA set lacks the configured issuing CA is an error line (every certificate it
+   * signs would then be refused).
+   */
+  async checkCaCerts(): Promise<'match' | 'mismatch' | 'unreachable'> {
+    let answer: EstAnswer;
+    try {
+      answer = await this.send('GET', 'cacerts');
+    } catch (err) {
+      this.opts.logger?.warn({ url: this.base, err: (err as Error).message }, 'EST /cacerts cannot be read at start: the configured chain is not compared with the server\'s');
+      return 'unreachable';
+    }
+    let served: X509Certificate[] = [];
+    try {
+      if (answer.status !== 200) throw new Error(`HTTP ${answer.status}`);
+      served = pkix.decodeCertsOnly(Buffer.from(answer.body.toString('ascii').replace(/\s+/g, ''), 'base64')).map((d) => new X509Certificate(d));
+    } catch (err) {
+      this.opts.logger?.warn({ url: this.base, err: (err as Error).message }, 'EST /cacerts answer is not usable: the configured chain is not compared with the server\'s');
+      return 'unreachable';
+    }
+    if (served.some((c) => c.raw.equals(this.chain[0].raw))) return 'match';
+    this.opts.logger?.error({ url: this.base, configured: this.chain[0].subject.replace(/\n/g, ', '), served: served.map((c) => c.subject.replace(/\n/g, ', ')) }, 'the EST server\'s CA certificates (/cacerts) do not include the issuing CA of deviceIssuer.caChainFile: its certificates will be refused');
+    return 'mismatch';
+  }
+
+  private post(operation: string, csrDer: Buffer): Promise<EstAnswer> {
+    return this.send('POST', operation, csrDer).catch((err: unknown) => {
+      if (!(err instanceof EstTransportError)) throw err;
+      const retryAfterMs = this.config.retryAfterSeconds * 1000;
+      // Sent in full and no answer: the CA may have issued a certificate leafgate never got.
+      const detail = { est: err.sent ? 'answer_lost' : 'unreachable', operation, sent: err.sent };
+      if (err.tls) this.opts.logger?.error({ url: this.base, err: err.message }, 'the EST server\'s TLS certificate is not trusted (deviceIssuer.serverCaFile), or it refused leafgate\'s client certificate: device requests wait until this is fixed');
+      else if (err.sent) this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST request sent but no answer arrived: the external CA may have issued a certificate that leafgate never received (it retries; revoke any orphan at the CA)');
+      else this.opts.logger?.warn({ url: this.base, operation, err: err.message }, 'EST server unreachable: device requests stay queued');
+      throw new LeafgateError('authority_unavailable', `the external CA (EST) cannot be reached: ${err.message}`, { retryAfterMs, detail, cause: err });
+    });
+  }
+
+  /** One EST call: POST base64 PKCS#10, or GET; resolves with whatever HTTP answer arrives, rejects with EstTransportError. */
+  private send(method: 'GET' | 'POST', operation: string, csrDer?: Buffer): Promise<EstAnswer> {
+    const body = csrDer ? Buffer.from(csrDer.toString('base64').replace(/(.{64})/g, '$1\r\n'), 'ascii') : Buffer.alloc(0);
+    const url = new URL(`${this.base}/${operation}`);
+    return new Promise<EstAnswer>((resolve, reject) => {
+      let sent = false;
+      const req = request(url, {
+        method, agent: this.agent, timeout: this.config.timeoutMs,
+        headers: {
+          ...(method === 'POST' ? { 'content-type': 'application/pkcs10', 'content-transfer-encoding': 'base64', 'content-length': String(body.length) } : {}),
+          accept: 'application/pkcs7-mime',
+          ...(this.authorization ? { authorization: this.authorization } : {}),
+        },
+      }, (res) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_ANSWER_BYTES) {
+            res.destroy();
+            reject(new EstTransportError(`answer larger than ${MAX_ANSWER_BYTES} bytes`, true, false));
+          } else chunks.push(c);
+        });
+        res.on('error', (err) => reject(new EstTransportError(err.message, true, false)));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, contentType: String(res.headers['content-type'] ?? ''), retryAfter: res.headers['retry-after'], body: Buffer.concat(chunks) }));
+      });
+      req.on('finish', () => {
+        sent = true;
+      });
+      req.on('timeout', () => req.destroy(new Error(`no answer within ${this.config.timeoutMs} ms`)));
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        const tls = /CERT|SSL|TLS|ALTNAME|SELF_SIGNED|UNABLE_TO/i.test(`${err.code ?? ''} ${err.message}`);
+        reject(new EstTransportError(`${err.code ? `${err.code}: ` : ''}${err.message}`, sent, tls));
+      });
+      req.end(method === 'POST' ? body : undefined);
+    });
+  }
+
+  /** RFC 7030 4.2.3: what the status says, then the certs-only body. */
+  private interpret(operation: string, a: EstAnswer): Buffer[] {
+    const text = a.body.toString('utf8').replace(/[^\x20-\x7e]+/g, ' ').trim().slice(0, 300);
+    const retryMs = (fallbackSeconds: number) => retryAfterMs(a.retryAfter, this.now()) ?? fallbackSeconds * 1000;
+    if (a.status === 202) {
+      this.opts.logger?.info({ url: this.base, operation, retryAfter: a.retryAfter }, 'EST request pending manual approval at the external CA');
+      throw new LeafgateError('authority_unavailable', 'the external CA holds the request for manual approval', { retryAfterMs: retryMs(this.config.retryAfterSeconds), detail: { est: 'pending', operation, status: 202 } });
+    }
+    if (a.status === 401 || a.status === 407) {
+      this.opts.logger?.error({ url: this.base, operation, status: a.status }, 'the EST server refused leafgate\'s credentials (deviceIssuer client certificate or Basic password): device requests wait until this is fixed');
+      throw new LeafgateError('authority_unavailable', `the external CA refused leafgate's credentials (HTTP ${a.status})`, { retryAfterMs: this.config.retryAfterSeconds * 1000, detail: { est: 'credentials', operation, status: a.status } });
+    }
+    if (a.status === 408 || a.status === 429 || (a.status >= 502 && a.status <= 504)) {
+      this.opts.logger?.warn({ url: this.base, operation, status: a.status }, 'EST server busy or unavailable: device requests stay queued');
+      throw new LeafgateError('authority_unavailable', `the external CA is unavailable (HTTP ${a.status})`, { retryAfterMs: retryMs(this.config.retryAfterSeconds), detail: { est: 'unavailable', operation, status: a.status } });
+    }
+    if (a.status !== 200) {
+      this.opts.logger?.warn({ url: this.base, operation, status: a.status, text }, 'the external CA refused a device request');
+      throw new LeafgateError('ca_refused', `the external CA refused the request (HTTP ${a.status}${text ? `: ${text}` : ''})`, { detail: { est: 'refused', operation, status: a.status, text } });
+    }
+    const bad = (why: string): never => {
+      this.opts.logger?.error({ url: this.base, operation, why }, 'the external CA answered something that is not a certificate: revoke at the CA whatever it may have issued for this request');
+      throw new LeafgateError('ca_refused', `the external CA's answer is not usable: ${why}`, { detail: { est: 'bad_answer', operation, why } });
+    };
+    if (!/^application\/pkcs7-mime\b/i.test(a.contentType)) bad(`Content-Type ${a.contentType.slice(0, 80) || '(none)'} is not application/pkcs7-mime`);
+    const b64 = a.body.toString('ascii').replace(/\s+/g, '');
+    if (!b64 || !/^[A-Za-z0-9+/]+={0,2}$/.test(b64) || b64.length % 4 !== 0) bad('the body is not base64');
+    try {
+      return pkix.decodeCertsOnly(Buffer.from(b64, 'base64'));
+    } catch (err) {
+      return bad(`not a certs-only PKCS#7: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * The checks of a returned certificate, in order; each refusal is `ca_refused` and names
+   * what failed. The certificate exists at the CA all the same: the operator must revoke it
+   * there (the log line says so).
+   */
+  private checkIssued(certs: Buffer[], req: IssueRequest): IssuedCertificate {
+    const refuse = (why: string, serial?: string): never => {
+      this.opts.logger?.error({ url: this.base, why, serial }, 'certificate from the external CA refused: nothing stored or delivered; revoke it at the external CA');
+      throw new LeafgateError('ca_refused', `the external CA's certificate is refused: ${why}`, { detail: { est: 'certificate_refused', why, ...(serial ? { externalSerial: serial } : {}) } });
+    };
+    const parsed: X509Certificate[] = [];
+    for (const d of certs) {
+      try {
+        parsed.push(new X509Certificate(d));
+      } catch {
+        refuse('a certificate in the answer cannot be parsed');
+      }
+    }
+    // The answer may carry the chain too; the device's certificate is the one for its key.
+    const wanted = createPublicKey({ key: req.spkiDer, format: 'der', type: 'spki' });
+    const leaf = parsed.find((c) => !c.ca && c.publicKey.equals(wanted));
+    if (!leaf) return refuse('no certificate in the answer is for the key of the device\'s CSR', parsed[0]?.serialNumber.toUpperCase());
+    const serial = leaf.serialNumber.toUpperCase();
+    const issuing = this.chain[0];
+    // Chain: issued by the configured issuing CA (name and signature; the configured chain up to
+    // its root was checked at start, its validity now is checked with the certificate's below).
+    if (!(leaf.checkIssued(issuing) && leaf.verify(issuing.publicKey))) refuse(`not issued by the configured issuing CA ${issuing.subject.replace(/\n/g, ', ')}`, serial);
+    const now = new Date(this.now());
+    // An end-entity certificate the device can use as a TLS client (RFC 5280 4.2.1.9, 4.2.1.12).
+    const eku = leaf.keyUsage;
+    if (eku && eku.length && !eku.includes(pkix.OID.clientAuth)) refuse('its extended key usage does not allow clientAuth', serial);
+    // Subject: exactly the CN leafgate's policy built; an enterprise template may add organisational attributes, nothing else.
+    const expectedCn = pkix.decodeName(pkix.der.parseDer(req.subjectDer)).find(([oid]) => oid === pkix.OID.commonName)?.[1];
+    let subject: Array<[string, string]>;
+    try {
+      subject = pkix.certificateSubject(leaf.raw);
+    } catch (err) {
+      return refuse(`its subject cannot be read: ${(err as Error).message}`, serial);
+    }
+    const cns = subject.filter(([oid]) => oid === pkix.OID.commonName).map(([, v]) => v);
+    if (cns.length !== 1 || cns[0] !== expectedCn) refuse(`its subject CN ${JSON.stringify(cns)} is not ${JSON.stringify(expectedCn)}`, serial);
+    const extra = subject.filter(([oid]) => oid !== pkix.OID.commonName && !TOLERATED_SUBJECT_ATTRIBUTES.has(oid));
+    if (extra.length) refuse(`its subject carries attributes leafgate's policy does not allow (${extra.map(([oid]) => oid).join(', ')})`, serial);
+    // SANs: only names the policy allowed in the CSR.
+    const sans = parseSubjectAltName(leaf.subjectAltName);
+    if (!sans) return refuse(`its subjectAltName cannot be read: ${leaf.subjectAltName}`, serial);
+    const allowed = new Set([...(req.sans?.dns ?? []).map((v) => `DNS:${v}`), ...(req.sans?.uri ?? []).map((v) => `URI:${v}`), ...(req.sans?.ip ?? []).map((v) => `IP Address:${v}`)]);
+    const extraSans = sans.filter((s) => !allowed.has(s));
+    if (extraSans.length) refuse(`its subjectAltName has names leafgate did not ask for (${extraSans.slice(0, 5).join(', ')})`, serial);
+    // Validity: already valid (within the tolerated skew), not expired, not longer than the policy's lifetime.
+    const notBefore = new Date(leaf.validFrom);
+    const notAfter = new Date(leaf.validTo);
+    if (notBefore.getTime() > now.getTime() + CLOCK_SKEW_TOLERANCE_MS) refuse(`it is not valid before ${notBefore.toISOString()}`, serial);
+    const lapsed = this.chain.find((c) => now.getTime() + CLOCK_SKEW_TOLERANCE_MS < new Date(c.validFrom).getTime() || now > new Date(c.validTo));
+    if (lapsed) refuse(`the configured chain's ${lapsed.subject.replace(/\n/g, ', ')} is not valid now (${lapsed.validFrom} .. ${lapsed.validTo})`, serial);
+    if (notAfter.getTime() <= now.getTime()) refuse(`it expired at ${notAfter.toISOString()}`, serial);
+    if (notAfter.getTime() > req.notAfter.getTime() + VALIDITY_TOLERANCE_MS) refuse(`it is valid until ${notAfter.toISOString()}, longer than the policy's ${req.notAfter.toISOString()}`, serial);
+    const der = leaf.raw;
+    return {
+      issuer: EXTERNAL_CA, der, pem: pkix.toPem(der, 'CERTIFICATE'), serial, fingerprint256: fingerprint(der),
+      notBefore, notAfter, chain: this.chainPem,
+    };
+  }
+}
+
+/**
+ * X509Certificate.subjectAltName ("DNS:a, IP Address:1.2.3.4, URI:...", a value with a comma
+ * or quote JSON-quoted) as `TYPE:value` strings; null when it holds something else.
+ */
+function parseSubjectAltName(text: string | undefined): string[] | null {
+  if (!text) return [];
+  const out: string[] = [];
+  const re = /(DNS|URI|IP Address|email|othername|DirName|Registered ID):("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)/gy;
+  let m: RegExpExecArray | null;
+  let at = 0;
+  while (at < text.length && (m = re.exec(text))) {
+    let value = m[2];
+    if (value.startsWith('"')) {
+      try {
+        value = JSON.parse(value) as string;
+      } catch {
+        return null;
+      }
+    }
+    out.push(`${m[1]}:${value}`);
+    at = re.lastIndex;
+  }
+  return at === text.length ? out : null;
+}
+
+/** Retry-After (RFC 9110 10.2.3): seconds or an HTTP date; bounded to 1 s .. 24 h. */
+function retryAfterMs(value: string | undefined, now: number): number | undefined {
+  if (!value) return undefined;
+  const ms = /^\d+$/.test(value.trim()) ? Number(value.trim()) * 1000 : Date.parse(value) - now;
+  if (!Number.isFinite(ms)) return undefined;
+  return Math.min(86_400_000, Math.max(1000, ms));
+}
