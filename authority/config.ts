@@ -243,7 +243,7 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
       description: 'Who signs device certificates. Absent: leafgate\'s own device CA. {"type": "est", ...}: an external (enterprise) CA over EST (RFC 7030), leafgate acting as its registration authority; gateway certificates and Sub-CAs stay on leafgate\'s CA. See "External CA over EST".',
       properties: {
         type: { enum: ['est'], description: 'est: RFC 7030 simpleenroll / simplereenroll.' },
-        url: { type: 'string', pattern: '^https://[^\\s/?#]+/?$', expected: 'an https URL of the EST server (scheme, host, port)', description: 'The EST server; /.well-known/est[/label]/... is appended.' },
+        url: { type: 'string', secret: true, pattern: '^https://[^\\s/?#@]+/?$', expected: 'an https URL of the EST server (scheme, host, port; no user or password: they would be in every log line)', description: 'The EST server; /.well-known/est[/label]/... is appended.' },
         label: { type: 'string', pattern: '^[A-Za-z0-9._~-]{1,64}$', expected: 'an EST CA label (RFC 7030 3.2.2)', description: 'The CA label: /.well-known/est/{label}/simpleenroll.' },
         serverCaFile: { type: 'string', minLength: 1, description: 'PEM trust anchor(s) of the EST server\'s TLS certificate.' },
         caChainFile: { type: 'string', minLength: 1, description: 'PEM chain of the CA that signs device certificates: issuing CA first, root last. Returned certificates must chain to it; gateways and devices get it.' },

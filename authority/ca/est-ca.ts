@@ -66,6 +66,71 @@ const MAX_ANSWER_BYTES = 256 * 1024;
 const TOLERATED_SUBJECT_ATTRIBUTES = new Set(['2.5.4.10', '2.5.4.11', '2.5.4.6', '2.5.4.7', '2.5.4.8', '0.9.2342.19200300.100.1.25']);
 /** How much longer than the policy's validity the CA's template may make a certificate. */
 const VALIDITY_TOLERANCE_MS = 86_400_000;
+/**
+ * Extended key usages a device certificate may carry: client authentication (what it is for)
+ * and server authentication (a template may add it; the names are still the policy's). Anything
+ * else is a power over the enterprise's other relying parties: OCSPSigning makes the device a
+ * delegated OCSP responder of the issuing CA (RFC 6960 4.2.2.2), codeSigning, timeStamping,
+ * anyExtendedKeyUsage, ... are as far from a device's use.
+ */
+const DEVICE_EKUS: ReadonlySet<string> = new Set([pkix.OID.clientAuth, pkix.OID.serverAuth]);
+/** keyUsage bits (RFC 5280 4.2.1.3) an end entity never has: keyCertSign (5), cRLSign (6). */
+const ISSUER_KEY_USAGES = [{ bit: 5, name: 'keyCertSign' }, { bit: 6, name: 'cRLSign' }];
+
+/** The keyUsage bits set in a KeyUsage BIT STRING (the extnValue's DER). */
+function keyUsageBits(value: Buffer): Set<number> {
+  const bits = pkix.der.decodeBitString(pkix.der.parseDer(value), false);
+  const set = new Set<number>();
+  for (let i = 0; i < bits.length * 8; i++) if (bits[i >> 3] & (0x80 >> (i & 7))) set.add(i);
+  return set;
+}
+
+/** ExtKeyUsageSyntax ::= SEQUENCE OF KeyPurposeId (the extnValue's DER). */
+function ekuOids(value: Buffer): string[] {
+  return pkix.der.children(pkix.der.expectTag(pkix.der.parseDer(value), pkix.der.TAG.SEQUENCE, 'ExtKeyUsageSyntax')).map((n) => pkix.der.decodeOid(n));
+}
+
+/** What keyUsage / extendedKeyUsage ask for beyond a device certificate's purposes (empty: nothing). */
+function purposeProblems(exts: Array<{ oid: string; value: Buffer }>): string[] {
+  const problems: string[] = [];
+  for (const e of exts) {
+    if (e.oid === pkix.OID.extKeyUsage) {
+      const ekus = ekuOids(e.value);
+      const extra = ekus.filter((o) => !DEVICE_EKUS.has(o));
+      if (extra.length) problems.push(`extended key usage ${extra.join(', ')} (a device certificate is for clientAuth, serverAuth only)`);
+      // A certificate the gateways could not use would be refused after the CA made it.
+      else if (!ekus.includes(pkix.OID.clientAuth)) problems.push('an extended key usage without clientAuth');
+    }
+    if (e.oid === pkix.OID.keyUsage) {
+      const bits = keyUsageBits(e.value);
+      const issuer = ISSUER_KEY_USAGES.filter((u) => bits.has(u.bit)).map((u) => u.name);
+      if (issuer.length) problems.push(`key usage ${issuer.join(', ')} (a device is not an issuer)`);
+    }
+  }
+  return problems;
+}
+
+/** The extensions of a certificate (its TBS [3]), values as DER. */
+function certificateExtensions(certDer: Buffer): Array<{ oid: string; value: Buffer }> {
+  const [tbs] = pkix.der.children(pkix.der.parseDer(certDer));
+  const holder = pkix.der.children(tbs).find((n) => n.tag === 0xa3);
+  if (!holder) return [];
+  return pkix.readExtensions(pkix.der.children(holder)[0]).map((e) => ({ oid: e.oid, value: e.value.value }));
+}
+
+/** The extensions a PKCS#10 CSR requests (its extensionRequest attribute), values as DER. */
+function requestedExtensions(csrDer: Buffer): Array<{ oid: string; value: Buffer }> {
+  const [info] = pkix.der.children(pkix.der.parseDer(csrDer));
+  const attrs = pkix.der.children(info).find((n) => n.tag === 0xa0);
+  if (!attrs) return [];
+  const out: Array<{ oid: string; value: Buffer }> = [];
+  for (const attr of pkix.der.children(attrs)) {
+    const [type, values] = pkix.der.children(attr);
+    if (pkix.der.decodeOid(type) !== pkix.OID.extensionRequest) continue;
+    for (const v of pkix.der.children(values)) out.push(...pkix.readExtensions(v).map((e) => ({ oid: e.oid, value: e.value.value })));
+  }
+  return out;
+}
 
 /** The Basic password: the file's first line, or the environment variable. Never the configuration. */
 export function readEstPassword(config: Pick<EstCaConfig, 'username' | 'passwordFile' | 'passwordEnv'>, env: NodeJS.ProcessEnv = process.env): string | undefined {
@@ -125,6 +190,8 @@ export class EstCa implements CaConnector {
     private readonly local: CaConnector,
     private readonly opts: { env?: NodeJS.ProcessEnv; logger?: Logger; now?: () => number } = {},
   ) {
+    // Credentials in the URL would be sent as Basic by node and printed in every log line (`url`).
+    if (/^[a-z]+:\/\/[^/?#]*@/i.test(config.url)) throw new LeafgateError('internal', 'deviceIssuer.url must not carry a user or password: use username with passwordFile or passwordEnv');
     const chainText = readPemFile(config.caChainFile, 'caChainFile');
     this.chain = pkix.parseCertificates(chainText);
     if (!this.chain.length) throw new LeafgateError('internal', `deviceIssuer.caChainFile ${config.caChainFile} holds no certificate`);
@@ -176,6 +243,16 @@ export class EstCa implements CaConnector {
     if (issuer !== 'device') return this.local.issue(issuer, req);
     if (!req.csrDer) throw new LeafgateError('internal', 'the EST connector forwards the device\'s CSR, and none was given');
     const operation = req.renewal ? 'simplereenroll' : 'simpleenroll';
+    // The CSR goes to the CA unchanged, and a CA template may copy what it requests: leafgate's
+    // policy tolerates requested keyUsage / extendedKeyUsage (its own CA decides their values),
+    // so here a request for purposes a device never has is refused before anything is made.
+    let problems: string[];
+    try {
+      problems = purposeProblems(requestedExtensions(req.csrDer));
+    } catch (err) {
+      throw new LeafgateError('bad_csr', `the CSR's requested extensions cannot be read: ${(err as Error).message}`);
+    }
+    if (problems.length) throw new LeafgateError('policy_violation', `the CSR requests ${problems.join('; ')}`, { detail: { est: 'not_forwarded' } });
     const answer = await this.post(operation, req.csrDer);
     const certs = this.interpret(operation, answer);
     try {
@@ -323,6 +400,10 @@ export class EstCa implements CaConnector {
     const leaf = parsed.find((c) => !c.ca && c.publicKey.equals(wanted));
     if (!leaf) return refuse('no certificate in the answer is for the key of the device\'s CSR', parsed[0]?.serialNumber.toUpperCase());
     const serial = leaf.serialNumber.toUpperCase();
+    // RFC 5280 4.1.2.2: a positive integer. leafgate's CRL and the gateways' lookups key on the
+    // upper-case hex of a positive serial: a negative one ("-1234" as node prints it) would be
+    // encoded as serial 0 in the device CA's CRL, and its revocation would never reach a gateway.
+    if (!/^[0-9A-F]+$/.test(serial) || /^0+$/.test(serial)) refuse(`its serial number ${serial.slice(0, 48)} is not a positive integer (RFC 5280 4.1.2.2)`, serial);
     const issuing = this.chain[0];
     // Chain: issued by the configured issuing CA (name and signature; the configured chain up to
     // its root was checked at start, its validity now is checked with the certificate's below).
@@ -331,6 +412,14 @@ export class EstCa implements CaConnector {
     // An end-entity certificate the device can use as a TLS client (RFC 5280 4.2.1.9, 4.2.1.12).
     const eku = leaf.keyUsage;
     if (eku && eku.length && !eku.includes(pkix.OID.clientAuth)) refuse('its extended key usage does not allow clientAuth', serial);
+    // And nothing a device certificate must not be: another purpose, an issuer's key usage.
+    let problems: string[];
+    try {
+      problems = purposeProblems(certificateExtensions(leaf.raw));
+    } catch (err) {
+      return refuse(`its key usage extensions cannot be read: ${(err as Error).message}`, serial);
+    }
+    if (problems.length) refuse(`it carries ${problems.join('; ')}`, serial);
     // Subject: exactly the CN leafgate's policy built; an enterprise template may add organisational attributes, nothing else.
     const expectedCn = pkix.decodeName(pkix.der.parseDer(req.subjectDer)).find(([oid]) => oid === pkix.OID.commonName)?.[1];
     let subject: Array<[string, string]>;

@@ -9,3 +9,4 @@ export { encodeCertificate, encodeCertificateAsync, keyIdentifier, newSerial, su
 export { encodeCrl, encodeCrlAsync, parseCrl, crlToPem, REVOCATION_REASONS, type RevocationReason, type CrlEntry, type ParsedCrl } from './crl.ts';
 export { ecVerifyPool, type EcVerifyPool } from './verify-pool.ts';
 export { encodeCertsOnly, certsOnlyBase64, decodeCertsOnly } from './pkcs7.ts';
+export { readExtensions, type ExtensionNode } from './extensions.ts';

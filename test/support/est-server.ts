@@ -45,7 +45,9 @@ export type EstMode =
   /** Signs with a CA of the same name that is not in the chain leafgate was given. */
   | { kind: 'rogue-ca' }
   /** Signs with this subject instead of the CSR's. */
-  | { kind: 'subject'; subject: string };
+  | { kind: 'subject'; subject: string }
+  /** Signs with this serial number (openssl -set_serial: decimal, 0x hex, or negative). */
+  | { kind: 'serial'; serial: string };
 
 export interface EstRequestLog {
   path: string;
@@ -316,6 +318,7 @@ export class TestEstServer {
       const args = ['x509', '-req', '-inform', 'DER', '-in', csrFile, '-CA', join(this.dir, `${ca}.pem`), '-CAkey', join(this.dir, `${ca}.key`), '-days', String(this.days),
         '-copy_extensions', 'copy', '-extfile', ext, '-out', 'cert.pem'];
       if (mode.kind === 'subject') args.push('-subj', mode.subject);
+      if (mode.kind === 'serial') args.push('-set_serial', mode.serial);
       await openssl(work, args);
       const serial = (await openssl(work, ['x509', '-in', 'cert.pem', '-noout', '-serial'])).replace(/^serial=/, '').trim().toUpperCase();
       this.issued.push(serial);
