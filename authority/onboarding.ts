@@ -279,6 +279,31 @@ export class DeviceOnboarding {
     if (active >= policy.maxActiveCerts) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${policy.maxActiveCerts})`);
   }
 
+  /**
+   * Commits an issuance. With an external CA (EST) the certificate already exists there
+   * whatever the commit says: when no answer will carry it (another node answered this
+   * requestId first, the commit refused it, or failed), it is audited with its serial
+   * (`detail.est = "discarded"`) so the operator can find it and revoke it at the CA, as an
+   * answer lost on the way is. EST has no idempotency key, so two nodes that take the same
+   * requestId at once both ask the CA: this keeps the second certificate traceable.
+   */
+  private async commitIssued(kind: Kind, who: { gatewayId: string; deviceId: string; requestId: string }, row: CertificateRow, commit: () => Promise<boolean>): Promise<boolean> {
+    if (!this.ca.external) return commit();
+    const discarded = (why: string) => this.store.appendAudit({
+      at: this.now(), action: kind, outcome: 'error', code: null, deviceId: who.deviceId, gatewayId: who.gatewayId, requestId: who.requestId,
+      detail: { est: 'discarded', externalSerial: row.serial, why, action: 'revoke it at the external CA' },
+    }).catch(() => undefined);
+    let recorded: boolean;
+    try {
+      recorded = await commit();
+    } catch (err) {
+      await discarded(`not committed: ${(err as Error).message}`);
+      throw err;
+    }
+    if (!recorded) await discarded('another request with this requestId was answered first');
+    return recorded;
+  }
+
   /** After a lost insert race the stored answer is the only one that exists. */
   private async winnerOf(deviceId: string, requestId: string, kind: Kind, hash: string): Promise<CertMessage> {
     const winner = await this.storedAnswer(deviceId, requestId, kind, hash);
@@ -322,12 +347,12 @@ export class DeviceOnboarding {
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now, true);
-    const recorded = await this.store.recordRenewal({
+    const recorded = await this.commitIssued('renew', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
       supersedes: current.serial,
       audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, proof } },
-    });
+    }));
     return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'renew', hash);
   }
 
@@ -380,7 +405,7 @@ export class DeviceOnboarding {
     // A device onboarded again through another gateway moves to it with this certificate:
     // from then on that gateway, and no other, renews it and hears of its renewals.
     const movedFrom = device!.gatewayId !== gatewayId ? device!.gatewayId : undefined;
-    const recorded = await this.store.recordIssuance({
+    const recorded = await this.commitIssued('csr', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
       authSessionId: session.id,
@@ -392,7 +417,7 @@ export class DeviceOnboarding {
         at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
         detail: { key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
       },
-    });
+    }));
     // Another node may have answered this requestId first: that answer is then the only one.
     return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'csr', hash);
   }
@@ -448,7 +473,7 @@ export class DeviceOnboarding {
       const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
       const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
       const { devicePatch, consumeCode } = resolved.onVerified;
-      const recorded = await this.store.recordCompactIssuance({
+      const recorded = await this.commitIssued('enroll', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordCompactIssuance({
         request: { deviceId, requestId: msg.requestId, kind: 'enroll', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
         certificate: row,
         challengeId: challenge.id,
@@ -460,7 +485,7 @@ export class DeviceOnboarding {
           at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
           detail: { flow: 'compact', method: challenge.method, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
         },
-      });
+      }));
       return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'enroll', hash);
     } catch (err) {
       // A verified answer is spent even when its CSR is refused (one challenge, one try); a

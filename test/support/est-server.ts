@@ -128,6 +128,13 @@ export class TestEstServer {
    * answer: "the CA issued, the answer was lost".
    */
   dropNextAnswer = false;
+  /**
+   * When set, a signed enrollment is answered only once this many certificates have been
+   * signed (or after `holdMaxMs`): makes two requests overlap at the CA, as a race would.
+   */
+  holdAnswersUntil: number | undefined;
+  holdMaxMs = 15_000;
+  private readonly signedWaiters: Array<() => void> = [];
   /** Lifetime of the certificates it signs from now on (days). */
   days: number;
   private server: Server;
@@ -323,6 +330,20 @@ export class TestEstServer {
       const serial = (await openssl(work, ['x509', '-in', 'cert.pem', '-noout', '-serial'])).replace(/^serial=/, '').trim().toUpperCase();
       this.issued.push(serial);
       log.serial = serial;
+      for (const w of this.signedWaiters.splice(0)) w();
+      const hold = this.holdAnswersUntil;
+      if (hold !== undefined) {
+        const deadline = Date.now() + this.holdMaxMs;
+        while (this.issued.length < hold && Date.now() < deadline) {
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+            this.signedWaiters.push(() => {
+              clearTimeout(timer);
+              resolve();
+            });
+          });
+        }
+      }
       if (this.dropNextAnswer) {
         this.dropNextAnswer = false;
         log.status = -1;
