@@ -158,3 +158,20 @@ test('EST config: a user or password in the URL (https://user:password@host) is 
   // The same URL without the userinfo is accepted.
   resolveAuthorityConfig({ ...base, deviceIssuer: { ...di, url: est.url } }, {});
 });
+
+test('EST: CSR attributes other than extensionRequest (challengePassword; at ADCS the enrollment name-value pairs, "SAN:upn=..." with EDITF_ATTRIBUTESUBJECTALTNAME2) would reach the external CA unchanged: refused before forwarding', { timeout: 90_000 }, async (t) => {
+  const { est, ca } = await setup(t);
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-est-attr-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const cn = 'est-attr-1';
+  const { writeFileSync } = await import('node:fs');
+  writeFileSync(join(dir, 'req.cnf'), `[req]\ndistinguished_name=dn\nattributes=attrs\nprompt=no\n[dn]\nCN=${cn}\n[attrs]\nchallengePassword=enrollment-otp-of-another-profile\n`);
+  execFileSync('/usr/bin/openssl', ['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(dir, 'k.pem'), '-config', join(dir, 'req.cnf'), '-out', join(dir, 'csr.pem')], { stdio: 'pipe' });
+  const csr = pkix.parseCsr(readFileSync(join(dir, 'csr.pem'), 'utf8'));
+  // leafgate's policy ignores such attributes (its own CA never reads them).
+  checkCsrAgainstInstruction(csr, instruction(cn), { rsaPublicExponents: [65537] });
+  const e = await refusal(ca.issue('device', requestFor(csr, cn)));
+  assert.equal(e.code, 'policy_violation', `${e.code} ${e.message}`);
+  assert.match(e.message, /1\.2\.840\.113549\.1\.9\.7/);
+  assert.equal(est.enrollments().length, 0, 'nothing forwarded to the external CA');
+});

@@ -118,18 +118,25 @@ function certificateExtensions(certDer: Buffer): Array<{ oid: string; value: Buf
   return pkix.readExtensions(pkix.der.children(holder)[0]).map((e) => ({ oid: e.oid, value: e.value.value }));
 }
 
-/** The extensions a PKCS#10 CSR requests (its extensionRequest attribute), values as DER. */
-function requestedExtensions(csrDer: Buffer): Array<{ oid: string; value: Buffer }> {
+/**
+ * The extensions a PKCS#10 CSR requests (its extensionRequest attribute), values as DER, and
+ * the types of its other attributes.
+ */
+function csrAttributes(csrDer: Buffer): { extensions: Array<{ oid: string; value: Buffer }>; others: string[] } {
   const [info] = pkix.der.children(pkix.der.parseDer(csrDer));
   const attrs = pkix.der.children(info).find((n) => n.tag === 0xa0);
-  if (!attrs) return [];
-  const out: Array<{ oid: string; value: Buffer }> = [];
-  for (const attr of pkix.der.children(attrs)) {
+  const extensions: Array<{ oid: string; value: Buffer }> = [];
+  const others: string[] = [];
+  for (const attr of attrs ? pkix.der.children(attrs) : []) {
     const [type, values] = pkix.der.children(attr);
-    if (pkix.der.decodeOid(type) !== pkix.OID.extensionRequest) continue;
-    for (const v of pkix.der.children(values)) out.push(...pkix.readExtensions(v).map((e) => ({ oid: e.oid, value: e.value.value })));
+    const oid = pkix.der.decodeOid(type);
+    if (oid !== pkix.OID.extensionRequest) {
+      others.push(oid);
+      continue;
+    }
+    for (const v of pkix.der.children(values)) extensions.push(...pkix.readExtensions(v).map((e) => ({ oid: e.oid, value: e.value.value })));
   }
-  return out;
+  return { extensions, others };
 }
 
 /** The Basic password: the file's first line, or the environment variable. Never the configuration. */
@@ -246,12 +253,18 @@ export class EstCa implements CaConnector {
     // The CSR goes to the CA unchanged, and a CA template may copy what it requests: leafgate's
     // policy tolerates requested keyUsage / extendedKeyUsage (its own CA decides their values),
     // so here a request for purposes a device never has is refused before anything is made.
+    // Other attributes (challengePassword, ADCS enrollment name-value pairs such as
+    // "SAN:upn=..." or "CertificateTemplate:...") are ignored by leafgate's policy but would
+    // be read by the external CA: a CSR carrying any is not forwarded.
+    let attributes: ReturnType<typeof csrAttributes>;
     let problems: string[];
     try {
-      problems = purposeProblems(requestedExtensions(req.csrDer));
+      attributes = csrAttributes(req.csrDer);
+      problems = purposeProblems(attributes.extensions);
     } catch (err) {
-      throw new LeafgateError('bad_csr', `the CSR's requested extensions cannot be read: ${(err as Error).message}`);
+      throw new LeafgateError('bad_csr', `the CSR's attributes cannot be read: ${(err as Error).message}`);
     }
+    if (attributes.others.length) problems.push(`attributes other than extensionRequest (${attributes.others.slice(0, 5).join(', ')}), which the external CA would read`);
     if (problems.length) throw new LeafgateError('policy_violation', `the CSR requests ${problems.join('; ')}`, { detail: { est: 'not_forwarded' } });
     const answer = await this.post(operation, req.csrDer);
     const certs = this.interpret(operation, answer);
