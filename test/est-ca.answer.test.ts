@@ -175,3 +175,12 @@ test('EST: CSR attributes other than extensionRequest (challengePassword; at ADC
   assert.match(e.message, /1\.2\.840\.113549\.1\.9\.7/);
   assert.equal(est.enrollments().length, 0, 'nothing forwarded to the external CA');
 });
+
+test('EST config: an empty passwordFile (a secret not mounted yet) stops the start instead of sending an empty Basic password', { timeout: 60_000 }, async (t) => {
+  const est = await TestEstServer.start({ auth: 'basic' });
+  t.after(() => est.close());
+  const { writeFileSync } = await import('node:fs');
+  const empty = join(est.dir, 'empty-password');
+  writeFileSync(empty, '\n');
+  assert.throws(() => new EstCa({ type: 'est', url: est.url, serverCaFile: est.serverCaFile, caChainFile: est.chainFile, username: est.username, passwordFile: empty, timeoutMs: 20_000, retryAfterSeconds: 3 }, fakeLocal()), /passwordFile .* is empty/);
+});

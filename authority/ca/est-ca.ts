@@ -143,11 +143,15 @@ function csrAttributes(csrDer: Buffer): { extensions: Array<{ oid: string; value
 export function readEstPassword(config: Pick<EstCaConfig, 'username' | 'passwordFile' | 'passwordEnv'>, env: NodeJS.ProcessEnv = process.env): string | undefined {
   if (config.username === undefined) return undefined;
   if (config.passwordFile) {
+    let first: string;
     try {
-      return readFileSync(config.passwordFile, 'utf8').split(/\r?\n/)[0];
+      first = readFileSync(config.passwordFile, 'utf8').split(/\r?\n/)[0];
     } catch (err) {
       throw new LeafgateError('internal', `deviceIssuer.passwordFile ${config.passwordFile} cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     }
+    // An empty file (a secret not mounted yet) would be sent as an empty Basic password.
+    if (!first) throw new LeafgateError('internal', `deviceIssuer.passwordFile ${config.passwordFile} is empty: its first line is the password`);
+    return first;
   }
   const name = config.passwordEnv ?? DEFAULT_EST_PASSWORD_ENV;
   const v = env[name];
