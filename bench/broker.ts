@@ -21,7 +21,7 @@ import pino from 'pino';
 import { LocalCa } from '../authority/index.ts';
 import { startBroker } from '../broker/index.ts';
 import { resolveGatewayConfig, startGateway } from '../gateway/index.ts';
-import { CpuMeter, log, onCleanup, percentiles, round, sleep, spawnNode, waitForQuiet, type Json, type SpawnedNode } from './common.ts';
+import { CpuMeter, log, onCleanup, percentiles, round, sleep, spawnNode, targetFields, waitForQuiet, type Json, type SpawnedNode } from './common.ts';
 import type { Identity, LoadCommand, LoadResult } from './broker-load.ts';
 import { issueBenchIdentity } from './identities.ts';
 import { BENCH_PASSPHRASE, startProcStack } from './proc-stack.ts';
@@ -298,12 +298,23 @@ export const brokerBench = defineBench({
       const m = results.mosquitto?.[qos];
       for (const t of targets) {
         if (t.name !== 'mosquitto' && m) {
-          emit('ratio_vs_mosquitto', results[t.name][qos] / m, 'ratio', { target: t.name, qos, ...(phases.mosquitto[qos].some((p) => p.clientBound) ? { note: 'mosquitto was client_bound: its real rate is higher, this ratio is an upper bound' } : {}) });
-          emit('ratio_vs_mosquitto_per_cpu', perCpu[t.name][qos] / perCpu.mosquitto[qos], 'ratio', { target: t.name, qos, note: 'messages per broker CPU-second, relative to mosquitto' });
+          const ratio = results[t.name][qos] / m;
+          // Issue 20 holds the gateway to Mosquitto at QoS 1 (>= 1.0); QoS 0 and bare aedes are
+          // context. On ratio lines `target` is the threshold, so the broker is named `broker`.
+          const held = t.name === 'gateway' && qos === 1 ? targetFields(ratio, 1.0, '>=') : { target_note: 'context only: issue 20 sets a target for the gateway at QoS 1' };
+          emit('ratio_vs_mosquitto', ratio, 'ratio', {
+            broker: t.name, qos, ...held, broker_msgs_per_s: Math.round(results[t.name][qos]), mosquitto_msgs_per_s: Math.round(m),
+            ...(phases.mosquitto[qos].some((p) => p.clientBound) ? { note: 'mosquitto was client_bound: its real rate is higher, this ratio is an upper bound' } : {}),
+          });
+          emit('ratio_vs_mosquitto_per_cpu', perCpu[t.name][qos] / perCpu.mosquitto[qos], 'ratio', { broker: t.name, qos, note: 'messages per broker CPU-second, relative to mosquitto' });
         }
       }
       if (results.gateway && results.aedes) {
-        emit('plugin_overhead_pct', (1 - results.gateway[qos] / results.aedes[qos]) * 100, '%', { qos, note: 'throughput lost to the plugin chain: (1 - gateway/aedes) x 100, best rounds' });
+        const pct = (1 - results.gateway[qos] / results.aedes[qos]) * 100;
+        emit('plugin_overhead_pct', pct, '%', {
+          qos, ...targetFields(pct, 10, '<='), gateway_msgs_per_s: Math.round(results.gateway[qos]), aedes_msgs_per_s: Math.round(results.aedes[qos]),
+          note: 'throughput lost to the plugin chain: (1 - gateway/aedes) x 100, best rounds (issue 20: <= 10)',
+        });
         emit('plugin_overhead_cpu_pct', (1 - perCpu.gateway[qos] / perCpu.aedes[qos]) * 100, '%', { qos, note: 'the same per broker CPU-second' });
       }
     }

@@ -431,3 +431,14 @@ export async function pool<T>(items: T[], concurrency: number, fn: (item: T, ind
   });
   await Promise.all(workers);
 }
+
+// ---------------------------------------------------------------- targets
+
+/**
+ * The fields a ratio metric carries beside its value: the target it is held to (issue 20),
+ * which way, and whether this run met it, so that a reader sees at once what passes.
+ */
+export function targetFields(value: number, target: number, op: '>=' | '<='): { target: number; target_op: string; met: boolean } {
+  const met = Number.isFinite(value) && (op === '>=' ? value >= target : value <= target);
+  return { target, target_op: op, met };
+}

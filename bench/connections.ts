@@ -10,7 +10,7 @@
  * CONNECT (bench/connections-worker.ts) in worker processes with a raised fd limit, spread
  * over several 127.0.0.x source addresses when one would run out of ephemeral ports.
  */
-import { CpuMeter, hardNofile, log, monoMs, waitForQuiet, percentiles, procStatusKb, sleep, spawnNode, type SpawnedNode } from './common.ts';
+import { CpuMeter, hardNofile, log, monoMs, waitForQuiet, percentiles, procStatusKb, sleep, spawnNode, targetFields, type SpawnedNode } from './common.ts';
 import type { ConnCommand, ConnectResult } from './connections-worker.ts';
 import { BENCH_PASSPHRASE, metricValue, startProcStack } from './proc-stack.ts';
 import { startMosquitto } from './reference-brokers.ts';
@@ -161,7 +161,16 @@ export const connectionsBench = defineBench({
         // allocator is not the difference being measured.
         const ref = spawnNode('bench/reference-brokers.ts', [stack.gateway.dataDir, target], { name: target, nofile, env: gatewayFacts.allocatorLib ? { LD_PRELOAD: gatewayFacts.allocatorLib } : {} });
         const port = Number((await ref.waitFor(/on port (\d+)/))[1]);
-        return { port, pid: ref.pid, memory: rssOnly(ref.pid), stop: () => ref.stop() };
+        // Its V8 heap too (SIGUSR2 -> a `memory <n>` line), so that the young generation's
+        // growth is left out of its figure as it is of the gateway's.
+        let asked = 0;
+        const memory = async (): Promise<ServerMemory> => {
+          const n = ++asked;
+          process.kill(ref.pid, 'SIGUSR2');
+          const v8 = JSON.parse((await ref.waitFor(new RegExp(`^memory ${n} (.*)$`), 30_000))[1]) as Omit<ServerMemory, 'rssKb' | 'operational'>;
+          return { rssKb: procStatusKb(ref.pid, 'VmRSS'), ...v8, operational: NaN };
+        };
+        return { port, pid: ref.pid, memory, stop: () => ref.stop() };
       }
       if (target === 'mosquitto') {
         const m = await startMosquitto({ dir: stack.dir, gatewayDir: stack.gateway.dataDir, caPems: [stack.deviceCaPem, stack.rootPem], tls: opts.tls === '1.2' ? '1.2' : '1.3', nofile });
@@ -180,6 +189,8 @@ export const connectionsBench = defineBench({
       ids: [...ids.filter((_, i) => i % W === wi), ...(wi === 0 ? warmIds : [])],
     })));
 
+    /** Per target: kB per held connection (young-generation growth left out), and the marginal figure. */
+    const perConnection: Record<string, { kb: number; marginalKb?: number; held: number }> = {};
     for (const target of targets) {
       log(`=== target ${target}`);
       const server = await startTarget(target);
@@ -287,6 +298,7 @@ export const connectionsBench = defineBench({
       const marginal: Record<string, number> = lastStep && held > lastStep.n
         ? { marginal_kb_per_connection: Math.round((((after.rssKb - (after.newSpaceKb || 0)) - (lastStep.m.rssKb - (lastStep.m.newSpaceKb || 0))) / (held - lastStep.n)) * 100) / 100, marginal_from: lastStep.n }
         : {};
+      perConnection[target] = { kb: per(after.rssKb - young, before.rssKb), marginalKb: marginal.marginal_kb_per_connection, held };
       emit('rss_kb_per_connection', per(after.rssKb - young, before.rssKb), 'kB', {
         ...ctx, ...split(after, before, held), ...marginal, rss_raw_kb_per_connection: Math.round(per(after.rssKb, before.rssKb) * 100) / 100,
         rss_mb_before: before.rssKb / 1024, rss_mb_after: after.rssKb / 1024,
@@ -304,6 +316,22 @@ export const connectionsBench = defineBench({
       }
 
       await server.stop();
+    }
+
+    // Issue 20: the gateway against node's bare TLS server with the same options, same run,
+    // same clients, same allocator: what leafgate adds per idle mutual-TLS connection.
+    const gw = perConnection.gateway;
+    const floor = perConnection['node-tls'];
+    if (gw && floor) {
+      const ratio = gw.kb / floor.kb;
+      // At a few connections memory freed meanwhile (GC, the allocator) can outweigh them: a
+      // figure <= 0 measures nothing, and such a ratio never counts as met.
+      const meaningful = gw.kb > 0 && floor.kb > 0;
+      emit('rss_to_node_tls', ratio, 'ratio', {
+        ...targetFields(ratio, 1.15, '<='), value_precise: Math.round(ratio * 10000) / 10000, ...(meaningful ? {} : { met: false, invalid: 'a per-connection figure is <= 0 (too few connections to measure)' }), gateway_kb_per_connection: Math.round(gw.kb * 100) / 100, node_tls_kb_per_connection: Math.round(floor.kb * 100) / 100,
+        ...(gw.marginalKb !== undefined && floor.marginalKb !== undefined ? { marginal_ratio: Math.round((gw.marginalKb / floor.marginalKb) * 1000) / 1000 } : {}),
+        held: gw.held, tls_protocol: maxVersion, note: 'gateway rss_kb_per_connection / node-tls rss_kb_per_connection, measured one after the other in this run',
+      });
     }
 
     await Promise.all(workers.map((w) => new Promise<void>((r) => {

@@ -28,6 +28,15 @@ export interface SimConfig {
   stopLaunchingAt: number;
   /** Node's detailed peer certificate after each handshake (see useShortPeerCertificates). */
   fullPeerChain?: boolean;
+  /**
+   * Open loop: devices arrive at this rate (devices/s, this simulator's share), each started
+   * at its arrival time whatever the others are doing; `concurrency` is then ignored.
+   */
+  rate?: number;
+  /** Arrival spacing in open loop: exponential gaps (a Poisson process) or even. */
+  arrival?: 'poisson' | 'even';
+  /** Seed of the Poisson gaps (each simulator its own, so that workers do not arrive in step). */
+  seed?: number;
 }
 
 export interface SimResult {
@@ -35,8 +44,11 @@ export interface SimResult {
   failed: number;
   notStarted: number;
   errors: Record<string, number>;
-  /** Per successful device, ms: start of onboard() to the mTLS CONNACK. */
+  /** Per successful device, ms: start of onboard() to the mTLS CONNACK (open loop: from its scheduled arrival). */
   latencies: number[];
+  /** Open loop: most devices in flight at once, and the largest delay of a start behind its arrival time (ms). */
+  maxInFlight?: number;
+  maxStartLagMs?: number;
   phases: { auth: number[]; keygen: number[]; issue: number[]; mtls: number[] };
   firstStart: number;
   lastEnd: number;
@@ -75,7 +87,7 @@ const kOriginal = Symbol('leafgate.bench.getPeerCertificate');
  * Builds the devices (factory keys decoded into KeyObjects: a device has its key at hand),
  * then returns the run itself, so that the caller starts its clock and CPU meter between.
  */
-export function prepareSimulation(cfg: SimConfig): { run(stopLaunchingAt: number): Promise<SimResult> } {
+export function prepareSimulation(cfg: SimConfig): { run(stopLaunchingAt: number, startAt?: number): Promise<SimResult> } {
   useShortPeerCertificates(!cfg.fullPeerChain);
   const prepared = cfg.devices.map((d) => {
     const credential: DeviceCredential = d.credential.method === 'pki-signature'
@@ -83,7 +95,85 @@ export function prepareSimulation(cfg: SimConfig): { run(stopLaunchingAt: number
       : { method: 'ddkg', attributes: d.credential.attributes };
     return new LeafDevice({ deviceId: d.id, brokerUrl: d.brokerUrl ?? cfg.brokerUrl, ca: cfg.ca, credential, timeoutMs: cfg.timeoutMs, ...(cfg.keyPreference ? { keyPreference: cfg.keyPreference } : {}), ...(cfg.flow ? { flow: cfg.flow } : {}) });
   });
+  if (cfg.rate && cfg.rate > 0) {
+    const rate = cfg.rate;
+    return { run: (stopLaunchingAt, startAt) => runOpenLoop(prepared, arrivals(prepared.length, rate, cfg.arrival ?? 'poisson', cfg.seed ?? 1), startAt ?? monoMs(), stopLaunchingAt) };
+  }
   return { run: (stopLaunchingAt) => runDevices(prepared, cfg.concurrency, stopLaunchingAt) };
+}
+
+/** Arrival offsets (ms from the start) of `n` devices at `rate`/s: even, or exponential gaps (seeded). */
+export function arrivals(n: number, rate: number, kind: 'poisson' | 'even', seed: number): number[] {
+  const gap = 1000 / rate;
+  if (kind === 'even') return Array.from({ length: n }, (_, i) => i * gap);
+  // mulberry32: reproducible gaps for a given seed.
+  let a = seed >>> 0;
+  const random = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const out: number[] = [];
+  let at = 0;
+  for (let i = 0; i < n; i++) {
+    out.push(at);
+    at += -Math.log(1 - random()) * gap;
+  }
+  return out;
+}
+
+/** One device end to end; its latency counted from `t0` (closed loop: its start; open loop: its arrival). */
+async function runOne(device: LeafDevice, t0: number, r: SimResult): Promise<void> {
+  try {
+    const identity = await device.onboard();
+    const t1 = monoMs();
+    const client = await device.connectOperational(identity);
+    const t2 = monoMs();
+    r.lastEnd = Math.max(r.lastEnd, t2);
+    r.ok++;
+    r.latencies.push(t2 - t0);
+    r.phases.auth.push(identity.ms.auth);
+    r.phases.keygen.push(identity.ms.keygen);
+    r.phases.issue.push(identity.ms.issue);
+    r.phases.mtls.push(t2 - t1);
+    void client.endAsync().catch(() => undefined);
+  } catch (err) {
+    r.lastEnd = Math.max(r.lastEnd, monoMs());
+    r.failed++;
+    const code = (err as { code?: string }).code ?? (err as Error).message?.slice(0, 60) ?? 'error';
+    r.errors[code] = (r.errors[code] ?? 0) + 1;
+  }
+}
+
+/**
+ * Open loop: device i starts at `startAt + offsets[i]` whether or not the earlier ones have
+ * finished, so a slow system meets the same arrivals and queues them (no coordinated
+ * omission: latency runs from the scheduled arrival, so a start this process delayed counts
+ * against it too).
+ */
+async function runOpenLoop(prepared: LeafDevice[], offsets: number[], startAt: number, stopLaunchingAt: number): Promise<SimResult> {
+  const r: SimResult = { ok: 0, failed: 0, notStarted: 0, errors: {}, latencies: [], phases: { auth: [], keygen: [], issue: [], mtls: [] }, firstStart: Infinity, lastEnd: 0, maxInFlight: 0, maxStartLagMs: 0 };
+  const running: Array<Promise<void>> = [];
+  let inFlight = 0;
+  for (let i = 0; i < prepared.length; i++) {
+    const due = startAt + offsets[i];
+    if (due > stopLaunchingAt) {
+      r.notStarted += prepared.length - i;
+      break;
+    }
+    const wait = due - monoMs();
+    if (wait > 1) await new Promise((res) => setTimeout(res, wait));
+    const now = monoMs();
+    r.maxStartLagMs = Math.max(r.maxStartLagMs!, now - due);
+    r.firstStart = Math.min(r.firstStart, due);
+    inFlight++;
+    r.maxInFlight = Math.max(r.maxInFlight!, inFlight);
+    running.push(runOne(prepared[i], due, r).finally(() => inFlight--));
+  }
+  await Promise.all(running);
+  return r;
 }
 
 export function simulate(cfg: SimConfig): Promise<SimResult> {
@@ -102,25 +192,7 @@ async function runDevices(prepared: LeafDevice[], concurrency: number, stopLaunc
         continue;
       }
       r.firstStart = Math.min(r.firstStart, t0);
-      try {
-        const identity = await device.onboard();
-        const t1 = monoMs();
-        const client = await device.connectOperational(identity);
-        const t2 = monoMs();
-        r.lastEnd = Math.max(r.lastEnd, t2);
-        r.ok++;
-        r.latencies.push(t2 - t0);
-        r.phases.auth.push(identity.ms.auth);
-        r.phases.keygen.push(identity.ms.keygen);
-        r.phases.issue.push(identity.ms.issue);
-        r.phases.mtls.push(t2 - t1);
-        void client.endAsync().catch(() => undefined);
-      } catch (err) {
-        r.lastEnd = Math.max(r.lastEnd, monoMs());
-        r.failed++;
-        const code = (err as { code?: string }).code ?? (err as Error).message?.slice(0, 60) ?? 'error';
-        r.errors[code] = (r.errors[code] ?? 0) + 1;
-      }
+      await runOne(device, t0, r);
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, Math.min(concurrency, prepared.length)) }, lane));
@@ -137,6 +209,8 @@ export function mergeResults(results: SimResult[]): SimResult {
     for (const [k, v] of Object.entries(r.errors)) m.errors[k] = (m.errors[k] ?? 0) + v;
     m.latencies.push(...r.latencies);
     for (const k of Object.keys(m.phases) as Array<keyof SimResult['phases']>) m.phases[k].push(...r.phases[k]);
+    if (r.maxInFlight !== undefined) m.maxInFlight = (m.maxInFlight ?? 0) + r.maxInFlight;
+    if (r.maxStartLagMs !== undefined) m.maxStartLagMs = Math.max(m.maxStartLagMs ?? 0, r.maxStartLagMs);
     m.firstStart = Math.min(m.firstStart, r.firstStart);
     m.lastEnd = Math.max(m.lastEnd, r.lastEnd);
   }
@@ -146,7 +220,7 @@ export function mergeResults(results: SimResult[]): SimResult {
 // Worker mode: forked by bench/onboarding.ts with an IPC channel.
 if (process.send && process.env.BENCH_ONBOARDING_WORKER === '1') {
   let pending: ReturnType<typeof prepareSimulation> | undefined;
-  process.on('message', (msg: { cmd: 'prepare'; cfg: SimConfig } | { cmd: 'run'; stopLaunchingAt: number } | { cmd: 'exit' }) => {
+  process.on('message', (msg: { cmd: 'prepare'; cfg: SimConfig } | { cmd: 'run'; stopLaunchingAt: number; startAt?: number } | { cmd: 'exit' }) => {
     if (msg.cmd === 'exit') process.exit(0);
     if (msg.cmd === 'prepare') {
       try {
@@ -163,7 +237,7 @@ if (process.send && process.env.BENCH_ONBOARDING_WORKER === '1') {
       process.send!({ cmd: 'error', message: 'run before prepare' });
       return;
     }
-    void sim.run(msg.stopLaunchingAt).then(
+    void sim.run(msg.stopLaunchingAt, msg.startAt).then(
       (result) => process.send!({ cmd: 'result', result }),
       (err) => process.send!({ cmd: 'error', message: (err as Error).stack ?? String(err) }),
     );

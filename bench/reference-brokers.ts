@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pino from 'pino';
 import tls from 'node:tls';
+import v8 from 'node:v8';
 import { brokerTlsServerOptions, startBroker, TLS_CIPHERS } from '../broker/index.ts';
 import { freePort, onCleanup, stopChild } from './common.ts';
 
@@ -131,4 +132,12 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   }
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
+  // SIGUSR1 is node's inspector: the memory report answers SIGUSR2. `memory <n> {json}`, n
+  // counting the reports, so that a reader can wait for the one it asked for.
+  let reports = 0;
+  process.on('SIGUSR2', () => {
+    const m = process.memoryUsage();
+    const young = v8.getHeapSpaceStatistics().find((sp) => sp.space_name === 'new_space');
+    process.stdout.write(`memory ${++reports} ${JSON.stringify({ heapUsedKb: m.heapUsed / 1024, heapTotalKb: m.heapTotal / 1024, externalKb: m.external / 1024, newSpaceKb: (young?.space_size ?? NaN) / 1024 })}\n`);
+  });
 }

@@ -63,17 +63,36 @@ function check(lines: Line[], bench: string, wanted: Array<[string, Record<strin
   }
 }
 
+/** A ratio line of issue 20: present once, finite, with its target, direction and a boolean verdict. */
+function checkRatio(lines: Line[], metric: string, target: number, op: '>=' | '<=', ctx: Record<string, unknown> = {}): Line {
+  const hits = lines.filter((l) => l.metric === metric && Object.entries(ctx).every(([k, v]) => l[k] === v));
+  assert.equal(hits.length, 1, `${metric} ${JSON.stringify(ctx)}: one line, got ${hits.length}`);
+  const l = hits[0];
+  assert.ok(Number.isFinite(l.value), JSON.stringify(l));
+  assert.equal(l.target, target);
+  assert.equal(l.target_op, op);
+  assert.equal(typeof l.met, 'boolean');
+  return l;
+}
+
 test('bench issuance at a tiny size prints certs/s, raw sign and their ratio for both key types', { timeout: 720_000 }, async () => {
   const r = await runBench(['issuance', '--seconds', '0.3', '--breakdown', '20'], 600_000);
   assert.equal(r.code, 0, r.stderr);
   check(r.lines, 'issuance', [
     ['raw_sign_per_s', { key: 'ec-256' }], ['certs_per_s', { key: 'ec-256' }], ['certs_per_s', { key: 'rsa-2048' }],
     ['ratio_to_raw_sign', { key: 'ec-256' }], ['main_thread_us', { key: 'ec-256' }], ['machine_probe_sign_per_s'],
+    ['raw_sign_threads_per_s', { key: 'ec-256' }],
   ]);
+  // The raw-sign floor on as many threads as the issuance pool signs on.
+  const threads = r.lines.find((l) => l.metric === 'raw_sign_threads_per_s')!;
+  assert.ok(Number.isInteger(threads.threads) && (threads.threads as number) >= 1);
+  const ratio = checkRatio(r.lines, 'ratio_to_raw_sign', 0.1, '>=', { key: 'ec-256' });
+  assert.equal(ratio.sign_threads, threads.threads);
 });
 
 test('bench onboarding at a tiny size: three processes, every device onboarded, per-process CPU and RSS', { timeout: 720_000 }, async () => {
-  const r = await runBench(['onboarding', '--devices', '20', '--warmup', '5', '--concurrency', '5', '--tls-floor', '10'], 600_000);
+  // --rate auto: the closed-loop run, then an open loop at 80% of its rate (two seconds of arrivals).
+  const r = await runBench(['onboarding', '--devices', '20', '--warmup', '5', '--concurrency', '5', '--tls-floor', '10', '--rate', 'auto', '--open-seconds', '2'], 600_000);
   assert.equal(r.code, 0, r.stderr);
   check(r.lines, 'onboarding', [
     ['devices_per_s'], ['latency_p50_ms'], ['latency_p99_ms'],
@@ -84,6 +103,15 @@ test('bench onboarding at a tiny size: three processes, every device onboarded, 
   const rate = r.lines.find((l) => l.metric === 'devices_per_s')!;
   assert.equal(rate.ok, 20);
   assert.equal(rate.failed, 0);
+  assert.equal(rate.mode, 'closed-loop');
+  // Issue 20's ratio to the TLS floor of the same run, with its target.
+  checkRatio(r.lines, 'server_cpu_to_tls_floor', 2.5, '<=');
+  // The open loop: its own lines, and the p99 at 80% of the closed-loop rate with its target.
+  const open = r.lines.filter((l) => l.mode === 'open-loop');
+  for (const m of ['devices_per_s', 'latency_p50_ms', 'latency_p99_ms', 'open_loop_start_lag_max_ms']) assert.ok(open.some((l) => l.metric === m), `open loop: no ${m}`);
+  const p99 = checkRatio(r.lines, 'p99_at_80pct_ms', 1000, '<=');
+  assert.ok((p99.offered_rate as number) > 0 && (p99.max_rate as number) > (p99.offered_rate as number), JSON.stringify(p99));
+  assert.equal((p99.ok as number) + (p99.failed as number), open.find((l) => l.metric === 'devices_per_s')!.ok as number + (open.find((l) => l.metric === 'devices_per_s')!.failed as number));
 });
 
 test('bench broker at a tiny size: gateway and bare aedes (and Mosquitto where installed), QoS 0 and 1', { timeout: 720_000 }, async () => {
@@ -95,8 +123,10 @@ test('bench broker at a tiny size: gateway and bare aedes (and Mosquitto where i
     ['msgs_per_s', { target: 'gateway', qos: 0 }], ['msgs_per_s', { target: 'gateway', qos: 1 }],
     ['msgs_per_s', { target: 'aedes', qos: 1 }], ['plugin_overhead_pct', { qos: 1 }], ['latency_p99_ms', { target: 'gateway', qos: 1 }],
   ];
-  if (mosquitto) wanted.push(['msgs_per_s', { target: 'mosquitto', qos: 1 }], ['ratio_vs_mosquitto', { target: 'gateway', qos: 1 }]);
+  if (mosquitto) wanted.push(['msgs_per_s', { target: 'mosquitto', qos: 1 }], ['ratio_vs_mosquitto', { broker: 'gateway', qos: 1 }]);
   check(r.lines, 'broker', wanted);
+  checkRatio(r.lines, 'plugin_overhead_pct', 10, '<=', { qos: 1 });
+  if (mosquitto) checkRatio(r.lines, 'ratio_vs_mosquitto', 1.0, '>=', { broker: 'gateway', qos: 1 });
 });
 
 test('bench connections at a tiny size: every connection held, connect rate and RSS per connection', { timeout: 720_000 }, async () => {
@@ -107,4 +137,11 @@ test('bench connections at a tiny size: every connection held, connect rate and 
   const held = r.lines.filter((l) => l.metric === 'connections_held');
   assert.deepEqual(held.map((l) => [l.target, l.value]), [['gateway', 60], ['node-tls', 60]]);
   assert.deepEqual(r.lines.filter((l) => l.metric === 'rss_kb_per_connection').map((l) => l.target), ['gateway', 'node-tls']);
+  // Issue 20: the gateway over the node-tls floor of the same run, with its target.
+  const ratio = r.lines.find((l) => l.metric === 'rss_to_node_tls')!;
+  assert.ok(ratio, 'no rss_to_node_tls line');
+  assert.equal(ratio.target, 1.15);
+  assert.equal(ratio.target_op, '<=');
+  assert.equal(typeof ratio.met, 'boolean');
+  assert.ok(typeof ratio.gateway_kb_per_connection === 'number' && typeof ratio.node_tls_kb_per_connection === 'number');
 });

@@ -12,6 +12,7 @@ import { test, type TestContext } from 'node:test';
 import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
 import { AuthorityEvents, LocalCa, Revocation, resolveAuthorityConfig } from '../authority/index.ts';
 import { rewriteDdl, toPgPlaceholders } from '../authority/store/sql.ts';
+import { countActiveSql } from '../authority/store/sql-store.ts';
 import { pgSchema } from './support/pg.ts';
 
 type Engine = 'sqlite' | 'postgres';
@@ -352,6 +353,19 @@ for (const engine of ENGINES) {
     assert.ok(stored.der.equals(revocation.crl().der));
   });
 }
+
+test('[sqlite] the per-device active-certificate count uses the device index, not a walk over every active certificate', async (t) => {
+  // Without planner statistics SQLite preferred the covering certificates_expiry index
+  // (status, kind, not_after, subject_id) and scanned all active certificates per issuance.
+  const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-plan-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const store = new SqliteStore(join(dir, 'a.db'));
+  t.after(() => store.close());
+  const plan = (await store.db.query<{ detail: string }>(`EXPLAIN QUERY PLAN ${countActiveSql('sqlite')}`, ['dev-x', 0])).map((r) => r.detail).join(' | ');
+  assert.match(plan, /USING INDEX certificates_subject \(subject_id=\? AND status=\?\)/, plan);
+  assert.doesNotMatch(plan, /certificates_expiry/, plan);
+  assert.doesNotMatch(countActiveSql('postgres'), /INDEXED BY/, 'PostgreSQL keeps the portable statement');
+});
 
 test('[sqlite] concurrent transactions share one COMMIT; a failing one rolls back alone; no statement joins an open batch', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));

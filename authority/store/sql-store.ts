@@ -84,6 +84,11 @@ const SQL = {
   supersedeOthers: "UPDATE certificates SET status = 'superseded' WHERE subject_id = ? AND kind = ? AND status = 'active' AND serial != ?",
   supersede: "UPDATE certificates SET status = 'superseded' WHERE serial = ? AND status = 'active'",
   countActive: "SELECT COUNT(*) AS n FROM certificates WHERE subject_id = ? AND status = 'active' AND not_after > ?",
+  // SQLite without planner statistics takes the covering index certificates_expiry (status,
+  // kind, not_after, subject_id) for this count and walks every active certificate (O(fleet)
+  // per issuance: ~0.9 ms at 18,000 certificates, growing); the device's own index is the
+  // right one. PostgreSQL plans from its statistics.
+  countActiveSqlite: "SELECT COUNT(*) AS n FROM certificates INDEXED BY certificates_subject WHERE subject_id = ? AND status = 'active' AND not_after > ?",
   // A revocation is new work for the registries: a fresh set of attempts, even for a row that was parked.
   revoke: "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, hub_synced_at = NULL, dps_synced_at = NULL, hub_attempts = 0, hub_next_at = NULL, hub_failed_at = NULL, dps_attempts = 0, dps_next_at = NULL, dps_failed_at = NULL WHERE serial = ? AND status = 'active'",
   getCert: 'SELECT * FROM certificates WHERE serial = ?',
@@ -105,6 +110,8 @@ const SQL = {
   claimJob: `INSERT INTO job_runs (name, last_run_at) VALUES (?, ?)
     ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at WHERE job_runs.last_run_at <= ?`,
 } as const;
+
+export const countActiveSql = (dialect: SqlDriver['dialect']): string => (dialect === 'sqlite' ? SQL.countActiveSqlite : SQL.countActive);
 
 function insertDeviceRow(q: Queryable, d: DeviceRow) {
   return q.run(SQL.insertDevice, [d.id, d.groupName, d.method, d.status, d.gatewayId, d.ddkgSalt, d.ddkgPublicKey, d.birthCertFingerprint, d.createdAt, d.updatedAt]);
@@ -335,7 +342,7 @@ export class SqlStore implements AuthorityStore {
         // PostgreSQL the device row's lock queues another node's issuance for the same
         // device behind this commit, and its count then sees this certificate.
         if (tx.dialect === 'postgres') await tx.query('SELECT id FROM devices WHERE id = ? FOR UPDATE', [certificate.subjectId]);
-        const active = Number((await tx.one(SQL.countActive, [certificate.subjectId, q.createdAt]))?.n ?? 0);
+        const active = Number((await tx.one(countActiveSql(tx.dialect), [certificate.subjectId, q.createdAt]))?.n ?? 0);
         if (active >= maxActive) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${maxActive})`);
       }
       if ((await tx.run(SQL.useSession, [q.createdAt, authSessionId])).changes !== 1) throw new Error('auth session was consumed concurrently');
@@ -360,7 +367,7 @@ export class SqlStore implements AuthorityStore {
         throw new LeafgateError('enrollment_required', 'enrollmentCode is unknown, used or expired');
       }
       if (tx.dialect === 'postgres') await tx.query('SELECT id FROM devices WHERE id = ? FOR UPDATE', [deviceId]);
-      const active = Number((await tx.one(SQL.countActive, [deviceId, q.createdAt]))?.n ?? 0);
+      const active = Number((await tx.one(countActiveSql(tx.dialect), [deviceId, q.createdAt]))?.n ?? 0);
       if (active >= maxActive) throw new LeafgateError('policy_violation', `device already holds ${active} active certificates (max ${maxActive})`);
       await updateDeviceRow(tx, deviceId, devicePatch, q.createdAt);
       await this.insertCert(tx, certificate);
@@ -410,7 +417,7 @@ export class SqlStore implements AuthorityStore {
   }
 
   async countActiveCertificates(subjectId: string, now: number): Promise<number> {
-    return Number((await this.db.one(SQL.countActive, [subjectId, now]))?.n ?? 0);
+    return Number((await this.db.one(countActiveSql(this.db.dialect), [subjectId, now]))?.n ?? 0);
   }
 
   async listCertificates(filter: { subjectId?: string; status?: string; kind?: string; expiringBefore?: number; limit?: number }): Promise<CertificateRow[]> {
