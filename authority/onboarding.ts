@@ -365,8 +365,8 @@ export class DeviceOnboarding {
    * whatever the commit says: when no answer will carry it (another node answered this
    * requestId first, the commit refused it, or failed), it is audited with its serial
    * (`detail.est = "discarded"`) so the operator can find it and revoke it at the CA, as an
-   * answer lost on the way is. EST has no idempotency key, so two nodes that take the same
-   * requestId at once both ask the CA: this keeps the second certificate traceable.
+   * answer lost on the way is. (Two requests with one requestId do not both ask the CA: the
+   * claim taken before the call lets one through; see claimExternal.)
    */
   private async commitIssued(kind: Kind, who: { gatewayId: string; deviceId: string; requestId: string }, row: CertificateRow, commit: () => Promise<boolean>): Promise<boolean> {
     if (!this.ca.external) return commit();
