@@ -65,6 +65,8 @@ export class DeviceOnboarding {
   private readonly locks = new Map<string, Promise<unknown>>();
   /** This node's name on its external-CA claims (several authority nodes share one database). */
   readonly node = `${hostname().slice(0, 64)}/${process.pid}/${randomBytes(6).toString('hex')}`;
+  /** Errors whose audit line was written with a stored answer (see storeRefusal). */
+  private readonly audited = new WeakSet<object>();
 
   constructor(deps: OnboardingDeps) {
     this.store = deps.store;
@@ -153,6 +155,7 @@ export class DeviceOnboarding {
   private async refused(action: Kind, gatewayId: string, deviceId: string, requestId: string, err: unknown): Promise<never> {
     const e = toLeafgateError(err);
     this.onOutcome?.(action, e.code, { gatewayId, deviceId, requestId });
+    if (this.audited.has(e)) throw e;
     await this.store.appendAudit({
       at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
       detail: { message: e.message, ...(e.detail ?? {}) },
@@ -211,7 +214,33 @@ export class DeviceOnboarding {
     const r = await this.store.getRequest(deviceId, requestId);
     if (!r) return null;
     if (r.kind !== kind || r.bodyHash !== hash) throw new LeafgateError('request_conflict', `requestId ${requestId} was already used for another ${r.kind} request`);
+    // A stored refusal (the external CA's ca_refused): the same refusal again, the CA not asked.
+    const refused = r.response?.refused as { code?: string; message?: string; detail?: Record<string, unknown> } | undefined;
+    if (refused && refused.code === 'ca_refused') throw new LeafgateError('ca_refused', refused.message, { detail: { ...(refused.detail ?? {}), storedAnswer: true } });
     return r.response;
+  }
+
+  /**
+   * With an external CA, `ca_refused` is final for this requestId: it is stored as its answer
+   * (with its audit line, one commit) so that a repeat gets the same refusal without the CSR
+   * going to the CA again (where each repeat could be another refusal to look at, or another
+   * certificate leafgate refuses). Anything else passes through.
+   */
+  private async storeRefusal<T>(who: { gatewayId: string; deviceId: string; requestId: string }, kind: Kind, hash: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!(err instanceof LeafgateError) || err.code !== 'ca_refused' || !this.ca.external) throw err;
+      const now = this.now();
+      const detail = { message: err.message, ...(err.detail ?? {}) };
+      const stored = await this.store.insertRequest(
+        { deviceId: who.deviceId, requestId: who.requestId, kind, bodyHash: hash, response: { refused: { code: err.code, message: err.message, detail: err.detail ?? {} } }, createdAt: now },
+        { at: now, action: kind, outcome: 'refused', code: err.code, deviceId: who.deviceId, gatewayId: who.gatewayId, requestId: who.requestId, detail: { ...detail, answerStored: true } },
+      ).catch(() => false);
+      // Audited with the stored answer: run() does not audit it again.
+      if (stored) this.audited.add(err);
+      throw err;
+    }
   }
 
   private checkDeviceUsable(device: DeviceRow | null): void {
@@ -430,17 +459,24 @@ export class DeviceOnboarding {
     const claim = await this.claimExternal(deviceId, msg.requestId, 'renew', hash);
     if ('stored' in claim) return claim.stored;
     try {
-      const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now, true);
-      const recorded = await this.commitIssued('renew', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordRenewal({
-        request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
-        certificate: row,
-        supersedes: current.serial,
-        audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, proof } },
-      }));
-      return recorded ? answer : await this.winnerOf(deviceId, msg.requestId, 'renew', hash);
+      return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'renew', hash, () => this.issueRenewal(gatewayId, deviceId, msg, hash, csr, instruction, current, proof, now));
     } finally {
       await claim.release();
     }
+  }
+
+  private async issueRenewal(
+    gatewayId: string, deviceId: string, msg: RenewalCsrMessage, hash: string, csr: pkix.ParsedCsr, instruction: InstructionMessage,
+    current: CertificateRow, proof: 'verified' | 'absent', now: number,
+  ): Promise<CertMessage> {
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now, true);
+    const recorded = await this.commitIssued('renew', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordRenewal({
+      request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
+      certificate: row,
+      supersedes: current.serial,
+      audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, proof } },
+    }));
+    return recorded ? answer : await this.winnerOf(deviceId, msg.requestId, 'renew', hash);
   }
 
   /**
@@ -491,7 +527,7 @@ export class DeviceOnboarding {
     const claim = await this.claimExternal(deviceId, msg.requestId, 'csr', hash);
     if ('stored' in claim) return claim.stored;
     try {
-      return await this.issueCsr(gatewayId, deviceId, msg, hash, csr, instruction, session, device!, policy, now);
+      return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'csr', hash, () => this.issueCsr(gatewayId, deviceId, msg, hash, csr, instruction, session, device!, policy, now));
     } finally {
       await claim.release();
     }
@@ -573,7 +609,7 @@ export class DeviceOnboarding {
       const claim = await this.claimExternal(deviceId, msg.requestId, 'enroll', hash);
       if ('stored' in claim) return claim.stored;
       try {
-        return await this.issueEnroll(gatewayId, deviceId, msg, hash, csr, instruction, challenge, resolved.onVerified, device, group, policy, now);
+        return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'enroll', hash, () => this.issueEnroll(gatewayId, deviceId, msg, hash, csr, instruction, challenge, resolved.onVerified, device, group, policy, now));
       } finally {
         await claim.release();
       }
