@@ -178,3 +178,30 @@ test('answer deadline: the external CA has not answered within deviceIssuer.answ
   assert.equal(est.enrollments().length, 1, 'one CSR in all');
   assert.equal(await store.getExternalClaim(body.deviceId, body.requestId), null);
 });
+
+test('a ca_refused answer is stored for its requestId: the repeat gets the same refusal and the CSR does not go to the CA again; a new requestId is a new request', { timeout: 240_000 }, async (t) => {
+  const est = await startEst(t);
+  const stack = await startStack(t, { authority: { deviceIssuer: estIssuer(est) } });
+  const identity = gatewayIdentity(stack);
+  const body = await authenticated(stack, 'est-refused-1');
+  est.mode = { kind: 'refuse', status: 403, text: 'template denies this subject' };
+  const first = await authorityRequest(stack, '/v1/devices/csr', { body, identity }) as Answer;
+  assert.equal(first.body.code, 'ca_refused', first.text);
+  assert.match(first.body.message, /HTTP 403: template denies this subject/);
+  est.mode = { kind: 'issue' };
+  for (let i = 0; i < 2; i++) {
+    const again = await authorityRequest(stack, '/v1/devices/csr', { body, identity }) as Answer;
+    assert.equal(again.status, first.status);
+    assert.deepEqual({ code: again.body.code, message: again.body.message }, { code: first.body.code, message: first.body.message });
+  }
+  assert.equal(est.enrollments().length, 1, 'the refused CSR went to the CA once');
+  const audit = await stack.authority.store.listAudit({ deviceId: body.deviceId, limit: 50 });
+  const refusals = audit.filter((a) => a.code === 'ca_refused');
+  assert.equal(refusals.filter((a) => (a.detail as Record<string, unknown>).answerStored === true).length, 1, 'one audit line with the stored answer');
+  assert.equal(refusals.filter((a) => (a.detail as Record<string, unknown>).storedAnswer === true).length, 2, 'each repeat audited as answered from the store');
+  assert.equal(await stack.authority.store.getExternalClaim(body.deviceId, body.requestId), null);
+  // Another requestId is another request: asked again (the CA signs now).
+  const issued = ok(await authorityRequest(stack, '/v1/devices/csr', { body: { ...body, requestId: 'csr-2' }, identity }) as Answer, 'a new requestId');
+  assert.equal(issued.serial, est.issued[0]);
+  assert.equal(est.enrollments().length, 2);
+});
