@@ -25,6 +25,12 @@
  *   4xx (but 401, 408, 429) and 500/501 with a text -> `ca_refused` (final).
  *   401, 408, 429, 502-504, no connection, a timeout -> `authority_unavailable` (queued, retried).
  *
+ * Bounds per node: at most `maxConcurrent` calls in flight, each bounded as a whole by
+ * `timeoutMs`, and a circuit breaker (`failureThreshold` consecutive failures: fail fast for
+ * `retryAfterSeconds`, then one probe). The per-requestId claim that keeps two requests of one
+ * requestId from both reaching the CA is taken by the caller (authority/onboarding.ts), which
+ * also answers the gateway within `answerWithinMs` (`timing`).
+ *
  * EST has no idempotency key: when the CA issued but its answer was lost (a reset or timeout
  * after the request was sent), the retry gets a second certificate for the same key. leafgate
  * stores and delivers only the one whose answer arrived; the error of the lost attempt says
