@@ -11,7 +11,8 @@ import { pgConfig } from './store/sql.ts';
 import { DEFAULT_KEY_LABELS, defaultPkcs11Workers, type Pkcs11KeysConfig } from './ca/pkcs11-ca-key.ts';
 import type { CaName } from './ca/index.ts';
 import { resolveKeyVaultStoreConfig, type KeyVaultStoreConfig, type KeyVaultStoreConfigInput } from './ca/keyvault-key.ts';
-import type { EstCaConfig } from './ca/est-ca.ts';
+import { EST_DEFAULTS, type EstCaConfig } from './ca/est-ca.ts';
+import { GATEWAY_AUTHORITY_TIMEOUT_MS } from '../protocol/index.ts';
 
 /**
  * Where the CA keys live. file: encrypted PKCS#8 files in `<dataDir>/ca` (or ca_material rows
@@ -252,8 +253,11 @@ export const AUTHORITY_CONFIG_SCHEMA: Schema = {
         username: { type: 'string', minLength: 1, pattern: '^[^:]*$', expected: 'a user name without a colon', description: 'HTTP Basic user name (the password comes from passwordFile or passwordEnv, never from here).' },
         passwordFile: { type: 'string', minLength: 1, description: 'File whose first line is the HTTP Basic password.' },
         passwordEnv: { type: 'string', pattern: '^[A-Za-z_][A-Za-z0-9_]*$', expected: 'an environment variable name', description: 'Environment variable holding the HTTP Basic password (default LEAFGATE_EST_PASSWORD).' },
-        timeoutMs: int('Longest wait for one EST answer (ms); then the request is retried from the gateway\'s queue.', 100, 600_000, 30_000),
-        retryAfterSeconds: int('Retry hint given while the EST server is unreachable or refuses leafgate\'s credentials (seconds).', 1, 86_400, 30),
+        timeoutMs: int('Longest one EST call may take, connection to the last byte of the answer (ms); then the request is retried from the gateway\'s queue.', 100, 600_000, 30_000),
+        retryAfterSeconds: int('Retry hint given while the EST server is unreachable or refuses leafgate\'s credentials (seconds); also how long the circuit breaker stays open before one probe.', 1, 86_400, 30),
+        answerWithinMs: int('Longest a gateway\'s request waits for the EST call (ms): then it is answered authority_unavailable with retryAfterMs while the call goes on, and the retry gets the stored certificate. At most the gateway\'s request timeout (15 s) minus 1 s.', 100, GATEWAY_AUTHORITY_TIMEOUT_MS - 1000, EST_DEFAULTS.answerWithinMs),
+        maxConcurrent: int('EST calls in flight at once per authority node; one more is answered authority_unavailable with retryAfterMs (it waits in the gateway\'s queue).', 1, 1000, 8),
+        failureThreshold: int('Consecutive EST failures (no connection, no answer, HTTP 502/503/504) that open the circuit breaker: requests then fail fast for retryAfterSeconds, then one probe.', 1, 1000, 5),
       },
     },
     hostnames: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 }, default: ['localhost', '127.0.0.1', '::1'], description: 'Names (DNS or IP) in the authority\'s TLS certificate.' },
@@ -514,7 +518,8 @@ export function resolveDeviceIssuer(input: NonNullable<AuthorityConfigInput['dev
   return stripUndefined({
     type: 'est', url: input.url!, label: input.label, serverCaFile: input.serverCaFile!, caChainFile: input.caChainFile!,
     clientCertFile: input.clientCertFile, clientKeyFile: input.clientKeyFile, username: input.username, passwordFile: input.passwordFile, passwordEnv: input.passwordEnv,
-    timeoutMs: input.timeoutMs ?? 30_000, retryAfterSeconds: input.retryAfterSeconds ?? 30,
+    timeoutMs: input.timeoutMs ?? EST_DEFAULTS.timeoutMs, retryAfterSeconds: input.retryAfterSeconds ?? EST_DEFAULTS.retryAfterSeconds,
+    answerWithinMs: input.answerWithinMs ?? EST_DEFAULTS.answerWithinMs, maxConcurrent: input.maxConcurrent ?? EST_DEFAULTS.maxConcurrent, failureThreshold: input.failureThreshold ?? EST_DEFAULTS.failureThreshold,
   })!;
 }
 

@@ -7,6 +7,7 @@
  * request gets the same answer and never a second certificate.
  */
 import { X509Certificate, createHash, randomBytes, verify } from 'node:crypto';
+import { hostname } from 'node:os';
 import {
   LeafgateError,
   challengeSigningInput,
@@ -29,7 +30,7 @@ import { AUTH_METHOD_HANDLERS, type MethodContext } from './auth-methods/index.t
 import { BACKDATE_MS, type CaConnector } from './ca/index.ts';
 import type { AuthorityConfig } from './config.ts';
 import { buildInstruction, checkCsrAgainstInstruction, chooseKey, type DevicePolicy } from './policy/index.ts';
-import type { AuthorityStore, CertificateRow, DeviceRow, RequestRow } from './store/index.ts';
+import type { AuthorityStore, CertificateRow, ChallengeRow, DevicePatch, DeviceRow, RequestRow } from './store/index.ts';
 import { renewalKey } from './renewal.ts';
 
 function spkiDerOfPem(pem: string): Buffer {
@@ -47,6 +48,8 @@ export interface OnboardingDeps {
 }
 
 type Kind = RequestRow['kind'];
+/** The requests that may forward a CSR to an external CA. */
+const EXTERNAL_KINDS: ReadonlySet<Kind> = new Set(['csr', 'enroll', 'renew']);
 
 export function bodyHash(body: unknown): string {
   return createHash('sha256').update(JSON.stringify(body)).digest('hex');
@@ -60,6 +63,10 @@ export class DeviceOnboarding {
   private readonly onOutcome?: OnboardingDeps['onOutcome'];
   /** Serializes requests per device in this process; the store's keys guard across processes. */
   private readonly locks = new Map<string, Promise<unknown>>();
+  /** This node's name on its external-CA claims (several authority nodes share one database). */
+  readonly node = `${hostname().slice(0, 64)}/${process.pid}/${randomBytes(6).toString('hex')}`;
+  /** Errors whose audit line was written with a stored answer (see storeRefusal). */
+  private readonly audited = new WeakSet<object>();
 
   constructor(deps: OnboardingDeps) {
     this.store = deps.store;
@@ -95,8 +102,45 @@ export class DeviceOnboarding {
     return this.run('renew', gatewayId, deviceId, msg.requestId, () => this.doRenew(gatewayId, deviceId, msg));
   }
 
-  /** Per-device serialization plus the audit row for every refusal. */
+  /**
+   * Per-device serialization plus the audit row for every refusal. With an external CA, a
+   * request that may go there is answered within `answerWithinMs` whatever the CA does: if it
+   * has not answered by then, `authority_unavailable` with retryAfterMs goes back to the gateway
+   * (before its own request timeout, after which it would retry while this one still runs),
+   * and the call goes on: its certificate is committed under the requestId and the retry gets
+   * it. A repeat of a requestId whose CSR is with the external CA right now (its claim is live,
+   * on this node or another) is answered so at once, without waiting behind it.
+   */
   private async run<T>(action: Kind, gatewayId: string, deviceId: string, requestId: string, fn: () => Promise<T>): Promise<T> {
+    const timing = this.ca.external && EXTERNAL_KINDS.has(action) ? this.ca.timing : undefined;
+    // renew first checks which gateway asks: another gateway learns nothing of a live claim.
+    const peek = timing && action !== 'renew' ? () => this.refuseIfClaimed(deviceId, requestId, timing) : undefined;
+    // The peek comes before queueing behind the device's lock, which a claimed request here holds.
+    const next = peek ? peek().then(() => this.serialized(deviceId, fn)) : this.serialized(deviceId, fn);
+    const settled = next.then((answer) => {
+      this.onOutcome?.(action, 'ok', { gatewayId, deviceId, requestId });
+      return answer;
+    }, (err: unknown) => this.refused(action, gatewayId, deviceId, requestId, err));
+    if (!timing) return settled;
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new LeafgateError('authority_unavailable', `the external CA has not answered within ${timing.answerWithinMs} ms; the request goes on and its answer is kept for this requestId`, {
+        retryAfterMs: timing.busyRetryAfterMs, detail: { est: 'answer_pending' },
+      })), timing.answerWithinMs);
+    });
+    try {
+      return await Promise.race([settled, late]);
+    } catch (err) {
+      // The answer deadline is audited and counted like any refusal; `settled` goes on alone.
+      if (err instanceof LeafgateError && err.detail?.est === 'answer_pending') await this.refused(action, gatewayId, deviceId, requestId, err).catch(() => undefined);
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Runs `fn` after the device's earlier requests in this process. */
+  private serialized<T>(deviceId: string, fn: () => Promise<T>): Promise<T> {
     const prev = this.locks.get(deviceId) ?? Promise.resolve();
     const next = prev.then(fn, fn);
     const tail = next.catch(() => undefined);
@@ -104,19 +148,59 @@ export class DeviceOnboarding {
     void tail.then(() => {
       if (this.locks.get(deviceId) === tail) this.locks.delete(deviceId);
     });
+    return next;
+  }
+
+  /** Outcome, audit row, then the error as a LeafgateError. */
+  private async refused(action: Kind, gatewayId: string, deviceId: string, requestId: string, err: unknown): Promise<never> {
+    const e = toLeafgateError(err);
+    this.onOutcome?.(action, e.code, { gatewayId, deviceId, requestId });
+    if (this.audited.has(e)) throw e;
+    await this.store.appendAudit({
+      at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
+      detail: { message: e.message, ...(e.detail ?? {}) },
+    });
+    throw e;
+  }
+
+  private claimBusy(requestId: string, timing: NonNullable<CaConnector['timing']>, holder?: string): LeafgateError {
+    return new LeafgateError('authority_unavailable', `requestId ${requestId} is with the external CA already${holder ? ` (authority node ${holder})` : ''}: its answer will be kept for this requestId`, {
+      retryAfterMs: timing.busyRetryAfterMs, detail: { est: 'claimed', ...(holder ? { holder } : {}) },
+    });
+  }
+
+  /** A live claim on the requestId (its CSR is with the external CA): authority_unavailable now. */
+  private async refuseIfClaimed(deviceId: string, requestId: string, timing: NonNullable<CaConnector['timing']>): Promise<void> {
+    const claim = await this.store.getExternalClaim(deviceId, requestId);
+    if (claim && claim.expiresAt > this.now()) throw this.claimBusy(requestId, timing, claim.node);
+  }
+
+  /**
+   * Before a CSR goes to an external CA (EST, which has no idempotency key): the claim on
+   * (device, requestId) in the store, so that one request on one node asks the CA, never two.
+   * Whoever finds it taken answers `authority_unavailable` with retryAfterMs; its retry finds
+   * the stored answer. Taken, the stored answer is read again: a holder that committed and
+   * released just before leaves its answer, not a free way to the CA. The claim lives the EST
+   * call's bound plus a margin, so a crashed node's claim is taken over later. Built-in CA: nothing.
+   */
+  private async claimExternal(deviceId: string, requestId: string, kind: Kind, hash: string): Promise<{ stored: CertMessage } | { release(): Promise<void> }> {
+    const timing = this.ca.timing;
+    if (!this.ca.external || !timing) return { release: async () => undefined };
+    const now = this.now();
+    const taken = await this.store.claimExternalRequest({ deviceId, requestId, node: this.node, claimedAt: now, expiresAt: now + timing.claimTtlMs });
+    if (!taken) throw this.claimBusy(requestId, timing);
+    const release = () => this.store.releaseExternalRequest(deviceId, requestId, this.node).catch(() => undefined);
     try {
-      const answer = await next;
-      this.onOutcome?.(action, 'ok', { gatewayId, deviceId, requestId });
-      return answer;
+      const stored = await this.storedAnswer(deviceId, requestId, kind, hash);
+      if (stored) {
+        await release();
+        return { stored: stored as unknown as CertMessage };
+      }
     } catch (err) {
-      const e = toLeafgateError(err);
-      this.onOutcome?.(action, e.code, { gatewayId, deviceId, requestId });
-      await this.store.appendAudit({
-        at: this.now(), action, outcome: e.code === 'internal' ? 'error' : 'refused', code: e.code, deviceId, gatewayId, requestId,
-        detail: { message: e.message, ...(e.detail ?? {}) },
-      });
-      throw e;
+      await release();
+      throw err;
     }
+    return { release };
   }
 
   private policyFor(group: string): DevicePolicy {
@@ -130,7 +214,33 @@ export class DeviceOnboarding {
     const r = await this.store.getRequest(deviceId, requestId);
     if (!r) return null;
     if (r.kind !== kind || r.bodyHash !== hash) throw new LeafgateError('request_conflict', `requestId ${requestId} was already used for another ${r.kind} request`);
+    // A stored refusal (the external CA's ca_refused): the same refusal again, the CA not asked.
+    const refused = r.response?.refused as { code?: string; message?: string; detail?: Record<string, unknown> } | undefined;
+    if (refused && refused.code === 'ca_refused') throw new LeafgateError('ca_refused', refused.message, { detail: { ...(refused.detail ?? {}), storedAnswer: true } });
     return r.response;
+  }
+
+  /**
+   * With an external CA, `ca_refused` is final for this requestId: it is stored as its answer
+   * (with its audit line, one commit) so that a repeat gets the same refusal without the CSR
+   * going to the CA again (where each repeat could be another refusal to look at, or another
+   * certificate leafgate refuses). Anything else passes through.
+   */
+  private async storeRefusal<T>(who: { gatewayId: string; deviceId: string; requestId: string }, kind: Kind, hash: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!(err instanceof LeafgateError) || err.code !== 'ca_refused' || !this.ca.external) throw err;
+      const now = this.now();
+      const detail = { message: err.message, ...(err.detail ?? {}) };
+      const stored = await this.store.insertRequest(
+        { deviceId: who.deviceId, requestId: who.requestId, kind, bodyHash: hash, response: { refused: { code: err.code, message: err.message, detail: err.detail ?? {} } }, createdAt: now },
+        { at: now, action: kind, outcome: 'refused', code: err.code, deviceId: who.deviceId, gatewayId: who.gatewayId, requestId: who.requestId, detail: { ...detail, answerStored: true } },
+      ).catch(() => false);
+      // Audited with the stored answer: run() does not audit it again.
+      if (stored) this.audited.add(err);
+      throw err;
+    }
   }
 
   private checkDeviceUsable(device: DeviceRow | null): void {
@@ -284,8 +394,8 @@ export class DeviceOnboarding {
    * whatever the commit says: when no answer will carry it (another node answered this
    * requestId first, the commit refused it, or failed), it is audited with its serial
    * (`detail.est = "discarded"`) so the operator can find it and revoke it at the CA, as an
-   * answer lost on the way is. EST has no idempotency key, so two nodes that take the same
-   * requestId at once both ask the CA: this keeps the second certificate traceable.
+   * answer lost on the way is. (Two requests with one requestId do not both ask the CA: the
+   * claim taken before the call lets one through; see claimExternal.)
    */
   private async commitIssued(kind: Kind, who: { gatewayId: string; deviceId: string; requestId: string }, row: CertificateRow, commit: () => Promise<boolean>): Promise<boolean> {
     if (!this.ca.external) return commit();
@@ -346,6 +456,19 @@ export class DeviceOnboarding {
     // sides are canonical, so the same key in another encoding (a compressed point) is caught.
     if (Buffer.from(csr.spkiDer).equals(spkiDerOfPem(current.pem))) throw new LeafgateError('policy_violation', 'renewal must use a new key pair');
 
+    const claim = await this.claimExternal(deviceId, msg.requestId, 'renew', hash);
+    if ('stored' in claim) return claim.stored;
+    try {
+      return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'renew', hash, () => this.issueRenewal(gatewayId, deviceId, msg, hash, csr, instruction, current, proof, now));
+    } finally {
+      await claim.release();
+    }
+  }
+
+  private async issueRenewal(
+    gatewayId: string, deviceId: string, msg: RenewalCsrMessage, hash: string, csr: pkix.ParsedCsr, instruction: InstructionMessage,
+    current: CertificateRow, proof: 'verified' | 'absent', now: number,
+  ): Promise<CertMessage> {
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now, true);
     const recorded = await this.commitIssued('renew', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordRenewal({
       request: { deviceId, requestId: msg.requestId, kind: 'renew', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
@@ -353,7 +476,7 @@ export class DeviceOnboarding {
       supersedes: current.serial,
       audit: { at: now, action: 'renew', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial, detail: { supersedes: current.serial, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, proof } },
     }));
-    return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'renew', hash);
+    return recorded ? answer : await this.winnerOf(deviceId, msg.requestId, 'renew', hash);
   }
 
   /**
@@ -401,10 +524,23 @@ export class DeviceOnboarding {
     checkCsrAgainstInstruction(csr, instruction, policy);
     await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
 
+    const claim = await this.claimExternal(deviceId, msg.requestId, 'csr', hash);
+    if ('stored' in claim) return claim.stored;
+    try {
+      return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'csr', hash, () => this.issueCsr(gatewayId, deviceId, msg, hash, csr, instruction, session, device!, policy, now));
+    } finally {
+      await claim.release();
+    }
+  }
+
+  private async issueCsr(
+    gatewayId: string, deviceId: string, msg: CsrMessage, hash: string, csr: pkix.ParsedCsr, instruction: InstructionMessage,
+    session: { id: string }, device: DeviceRow, policy: DevicePolicy, now: number,
+  ): Promise<CertMessage> {
     const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
     // A device onboarded again through another gateway moves to it with this certificate:
     // from then on that gateway, and no other, renews it and hears of its renewals.
-    const movedFrom = device!.gatewayId !== gatewayId ? device!.gatewayId : undefined;
+    const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
     const recorded = await this.commitIssued('csr', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordIssuance({
       request: { deviceId, requestId: msg.requestId, kind: 'csr', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
       certificate: row,
@@ -470,23 +606,13 @@ export class DeviceOnboarding {
       const instruction: InstructionMessage = { ...offered, requestId: msg.requestId, csrDeadline: new Date(challenge.expiresAt).toISOString() };
       checkCsrAgainstInstruction(csr, instruction, policy);
       await this.checkCapBeforeExternalIssuance(deviceId, policy, now);
-      const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
-      const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
-      const { devicePatch, consumeCode } = resolved.onVerified;
-      const recorded = await this.commitIssued('enroll', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordCompactIssuance({
-        request: { deviceId, requestId: msg.requestId, kind: 'enroll', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
-        certificate: row,
-        challengeId: challenge.id,
-        ...(consumeCode ? { consumeCode: { codeHash: consumeCode.codeHash, groupName: group } } : {}),
-        // The device belongs to the gateway through which it got this certificate.
-        devicePatch: { ...devicePatch, gatewayId },
-        maxActive: policy.maxActiveCerts,
-        audit: {
-          at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
-          detail: { flow: 'compact', method: challenge.method, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
-        },
-      }));
-      return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'enroll', hash);
+      const claim = await this.claimExternal(deviceId, msg.requestId, 'enroll', hash);
+      if ('stored' in claim) return claim.stored;
+      try {
+        return await this.storeRefusal({ gatewayId, deviceId, requestId: msg.requestId }, 'enroll', hash, () => this.issueEnroll(gatewayId, deviceId, msg, hash, csr, instruction, challenge, resolved.onVerified, device, group, policy, now));
+      } finally {
+        await claim.release();
+      }
     } catch (err) {
       // A verified answer is spent even when its CSR is refused (one challenge, one try); a
       // failure of ours (CA, store) leaves it, so the identical message can be sent again.
@@ -494,5 +620,29 @@ export class DeviceOnboarding {
       if (e.code !== 'internal' && e.code !== 'authority_unavailable' && e.code !== 'replayed') await this.store.useChallenge(challenge.id, now);
       throw e;
     }
+  }
+
+  private async issueEnroll(
+    gatewayId: string, deviceId: string, msg: EnrollMessage, hash: string, csr: pkix.ParsedCsr, instruction: InstructionMessage,
+    challenge: { id: string; method: ChallengeRow['method'] }, onVerified: { devicePatch: DevicePatch; consumeCode?: { codeHash: string } },
+    device: DeviceRow, group: string, policy: DevicePolicy, now: number,
+  ): Promise<CertMessage> {
+    const { answer, row } = await this.sign(deviceId, msg.requestId, csr, instruction, now);
+    const movedFrom = device.gatewayId !== gatewayId ? device.gatewayId : undefined;
+    const { devicePatch, consumeCode } = onVerified;
+    const recorded = await this.commitIssued('enroll', { gatewayId, deviceId, requestId: msg.requestId }, row, () => this.store.recordCompactIssuance({
+      request: { deviceId, requestId: msg.requestId, kind: 'enroll', bodyHash: hash, response: answer as unknown as Record<string, unknown>, createdAt: now },
+      certificate: row,
+      challengeId: challenge.id,
+      ...(consumeCode ? { consumeCode: { codeHash: consumeCode.codeHash, groupName: group } } : {}),
+      // The device belongs to the gateway through which it got this certificate.
+      devicePatch: { ...devicePatch, gatewayId },
+      maxActive: policy.maxActiveCerts,
+      audit: {
+        at: now, action: 'issue', outcome: 'ok', deviceId, gatewayId, requestId: msg.requestId, serial: row.serial,
+        detail: { flow: 'compact', method: challenge.method, key: pkix.keySpecLabel(csr.key), notAfter: answer.notAfter, ...(movedFrom !== undefined ? { movedFromGateway: movedFrom } : {}) },
+      },
+    }));
+    return recorded ? answer : this.winnerOf(deviceId, msg.requestId, 'enroll', hash);
   }
 }

@@ -6,7 +6,7 @@
 import type { ClientRequest } from 'node:http';
 import https from 'node:https';
 import { X509Certificate } from 'node:crypto';
-import { LeafgateError, authorityIdentityCheck, isErrorCode } from '../protocol/index.ts';
+import { GATEWAY_AUTHORITY_TIMEOUT_MS, LeafgateError, authorityIdentityCheck, isErrorCode } from '../protocol/index.ts';
 
 export interface AuthorityClientOptions {
   baseUrl: string;
@@ -20,6 +20,7 @@ export interface AuthorityClientOptions {
   /** Client identity; absent only for enrollment. */
   key?: string;
   cert?: string;
+  /** Default GATEWAY_AUTHORITY_TIMEOUT_MS (protocol): the authority answers within less. */
   timeoutMs?: number;
   /** False only to fetch the CA bundle before enrollment, whose answer is then pinned. */
   verifyServer?: boolean;
@@ -43,7 +44,7 @@ export class AuthorityClient {
     this.agentOptions = { keepAlive: true, noDelay: true, maxSockets: 64, ca: opts.ca, key: opts.key, cert: opts.cert, minVersion: 'TLSv1.2', rejectUnauthorized: opts.verifyServer !== false };
     if (opts.authorityIssuer && opts.verifyServer !== false) this.agentOptions.checkServerIdentity = authorityIdentityCheck(new X509Certificate(opts.authorityIssuer).fingerprint256);
     this.agent = new https.Agent(this.agentOptions);
-    this.timeoutMs = opts.timeoutMs ?? 15_000;
+    this.timeoutMs = opts.timeoutMs ?? GATEWAY_AUTHORITY_TIMEOUT_MS;
     this.maxResponseBytes = opts.maxResponseBytes ?? 1024 * 1024;
   }
 

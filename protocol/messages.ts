@@ -31,6 +31,14 @@ export const LIMITS = {
   groupChars: 64,
 } as const;
 
+/**
+ * How long a gateway waits for the authority's answer to one request before it gives up and
+ * retries it from its durable queue (cloud-bridge/authority-client.ts). The authority answers
+ * within less (an external CA's slow answer: `authority_unavailable` with retryAfterMs, see
+ * deviceIssuer.answerWithinMs), so that a retry never races a request still being answered.
+ */
+export const GATEWAY_AUTHORITY_TIMEOUT_MS = 15_000;
+
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 const GROUP_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
 const BASE64_PATTERN = /^[A-Za-z0-9+/]+={0,2}$/;

@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import { AUTHORITY_CONFIG_SCHEMA, resolveAuthorityConfig } from '../authority/config.ts';
 import { ConfigError, type Schema } from '../config-schema/index.ts';
 import { GATEWAY_CONFIG_SCHEMA, resolveGatewayConfig } from '../gateway/config.ts';
+import { GATEWAY_AUTHORITY_TIMEOUT_MS } from '../protocol/index.ts';
 import { README, renderedReadme } from '../scripts/docs-config.ts';
 
 function refused(fn: () => unknown, ...messages: RegExp[]): void {
@@ -83,4 +84,17 @@ test('gateway config: typos, wrong types and ranges are refused, each naming the
   refused(() => resolveGatewayConfig({}, { LEAFGATE_GATEWAY_HTTP_PORT: '70000' }), /http\.port \(env LEAFGATE_GATEWAY_HTTP_PORT\): must be <= 65535 \(got 70000\)/);
   refused(() => resolveGatewayConfig({ onboardingPayloadBytes: 4096, maxPacketBytes: 2048 }, {}), /onboardingPayloadBytes: must not exceed maxPacketBytes/);
   assert.equal(resolveGatewayConfig({}, { LEAFGATE_GATEWAY_PORT: '1883' }).listen.port, 1883);
+});
+
+test('deviceIssuer: the answer deadline stays below the gateway\'s request timeout; maxConcurrent and failureThreshold are bounded; a misspelt key is refused', () => {
+  const est = { type: 'est' as const, url: 'https://est.example', serverCaFile: 'est-ca.pem', caChainFile: 'chain.pem', username: 'ra', passwordEnv: 'EST_PW' };
+  const props = (AUTHORITY_CONFIG_SCHEMA.properties as Record<string, Schema>).deviceIssuer.properties as Record<string, { maximum?: number; default?: number }>;
+  // The authority answers (certificate or authority_unavailable) before the gateway gives up and retries.
+  assert.ok(props.answerWithinMs.maximum! < GATEWAY_AUTHORITY_TIMEOUT_MS);
+  assert.ok(props.answerWithinMs.default! < GATEWAY_AUTHORITY_TIMEOUT_MS);
+  refused(() => resolveAuthorityConfig({ deviceIssuer: { ...est, answerWithinMs: GATEWAY_AUTHORITY_TIMEOUT_MS } }, {}), /deviceIssuer\.answerWithinMs: must be <= 14000/);
+  refused(() => resolveAuthorityConfig({ deviceIssuer: { ...est, maxConcurrent: 0, failureThreshold: 0 } }, {}), /deviceIssuer\.maxConcurrent: must be >= 1/, /deviceIssuer\.failureThreshold: must be >= 1/);
+  refused(() => resolveAuthorityConfig({ deviceIssuer: { ...est, maxConcurent: 4 } as never }, {}), /deviceIssuer\.maxConcurent: unknown key/);
+  const cfg = resolveAuthorityConfig({ deviceIssuer: { ...est, answerWithinMs: 5000, maxConcurrent: 3, failureThreshold: 2 } }, {});
+  assert.deepEqual([cfg.deviceIssuer?.answerWithinMs, cfg.deviceIssuer?.maxConcurrent, cfg.deviceIssuer?.failureThreshold], [5000, 3, 2]);
 });

@@ -251,3 +251,66 @@ test('EST connector: a failure while checking an answer is ca_refused, never int
   assert.match(e.message, /could not be checked/);
   assert.equal(est.issued.length, 1);
 });
+
+test('EST connector: at most deviceIssuer.maxConcurrent calls in flight per node; one more is answered authority_unavailable with retryAfterMs without reaching the CA', { timeout: 120_000 }, async (t) => {
+  const est = await server(t);
+  est.holdMaxMs = 120_000;
+  const ca = connector(t, est, { maxConcurrent: 2, retryAfterSeconds: 3, answerWithinMs: 2000 });
+  est.holdAnswersUntil = 99;
+  const held = [ca.issue('device', request('est-cap-1')), ca.issue('device', request('est-cap-2'))];
+  await est.waitForIssued(2);
+  assert.equal(ca.state().inFlight, 2);
+  const busy = await refusal(ca.issue('device', request('est-cap-3')));
+  assert.equal(busy.code, 'authority_unavailable');
+  assert.deepEqual({ est: busy.detail?.est, sent: busy.detail?.sent }, { est: 'busy', sent: false });
+  assert.equal(busy.retryAfterMs, 2000, 'the busy hint: retryAfterSeconds, at most answerWithinMs');
+  assert.equal(est.enrollments().length, 2, 'the third never reached the CA');
+  est.releaseHeld();
+  await Promise.all(held);
+  assert.equal(ca.state().inFlight, 0);
+  await ca.issue('device', request('est-cap-4'));
+  assert.equal(est.enrollments().length, 3);
+});
+
+test('EST connector: circuit breaker: after failureThreshold consecutive failures (no connection, 503) requests fail fast for retryAfterSeconds without reaching the CA, then one probe goes out; its success closes the breaker, its failure opens it again', { timeout: 120_000 }, async (t) => {
+  const est = await server(t);
+  let offset = 0;
+  const ca = connector(t, est, { failureThreshold: 2, retryAfterSeconds: 5 }, { now: () => Date.now() + offset });
+  // A refusal is an answer: the CA is there, nothing counts.
+  est.mode = { kind: 'refuse', status: 400, text: 'no' };
+  for (let i = 0; i < 3; i++) assert.equal((await refusal(ca.issue('device', request()))).code, 'ca_refused');
+  assert.equal(ca.state().failures, 0);
+  est.mode = { kind: 'issue' };
+  await est.stop();
+  for (let i = 0; i < 2; i++) assert.equal((await refusal(ca.issue('device', request()))).detail?.est, 'unreachable');
+  assert.equal(ca.state().open, true);
+  await est.restart();
+  const before = est.requests.length;
+  const fast = await refusal(ca.issue('device', request()));
+  assert.equal(fast.code, 'authority_unavailable');
+  assert.deepEqual({ est: fast.detail?.est, sent: fast.detail?.sent }, { est: 'circuit_open', sent: false });
+  assert.ok(fast.retryAfterMs! > 0 && fast.retryAfterMs! <= 5000, `retryAfterMs ${fast.retryAfterMs}`);
+  assert.equal(est.requests.length, before, 'the open breaker sends nothing');
+  // retryAfterSeconds later: one probe; a request meanwhile still fails fast.
+  offset += 5000;
+  const probe = ca.issue('device', request('est-probe'));
+  const during = await refusal(ca.issue('device', request()));
+  assert.equal(during.detail?.est, 'circuit_open');
+  await probe;
+  assert.equal(ca.state().open, false);
+  assert.equal(est.requests.length, before + 1, 'exactly the probe reached the CA');
+  await ca.issue('device', request());
+  // 503s count too; a failed probe opens the breaker again for retryAfterSeconds.
+  est.mode = { kind: 'refuse', status: 503, text: 'maintenance' };
+  for (let i = 0; i < 2; i++) assert.equal((await refusal(ca.issue('device', request()))).detail?.est, 'unavailable');
+  assert.equal((await refusal(ca.issue('device', request()))).detail?.est, 'circuit_open');
+  offset += 5000;
+  assert.equal((await refusal(ca.issue('device', request()))).detail?.est, 'unavailable', 'the probe got a 503');
+  const reopened = await refusal(ca.issue('device', request()));
+  assert.equal(reopened.detail?.est, 'circuit_open');
+  assert.ok(reopened.retryAfterMs! > 4000, `open again for retryAfterSeconds: ${reopened.retryAfterMs}`);
+  est.mode = { kind: 'issue' };
+  offset += 5000;
+  await ca.issue('device', request());
+  assert.equal(ca.state().failures, 0);
+});

@@ -221,6 +221,34 @@ for (const engine of ENGINES) {
     assert.equal(await store.countActiveCertificates('dev-nocap', NOW), 2);
   });
 
+  test(`[${engine}] an external-CA claim per requestId: one holder across nodes, released by its holder only, taken over once expired`, async (t) => {
+    const { store, reopen } = await open(t, engine);
+    const other = await reopen();
+    const claim = (node: string, at = NOW, ttl = 60_000) => ({ deviceId: 'dev-claim', requestId: 'r-1', node, claimedAt: at, expiresAt: at + ttl });
+    // Two nodes at once: exactly one gets it, five times over.
+    for (let round = 0; round < 5; round++) {
+      const requestId = `race-${round}`;
+      const got = await Promise.all([store, other, store, other].map((s, i) => s.claimExternalRequest({ ...claim(`node-${i}`), requestId })));
+      assert.equal(got.filter(Boolean).length, 1, `round ${round}: ${JSON.stringify(got)}`);
+    }
+    assert.equal(await store.claimExternalRequest(claim('A')), true);
+    assert.equal(await other.claimExternalRequest(claim('B', NOW + 1000)), false, 'a live claim is not taken');
+    assert.equal(await store.claimExternalRequest(claim('A', NOW + 1000)), false, 'not even by its own node (a second request there)');
+    assert.equal(await store.claimExternalRequest({ ...claim('B'), requestId: 'r-2' }), true, 'another requestId is another claim');
+    // Only the holder releases it.
+    await other.releaseExternalRequest('dev-claim', 'r-1', 'B');
+    assert.equal((await store.getExternalClaim('dev-claim', 'r-1'))?.node, 'A');
+    await store.releaseExternalRequest('dev-claim', 'r-1', 'A');
+    assert.equal(await store.getExternalClaim('dev-claim', 'r-1'), null);
+    assert.equal(await other.claimExternalRequest(claim('B', NOW + 2000)), true, 'free again once released');
+    // The claim of a node that crashed expires and is taken over, once.
+    const late = NOW + 2000 + 60_000;
+    const takeover = await Promise.all([store.claimExternalRequest(claim('C', late)), other.claimExternalRequest(claim('D', late))]);
+    assert.equal(takeover.filter(Boolean).length, 1, 'one node takes the expired claim over');
+    assert.match((await store.getExternalClaim('dev-claim', 'r-1'))!.node, /^[CD]$/);
+    assert.equal((await store.getExternalClaim('dev-claim', 'r-1'))!.expiresAt, late + 60_000);
+  });
+
   test(`[${engine}] a certificate answer's CA chain is stored once and given back whole; answers stored inline still read`, async (t) => {
     const { store } = await open(t, engine);
     const chain = ['-----BEGIN CERTIFICATE-----\nDEVICE-CA\n-----END CERTIFICATE-----\n', '-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n'];

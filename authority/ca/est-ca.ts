@@ -25,6 +25,12 @@
  *   4xx (but 401, 408, 429) and 500/501 with a text -> `ca_refused` (final).
  *   401, 408, 429, 502-504, no connection, a timeout -> `authority_unavailable` (queued, retried).
  *
+ * Bounds per node: at most `maxConcurrent` calls in flight, each bounded as a whole by
+ * `timeoutMs`, and a circuit breaker (`failureThreshold` consecutive failures: fail fast for
+ * `retryAfterSeconds`, then one probe). The per-requestId claim that keeps two requests of one
+ * requestId from both reaching the CA is taken by the caller (authority/onboarding.ts), which
+ * also answers the gateway within `answerWithinMs` (`timing`).
+ *
  * EST has no idempotency key: when the CA issued but its answer was lost (a reset or timeout
  * after the request was sent), the retry gets a second certificate for the same key. leafgate
  * stores and delivers only the one whose answer arrived; the error of the lost attempt says
@@ -36,7 +42,7 @@ import { readFileSync } from 'node:fs';
 import { Agent, request } from 'node:https';
 import type { Logger } from 'pino';
 import { LeafgateError, pkix } from '../../protocol/index.ts';
-import { CLOCK_SKEW_TOLERANCE_MS, EXTERNAL_CA, fingerprint, type CaBundle, type CaConnector, type IssueRequest, type IssuedCertificate, type IssuerRole } from './local-ca.ts';
+import { CLOCK_SKEW_TOLERANCE_MS, EXTERNAL_CA, fingerprint, type CaBundle, type CaConnector, type ExternalCaTiming, type IssueRequest, type IssuedCertificate, type IssuerRole } from './local-ca.ts';
 
 export interface EstCaConfig {
   type: 'est';
@@ -54,10 +60,25 @@ export interface EstCaConfig {
   passwordFile?: string;
   /** Environment variable holding the Basic password (default LEAFGATE_EST_PASSWORD when username is set and no passwordFile). */
   passwordEnv?: string;
+  /** Longest one EST call may take, connection to last byte of the answer. */
   timeoutMs: number;
-  /** retryAfterMs answered while the EST server cannot be reached. */
+  /** retryAfterMs answered while the EST server cannot be reached; also how long the circuit breaker stays open. */
   retryAfterSeconds: number;
+  /**
+   * Longest the authority keeps a gateway's request waiting for the external CA: then it answers
+   * `authority_unavailable` with retryAfterMs while the call goes on and its certificate is
+   * stored for the retry. Below the gateway's request timeout (GATEWAY_AUTHORITY_TIMEOUT_MS).
+   */
+  answerWithinMs?: number;
+  /** EST calls in flight at once from this node; one more is answered authority_unavailable. */
+  maxConcurrent?: number;
+  /** Consecutive connection failures / 502-504 answers that open the circuit breaker. */
+  failureThreshold?: number;
 }
+
+export const EST_DEFAULTS = { timeoutMs: 30_000, retryAfterSeconds: 30, answerWithinMs: 10_000, maxConcurrent: 8, failureThreshold: 5 } as const;
+/** How long a per-request claim outlives the EST call it guards (the commit after it; a slow clock). */
+export const CLAIM_MARGIN_MS = 30_000;
 
 export const DEFAULT_EST_PASSWORD_ENV = 'LEAFGATE_EST_PASSWORD';
 /** An answer larger than this is not an enrollment answer. */
@@ -191,6 +212,14 @@ export class EstCa implements CaConnector {
   private readonly agent: Agent;
   private readonly authorization: string | undefined;
   private readonly base: string;
+  readonly timing: ExternalCaTiming;
+  /** EST enrollment calls in flight from this node. */
+  private inFlight = 0;
+  /** Consecutive failures (no connection, no answer, 502-504); at failureThreshold the breaker is open. */
+  private failures = 0;
+  private openUntil = 0;
+  /** A probe is out while the breaker is half open (one call, the others fail fast). */
+  private probing = false;
 
   /**
    * `local` signs everything but device certificates and provides the trust bundle.
@@ -219,6 +248,17 @@ export class EstCa implements CaConnector {
       ...(config.clientCertFile ? { cert: readPemFile(config.clientCertFile, 'clientCertFile'), key: readPemFile(config.clientKeyFile!, 'clientKeyFile') } : {}),
     });
     this.base = `${config.url.replace(/\/+$/, '')}/.well-known/est${config.label ? `/${config.label}` : ''}`;
+    const answerWithinMs = config.answerWithinMs ?? EST_DEFAULTS.answerWithinMs;
+    this.timing = { claimTtlMs: config.timeoutMs + CLAIM_MARGIN_MS, answerWithinMs, busyRetryAfterMs: Math.max(1000, Math.min(config.retryAfterSeconds * 1000, answerWithinMs)) };
+  }
+
+  /** For metrics and tests: calls in flight, and whether the breaker is open. */
+  state(): { inFlight: number; failures: number; open: boolean } {
+    return { inFlight: this.inFlight, failures: this.failures, open: this.failures >= this.threshold() };
+  }
+
+  private threshold(): number {
+    return this.config.failureThreshold ?? EST_DEFAULTS.failureThreshold;
   }
 
   private now(): number {
@@ -270,7 +310,7 @@ export class EstCa implements CaConnector {
     }
     if (attributes.others.length) problems.push(`attributes other than extensionRequest (${attributes.others.slice(0, 5).join(', ')}), which the external CA would read`);
     if (problems.length) throw new LeafgateError('policy_violation', `the CSR requests ${problems.join('; ')}`, { detail: { est: 'not_forwarded' } });
-    const answer = await this.post(operation, req.csrDer);
+    const answer = await this.guarded(operation, req.csrDer);
     const certs = this.interpret(operation, answer);
     try {
       return this.checkIssued(certs, req);
@@ -309,6 +349,60 @@ export class EstCa implements CaConnector {
     return 'mismatch';
   }
 
+  /**
+   * One enrollment call under this node's bounds: at most maxConcurrent in flight (one more is
+   * answered authority_unavailable, not queued: the gateway's queue holds it), and a circuit
+   * breaker: after failureThreshold consecutive failures (no connection, no answer, 502/503/504)
+   * calls fail fast for retryAfterSeconds, then one probe goes out; its success closes the
+   * breaker, its failure opens it again. Any other HTTP answer shows the CA is there.
+   */
+  private async guarded(operation: string, csrDer: Buffer): Promise<EstAnswer> {
+    const now = this.now();
+    const retryAfterMs = this.config.retryAfterSeconds * 1000;
+    let probe = false;
+    if (this.failures >= this.threshold()) {
+      if (now < this.openUntil || this.probing) {
+        throw new LeafgateError('authority_unavailable', `the external CA (EST) failed ${this.failures} times in a row: not asked again before ${new Date(Math.max(this.openUntil, now + 1000)).toISOString()}`, {
+          retryAfterMs: Math.max(1000, this.openUntil - now), detail: { est: 'circuit_open', operation, sent: false, failures: this.failures },
+        });
+      }
+      probe = true;
+    }
+    const max = this.config.maxConcurrent ?? EST_DEFAULTS.maxConcurrent;
+    if (this.inFlight >= max) {
+      this.opts.logger?.warn({ url: this.base, operation, inFlight: this.inFlight, maxConcurrent: max }, 'EST calls at deviceIssuer.maxConcurrent: the request waits in the gateway\'s queue');
+      throw new LeafgateError('authority_unavailable', `the external CA (EST) has ${this.inFlight} requests of this node in flight (deviceIssuer.maxConcurrent)`, {
+        retryAfterMs: this.timing.busyRetryAfterMs, detail: { est: 'busy', operation, sent: false, inFlight: this.inFlight },
+      });
+    }
+    if (probe) this.probing = true;
+    this.inFlight++;
+    try {
+      const answer = await this.post(operation, csrDer);
+      if (answer.status >= 502 && answer.status <= 504) this.failed();
+      else this.succeeded();
+      return answer;
+    } catch (err) {
+      if (err instanceof LeafgateError && err.code === 'authority_unavailable') this.failed();
+      throw err;
+    } finally {
+      this.inFlight--;
+      if (probe) this.probing = false;
+    }
+  }
+
+  private failed(): void {
+    this.failures++;
+    if (this.failures < this.threshold()) return;
+    this.openUntil = this.now() + this.config.retryAfterSeconds * 1000;
+    this.opts.logger?.warn({ url: this.base, failures: this.failures, retryAfterSeconds: this.config.retryAfterSeconds }, 'EST circuit breaker open: device requests are answered authority_unavailable without asking the external CA until one probe succeeds');
+  }
+
+  private succeeded(): void {
+    if (this.failures >= this.threshold()) this.opts.logger?.info({ url: this.base }, 'EST circuit breaker closed: the external CA answers again');
+    this.failures = 0;
+  }
+
   private post(operation: string, csrDer: Buffer): Promise<EstAnswer> {
     return this.send('POST', operation, csrDer).catch((err: unknown) => {
       if (!(err instanceof EstTransportError)) throw err;
@@ -328,6 +422,16 @@ export class EstCa implements CaConnector {
     const url = new URL(`${this.base}/${operation}`);
     return new Promise<EstAnswer>((resolve, reject) => {
       let sent = false;
+      // `timeout` below is the socket's idle time; this bounds the whole call (a server that
+      // answers one byte at a time), so the claim's lifetime and the gateway's wait hold.
+      const deadline = setTimeout(() => req.destroy(new Error(`no complete answer within ${this.config.timeoutMs} ms`)), this.config.timeoutMs);
+      deadline.unref?.();
+      const settle = <A extends unknown[]>(f: (...a: A) => void) => (...a: A) => {
+        clearTimeout(deadline);
+        f(...a);
+      };
+      resolve = settle(resolve);
+      reject = settle(reject);
       const req = request(url, {
         method, agent: this.agent, timeout: this.config.timeoutMs,
         headers: {

@@ -108,6 +108,16 @@ export interface CaBundle {
 }
 
 /** CA connector contract: what every CA backend (built-in, HSM, external) provides. */
+/** How requests to an external CA are coordinated (per-request claim, answer deadline). */
+export interface ExternalCaTiming {
+  /** Lifetime of a per-request claim: the EST call's bound plus a margin. */
+  claimTtlMs: number;
+  /** The authority answers within this (authority_unavailable with retryAfterMs if the CA has not). */
+  answerWithinMs: number;
+  /** retryAfterMs of a request that finds its requestId claimed (being asked) or still pending. */
+  busyRetryAfterMs: number;
+}
+
 export interface CaConnector {
   readonly name: string;
   /**
@@ -116,6 +126,8 @@ export interface CaConnector {
    * issuance commit (the active-certificate cap), then also run before asking.
    */
   readonly external?: boolean;
+  /** With `external`: the per-request claim's lifetime, the answer deadline, the busy retry hint. */
+  readonly timing?: ExternalCaTiming;
   /**
    * Signs a certificate without blocking the caller's thread on the signature: file keys on
    * the worker pool, an HSM or a remote key through its CaKey. Asynchronous only.

@@ -18,7 +18,7 @@ import { LeafgateError } from '../../protocol/index.ts';
 import { PostgresDriver, SqliteDriver, isPostgresUrl, redactUrl, type Queryable, type Row, type SqlDriver } from './sql.ts';
 import { ISSUER_OF_KIND } from './types.ts';
 import type {
-  DashboardSessionRow,
+  DashboardSessionRow, ExternalClaimRow,
   AuditEntry, AuditRow, AuthorityStore, AuthSessionRow, CaMaterialRow, CaName, IssuerName, CertificateRow, ChallengeRow, CrlRow, DevicePatch, DeviceRow, DueCertificateRow, GatewayRow, PendingCertificateRow, RegistryTarget, RequestRow, SyncFailureRow,
 } from './types.ts';
 
@@ -109,6 +109,13 @@ const SQL = {
   insertCaMaterial: 'INSERT INTO ca_material (name, cert_pem, key_pem, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING',
   claimJob: `INSERT INTO job_runs (name, last_run_at) VALUES (?, ?)
     ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at WHERE job_runs.last_run_at <= ?`,
+  // Insert, or take over a claim that has expired (its node crashed): one statement, so two
+  // nodes never both get it (PostgreSQL: the second waits on the key, then finds it live).
+  claimExternal: `INSERT INTO external_claims (device_id, request_id, node, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (device_id, request_id) DO UPDATE SET node = excluded.node, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
+    WHERE external_claims.expires_at <= excluded.claimed_at`,
+  releaseExternal: 'DELETE FROM external_claims WHERE device_id = ? AND request_id = ? AND node = ?',
+  getExternal: 'SELECT * FROM external_claims WHERE device_id = ? AND request_id = ?',
 } as const;
 
 export const countActiveSql = (dialect: SqlDriver['dialect']): string => (dialect === 'sqlite' ? SQL.countActiveSqlite : SQL.countActive);
@@ -540,6 +547,19 @@ export class SqlStore implements AuthorityStore {
 
   async setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', t: RegistryTarget = 'hub'): Promise<void> {
     await this.db.run(`UPDATE devices SET ${target(t)}_state = ? WHERE id = ?`, [state, deviceId]);
+  }
+
+  async claimExternalRequest(c: ExternalClaimRow): Promise<boolean> {
+    return (await this.db.run(SQL.claimExternal, [c.deviceId, c.requestId, c.node, c.claimedAt, c.expiresAt])).changes === 1;
+  }
+
+  async releaseExternalRequest(deviceId: string, requestId: string, node: string): Promise<void> {
+    await this.db.run(SQL.releaseExternal, [deviceId, requestId, node]);
+  }
+
+  async getExternalClaim(deviceId: string, requestId: string): Promise<ExternalClaimRow | null> {
+    const r = await this.db.one(SQL.getExternal, [deviceId, requestId]);
+    return r ? { deviceId: r.device_id, requestId: r.request_id, node: r.node, claimedAt: Number(r.claimed_at), expiresAt: Number(r.expires_at) } : null;
   }
 
   async insertDashboardSession(row: DashboardSessionRow, max: number): Promise<void> {

@@ -152,6 +152,16 @@ export interface DashboardSessionRow {
   lastUsedAt: number;
 }
 
+/** A node's claim on a request before it is forwarded to an external CA (EST). */
+export interface ExternalClaimRow {
+  deviceId: string;
+  requestId: string;
+  /** Who holds it: the node's id (several authority nodes on one PostgreSQL database). */
+  node: string;
+  claimedAt: number;
+  expiresAt: number;
+}
+
 export interface AuthorityStore {
   close(): Promise<void>;
   /** Resolves when the database answers; authority_unavailable when it cannot be reached. */
@@ -269,6 +279,16 @@ export interface AuthorityStore {
   /** Disabled (decommissioned) devices still present in an external registry. */
   listHubDecommissioned(limit: number, target?: RegistryTarget): Promise<string[]>;
   setDeviceHubState(deviceId: string, state: 'present' | 'disabled' | 'deleted', target?: RegistryTarget): Promise<void>;
+
+  /**
+   * Takes the claim on (device, requestId) before its CSR is sent to an external CA: true for
+   * exactly one caller while the claim lives (INSERT .. ON CONFLICT, across nodes); an expired
+   * claim (its node crashed) is taken over in the same statement.
+   */
+  claimExternalRequest(claim: ExternalClaimRow): Promise<boolean>;
+  /** Drops the claim if `node` still holds it (answer committed, or the call failed). */
+  releaseExternalRequest(deviceId: string, requestId: string, node: string): Promise<void>;
+  getExternalClaim(deviceId: string, requestId: string): Promise<ExternalClaimRow | null>;
 
   /** Dashboard sessions (authority/dashboard/sessions.ts), keyed by the SHA-256 of the cookie's id. */
   insertDashboardSession(row: DashboardSessionRow, max: number): Promise<void>;

@@ -130,11 +130,33 @@ export class TestEstServer {
   dropNextAnswer = false;
   /**
    * When set, a signed enrollment is answered only once this many certificates have been
-   * signed (or after `holdMaxMs`): makes two requests overlap at the CA, as a race would.
+   * signed, releaseHeld() is called, or after `holdMaxMs`: makes two requests overlap at the
+   * CA, as a race would, or keeps one waiting.
    */
   holdAnswersUntil: number | undefined;
   holdMaxMs = 15_000;
   private readonly signedWaiters: Array<() => void> = [];
+  /** Answers held by holdAnswersUntil go out now; later ones are not held. */
+  releaseHeld(): void {
+    this.holdAnswersUntil = undefined;
+    for (const w of this.signedWaiters.splice(0)) w();
+  }
+
+  /** Resolves once `n` certificates have been signed (bounded by `withinMs`). */
+  async waitForIssued(n: number, withinMs = 60_000): Promise<void> {
+    const deadline = Date.now() + withinMs;
+    while (this.issued.length < n) {
+      if (Date.now() >= deadline) throw new Error(`the test EST server signed ${this.issued.length} certificates, not ${n}, within ${withinMs} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+        this.signedWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
   /** Lifetime of the certificates it signs from now on (days). */
   days: number;
   private server: Server;
@@ -331,10 +353,9 @@ export class TestEstServer {
       this.issued.push(serial);
       log.serial = serial;
       for (const w of this.signedWaiters.splice(0)) w();
-      const hold = this.holdAnswersUntil;
-      if (hold !== undefined) {
+      if (this.holdAnswersUntil !== undefined) {
         const deadline = Date.now() + this.holdMaxMs;
-        while (this.issued.length < hold && Date.now() < deadline) {
+        while (this.holdAnswersUntil !== undefined && this.issued.length < this.holdAnswersUntil && Date.now() < deadline) {
           await new Promise<void>((resolve) => {
             const timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
             this.signedWaiters.push(() => {
