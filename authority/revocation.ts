@@ -63,6 +63,8 @@ export class Revocation {
       logger?: Logger;
       /** How often the stored CRL is re-read (another node may have reissued it). */
       refreshMs?: number;
+      /** The external device CA's issuing certificate (PEM) when deviceIssuer is set (EST). */
+      externalIssuerPem?: () => string | undefined;
     },
   ) {}
 
@@ -245,22 +247,25 @@ export class Revocation {
   async revokeCertificatePem(pem: string, reason: pkix.RevocationReason, actor: string, why?: Record<string, unknown>): Promise<RevokedAnswer> {
     const code = pkix.REVOCATION_REASONS[reason];
     if (code === undefined) throw new LeafgateError('bad_request', `unknown revocation reason ${reason}`);
-    const { cert, serial } = checkExternalCertificate(pem, this.deps.ca.bundle().externalDeviceChain?.[0]);
+    const { cert, serial } = checkExternalCertificate(pem, this.deps.externalIssuerPem?.());
     const existing = await this.deps.store.getCertificate(serial);
     if (existing) {
       if (existing.issuer !== EXTERNAL_CA || existing.fingerprint !== fingerprint(cert.raw)) throw new LeafgateError('bad_request', `serial ${serial} is on record for another certificate (${existing.issuer}): revoke that one by --serial`);
       return this.revokeSerial(serial, reason, actor);
     }
-    return this.recordExternalRevoked({ der: cert.raw, serial, subjectId: commonName(cert), notBefore: new Date(cert.validFrom).getTime(), notAfter: new Date(cert.validTo).getTime() }, reason, actor, why);
+    const answer = await this.recordExternalRevoked({ der: cert.raw, serial, subjectId: commonName(cert), notBefore: new Date(cert.validFrom).getTime(), notAfter: new Date(cert.validTo).getTime() }, reason, actor, why);
+    // Recorded by another request meanwhile: revoked the --serial way.
+    return answer ?? this.revokeSerial(serial, reason, actor);
   }
 
   /**
    * Records a certificate of the external CA that has no row as revoked and reissues the
    * external-devices list (pushed to the gateways). Also used for an orphan leafgate learned
-   * the serial of (onboarding, `discarded`). Answers as revokeSerial does; a serial on record
-   * meanwhile is revoked through revokeSerial.
+   * the serial of (onboarding, `discarded`). Answers as revokeSerial does; null (nothing done)
+   * when the serial is on record: a discarded certificate whose commit did happen after all
+   * (an error after the database committed) is the device's, never revoked here.
    */
-  async recordExternalRevoked(c: { der: Buffer; serial: string; subjectId: string; notBefore: number; notAfter: number }, reason: pkix.RevocationReason, actor: string, why?: Record<string, unknown>): Promise<RevokedAnswer> {
+  async recordExternalRevoked(c: { der: Buffer; serial: string; subjectId: string; notBefore: number; notAfter: number }, reason: pkix.RevocationReason, actor: string, why?: Record<string, unknown>): Promise<RevokedAnswer | null> {
     const code = pkix.REVOCATION_REASONS[reason];
     if (!this.signable(EXTERNAL_LIST)) throw new LeafgateError('bad_request', 'the device CA key is offline: the external-devices list cannot be signed');
     const now = this.now();
@@ -273,7 +278,7 @@ export class Revocation {
       at: now, action: 'revoke', outcome: 'ok', serial: c.serial, deviceId: c.subjectId || null,
       detail: { reason, actor, kind: 'device', issuer: EXTERNAL_CA, notOnRecord: true, ...(why ?? {}) },
     });
-    if (!recorded) return this.revokeSerial(c.serial, reason, actor);
+    if (!recorded) return null;
     this.deps.onRevoked?.(reason);
     const external = externalNotice(pem);
     this.deps.logger?.warn({ serial: c.serial, subjectId: c.subjectId, reason, actor, externalIssuer: external.issuer }, 'certificate of the external CA that leafgate did not deliver recorded as revoked (its gateways refuse it): revoke it at the external CA too');
