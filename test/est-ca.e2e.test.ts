@@ -421,3 +421,29 @@ test('offline: a gateway restarted while the authority is down still refuses the
   clients.push(goodClient);
   await goodClient.publishAsync(upTopic('est-offline-good', 'telemetry', 'state'), '{}', { qos: 1 });
 });
+
+test('staleCrlPolicy refuse: a certificate of the external CA also needs the external-devices list fresh (CONNACK 3 while it is past its nextUpdate)', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await startStack(t, { authority: { deviceIssuer: issuerConfig(est) }, gateway: { staleCrlPolicy: 'refuse' } });
+  const identity = await onboardDevice(stack, 'est-stale-1');
+  const external = stack.gateway.externalRevocations;
+  await until(() => external.warm, MS, 'the gateway to hold the external-devices list');
+  const first = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(first.client);
+  assert.equal(first.code, 0);
+  const ca = stack.authority.ca.deviceCa;
+  const list = (n: bigint, nextUpdate: number) => pkix.encodeCrl({ issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey!, crlNumber: n, thisUpdate: new Date(nextUpdate - 3600_000), nextUpdate: new Date(nextUpdate), entries: [], indirect: true });
+  // A genuine list that is past its nextUpdate (the authority unreachable for that long).
+  const n = external.crlNumber! + 1000n;
+  assert.equal(external.applyDer(list(n, Date.now() - 60_000), 'test'), true);
+  assert.equal(external.isStale(), true);
+  assert.equal(stack.gateway.revocations.isStale(), false, 'the device CA\'s CRL is fresh');
+  const refused = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(refused.client);
+  assert.equal(refused.code, 3, 'the gateway cannot vouch for the external certificate');
+  // A fresh one: accepted again.
+  assert.equal(external.applyDer(list(n + 1n, Date.now() + 3600_000), 'test'), true);
+  const again = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(again.client);
+  assert.equal(again.code, 0);
+});
