@@ -148,7 +148,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
         const r = parts.revocation;
         if (!r) return;
         try {
-          await r.recordExternalRevoked({ der: pkix.fromPem(row.pem, 'CERTIFICATE'), serial: row.serial, subjectId: row.subjectId, notBefore: row.notBefore, notAfter: row.notAfter }, 'superseded', 'est-discarded', { est: 'discarded', why });
+          await r.recordExternalRevoked({ der: pkix.fromPem(row.pem, 'CERTIFICATE'), serial: row.serial, subjectId: row.subjectId, notBefore: row.notBefore, notAfter: row.notAfter }, 'superseded', 'est-discarded', { discardedBecause: why });
         } catch (err) {
           logger.warn({ serial: row.serial, deviceId: row.subjectId, err: (err as Error).message }, 'a discarded certificate of the external CA could not be revoked in leafgate: revoke it with `leafgate authority revoke --certificate`');
         }

@@ -246,6 +246,7 @@ async function buildBridge(s: Shared, parts: LateParts) {
       if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
       if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
       if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
+      if (externalRevocations.warm && externalRevocations.isStale()) log.warn({ nextUpdate: externalRevocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'the external-devices revocation list is past its nextUpdate: the authority has not been reachable');
     };
     updateCrlMetrics();
     const cutRevoked = (newlyRevoked: string[]) => {
@@ -633,6 +634,9 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         authorityLink: events.connected,
         crlNumber: revocations.crlNumber?.toString() ?? null,
         crlStale: revocations.isStale(),
+        // The external device CA's revocations (EST): the authority's external-devices list.
+        externalCrlNumber: bridge.externalRevocations.crlNumber?.toString() ?? null,
+        externalCrlStale: bridge.externalRevocations.isStale(),
         renewals: renewals.counts(),
         rateLimits: limits.limits,
       };

@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
-import { challengeSigningInput } from '../protocol/index.ts';
+import { challengeSigningInput, pkix } from '../protocol/index.ts';
 import { TestEstServer } from './support/est-server.ts';
 import { authorityRequest, gatewayIdentity } from './support/http.ts';
 import { pgSchema } from './support/pg.ts';
@@ -76,5 +76,14 @@ test('two authority nodes, one requestId raced on both with an external CA: ever
   }
   const orphan = audit.find((a) => (a.detail as Record<string, unknown> | null)?.est === 'discarded');
   assert.ok(orphan, 'the discarded certificate is audited');
-  assert.notEqual((orphan.detail as Record<string, unknown>).externalSerial, answer.serial);
+  const orphanSerial = (orphan.detail as Record<string, unknown>).externalSerial as string;
+  assert.notEqual(orphanSerial, answer.serial);
+  // leafgate knows the discarded certificate: it is revoked at once (superseded) and in the
+  // external-devices list the gateways enforce; the answer delivered stays active.
+  assert.equal((await stack.authority.store.getCertificate(orphanSerial))?.status, 'revoked');
+  assert.equal((await stack.authority.store.getCertificate(answer.serial))?.status, 'active');
+  const stored = await stack.authority.store.getCrl('external-devices');
+  const list = pkix.parseCrl(stored!.der, stack.authority.ca.deviceCa.certificate.publicKey);
+  assert.equal(list.revoked.get(orphanSerial)?.reason, pkix.REVOCATION_REASONS.superseded);
+  assert.equal(list.revoked.has(answer.serial), false);
 });
