@@ -13,7 +13,7 @@ export interface RenewalDue {
 }
 
 export interface AuthorityEventMap {
-  crl: [{ crlNumber: string; revoked: string[] }];
+  crl: [{ crlNumber: string; revoked: string[]; list?: 'external-devices'; listNumber?: string }];
   /**
    * Addressed to one gateway: the devices enrolled through it (a gateway acts only for its
    * own devices; the stream of every other gateway drops the event). On the wire the event

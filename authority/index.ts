@@ -7,6 +7,6 @@ export { SqlStore, SqliteStore, openStore, isPostgresUrl, type AuthorityStore } 
 export { LocalBus, PgBus, type ClusterBus, type ClusterMessage } from './cluster.ts';
 export { DeviceOnboarding } from './onboarding.ts';
 export { GatewayEnrollment } from './gateways.ts';
-export { Revocation, type CrlSnapshot } from './revocation.ts';
+export { Revocation, EXTERNAL_LIST, CRL_NAMES, type CrlName, type CrlSnapshot } from './revocation.ts';
 export { RenewalScheduler } from './renewal.ts';
 export { AuthorityEvents, type RenewalDue } from './events.ts';

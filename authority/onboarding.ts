@@ -45,6 +45,12 @@ export interface OnboardingDeps {
   onOutcome?(action: string, outcome: string, who: { gatewayId: string; deviceId: string; requestId: string }): void;
   /** Injected so expiry is tested without sleeping. */
   now?: () => number;
+  /**
+   * A certificate the external CA signed that no answer will carry (`discarded`): leafgate
+   * knows it, so it is revoked (reason superseded) and the gateways refuse it. Errors are the
+   * caller's to log; the audit line stays either way.
+   */
+  onDiscarded?(row: CertificateRow, why: string): Promise<void>;
 }
 
 type Kind = RequestRow['kind'];
@@ -61,6 +67,7 @@ export class DeviceOnboarding {
   private readonly config: OnboardingDeps['config'];
   private readonly now: () => number;
   private readonly onOutcome?: OnboardingDeps['onOutcome'];
+  private readonly onDiscarded?: OnboardingDeps['onDiscarded'];
   /** Serializes requests per device in this process; the store's keys guard across processes. */
   private readonly locks = new Map<string, Promise<unknown>>();
   /** This node's name on its external-CA claims (several authority nodes share one database). */
@@ -74,6 +81,7 @@ export class DeviceOnboarding {
     this.config = deps.config;
     this.now = deps.now ?? Date.now;
     this.onOutcome = deps.onOutcome;
+    this.onDiscarded = deps.onDiscarded;
   }
 
   register(gatewayId: string, deviceId: string, msg: RegisterMessage): Promise<ChallengeMessage> {
@@ -403,14 +411,19 @@ export class DeviceOnboarding {
       at: this.now(), action: kind, outcome: 'error', code: null, deviceId: who.deviceId, gatewayId: who.gatewayId, requestId: who.requestId,
       detail: { est: 'discarded', externalSerial: row.serial, why, action: 'revoke it at the external CA' },
     }).catch(() => undefined);
+    const revoke = (why: string) => this.onDiscarded?.(row, why).catch(() => undefined);
     let recorded: boolean;
     try {
       recorded = await commit();
     } catch (err) {
       await discarded(`not committed: ${(err as Error).message}`);
+      await revoke(`not committed: ${(err as Error).message}`);
       throw err;
     }
-    if (!recorded) await discarded('another request with this requestId was answered first');
+    if (!recorded) {
+      await discarded('another request with this requestId was answered first');
+      await revoke('another request with this requestId was answered first');
+    }
     return recorded;
   }
 

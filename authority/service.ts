@@ -142,6 +142,17 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     });
     const onboarding = new DeviceOnboarding({
       store, ca: issuing, config, now: opts.now,
+      // An EST certificate no answer carries (discarded) is revoked at once: the gateways refuse
+      // it (external-devices list). Not possible for an answer lost on the way: no serial is known.
+      async onDiscarded(row, why) {
+        const r = parts.revocation;
+        if (!r) return;
+        try {
+          await r.recordExternalRevoked({ der: pkix.fromPem(row.pem, 'CERTIFICATE'), serial: row.serial, subjectId: row.subjectId, notBefore: row.notBefore, notAfter: row.notAfter }, 'superseded', 'est-discarded', { discardedBecause: why });
+        } catch (err) {
+          logger.warn({ serial: row.serial, deviceId: row.subjectId, err: (err as Error).message }, 'a discarded certificate of the external CA could not be revoked in leafgate: revoke it with `leafgate authority revoke --certificate`');
+        }
+      },
       onOutcome(action, outcome, who) {
         metrics.requests.inc({ action, outcome });
         // Each onboarding outcome (a certificate issued or renewed, or refused) is an operator's line.
@@ -154,6 +165,7 @@ export async function startAuthority(config: Readonly<AuthorityConfig>, opts: { 
     const revocation = new Revocation({
       store, ca, events, crlValidityHours: config.crlValidityHours, now: opts.now, bus, logger: logger.child({ component: 'revocation' }), refreshMs: opts.crlRefreshMs,
       onRevoked: (reason) => metrics.revocations.inc({ reason }),
+      externalIssuerPem: () => issuing.bundle().externalDeviceChain?.[0],
     });
     await revocation.start();
     started.push(() => revocation.stop());

@@ -30,7 +30,8 @@ Commands:
                whose IoT Hub / DPS sync is parked after too many failed attempts)
   sync         list parked cloud syncs [--target hub|dps]; --retry [--device ID] un-parks them
   certs        list certificates [--expiring 7d]     (admin API)
-  revoke       revoke --serial HEX | --device ID [--decommission] | --gateway ID  [--reason R]
+  revoke       revoke --serial HEX | --device ID [--decommission] | --gateway ID
+               | --certificate FILE  [--reason R]
   policies     show the device policies              (admin API)
   audit        show the audit log [--device ID]      (admin API)
 
@@ -47,6 +48,8 @@ Options:
   --ttl SECONDS      validity of a token or code (default 86400 / 604800)
   --authority URL    admin API base URL (default https://localhost:<port>)
   --serial HEX       certificate serial (revoke; any certificate the authority issued)
+  --certificate FILE PEM of a device certificate of the external issuing CA (revoke; also
+                     one leafgate has no record of: issued outside leafgate, or an orphan)
   --offline-root DIR move the root key there (init)
   --root-key FILE    the offline root key (root-crl)
   --crl-days N       validity of a root CRL signed offline (init, root-crl; default 180)
@@ -91,6 +94,8 @@ each CSR against its policy, then forwards it over EST (RFC 7030) with a TLS cli
 certificate and/or HTTP Basic (password from deviceIssuer.passwordFile or
 LEAFGATE_EST_PASSWORD, never the command line); gateway certificates stay on leafgate's CA.
 EST has no revocation call: revoke says, for such a certificate, to revoke it at that CA.
+A certificate of that CA that leafgate did not deliver (issued outside leafgate, an answer
+lost on the way) is cut at the gateways with revoke --certificate FILE.
 
 Environment: LEAFGATE_CA_PASSPHRASE, LEAFGATE_ADMIN_TOKEN, LEAFGATE_AUTHORITY_DATA,
   LEAFGATE_AUTHORITY_HOST, LEAFGATE_AUTHORITY_PORT, LEAFGATE_DATABASE_URL,
@@ -112,7 +117,7 @@ const SUB: Array<[string, string, string, string]> = [
   ['fingerprint', 'Prints the root CA\'s SHA-256 fingerprint (gateways pin it at enrollment).', '--data-dir DIR --database DB', 'leafgate authority fingerprint'],
   ['devices', 'Lists devices (admin API).', '--authority URL --status S --limit N --json', 'leafgate authority devices --status active --json'],
   ['certs', 'Lists certificates (admin API).', '--authority URL --expiring SPAN --status S --limit N --json', 'leafgate authority certs --expiring 7d'],
-  ['revoke', 'Revokes a certificate, a device\'s certificates or a gateway (admin API).', '--serial HEX | --device ID [--decommission] | --gateway ID; --reason R', 'leafgate authority revoke --device sensor-1 --reason keyCompromise'],
+  ['revoke', 'Revokes a certificate, a device\'s certificates or a gateway (admin API).', '--serial HEX | --device ID [--decommission] | --gateway ID | --certificate FILE; --reason R', 'leafgate authority revoke --device sensor-1 --reason keyCompromise'],
   ['policies', 'Shows the device policies (admin API).', '--authority URL --json', 'leafgate authority policies --json'],
   ['audit', 'Shows the audit log (admin API).', '--authority URL --device ID --limit N --json', 'leafgate authority audit --device sensor-1'],
 ];
@@ -167,7 +172,7 @@ export async function authorityCommand(argv: string[]): Promise<number> {
   const parsed = parse(argv, {
     config: { type: 'string' }, 'data-dir': { type: 'string' }, database: { type: 'string' }, host: { type: 'string' }, port: { type: 'string' },
     gateway: { type: 'string' }, device: { type: 'string' }, group: { type: 'string' }, ttl: { type: 'string' },
-    authority: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
+    authority: { type: 'string' }, serial: { type: 'string' }, certificate: { type: 'string' }, reason: { type: 'string' }, decommission: { type: 'boolean' },
     expiring: { type: 'string' }, status: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' },
     target: { type: 'string' }, retry: { type: 'boolean' },
     'offline-root': { type: 'string' }, 'root-key': { type: 'string' }, 'crl-days': { type: 'string' },
@@ -387,8 +392,9 @@ async function adminCommand(command: string, v: Record<string, any>, config: Ret
         : await adminCall(base, ca, token, 'GET', `/admin/v1/sync${qs}`);
       break;
     case 'revoke': {
-      if (!v.serial && !v.device && !v.gateway) throw new UsageError('revoke needs --serial HEX, --device ID or --gateway ID');
-      rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, gateway: v.gateway, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
+      if (!v.serial && !v.device && !v.gateway && !v.certificate) throw new UsageError('revoke needs --serial HEX, --device ID, --gateway ID or --certificate FILE');
+      const certificate = v.certificate ? readFileSync(v.certificate, 'utf8') : undefined;
+      rows = await adminCall(base, ca, token, 'POST', '/admin/v1/revoke', { serial: v.serial, device: v.device, gateway: v.gateway, certificate, reason: v.reason ?? 'unspecified', decommission: v.decommission === true });
       // Certificates of an external CA (EST): leafgate's gateways refuse them now, the CA does not know.
       for (const r of rows as Array<{ serial: string; externalCa?: { action: string } }>) {
         if (r.externalCa) process.stderr.write(`certificate ${r.serial}: ${r.externalCa.action}\n`);

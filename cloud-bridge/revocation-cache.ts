@@ -3,6 +3,11 @@
  * while the authority is down still refuses revoked devices), refreshed from the authority
  * on a schedule and whenever the event stream says a new one exists. A CRL is accepted only
  * if its signature verifies with the device CA key and its number is higher than ours.
+ *
+ * The gateway holds two of these: the device CA's CRL (direct, /v1/crl) and the authority's
+ * list of revoked certificates of the external device CA (EST; indirect,
+ * /v1/crl/external-devices.crl). Both are signed by the device CA key, so each cache accepts
+ * only its kind (`indirect`): one can never be passed off as the other to roll revocations back.
  */
 import { EventEmitter } from 'node:events';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -18,6 +23,12 @@ export interface RevocationCacheOptions {
   file: string;
   refreshMs: number;
   logger: Logger;
+  /** Where the authority serves it; /v1/crl (the device CA's CRL) by default. */
+  path?: string;
+  /** The external-CA list: an indirect CRL is required (and a direct one refused); otherwise the reverse. */
+  indirect?: boolean;
+  /** For log lines. */
+  label?: string;
 }
 
 export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigint; newlyRevoked: string[] }] }> {
@@ -29,11 +40,19 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     super();
     if (existsSync(opts.file)) {
       try {
-        this.crl = pkix.parseCrl(readFileSync(opts.file), opts.deviceCa.publicKey);
+        this.crl = this.parse(readFileSync(opts.file));
       } catch (err) {
         opts.logger.warn({ err: (err as Error).message }, 'cached CRL is unreadable; waiting for a fresh one');
       }
     }
+  }
+
+  /** Parses and verifies, and refuses a CRL of the other kind (direct / indirect). */
+  private parse(der: Buffer): pkix.ParsedCrl {
+    const parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
+    const want = this.opts.indirect === true;
+    if (parsed.indirect !== want) throw new Error(want ? 'not the external-CA revocation list (a direct CRL)' : 'not the device CA\'s CRL (an indirect CRL)');
+    return parsed;
   }
 
   get crlNumber(): bigint | undefined {
@@ -69,7 +88,7 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
   applyDer(der: Buffer, source: string): boolean {
     let parsed: pkix.ParsedCrl;
     try {
-      parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
+      parsed = this.parse(der);
     } catch (err) {
       this.refusedCount++;
       this.opts.logger.warn({ err: (err as Error).message, source }, 'refusing a CRL whose signature or encoding is bad');
@@ -104,10 +123,10 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
   private async fetch(): Promise<boolean> {
     let parsed: pkix.ParsedCrl;
     try {
-      const der = await this.opts.authority.getBuffer('/v1/crl');
-      parsed = pkix.parseCrl(der, this.opts.deviceCa.publicKey);
+      const der = await this.opts.authority.getBuffer(this.opts.path ?? '/v1/crl');
+      parsed = this.parse(der);
     } catch (err) {
-      this.opts.logger.warn({ err: (err as Error).message, cached: this.crl?.crlNumber?.toString() }, 'CRL refresh failed; keeping the cached CRL');
+      this.opts.logger.warn({ err: (err as Error).message, cached: this.crl?.crlNumber?.toString(), list: this.opts.label ?? 'device-ca' }, 'CRL refresh failed; keeping the cached CRL');
       return false;
     }
     this.apply(parsed);
@@ -127,7 +146,7 @@ export class RevocationCache extends EventEmitter<{ updated: [{ crlNumber: bigin
     // Write-then-rename: a crash never leaves a torn CRL behind.
     writeFileSync(`${this.opts.file}.tmp`, parsed.der);
     renameSync(`${this.opts.file}.tmp`, this.opts.file);
-    this.opts.logger.info({ crlNumber: parsed.crlNumber.toString(), revoked: parsed.revoked.size, newlyRevoked: newlyRevoked.length }, 'CRL updated');
+    this.opts.logger.info({ crlNumber: parsed.crlNumber.toString(), revoked: parsed.revoked.size, newlyRevoked: newlyRevoked.length, list: this.opts.label ?? 'device-ca' }, 'CRL updated');
     this.emit('updated', { crlNumber: parsed.crlNumber, newlyRevoked });
   }
 }

@@ -13,7 +13,9 @@
  * - the device CRL, re-shared between gateways: a gateway that gets a newer CRL stores it
  *   and announces its number; the others fetch it from Redis, check its signature against
  *   the device CA themselves (Redis is not trusted for revocation), and close the
- *   sessions it revokes even when their own authority link is down.
+ *   sessions it revokes even when their own authority link is down. The authority's list of
+ *   the external device CA's revocations (EST) is shared the same way under its own key and
+ *   channel (`crl:external-devices`).
  *
  * Every ioredis connection has an error listener: an outage is a log line and a metric,
  * never an unhandled 'error' event. Application commands fail fast (no offline queue) so a
@@ -70,7 +72,10 @@ export interface RemoteHolder {
 
 const HEARTBEAT_TTL_MS = 30_000;
 
-export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; link: [up: boolean] }> {
+/** The revocation lists shared in the cluster: the device CA's CRL, the external-CA list. */
+export type SharedCrlName = 'device-ca' | 'external-devices';
+
+export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint, list: SharedCrlName]; link: [up: boolean] }> {
   /** This process in the cluster; also its aedes broker id. */
   readonly nodeId = randomUUID();
   readonly outbox: RedisOutbox;
@@ -99,9 +104,10 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
     this.cmd.on('end', () => this.setLink(false));
     this.cmd.on('close', () => this.setLink(false));
     this.sub.on('message', (channel: string, message: string) => {
-      if (channel !== this.crlChannel) return;
+      const list: SharedCrlName | undefined = channel === this.crlChannel ? 'device-ca' : channel === this.crlKey('external-devices') ? 'external-devices' : undefined;
+      if (!list) return;
       try {
-        this.emit('crl', BigInt(message));
+        this.emit('crl', BigInt(message), list);
       } catch {
         this.logger.warn({ channel }, 'ignoring a malformed CRL announcement');
       }
@@ -164,7 +170,7 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
             });
           });
     await Promise.all([wait(this.cmd), wait(this.sub)]);
-    await this.sub.subscribe(this.crlChannel);
+    await this.sub.subscribe(this.crlChannel, this.crlKey('external-devices'));
     this.setLink(true);
     this.beat();
     this.heartbeat = setInterval(() => this.beat(), HEARTBEAT_TTL_MS / 3);
@@ -236,20 +242,25 @@ export class GatewayCluster extends EventEmitter<{ crl: [crlNumber: bigint]; lin
     this.cmd.set(`${this.config.keyPrefix}node:${this.nodeId}`, String(Date.now()), 'PX', HEARTBEAT_TTL_MS).catch(() => undefined);
   }
 
+  /** Redis key (and announcement channel) of a shared list. */
+  private crlKey(list: SharedCrlName): string {
+    return list === 'device-ca' ? `${this.config.keyPrefix}crl` : `${this.config.keyPrefix}crl:${list}`;
+  }
+
   /** Shares a verified CRL; announces it when it is newer than the shared one. */
-  async shareCrl(crlNumber: bigint, der: Buffer): Promise<void> {
+  async shareCrl(crlNumber: bigint, der: Buffer, list: SharedCrlName = 'device-ca'): Promise<void> {
     try {
-      const stored = await (this.cmd as unknown as { lgCrlSet(k: string, n: string, d: Buffer): Promise<number> }).lgCrlSet(`${this.config.keyPrefix}crl`, crlNumber.toString(), der);
-      if (stored === 1) await this.cmd.publish(this.crlChannel, crlNumber.toString());
+      const stored = await (this.cmd as unknown as { lgCrlSet(k: string, n: string, d: Buffer): Promise<number> }).lgCrlSet(this.crlKey(list), crlNumber.toString(), der);
+      if (stored === 1) await this.cmd.publish(this.crlKey(list), crlNumber.toString());
     } catch (err) {
       this.logger.warn({ err: (err as Error).message }, 'CRL could not be shared with the cluster');
     }
   }
 
   /** The shared CRL (DER), unverified: the caller checks its signature. */
-  async sharedCrl(): Promise<Buffer | null> {
+  async sharedCrl(list: SharedCrlName = 'device-ca'): Promise<Buffer | null> {
     try {
-      return await this.cmd.hgetBuffer(`${this.config.keyPrefix}crl`, 'der');
+      return await this.cmd.hgetBuffer(this.crlKey(list), 'der');
     } catch {
       return null;
     }

@@ -17,7 +17,7 @@ import type { GatewayConfig } from './config.ts';
 import { startOpsServer, type Readiness } from './http.ts';
 import { GatewayMetrics } from './metrics.ts';
 import { edgeModuleWanted, startEdgeModule, type RunningEdgeModule } from './edge-module.ts';
-import { GatewayCluster } from './cluster.ts';
+import { GatewayCluster, type SharedCrlName } from './cluster.ts';
 import type { Client } from 'aedes';
 import type { OutboxStore } from '../cloud-bridge/outbox.ts';
 
@@ -30,6 +30,8 @@ export interface RunningGateway {
   sessions: SessionRegistry;
   metrics: GatewayMetrics;
   revocations: RevocationCache;
+  /** The external device CA's revoked certificates (EST): the authority's external-devices list. */
+  externalRevocations: RevocationCache;
   outbox: OutboxStore;
   /** The Redis cluster link, when `redis` is configured. */
   cluster?: GatewayCluster;
@@ -230,17 +232,24 @@ async function buildBridge(s: Shared, parts: LateParts) {
     // Revocation: cached CRL (survives restarts), refreshed on schedule and on push.
     const revocations = new RevocationCache({ authority, deviceCa: id.deviceCa, file: join(config.dataDir, 'device-ca.crl'), refreshMs: config.crlRefreshMs, logger: log });
     started.add('revocation cache', () => revocations.stop());
+    // The external device CA's revoked certificates (EST): a list of their own, beside the device
+    // CA's CRL (which stays direct for standard relying parties), with the same cache, push,
+    // cluster sharing and on-disk copy; consulted at CONNECT and for live-session cuts.
+    const externalRevocations = new RevocationCache({
+      authority, deviceCa: id.deviceCa, file: join(config.dataDir, 'external-devices.crl'), refreshMs: config.crlRefreshMs, logger: log,
+      path: '/v1/crl/external-devices.crl', indirect: true, label: 'external-devices',
+    });
+    started.add('external revocation cache', () => externalRevocations.stop());
     const updateCrlMetrics = () => {
       const stale = revocations.isStale();
       metrics.crlStale.set(stale ? 1 : 0);
       if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
       if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
       if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
+      if (externalRevocations.warm && externalRevocations.isStale()) log.warn({ nextUpdate: externalRevocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'the external-devices revocation list is past its nextUpdate: the authority has not been reachable');
     };
     updateCrlMetrics();
-    revocations.on('updated', ({ crlNumber, newlyRevoked }) => {
-      updateCrlMetrics();
-      if (cluster && revocations.der) void cluster.shareCrl(crlNumber, revocations.der);
+    const cutRevoked = (newlyRevoked: string[]) => {
       if (!newlyRevoked.length) return;
       const hit = new Set(newlyRevoked);
       for (const { client, session } of sessions.entries()) {
@@ -252,11 +261,23 @@ async function buildBridge(s: Shared, parts: LateParts) {
         (client as unknown as { will: unknown }).will = null;
         setImmediate(() => client.close());
       }
+    };
+    revocations.on('updated', ({ crlNumber, newlyRevoked }) => {
+      updateCrlMetrics();
+      if (cluster && revocations.der) void cluster.shareCrl(crlNumber, revocations.der);
+      cutRevoked(newlyRevoked);
+    });
+    externalRevocations.on('updated', ({ crlNumber, newlyRevoked }) => {
+      if (cluster && externalRevocations.der) void cluster.shareCrl(crlNumber, externalRevocations.der, 'external-devices');
+      cutRevoked(newlyRevoked);
     });
     const events = new AuthorityEventStream({ authority, logger: log });
     started.add('authority event stream', () => events.stop());
     events.on('event', (name, data) => {
-      if (name === 'crl' || name === 'hello') void revocations.refresh();
+      if (name === 'crl' || name === 'hello') {
+        void revocations.refresh();
+        void externalRevocations.refresh();
+      }
       if (name === 'renewal-due') {
         renewals.update((data as { devices?: DueRenewal[] }).devices ?? []);
         for (const { client, session } of sessions.entries()) askToRenew(client, session);
@@ -268,18 +289,21 @@ async function buildBridge(s: Shared, parts: LateParts) {
     events.on('link', (up) => metrics.authorityLink.set(up ? 1 : 0));
 
     // A CRL another gateway of the cluster got first (its own signature check decides).
-    const adoptSharedCrl = async (announced?: bigint) => {
-      if (!cluster || (announced !== undefined && revocations.crlNumber !== undefined && announced <= revocations.crlNumber)) return;
-      const der = await cluster.sharedCrl();
-      if (der) revocations.applyDer(der, 'cluster');
+    const adoptSharedCrl = async (announced?: bigint, list: SharedCrlName = 'device-ca') => {
+      const cache = list === 'device-ca' ? revocations : externalRevocations;
+      if (!cluster || (announced !== undefined && cache.crlNumber !== undefined && announced <= cache.crlNumber)) return;
+      const der = await cluster.sharedCrl(list);
+      if (der) cache.applyDer(der, 'cluster');
     };
     if (cluster) {
       await adoptSharedCrl();
-      cluster.on('crl', (n) => void adoptSharedCrl(n));
+      await adoptSharedCrl(undefined, 'external-devices');
+      cluster.on('crl', (n, list) => void adoptSharedCrl(n, list));
       cluster.on('link', (up) => {
         metrics.clusterLink.set(up ? 1 : 0);
         if (up) {
           void adoptSharedCrl();
+          void adoptSharedCrl(undefined, 'external-devices');
           worker.kick();
         }
       });
@@ -287,6 +311,7 @@ async function buildBridge(s: Shared, parts: LateParts) {
     }
     const start = () => {
       revocations.start();
+      externalRevocations.start();
       events.start();
       worker.start();
     };
@@ -294,9 +319,10 @@ async function buildBridge(s: Shared, parts: LateParts) {
     const stop = () => {
       events.stop();
       revocations.stop();
+      externalRevocations.stop();
       worker.stop();
     };
-    return { authority, cluster, outbox, gate, renewals, worker, relay, revocations, events, askToRenew, updateCrlMetrics, start, stop, close: () => started.close() };
+    return { authority, cluster, outbox, gate, renewals, worker, relay, revocations, externalRevocations, events, askToRenew, updateCrlMetrics, start, stop, close: () => started.close() };
   } catch (err) {
     await started.close();
     throw err;
@@ -308,7 +334,7 @@ type Bridge = Awaited<ReturnType<typeof buildBridge>>;
 /** The MQTT broker with the plugin chain, listening. */
 async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: LimiterFactory }, module: () => RunningEdgeModule | undefined) {
   const { config, id, log, sessions, metrics, publish } = s;
-  const { cluster, relay, revocations } = bridge;
+  const { cluster, relay, revocations, externalRevocations } = bridge;
   // Refusals are logged sampled and answered on down/error at a bounded rate, per connection:
   // a flood of refused packets must not become a flood of log lines and answers.
   const refusals = new RefusalSampler();
@@ -338,9 +364,11 @@ async function buildBroker(s: Shared, bridge: Bridge, opts: { limiters?: Limiter
     [
       authenticationPlugin({
         sessions, deviceCa: () => id.deviceCa, externalDeviceCa: () => id.externalDeviceCa, bootstrapTimeoutMs: config.bootstrapTimeoutMs, keepaliveMaxSeconds: config.keepaliveMaxSeconds,
-        isRevoked: (serial) => revocations.isRevoked(serial), logger: log,
+        // A serial in either list is refused (a collision across issuers can only refuse too much).
+        isRevoked: (serial) => revocations.isRevoked(serial) || externalRevocations.isRevoked(serial), logger: log,
         remoteHolder: cluster ? (deviceId) => cluster.remoteHolder(deviceId) : undefined,
-        revocationUsable: () => config.staleCrlPolicy === 'keep' || !revocations.isStale(),
+        // A certificate of the external CA also needs the external list current under `refuse`.
+        revocationUsable: (external) => config.staleCrlPolicy === 'keep' || (!revocations.isStale() && (!external || !externalRevocations.isStale())),
       }),
       limits.publishBudget,
       authorizationPlugin({ sessions }),
@@ -606,6 +634,9 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         authorityLink: events.connected,
         crlNumber: revocations.crlNumber?.toString() ?? null,
         crlStale: revocations.isStale(),
+        // The external device CA's revocations (EST): the authority's external-devices list.
+        externalCrlNumber: bridge.externalRevocations.crlNumber?.toString() ?? null,
+        externalCrlStale: bridge.externalRevocations.isStale(),
         renewals: renewals.counts(),
         rateLimits: limits.limits,
       };
@@ -626,6 +657,7 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
       sessions,
       metrics,
       revocations,
+      externalRevocations: bridge.externalRevocations,
       outbox,
       cluster,
       renewals,

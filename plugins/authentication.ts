@@ -26,8 +26,11 @@ export interface AuthenticationOptions {
   bootstrapTimeoutMs: number;
   /** Serial (upper-case hex) -> revoked? Filled from the authority's CRL. */
   isRevoked?: (serial: string) => boolean;
-  /** False when certificate logins must be refused (stale CRL under the `refuse` policy). */
-  revocationUsable?: () => boolean;
+  /**
+   * False when certificate logins must be refused (stale CRL under the `refuse` policy);
+   * `external`: the certificate is the external device CA's (its revocation list must be usable too).
+   */
+  revocationUsable?: (external: boolean) => boolean;
   /** Keepalive must be 1..this many seconds: 0 (off) would keep dead sessions forever. */
   keepaliveMaxSeconds?: number;
   /**
@@ -98,7 +101,7 @@ export function authenticationPlugin(opts: AuthenticationOptions): BrokerPlugin 
         const serial = peer.serialNumber.toUpperCase();
         if (opts.isRevoked?.(serial)) throw new ConnectRefusal(5, 'certificate is revoked');
         // 3 = server unavailable: the gateway cannot currently vouch for revocation status.
-        if (opts.revocationUsable && !opts.revocationUsable()) throw new ConnectRefusal(3, 'revocation list is stale and the policy is refuse');
+        if (opts.revocationUsable && !opts.revocationUsable(external !== undefined && issuerKey === external)) throw new ConnectRefusal(3, 'revocation list is stale and the policy is refuse');
         if (holder?.session.kind === 'operational' && holder.session.certFingerprint !== peer.fingerprint256) {
           throw new ConnectRefusal(2, 'client id is held by another certificate');
         }

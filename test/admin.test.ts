@@ -77,6 +77,10 @@ test('revoke by serial with a reason code: CRL lists it with the reason, the dev
   // Unknown reason and unknown serial are 4xx with a body.
   assert.equal((await admin(stack, 'POST', '/admin/v1/revoke', { serial: id.serial, reason: 'because' })).body.code, 'bad_request');
   assert.equal((await admin(stack, 'POST', '/admin/v1/revoke', { serial: 'ABCDEF' })).status, 404);
+  // --certificate is for the external issuing CA (deviceIssuer): without one, a clear 400.
+  const byPem = await admin(stack, 'POST', '/admin/v1/revoke', { certificate: id.certificate, reason: 'keyCompromise' });
+  assert.equal(byPem.status, 400);
+  assert.match(byPem.body.message, /no external device CA is configured/);
 });
 
 test('decommission revokes every active certificate and disables the device; it cannot onboard again', async (t) => {
@@ -102,7 +106,7 @@ test('CLI: certs --expiring, devices, policies and audit as tables and JSON; rev
   assert.match((await cli(stack, 'revoke', '--serial', id.serial, '--reason', 'superseded')).stdout, new RegExp(id.serial));
   const audit = JSON.parse((await cli(stack, 'audit', '--device', 'cli-1', '--json')).stdout);
   assert.deepEqual(audit.map((a: any) => a.action).reverse(), ['register', 'issue', 'revoke'], 'the compact flow (the SDK default): register, then one enroll that authenticates and issues');
-  await assert.rejects(cli(stack, 'revoke'), /--serial HEX, --device ID or --gateway ID/);
+  await assert.rejects(cli(stack, 'revoke'), /--serial HEX, --device ID, --gateway ID or --certificate FILE/);
 });
 
 test('the authority exposes Prometheus metrics: requests by outcome, renewals due, revocations by reason', async (t) => {

@@ -19,6 +19,7 @@ import { Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptio
 import { startStack, type Stack } from './support/stack.ts';
 import { resolveGatewayConfig } from '../gateway/index.ts';
 import { startTcpProxy } from './support/tcp-proxy.ts';
+import { TestEstServer } from './support/est-server.ts';
 import { TEST_REDIS_URL as REDIS_URL, deleteRedisKeys } from './support/redis.ts';
 import { downFilter } from '../protocol/index.ts';
 
@@ -105,6 +106,40 @@ test('a revocation that reaches gateway A cuts the device off on gateway B, whos
   assert.ok(inbox.messages.some((m) => m.kind === 'revoked'), 'down/revoked reached the device before the close');
   assert.equal(gwB.revocations.crlNumber?.toString(), revoked.crlNumber, 'B holds the CRL that A received');
   assert.equal((await tryConnect(onB, operationalOptions(identity))).code, 5, 'B refuses the revoked certificate');
+});
+
+test('EST: a revocation of an externally issued certificate that reaches gateway A (external-devices list) cuts the device off on gateway B, whose authority link is down', { timeout: 180_000 }, async (t) => {
+  const est = await TestEstServer.start();
+  t.after(() => est.close());
+  const keyPrefix = prefix();
+  cleanUp(t, keyPrefix);
+  const redis = { url: REDIS_URL, keyPrefix };
+  const stack = await startStack(t, {
+    gateway: { redis },
+    authority: { deviceIssuer: { type: 'est', url: est.url, serverCaFile: est.serverCaFile, caChainFile: est.chainFile, clientCertFile: est.clientCertFile, clientKeyFile: est.clientKeyFile, timeoutMs: 20_000, retryAfterSeconds: 1 } },
+  });
+  const authorityUrl = new URL(stack.authority.url);
+  const proxy = await startTcpProxy({ host: '127.0.0.1', port: Number(authorityUrl.port) });
+  t.after(() => proxy.close());
+  const gwB = await stack.addGateway(uid('gw-b'), { redis }, { authorityUrl: `https://127.0.0.1:${proxy.port}` });
+  const onB = { ...stack, brokerUrl: `mqtts://127.0.0.1:${gwB.port}` } as Stack;
+
+  const id = uid('est-cut');
+  const identity = await onboardDevice(onB, id);
+  const client = await connectOk(onB, operationalOptions(identity));
+  t.after(() => closeQuietly(client));
+  const inbox = new Inbox(client);
+  assert.deepEqual(await subscribeGranted(client, downFilter(id)), [1]);
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, 40_000, 'gateway A event stream');
+
+  proxy.cut();
+  await until(() => gwB.readiness().checks.authorityLink === false, 40_000, 'gateway B to lose its authority link');
+  const gone = closed(client, 40_000);
+  const revoked = await stack.authority.revocation.revokeSerial(identity.serial, 'keyCompromise', 'test');
+  await gone;
+  assert.ok(inbox.messages.some((m) => m.kind === 'revoked'), 'down/revoked reached the device before the close');
+  assert.equal(gwB.externalRevocations.crlNumber?.toString(), revoked.crlNumber, 'B holds the external list that A received (through Redis)');
+  assert.equal((await tryConnect(onB, operationalOptions(identity), 40_000)).code, 5, 'B refuses the revoked certificate');
 });
 
 test('limits are shared: onboarding attempts of one device count on every gateway', async (t) => {

@@ -4,7 +4,8 @@
  * openssl signs, openssl crl2pkcs7 answers). Device certificates come from that CA through
  * simpleenroll / simplereenroll; leafgate checks each answer before storing it, serves the
  * external chain to gateways and devices, and enforces revocation of those certificates at the
- * broker (indirect entries of the device CA's CRL).
+ * broker (the authority's external-devices list: an indirect CRL signed by the device CA key,
+ * beside the device CA's own CRL, which stays direct).
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -19,6 +20,7 @@ import { generateKeyForInstruction } from '../device/index.ts';
 import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } from '../authority/index.ts';
 import { TestEstServer, type EstServerOptions } from './support/est-server.ts';
 import { logger, startStack, type Stack } from './support/stack.ts';
+import { resolveGatewayConfig, startGateway, type RunningGateway } from '../gateway/index.ts';
 import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 
 /** Sized for a machine 4x slower than a developer's. */
@@ -202,7 +204,7 @@ test('EST refusals reach the device as ca_refused with its requestId, and bad an
   assert.ok(est.enrollments().every((r) => r.auth.basic === est.username && !r.auth.cert), 'HTTP Basic only');
 });
 
-test('revocation of an externally issued certificate: the live session is closed, a reconnect is refused, the device CA\'s CRL lists it with its issuer, and the operator is told to revoke it at the external CA', { timeout: 180_000 }, async (t) => {
+test('revocation of an externally issued certificate: the live session is closed, a reconnect is refused, the external-devices list (not the device CA\'s CRL) lists it with its issuer, and the operator is told to revoke it at the external CA', { timeout: 180_000 }, async (t) => {
   const est = await estServer(t);
   const stack = await estStack(t, est);
   const identity = await onboardDevice(stack, 'est-revoked-1');
@@ -220,12 +222,27 @@ test('revocation of an externally issued certificate: the live session is closed
   assert.ok(inbox.messages.some((m) => m.kind === 'revoked'), 'down/revoked before the close');
   const again = await tryConnect(stack, operationalOptions(identity));
   assert.equal(again.code, 5);
-  // The CRL the gateway enforces: the device CA's, with an indirect entry naming the external CA.
-  const crl = stack.authority.revocation.crl('device-ca');
-  const parsed = pkix.parseCrl(crl.der, stack.authority.ca.deviceCa.certificate.publicKey);
-  const entry = parsed.revoked.get(identity.serial);
+  // The list the gateway enforces for the external CA: external-devices, signed by the device CA
+  // key, indirect, with an entry naming the external CA; the device CA's CRL stays direct and
+  // does not list it.
+  const caKey = stack.authority.ca.deviceCa.certificate.publicKey;
+  const list = pkix.parseCrl(stack.authority.revocation.crl('external-devices').der, caKey);
+  assert.equal(list.indirect, true);
+  assert.equal(answer.crlNumber, list.crlNumber.toString(), 'the answer names the list that carries it');
+  const entry = list.revoked.get(identity.serial);
   assert.ok(entry?.certificateIssuerDer?.equals(pkix.subjectDerOf(pkix.parseCertificates(est.chainPem)[0].raw)));
-  assert.equal(stack.gateway.revocations?.isRevoked(identity.serial) ?? true, true);
+  const deviceCrl = pkix.parseCrl(stack.authority.revocation.crl('device-ca').der, caKey);
+  assert.equal(deviceCrl.indirect, false);
+  assert.equal(deviceCrl.revoked.has(identity.serial), false);
+  // Served at its own URL, readable by openssl (an indirect CRL signed by the device CA).
+  const served = await httpsGetBuffer(stack.authority.url, '/v1/crl/external-devices.crl', stack.rootPem);
+  assert.ok(served.equals(stack.authority.revocation.crl('external-devices').der));
+  const text = spawnSync('openssl', ['crl', '-inform', 'DER', '-noout', '-text'], { input: served, encoding: 'utf8' }).stdout;
+  assert.match(text, /Indirect CRL/);
+  assert.match(text, new RegExp(identity.serial));
+  // The gateway holds it in its external list (the device CA's CRL cache does not).
+  assert.equal(stack.gateway.externalRevocations.isRevoked(identity.serial), true);
+  assert.equal(stack.gateway.revocations.isRevoked(identity.serial), false);
   // Another device of the same CA is not affected.
   const other = await onboardDevice(stack, 'est-revoked-2');
   const ok = await connectOk(stack, operationalOptions(other));
@@ -353,4 +370,80 @@ test('the active-certificate cap is checked before the CSR goes to the external 
   assert.match(String(a.body.message), /already holds 1 active certificates/);
   assert.equal(est.issued.length, 1, 'the external CA was not asked');
   assert.equal(est.enrollments().length, 1);
+});
+
+/** GET over HTTPS (the authority's CRL URLs need no client certificate). */
+function httpsGetBuffer(base: string, path: string, ca: string): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(new URL(path, base), { ca, method: 'GET' }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => (res.statusCode === 200 ? resolve(Buffer.concat(chunks)) : reject(new Error(`GET ${path}: ${res.statusCode}`))));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+test('offline: a gateway restarted while the authority is down still refuses the revoked EST device from its cached external-devices list', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  // This test stops and restarts parts of the stack itself, so it closes them itself.
+  const stack = await startStack(null, { authority: { deviceIssuer: issuerConfig(est) } });
+  let gatewayUp = true;
+  let authorityUp = true;
+  let restarted: RunningGateway | undefined;
+  const clients: Array<Awaited<ReturnType<typeof connectOk>>> = [];
+  t.after(async () => {
+    await closeQuietly(...clients);
+    await restarted?.close();
+    if (gatewayUp) await stack.gateway.close();
+    if (authorityUp) await stack.authority.close();
+    rmSync(stack.dir, { recursive: true, force: true });
+  });
+  const bad = await onboardDevice(stack, 'est-offline-bad');
+  const good = await onboardDevice(stack, 'est-offline-good');
+  await until(() => stack.gateway.readiness().checks.authorityLink === true, MS, 'the authority event stream');
+  const { crlNumber } = await stack.authority.revocation.revokeSerial(bad.serial, 'keyCompromise', 'test');
+  await until(() => stack.gateway.externalRevocations.crlNumber?.toString() === crlNumber, MS, 'the gateway to fetch the new external list');
+
+  await stack.authority.close();
+  authorityUp = false;
+  await stack.gateway.close();
+  gatewayUp = false;
+  restarted = await startGateway(
+    resolveGatewayConfig({ dataDir: join(stack.dir, 'gateway'), listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }, {}),
+    { logger },
+  );
+  const url = `mqtts://127.0.0.1:${restarted.port}`;
+  assert.equal(restarted.externalRevocations.crlNumber?.toString(), crlNumber, 'external list loaded from disk');
+  assert.equal((await tryConnect(stack, operationalOptions(bad), MS, url)).code, 5, 'revoked EST device refused');
+  const goodClient = await connectOk(stack, operationalOptions(good), url);
+  clients.push(goodClient);
+  await goodClient.publishAsync(upTopic('est-offline-good', 'telemetry', 'state'), '{}', { qos: 1 });
+});
+
+test('staleCrlPolicy refuse: a certificate of the external CA also needs the external-devices list fresh (CONNACK 3 while it is past its nextUpdate)', { timeout: 180_000 }, async (t) => {
+  const est = await estServer(t);
+  const stack = await startStack(t, { authority: { deviceIssuer: issuerConfig(est) }, gateway: { staleCrlPolicy: 'refuse' } });
+  const identity = await onboardDevice(stack, 'est-stale-1');
+  const external = stack.gateway.externalRevocations;
+  await until(() => external.warm, MS, 'the gateway to hold the external-devices list');
+  const first = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(first.client);
+  assert.equal(first.code, 0);
+  const ca = stack.authority.ca.deviceCa;
+  const list = (n: bigint, nextUpdate: number) => pkix.encodeCrl({ issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey!, crlNumber: n, thisUpdate: new Date(nextUpdate - 3600_000), nextUpdate: new Date(nextUpdate), entries: [], indirect: true });
+  // A genuine list that is past its nextUpdate (the authority unreachable for that long).
+  const n = external.crlNumber! + 1000n;
+  assert.equal(external.applyDer(list(n, Date.now() - 60_000), 'test'), true);
+  assert.equal(external.isStale(), true);
+  assert.equal(stack.gateway.revocations.isStale(), false, 'the device CA\'s CRL is fresh');
+  const refused = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(refused.client);
+  assert.equal(refused.code, 3, 'the gateway cannot vouch for the external certificate');
+  // A fresh one: accepted again.
+  assert.equal(external.applyDer(list(n + 1n, Date.now() + 3600_000), 'test'), true);
+  const again = await tryConnect(stack, operationalOptions(identity), MS);
+  await closeQuietly(again.client);
+  assert.equal(again.code, 0);
 });

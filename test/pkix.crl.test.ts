@@ -128,4 +128,14 @@ test('indirect CRL (RFC 5280 5.3.3): entries of another issuer carry a critical 
   assert.ok(text.indexOf('0A0B') < text.indexOf('EE01'), 'the CRL issuer\'s own entries come first');
   // A plain CRL has no issuingDistributionPoint.
   assert.doesNotMatch(execFileSync('openssl', ['crl', '-inform', 'DER', '-noout', '-text'], { input: crl(ca, ca.privateKey, 1n, ['01']), encoding: 'utf8' }), /Issuing Distribution Point/);
+  assert.equal(parsed.indirect, true);
+  assert.equal(pkix.parseCrl(crl(ca, ca.privateKey, 1n, ['01']), ca.publicKey).indirect, false);
+});
+
+test('indirect: true marks an empty CRL indirect (the external-devices list while nothing is revoked): openssl and parseCrl see the flag', () => {
+  const ca = makeCa('ec');
+  const now = Date.now();
+  const derCrl = pkix.encodeCrl({ issuerDer: ca.name, issuerKeyId: ca.keyId, issuerKey: ca.privateKey, crlNumber: 1n, thisUpdate: new Date(now), nextUpdate: new Date(now + 3600_000), entries: [], indirect: true });
+  assert.equal(pkix.parseCrl(derCrl, ca.publicKey).indirect, true);
+  assert.match(execFileSync('openssl', ['crl', '-inform', 'DER', '-noout', '-text'], { input: derCrl, encoding: 'utf8' }), /Issuing Distribution Point: critical\s+Indirect CRL/);
 });

@@ -14,6 +14,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { downFilter, pkix, upTopic } from '../protocol/index.ts';
 import { resolveGatewayConfig, startGateway, type RunningGateway } from '../gateway/index.ts';
+import { Revocation } from '../authority/index.ts';
+import { AuthorityEvents } from '../authority/events.ts';
 import { logger, startStack, type Stack } from './support/stack.ts';
 import { Inbox, closeQuietly, closed, connectOk, httpGet, metricValue, metricsText, onboardDevice, operationalOptions, opsUrl, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 
@@ -251,4 +253,55 @@ test('an older CRL, or another CRL with the same number, never replaces the newe
   // Positive control: a higher number does replace it.
   stack.gateway.revocations.applyDer(crlSignedBy(stack, ca.privateKey!, crlNumber + 1n, [identity.serial]), 'test');
   assert.equal(stack.gateway.revocations.crlNumber, crlNumber + 1n);
+});
+
+test('the device CA\'s CRL and the external-devices list (both signed by the device CA key) cannot be passed off as each other in the gateway caches', async (t) => {
+  const stack = await startStack(t);
+  const { identity, crlNumber, file, fileBytes } = await revokedAtGateway(stack, 'pki-crl-kind');
+  const ca = stack.authority.ca.deviceCa;
+  const external = stack.gateway.externalRevocations;
+  await until(() => external.warm, 20_000, 'the gateway to fetch the external-devices list');
+  // The authority's list is indirect (also while empty) and its CRL direct.
+  assert.equal(pkix.parseCrl(stack.authority.revocation.crl('external-devices').der, ca.certificate.publicKey).indirect, true);
+  assert.equal(pkix.parseCrl(stack.authority.revocation.crl('device-ca').der, ca.certificate.publicKey).indirect, false);
+  const listNumber = external.crlNumber!;
+  const now = Date.now();
+  const indirect = (n: bigint) => pkix.encodeCrl({ issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey!, crlNumber: n, thisUpdate: new Date(now), nextUpdate: new Date(now + 3600_000), entries: [], indirect: true });
+  // An indirect CRL with a higher number (e.g. the external list taken from Redis) as the device CA's CRL: refused.
+  const refusedBefore = stack.gateway.revocations.refusedCount;
+  assert.equal(stack.gateway.revocations.applyDer(indirect(crlNumber + 100n), 'test'), false);
+  assert.equal(stack.gateway.revocations.refusedCount, refusedBefore + 1);
+  assert.equal(stack.gateway.revocations.crlNumber, crlNumber);
+  assert.equal(stack.gateway.revocations.isRevoked(identity.serial.toUpperCase()), true);
+  assert.deepEqual(readFileSync(file), fileBytes);
+  assert.equal((await tryConnect(stack, operationalOptions(identity), 20_000)).code, 5);
+  // The device CA's (direct) CRL with a higher number as the external list: refused.
+  assert.equal(external.applyDer(crlSignedBy(stack, ca.privateKey!, listNumber + 100n), 'test'), false);
+  assert.equal(external.crlNumber, listNumber);
+  // Positive control: an indirect one with a higher number is the external list's next.
+  assert.equal(external.applyDer(indirect(listNumber + 1n), 'test'), true);
+  assert.equal(external.crlNumber, listNumber + 1n);
+  assert.ok(existsSync(join(stack.dir, 'gateway', 'external-devices.crl')));
+});
+
+test('a device CA CRL stored indirect by an earlier version (external entries in it) is signed again, direct, when revocation starts', async (t) => {
+  const stack = await startStack(t);
+  const ca = stack.authority.ca.deviceCa;
+  const stored = stack.authority.revocation.crl('device-ca');
+  const now = Date.now();
+  // What an earlier version stored: the device CA's CRL with an external-issuer entry, fresh.
+  const legacy = pkix.encodeCrl({
+    issuerDer: ca.subjectDer, issuerKeyId: ca.keyId, issuerKey: ca.privateKey!, crlNumber: stored.crlNumber + 1n, thisUpdate: new Date(now), nextUpdate: new Date(now + 24 * 3600_000),
+    entries: [{ serial: 'EE01', revokedAt: new Date(now), reason: 1, certificateIssuerDer: pkix.encodeName('Enterprise Issuing CA') }],
+  });
+  assert.equal(await stack.authority.store.saveCrl({ issuer: 'device-ca', crlNumber: stored.crlNumber + 1n, thisUpdate: now, nextUpdate: now + 24 * 3600_000, der: legacy }), true);
+  const revocation = new Revocation({ store: stack.authority.store, ca: stack.authority.ca, events: new AuthorityEvents(), crlValidityHours: 24 });
+  await revocation.start();
+  t.after(() => revocation.stop());
+  const crl = revocation.crl('device-ca');
+  assert.equal(crl.crlNumber, stored.crlNumber + 2n, 'signed again on top of it');
+  const parsed = pkix.parseCrl(crl.der, ca.certificate.publicKey);
+  assert.equal(parsed.indirect, false);
+  assert.equal(parsed.revoked.has('EE01'), false);
+  assert.equal(revocation.crl('external-devices').crlNumber > 0n, true);
 });

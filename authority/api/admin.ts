@@ -65,9 +65,15 @@ export function registerAdminRoutes(app: FastifyInstance, deps: AdminDeps): void
       const reason = (b.reason ?? 'unspecified') as pkix.RevocationReason;
       if (typeof reason !== 'string' || !(reason in pkix.REVOCATION_REASONS)) throw new LeafgateError('bad_request', `reason must be one of ${Object.keys(pkix.REVOCATION_REASONS).join(', ')}`);
       if (typeof b.serial === 'string' && /^[0-9A-Fa-f:]{2,64}$/.test(b.serial)) return [await deps.revocation.revokeSerial(b.serial, reason, 'admin')];
+      // A certificate of the external issuing CA (EST) as PEM, on record or not (issued outside
+      // leafgate, an orphan): checked to be that CA's, recorded revoked, refused by the gateways.
+      if (typeof b.certificate === 'string') {
+        if (b.certificate.length > 64 * 1024) throw new LeafgateError('bad_request', 'certificate is larger than 64 KiB');
+        return [await deps.revocation.revokeCertificatePem(b.certificate, reason, 'admin')];
+      }
       if (typeof b.device === 'string') return revokeDevice(deps, b.device, reason, b.decommission === true);
       if (typeof b.gateway === 'string') return revokeGateway(deps, b.gateway, reason);
-      throw new LeafgateError('bad_request', 'give serial (hex), device or gateway');
+      throw new LeafgateError('bad_request', 'give serial (hex), device, gateway or certificate (PEM of the external issuing CA)');
     });
 
     admin.get('/admin/v1/sync', async (req) => syncFailed(deps, req.query as Record<string, string | undefined>));

@@ -7,10 +7,10 @@ import Fastify, { LogController, type FastifyReply, type FastifyRequest } from '
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { LeafgateError, pkix, deviceIdOf, parseJsonObject, toLeafgateError, validateAuth, validateCsr, validateEnroll, validateRegister, validateRenewalCsr, type ErrorCode } from '../../protocol/index.ts';
-import { CA_NAMES, type CaConnector, type CaName } from '../ca/index.ts';
+import type { CaConnector } from '../ca/index.ts';
 import type { GatewayEnrollment } from '../gateways.ts';
 import type { DeviceOnboarding } from '../onboarding.ts';
-import type { Revocation } from '../revocation.ts';
+import { CRL_NAMES, type CrlName, type Revocation } from '../revocation.ts';
 import type { AuthorityEvents } from '../events.ts';
 import type { RenewalScheduler } from '../renewal.ts';
 import type { DevicePolicy } from '../policy/index.ts';
@@ -146,7 +146,9 @@ export async function buildAuthorityApi(deps: ApiDeps) {
 
   // CRLs are public (RFC 5280 5): no client certificate needed, like a CDP over HTTP. One per
   // CA (the distribution point in each certificate names its issuer's); /v1/crl is the device CA's.
-  const sendCrl = (name: CaName, pem: boolean, reply: FastifyReply) => {
+  // /v1/crl/external-devices.crl is not a CA's CRL: the revoked certificates of the external
+  // device CA (EST), signed by the device CA key, indirect; read by leafgate gateways.
+  const sendCrl = (name: CrlName, pem: boolean, reply: FastifyReply) => {
     const crl = deps.revocation.crl(name);
     void reply.header('content-type', pem ? 'application/x-pem-file' : 'application/pkix-crl').header('x-crl-number', crl.crlNumber.toString());
     return pem ? crl.pem : crl.der;
@@ -155,8 +157,8 @@ export async function buildAuthorityApi(deps: ApiDeps) {
   app.get('/v1/crl.pem', async (_req, reply) => sendCrl('device-ca', true, reply));
   app.get('/v1/crl/:file', async (req, reply) => {
     const m = /^([a-z-]+)\.(crl|pem)$/.exec((req.params as { file: string }).file);
-    if (!m || !(CA_NAMES as readonly string[]).includes(m[1])) throw new LeafgateError('not_found', 'no such CRL');
-    return sendCrl(m[1] as CaName, m[2] === 'pem', reply);
+    if (!m || !(CRL_NAMES as readonly string[]).includes(m[1])) throw new LeafgateError('not_found', 'no such CRL');
+    return sendCrl(m[1] as CrlName, m[2] === 'pem', reply);
   });
 
   // Server-sent events to gateways: pushes (CRL reissued, ...) over the mTLS connection.

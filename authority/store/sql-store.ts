@@ -446,6 +446,22 @@ export class SqlStore implements AuthorityStore {
     });
   }
 
+  async recordExternalRevocation(c: CertificateRow, audit: AuditEntry): Promise<boolean> {
+    try {
+      return await this.db.transaction(async (tx) => {
+        if (await tx.one(SQL.getCert, [c.serial])) return false;
+        await tx.run(`INSERT INTO certificates (serial, subject_id, kind, fingerprint, not_before, not_after, status, request_id, pem, created_at, issuer, revoked_at, revocation_reason, hub_synced_at, dps_synced_at)
+          VALUES (?, ?, ?, ?, ?, ?, 'revoked', ?, ?, ?, ?, ?, ?, ?, ?)`, [c.serial, c.subjectId, c.kind, c.fingerprint, c.notBefore, c.notAfter, c.requestId, c.pem, c.createdAt, c.issuer ?? ISSUER_OF_KIND[c.kind], c.revokedAt, c.revocationReason, c.createdAt, c.createdAt]);
+        await this.audit(tx, audit);
+        return true;
+      });
+    } catch (err) {
+      // Another node recorded it meanwhile (primary key).
+      if (await this.db.one(SQL.getCert, [c.serial])) return false;
+      throw err;
+    }
+  }
+
   async listRevoked(issuer: IssuerName): Promise<CertificateRow[]> {
     const rows = await this.db.query("SELECT * FROM certificates WHERE status = 'revoked' AND issuer = ? ORDER BY revoked_at, serial", [issuer]);
     return rows.map(toCert);

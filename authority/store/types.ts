@@ -255,6 +255,13 @@ export interface AuthorityStore {
 
   /** Marks an active certificate revoked (with the audit row); null when unknown or not active. */
   revokeCertificate(serial: string, reason: number, at: number, audit: AuditEntry): Promise<CertificateRow | null>;
+  /**
+   * Records a certificate of the external device CA (EST) that leafgate did not deliver (issued
+   * outside leafgate, or an orphan of its own requests) as revoked, with the audit row; all or
+   * nothing. Marked synced for the registries: leafgate never registered it there. False when
+   * the serial is on record already (nothing written).
+   */
+  recordExternalRevocation(cert: CertificateRow, audit: AuditEntry): Promise<boolean>;
   /** Revoked certificates signed by one CA, for its CRL. */
   listRevoked(issuer: IssuerName): Promise<CertificateRow[]>;
   getCertificate(serial: string): Promise<CertificateRow | null>;

@@ -46,6 +46,12 @@ export interface CrlInput {
   thisUpdate: Date;
   nextUpdate: Date;
   entries: CrlEntry[];
+  /**
+   * Marks the CRL indirect (issuingDistributionPoint indirectCRL) even when no entry names
+   * another issuer: leafgate's list of external-CA revocations is indirect while empty too, so
+   * that no relying party ever mistakes it for a (direct) CRL of the device CA.
+   */
+  indirect?: boolean;
 }
 
 const ext = (oid: string, value: Buffer) => der.seq(der.oid(oid), der.octetString(value));
@@ -75,7 +81,7 @@ function crlTbs(input: CrlInput, key: KeyObject): { algorithm: Buffer; hash: str
   // RFC 5280 5.3.3: a certificateIssuer applies to its entry and every later one, so the
   // CRL issuer's own entries come first and each other issuer's entry names its issuer.
   const entries = [...input.entries.filter((e) => !e.certificateIssuerDer), ...input.entries.filter((e) => e.certificateIssuerDer)];
-  const indirect = entries.some((e) => e.certificateIssuerDer);
+  const indirect = input.indirect === true || entries.some((e) => e.certificateIssuerDer);
   if (entries.length) {
     fields.push(der.seq(...entries.map((e) => {
       const parts = [der.integer(Buffer.from(e.serial.length % 2 ? '0' + e.serial : e.serial, 'hex')), der.time(e.revokedAt)];
@@ -112,6 +118,12 @@ export interface ParsedCrl {
    * issuers, so that a collision of serials can only refuse too much, never too little.
    */
   revoked: Map<string, CrlEntry>;
+  /**
+   * issuingDistributionPoint says indirectCRL: leafgate's list of the external device CA's
+   * revocations. A device CA CRL is direct; the gateways keep the two apart by this flag, so
+   * that one can never be passed off as the other (both are signed by the device CA key).
+   */
+  indirect: boolean;
 }
 
 /** Parses a DER or PEM CRL and verifies its signature with `issuerPublicKey`; throws DerError otherwise. */
@@ -164,12 +176,18 @@ export function parseCrl(input: Buffer | string, issuerPublicKey: KeyObject): Pa
     }
   }
   let crlNumber = 0n;
+  let indirect = false;
   if (f[i]?.tag === 0xa0) {
     for (const e of extensionsOf(der.children(f[i])[0])) {
       if (e.oid === OID.cRLNumber) crlNumber = der.decodeInteger(der.parseDer(e.value, e.depth));
+      // IssuingDistributionPoint ::= SEQUENCE { ..., indirectCRL [4] BOOLEAN DEFAULT FALSE, ... }
+      if (e.oid === OID.issuingDistributionPoint) {
+        const idp = der.expectTag(der.parseDer(e.value, e.depth), der.TAG.SEQUENCE, 'issuingDistributionPoint');
+        indirect = der.children(idp).some((n) => n.tag === 0x84 && n.value.length === 1 && n.value[0] !== 0);
+      }
     }
   }
-  return { der: raw, issuerDer, crlNumber, thisUpdate, nextUpdate, revoked };
+  return { der: raw, issuerDer, crlNumber, thisUpdate, nextUpdate, revoked, indirect };
 }
 
 /**
