@@ -15,6 +15,8 @@ export class GatewayMetrics {
   readonly authorityLink: Gauge;
   readonly revokedSessionsClosed: Counter;
   readonly crlStale: Gauge;
+  readonly externalCrlStale: Gauge;
+  readonly externalCrlNumber: Gauge;
   readonly clusterLink: Gauge;
   readonly clockSkewSeconds: Gauge;
   readonly renewals: Counter<'outcome'>;
@@ -60,6 +62,9 @@ export class GatewayMetrics {
     this.revokedSessionsClosed = new Counter({ name: 'leafgate_gateway_revoked_sessions_closed_total', help: 'Live sessions closed because their certificate was revoked', registers });
     this.clusterLink = new Gauge({ name: 'leafgate_gateway_cluster_link', help: '1 while the Redis cluster link is up (only on a gateway cluster)', registers });
     this.crlStale = new Gauge({ name: 'leafgate_gateway_crl_stale', help: '1 while the CRL in force is past its nextUpdate', registers });
+    // The external device CA's revocations (EST, authority/revocation.ts): a list of their own.
+    this.externalCrlStale = new Gauge({ name: 'leafgate_gateway_external_crl_stale', help: '1 while the external-devices revocation list in force (EST) is past its nextUpdate', registers });
+    this.externalCrlNumber = new Gauge({ name: 'leafgate_gateway_external_crl_number', help: 'Number of the external-devices revocation list in force (EST)', registers });
     this.clockSkewSeconds = new Gauge({
       name: 'leafgate_gateway_clock_skew_seconds', help: 'Local clock minus the authority clock (from the Date header of its last answer)', registers,
       collect() {

@@ -246,7 +246,10 @@ async function buildBridge(s: Shared, parts: LateParts) {
       if (stale && revocations.warm) log.warn({ nextUpdate: revocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'CRL is past its nextUpdate: the authority has not been reachable');
       if (revocations.crlNumber !== undefined) metrics.crlNumber.set(Number(revocations.crlNumber));
       if (revocations.nextUpdate) metrics.crlNextUpdate.set(revocations.nextUpdate.getTime() / 1000);
-      if (externalRevocations.warm && externalRevocations.isStale()) log.warn({ nextUpdate: externalRevocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'the external-devices revocation list is past its nextUpdate: the authority has not been reachable');
+      const externalStale = externalRevocations.isStale();
+      metrics.externalCrlStale.set(externalStale ? 1 : 0);
+      if (externalRevocations.crlNumber !== undefined) metrics.externalCrlNumber.set(Number(externalRevocations.crlNumber));
+      if (externalRevocations.warm && externalStale) log.warn({ nextUpdate: externalRevocations.nextUpdate?.toISOString(), policy: config.staleCrlPolicy }, 'the external-devices revocation list is past its nextUpdate: the authority has not been reachable');
     };
     updateCrlMetrics();
     const cutRevoked = (newlyRevoked: string[]) => {
@@ -268,6 +271,7 @@ async function buildBridge(s: Shared, parts: LateParts) {
       cutRevoked(newlyRevoked);
     });
     externalRevocations.on('updated', ({ crlNumber, newlyRevoked }) => {
+      updateCrlMetrics();
       if (cluster && externalRevocations.der) void cluster.shareCrl(crlNumber, externalRevocations.der, 'external-devices');
       cutRevoked(newlyRevoked);
     });
@@ -612,10 +616,17 @@ export async function startGateway(config: Readonly<GatewayConfig>, opts: { logg
         outboxWritable: outbox.writable?.() ?? true,
       };
       // A stale CRL makes the gateway unready only when the policy refuses logins because of it.
-      const crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
+      let crlOk = checks.crlCached && (config.staleCrlPolicy === 'keep' || checks.crlFresh);
+      // With an external device CA (EST) trusted, its revocation list counts the same way:
+      // under "refuse" its devices are refused while it is stale (the check appears only then).
+      const external: Record<string, boolean> = {};
+      if (id.externalDeviceCa) {
+        external.externalCrlFresh = !bridge.externalRevocations.isStale();
+        crlOk &&= config.staleCrlPolicy === 'keep' || external.externalCrlFresh;
+      }
       // A clock out of tolerance (learnt from every authority answer) misjudges certificate
       // validity; an outbox that cannot store refuses every CSR: either makes it unready at once.
-      return { ready: checks.brokerListening && (checks.authorityLink || crlOk) && checks.clockInSync && checks.outboxWritable, checks };
+      return { ready: checks.brokerListening && (checks.authorityLink || crlOk) && checks.clockInSync && checks.outboxWritable, checks: { ...checks, ...external } };
     };
     // The Redis outbox answers asynchronously: the status reports the last count read.
     let pendingQueue: number | null = 0;

@@ -21,7 +21,7 @@ import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput } fro
 import { TestEstServer, type EstServerOptions } from './support/est-server.ts';
 import { logger, startStack, type Stack } from './support/stack.ts';
 import { resolveGatewayConfig, startGateway, type RunningGateway } from '../gateway/index.ts';
-import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, onboardDevice, operationalOptions, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
+import { BootstrapSession, Inbox, closeQuietly, closed, connectOk, httpGet, metricValue, metricsText, onboardDevice, operationalOptions, opsUrl, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
 
 /** Sized for a machine 4x slower than a developer's. */
 const MS = 40_000;
@@ -441,9 +441,16 @@ test('staleCrlPolicy refuse: a certificate of the external CA also needs the ext
   const refused = await tryConnect(stack, operationalOptions(identity), MS);
   await closeQuietly(refused.client);
   assert.equal(refused.code, 3, 'the gateway cannot vouch for the external certificate');
+  // The operator sees why: a metric and a readiness check of their own.
+  const port = stack.gateway.httpPort;
+  assert.equal(metricValue(await metricsText(port), 'leafgate_gateway_external_crl_stale'), 1);
+  assert.equal(metricValue(await metricsText(port), 'leafgate_gateway_external_crl_number'), Number(n));
+  assert.equal(JSON.parse((await httpGet(opsUrl(port, '/readyz'))).body).checks.externalCrlFresh, false);
   // A fresh one: accepted again.
   assert.equal(external.applyDer(list(n + 1n, Date.now() + 3600_000), 'test'), true);
   const again = await tryConnect(stack, operationalOptions(identity), MS);
   await closeQuietly(again.client);
   assert.equal(again.code, 0);
+  assert.equal(metricValue(await metricsText(port), 'leafgate_gateway_external_crl_stale'), 0);
+  assert.equal(JSON.parse((await httpGet(opsUrl(port, '/readyz'))).body).checks.externalCrlFresh, true);
 });
