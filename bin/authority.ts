@@ -188,8 +188,10 @@ export async function authorityCommand(argv: string[]): Promise<number> {
   switch (command) {
     case 'start': {
       const authority = await startAuthority(config);
+      // Handlers before the "listening" line (see gateway start).
+      const served = serveUntilSignal(() => authority.close());
       process.stdout.write(`authority listening on ${authority.url}\nroot fingerprint (pin it when enrolling gateways): ${authority.rootFingerprint}\n`);
-      await serveUntilSignal(() => authority.close());
+      await served;
       return 0;
     }
     case 'token': {

@@ -207,6 +207,11 @@ export async function demoCommand(argv: string[]): Promise<number> {
   writeFileSync(join(example, 'factory-key.pem'), birth.factoryKey.export({ type: 'pkcs8', format: 'pem' }) as string, { mode: 0o600 });
   writeFileSync(join(dir, 'root-ca.pem'), gateway.rootPem);
   out();
+  // Handlers before the lines that say it is serving (see gateway start).
+  const served = serveUntilSignal(async () => {
+    await gateway.close();
+    await authority.close();
+  });
   out('The gateway keeps serving. Onboard a device yourself:');
   out(`  npx tsx bin/leafgate.ts device onboard --id demo-device-1 --broker ${brokerUrl} --ca ${join(dir, 'root-ca.pem')} \\`);
   out(`      --method pki-signature --birth-cert ${join(example, 'birth-cert.pem')} --factory-key ${join(example, 'factory-key.pem')} --key ec-256`);
@@ -218,9 +223,6 @@ export async function demoCommand(argv: string[]): Promise<number> {
   out(`  mosquitto_pub -h localhost -p ${gateway.port} --cafile ${join(dir, 'root-ca.pem')} -i demo-device-1 \\`);
   out('      --cert demo-device-1/cert-and-chain.pem --key demo-device-1/key.pem -t lg/v1/demo-device-1/up/telemetry/state -m \'{"ok":true}\' -q 1');
   out('Ctrl-C stops the demo.');
-  await serveUntilSignal(async () => {
-    await gateway.close();
-    await authority.close();
-  });
+  await served;
   return 0;
 }

@@ -148,8 +148,11 @@ export async function gatewayCommand(argv: string[]): Promise<number> {
     }
     case 'start': {
       const gateway = await startGateway(config);
+      // The signal handlers first, then the line that says it is up: a supervisor that
+      // signals as soon as it reads the line must not meet the default action (killed).
+      const served = serveUntilSignal(() => gateway.close());
       process.stdout.write(`gateway ${gateway.gatewayId} serving MQTT over TLS on port ${gateway.port}\n`);
-      await serveUntilSignal(() => gateway.close());
+      await served;
       return 0;
     }
     case 'renew':
