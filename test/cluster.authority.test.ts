@@ -10,7 +10,6 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { sign, X509Certificate } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import https from 'node:https';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,7 +20,7 @@ import { listMigrations } from '../authority/store/index.ts';
 import { ManufacturerCa } from '../device/index.ts';
 import { resolveAuthorityConfig, startAuthority, type AuthorityConfigInput, type DevicePolicy, type RunningAuthority } from '../authority/index.ts';
 import { challengeSigningInput, downFilter } from '../protocol/index.ts';
-import { authorityRequest, gatewayIdentity, type HttpAnswer } from './support/http.ts';
+import { authorityRequest, gatewayIdentity, rawHttps, type HttpAnswer } from './support/http.ts';
 import { pgSchema } from './support/pg.ts';
 import { Inbox, closeQuietly, closed, connectOk, httpGet, onboardDevice, operationalOptions, subscribeGranted } from './support/plugins-helpers.ts';
 import { csrFor, ecKey } from './support/refusals.ts';
@@ -327,18 +326,7 @@ test('PostgreSQL unreachable: start-up fails with a clear message; a running nod
 });
 
 /** One HTTPS request to a node's dashboard, trusting the authority's root. */
-function dashboardRequest(stack: Stack, url: string, opts: { method?: string; headers?: Record<string, string>; body?: string } = {}): Promise<{ status: number; headers: Record<string, unknown>; text: string }> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(url, { method: opts.method ?? 'GET', headers: opts.headers, ca: stack.rootPem, agent: false }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (text += d));
-      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, text }));
-    });
-    req.on('error', reject);
-    req.end(opts.body);
-  });
-}
+const dashboardRequest = (stack: Stack, url: string, opts: { method?: string; headers?: Record<string, string>; body?: string } = {}) => rawHttps(url, { ...opts, ca: stack.rootPem });
 
 test('dashboard: a session opened on node A works on node B, and a logout on B ends it on A', async (t) => {
   const { url } = await pgSchema(t);

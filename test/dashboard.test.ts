@@ -11,7 +11,6 @@
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, createPublicKey } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
-import https from 'node:https';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
@@ -19,6 +18,7 @@ import { pkix } from '../protocol/index.ts';
 import { hashEnrollmentCode } from '../authority/auth-methods/index.ts';
 import { resolveAuthorityConfig, startAuthority } from '../authority/index.ts';
 import { CSP } from '../authority/dashboard/routes.ts';
+import { rawHttps } from './support/http.ts';
 import { logger, startStack, type Stack } from './support/stack.ts';
 
 const ADMIN_TOKEN = 'dashboard-test-admin-token-0123456789';
@@ -75,18 +75,7 @@ async function assertInert(page: Page, where: string) {
   assert.ok(state.scripts.every((s) => s.endsWith('/dashboard/static/dashboard.js')), `${where}: only the dashboard's script: ${state.scripts.join(', ')}`);
 }
 
-function rawRequest(url: string, opts: { method?: string; headers?: Record<string, string>; body?: string }): Promise<{ status: number; headers: Record<string, unknown>; text: string }> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(url, { method: opts.method ?? 'GET', headers: opts.headers, rejectUnauthorized: false, agent: false }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (text += d));
-      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, text }));
-    });
-    req.on('error', reject);
-    req.end(opts.body);
-  });
-}
+const rawRequest = rawHttps;
 
 async function crlLists(stack: Stack, serial: string): Promise<boolean> {
   const r = await rawRequest(`${stack.authority.url}/v1/crl.pem`, {});

@@ -25,7 +25,7 @@ import test, { type TestContext } from 'node:test';
 import { LeafgateError, pkix } from '../protocol/index.ts';
 import { EstCa, type CaBundle, type CaConnector, type EstCaConfig, type IssueRequest } from '../authority/ca/index.ts';
 import { checkCsrAgainstInstruction } from '../authority/policy/index.ts';
-import { TestEstServer } from './support/est-server.ts';
+import { TestEstServer, estIssueRequest, refusal } from './support/est-server.ts';
 
 const DAY = 86_400_000;
 
@@ -57,23 +57,7 @@ function csrWith(t: TestContext, cn: string, addext: string[]): pkix.ParsedCsr {
   return pkix.parseCsr(readFileSync(join(dir, 'csr.pem'), 'utf8'));
 }
 
-function requestFor(csr: pkix.ParsedCsr, cn: string): IssueRequest {
-  const now = Date.now();
-  return {
-    subjectDer: pkix.encodeName(cn), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
-    notBefore: new Date(now - 600_000), notAfter: new Date(now + 30 * DAY), csrDer: csr.der,
-  };
-}
-
-async function refusal(p: Promise<unknown>): Promise<LeafgateError> {
-  try {
-    await p;
-  } catch (err) {
-    assert.ok(err instanceof LeafgateError, `a LeafgateError, got ${String(err)}`);
-    return err;
-  }
-  assert.fail('expected a refusal');
-}
+const requestFor = (csr: pkix.ParsedCsr, cn: string): IssueRequest => estIssueRequest(csr, cn, 30);
 
 const instruction = (cn: string) => ({ requestId: 'r1', subject: { commonName: cn }, keyType: 'ec' as const, keySize: 256, sans: { dns: [], uri: [] }, validityDays: 30, csrDeadline: new Date().toISOString() });
 

@@ -14,7 +14,7 @@ import pino from 'pino';
 import { LeafgateError, pkix } from '../protocol/index.ts';
 import { EstCa, type CaBundle, type CaConnector, type EstCaConfig, type IssueRequest } from '../authority/ca/index.ts';
 import { resolveAuthorityConfig } from '../authority/index.ts';
-import { TestEstServer, type EstMode, type EstServerOptions } from './support/est-server.ts';
+import { TestEstServer, estIssueRequest, refusal, type EstMode, type EstServerOptions } from './support/est-server.ts';
 
 const DAY = 86_400_000;
 
@@ -52,21 +52,7 @@ function connector(t: TestContext, est: TestEstServer, extra: Partial<EstCaConfi
 function request(cn = 'est-unit-1', sans: { dns?: string[] } = {}, validityDays = 365): IssueRequest {
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const csr = pkix.parseCsr(pkix.buildCsr({ commonName: cn, sans, privateKey, publicKey }));
-  const now = Date.now();
-  return {
-    subjectDer: pkix.encodeName(cn), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
-    notBefore: new Date(now - 600_000), notAfter: new Date(now + validityDays * DAY), csrDer: csr.der,
-  };
-}
-
-async function refusal(p: Promise<unknown>): Promise<LeafgateError> {
-  try {
-    await p;
-  } catch (err) {
-    assert.ok(err instanceof LeafgateError, `a LeafgateError, got ${String(err)}`);
-    return err;
-  }
-  assert.fail('expected a refusal');
+  return estIssueRequest(csr, cn, validityDays);
 }
 
 test('EST connector: simpleenroll with a client certificate; the certificate is for the CSR\'s key, with the external chain; renewal goes to simplereenroll; other issuers stay on the local CA', { timeout: 60_000 }, async (t) => {

@@ -13,37 +13,13 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
-import { openStore, type SqlStore, type AuditEntry, type CertificateRow, type DevicePatch, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
+import { test } from 'node:test';
+import { type SqlStore, type AuditEntry, type CertificateRow, type DevicePatch, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
 import { DashboardQueries, type DeviceListRow, type DeviceState } from '../authority/store/dashboard.ts';
 import { SessionStore } from '../authority/dashboard/sessions.ts';
-import { pgSchema } from './support/pg.ts';
+import { ENGINES, openTestStore } from './support/store.ts';
 
-type Engine = 'sqlite' | 'postgres';
-const ENGINES: Engine[] = ['sqlite', 'postgres'];
-
-/** The store on a fresh database of the engine; `reopen` opens a second store (another node) on it. */
-async function open(t: TestContext, engine: Engine): Promise<{ store: SqlStore; reopen: () => Promise<SqlStore> }> {
-  let database: string;
-  if (engine === 'sqlite') {
-    const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
-    t.after(() => rmSync(dir, { recursive: true, force: true }));
-    database = join(dir, 'authority.db');
-  } else database = (await pgSchema(t)).url;
-  const opened: SqlStore[] = [];
-  t.after(async () => {
-    for (const s of opened) await s.close();
-  });
-  const reopen = async () => {
-    const s = await openStore(database);
-    opened.push(s);
-    return s;
-  };
-  return { store: await reopen(), reopen };
-}
+const open = openTestStore;
 
 const NOW = 1_760_000_000_000;
 const DAY = 86_400_000;

@@ -8,34 +8,15 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import { listMigrations, openStore, PostgresDriver, SqliteDriver, SqlStore, SqliteStore, type CertificateRow, type DeviceRow, type RequestRow } from '../authority/store/index.ts';
 import { AuthorityEvents, LocalCa, Revocation, resolveAuthorityConfig } from '../authority/index.ts';
 import { rewriteDdl, toPgPlaceholders } from '../authority/store/sql.ts';
 import { countActiveSql } from '../authority/store/sql-store.ts';
 import { pgSchema } from './support/pg.ts';
+import { ENGINES, openTestStore } from './support/store.ts';
 
-type Engine = 'sqlite' | 'postgres';
-const ENGINES: Engine[] = ['sqlite', 'postgres'];
-
-async function open(t: TestContext, engine: Engine): Promise<{ store: SqlStore; reopen: () => Promise<SqlStore> }> {
-  let database: string;
-  if (engine === 'sqlite') {
-    const dir = mkdtempSync(join(tmpdir(), 'leafgate-store-'));
-    t.after(() => rmSync(dir, { recursive: true, force: true }));
-    database = join(dir, 'authority.db');
-  } else database = (await pgSchema(t)).url;
-  const opened: SqlStore[] = [];
-  t.after(async () => {
-    for (const s of opened) await s.close();
-  });
-  const reopen = async () => {
-    const s = await openStore(database);
-    opened.push(s);
-    return s;
-  };
-  return { store: await reopen(), reopen };
-}
+const open = openTestStore;
 
 const NOW = 1_760_000_000_000;
 const DAY = 86_400_000;

@@ -24,6 +24,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
+import assert from 'node:assert/strict';
+import { LeafgateError, pkix } from '../../protocol/index.ts';
+import type { IssueRequest } from '../../authority/ca/index.ts';
 
 const run = promisify(execFile);
 const OPENSSL = '/usr/bin/openssl';
@@ -389,4 +392,24 @@ export class TestEstServer {
     res.writeHead(200, { 'content-type': 'application/pkcs7-mime; smime-type=certs-only', 'content-transfer-encoding': 'base64' });
     res.end(b64);
   }
+}
+
+/** The issue request the authority builds from a policy-checked device CSR: subject = the CN. */
+export function estIssueRequest(csr: pkix.ParsedCsr, cn: string, validityDays: number): IssueRequest {
+  const now = Date.now();
+  return {
+    subjectDer: pkix.encodeName(cn), spkiDer: csr.spkiDer, profile: { kind: 'device', keyType: 'ec' }, sans: { dns: csr.sans.dns, uri: csr.sans.uri },
+    notBefore: new Date(now - 600_000), notAfter: new Date(now + validityDays * 86_400_000), csrDer: csr.der,
+  };
+}
+
+/** The LeafgateError `p` rejects with; fails when it resolves or rejects with anything else. */
+export async function refusal(p: Promise<unknown>): Promise<LeafgateError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof LeafgateError, `a LeafgateError, got ${String(err)}`);
+    return err;
+  }
+  assert.fail('expected a refusal');
 }

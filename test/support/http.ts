@@ -82,3 +82,22 @@ export function authorityRequest(stack: Stack, path: string, opts: RequestOption
   });
   return within(p, DEFAULT_WAIT_MS, `${opts.method ?? 'request'} ${path}`);
 }
+
+/**
+ * One plain HTTPS request (no client certificate), its body as text: for pages such as the
+ * dashboard. `ca`: the anchor to trust (the authority's root); without it the server is not
+ * checked (tests about what the server answers, not who it is).
+ */
+export function rawHttps(url: string, opts: { method?: string; headers?: Record<string, string>; body?: string; ca?: string } = {}): Promise<{ status: number; headers: Record<string, unknown>; text: string }> {
+  return new Promise((resolve, reject) => {
+    const tls = opts.ca ? { ca: opts.ca } : { rejectUnauthorized: false };
+    const req = https.request(url, { method: opts.method ?? 'GET', headers: opts.headers, ...tls, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => (text += d));
+      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, text }));
+    });
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
