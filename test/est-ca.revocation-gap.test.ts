@@ -16,14 +16,13 @@
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import https from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
 import { promisify } from 'node:util';
 import { X509Certificate, generateKeyPairSync, sign } from 'node:crypto';
 import { challengeSigningInput, pkix } from '../protocol/index.ts';
-import { authorityRequest, gatewayIdentity } from './support/http.ts';
+import { authorityRequest, gatewayIdentity, rawHttps } from './support/http.ts';
 import { csrFor, ecKey } from './support/refusals.ts';
 import { TestEstServer } from './support/est-server.ts';
 import { Inbox, closeQuietly, closed, connectOk, onboardDevice, subscribeGranted, tryConnect, until } from './support/plugins-helpers.ts';
@@ -33,21 +32,12 @@ import { startStack, type Stack } from './support/stack.ts';
 const MS = 40_000;
 const run = promisify(execFile);
 
-function admin(stack: Stack, body: unknown): Promise<{ status: number; body: any }> {
+async function admin(stack: Stack, body: unknown): Promise<{ status: number; body: any }> {
   const tok = readFileSync(join(stack.dir, 'authority', 'admin-token'), 'utf8').trim();
-  const payload = Buffer.from(JSON.stringify(body));
-  return new Promise((resolve, reject) => {
-    const req = https.request(new URL('/admin/v1/revoke', stack.authority.url), {
-      method: 'POST', agent: false, ca: stack.rootPem,
-      headers: { authorization: `Bearer ${tok}`, 'content-type': 'application/json', 'content-length': payload.length },
-    }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode!, body: JSON.parse(Buffer.concat(chunks).toString() || 'null') }));
-    });
-    req.on('error', reject);
-    req.end(payload);
+  const r = await rawHttps(new URL('/admin/v1/revoke', stack.authority.url).href, {
+    method: 'POST', ca: stack.rootPem, headers: { authorization: `Bearer ${tok}`, 'content-type': 'application/json' }, body: JSON.stringify(body),
   });
+  return { status: r.status, body: JSON.parse(r.text || 'null') };
 }
 
 test('a certificate of the external issuing CA that leafgate did not issue can be revoked (revoke --certificate) so that gateways refuse it and cut its session; other certificates are refused with a clear 400', { timeout: 180_000 }, async (t) => {
